@@ -1,0 +1,1 @@
+"""Ray actors: thin wrappers that hold models or API clients and call into `pipeline`."""

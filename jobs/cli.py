@@ -1,0 +1,76 @@
+"""`dsmooth`: the command line.
+
+Each subcommand lives in its own module under `jobs/` exposing `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their subcommand runs, so `--help` is
+instant and does not start Ray or import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+DESCRIPTION = """\
+dsmooth turns a pretrained image classifier -- or a vision API you can only query -- into a
+provably robust one with denoised smoothing (Salman et al., 2020): a denoiser D is put in
+front of the classifier f, and randomized smoothing (Cohen et al., 2019) of f(D(x)) gives a
+certified L2 radius for each prediction.
+
+Jobs run on a local Ray started for you, or on a cluster given by --address / RAY_ADDRESS.
+Run `dsmooth COMMAND --help` for each command's options."""
+
+# name -> (module under jobs/, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("jobs.models_cmd", "list the denoiser and classifier architectures dsmooth can build"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsmooth", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module)
+        # Options are added lazily (see main) so that `dsmooth --help` imports nothing heavy.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        sub = argparse.ArgumentParser(
+            prog=f"dsmooth {argv[0]}",
+            description=(module.__doc__ or COMMANDS[argv[0]][1]).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        try:
+            return int(module.run(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError, PermissionError, KeyError) as error:
+            # Bad input: one clear line, not a traceback (use --debug-style env to see more).
+            if _debug():
+                raise
+            print(f"dsmooth {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0 if argv else 1
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("DSMOOTH_DEBUG", "") not in ("", "0")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""List the architectures in dsmooth's model registry.
+
+Denoisers (DnCNN, DnCNN-wide, MemNet, a small DnCNN for CPU demos) and classifiers (CIFAR
+ResNets, WRN-28-10, and any torchvision ImageNet model by name, weights from a local file)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=["denoiser", "classifier"], help="only this kind")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.models import list_models, model_info
+
+    print(f"{'name':24s} {'kind':11s} dataset")
+    for name in list_models(kind=args.kind, include_torchvision=False):
+        info = model_info(name)
+        print(f"{name:24s} {info.kind:11s} {info.dataset or '-'}")
+    print("\n(any torchvision classification model name also works, e.g. resnet50; weights from a local file)")
+    return 0
