@@ -23,6 +23,7 @@ Run `dsmooth COMMAND --help` for each command's options."""
 # name -> (module under jobs/, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("jobs.models_cmd", "list the denoiser and classifier architectures dsmooth can build"),
+    "reduce": ("jobs.reduce", "turn vote counts and reference logs into certificates, tables and plots"),
 }
 
 

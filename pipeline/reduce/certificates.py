@@ -1,0 +1,88 @@
+"""Per-image certificates as one table per input, and the statistics read off them.
+
+A `Certificates` frame holds one row per image -- image_id, label, predict, p_a_lower,
+radius, correct, abstained, time_s -- whatever produced it: Parquet votes recomputed at the
+reduce-time alpha, or a reference implementation's log. Keeping both in one shape is what
+lets old published results sit beside new runs in one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["image_id", "label", "predict", "p_a_lower", "radius", "correct", "abstained", "time_s"]
+
+
+class ReduceWarning(UserWarning):
+    """Something in the inputs was skipped; the reduction goes on without it."""
+
+
+class UnusableInput(ValueError):
+    """An input (empty, truncated or malformed log; run without votes) that must be skipped."""
+
+
+class Certificates(pd.DataFrame):
+    """One row per image, plus the input's `name`, `sigma` (None when unknown), `source`
+    path and the `alpha` the certificates were computed at (None for a log: fixed when written)."""
+
+    _metadata = ["name", "sigma", "source", "alpha"]
+    name: str = ""
+    sigma: float | None = None
+    source: str = ""
+    alpha: float | None = None
+
+    @property
+    def _constructor(self):  # keep the subclass (and its metadata) through pandas operations
+        return Certificates
+
+
+def make_certificates(
+    frame: pd.DataFrame, name: str = "", sigma: float | None = None, source: str = "", alpha: float | None = None
+) -> Certificates:
+    """Normalise column order and types (correct/abstained as bool) and attach metadata."""
+    frame = frame.copy()
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    for column in ("label", "predict"):  # class indices as int64 when no label is a string or missing
+        if frame[column].dtype == object:
+            frame[column] = frame[column].infer_objects()
+    frame["correct"] = frame["correct"].astype(bool)
+    frame["abstained"] = frame["abstained"].astype(bool)
+    frame["radius"] = frame["radius"].astype(np.float64)
+    certs = Certificates(frame[COLUMNS].reset_index(drop=True))
+    certs.name = name
+    certs.sigma = None if sigma is None or pd.isna(sigma) else float(sigma)
+    certs.source = source
+    certs.alpha = alpha
+    return certs
+
+
+def certified_accuracy(certs: pd.DataFrame, radii: Iterable[float]) -> pd.Series:
+    """Fraction of all images that are classified correctly with radius >= r, for each r.
+
+    Abstentions and wrong predictions count against the classifier (denominator = every
+    image), as in Cohen et al.'s and Salman et al.'s tables."""
+    radii = [float(r) for r in radii]
+    correct = certs["correct"].to_numpy(dtype=bool)
+    radius = certs["radius"].to_numpy(dtype=np.float64)
+    if len(certs) == 0:
+        return pd.Series(np.nan, index=pd.Index(radii, name="radius"), name="certified_accuracy")
+    values = [float(np.mean(correct & (radius >= r))) for r in radii]
+    return pd.Series(values, index=pd.Index(radii, name="radius"), name="certified_accuracy")
+
+
+def clean_accuracy(certs: pd.DataFrame) -> float:
+    """Certified accuracy at radius 0: images predicted correctly (not abstained)."""
+    return float(certified_accuracy(certs, [0.0]).iloc[0])
+
+
+def average_certified_radius(certs: pd.DataFrame) -> float:
+    """ACR (Zhai et al., 2020): mean over all images of the radius, 0 when wrong or abstained."""
+    if len(certs) == 0:
+        return float("nan")
+    correct = certs["correct"].to_numpy(dtype=bool)
+    return float(np.mean(np.where(correct, certs["radius"].to_numpy(dtype=np.float64), 0.0)))

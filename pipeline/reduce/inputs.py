@@ -1,0 +1,105 @@
+"""Turn command-line paths into inputs: a run directory (has run.json) is one input, a log
+file is one input, and any other directory stands for every run and log found under it.
+
+Unusable inputs (empty or truncated logs, runs without votes) are skipped with a
+ReduceWarning that names them, so one dead run in a collection of hundreds costs a line on
+stderr, not the whole table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput
+from pipeline.reduce.reference_logs import read_log
+from pipeline.reduce.votes import load_run
+from pipeline.storage import RUN_FILE
+
+# Files that sit beside logs but are never logs (outputs, docs, checkpoints, archives).
+NOT_LOGS = {
+    ".md", ".rst", ".json", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".pdf", ".svg", ".csv", ".tex",
+    ".parquet", ".py", ".pyc", ".ipynb", ".gz", ".tgz", ".tar", ".zip", ".pt", ".pth", ".pkl", ".npy",
+    ".npz", ".tmp", ".sh", ".html",
+}
+
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and (path / RUN_FILE).is_file()
+
+
+def load_input(path: str | Path, alpha: float, name: str | None = None) -> Certificates:
+    """One run directory (recomputed at `alpha`) or one reference log (alpha fixed when it
+    was written). Raises UnusableInput for an empty/truncated log or a run without votes."""
+    path = Path(path)
+    if is_run(path):
+        return load_run(path, alpha, name=name)
+    if path.is_dir():
+        raise UnusableInput(f"{path}: a directory without {RUN_FILE}; use load_inputs to search it")
+    if not path.exists():
+        raise FileNotFoundError(f"no such run or log: {path}")
+    return read_log(path, name=name)
+
+
+def find_inputs(directory: str | Path) -> list[Path]:
+    """Every run directory and candidate log under `directory`, in sorted order; a run's own
+    files are not searched (its votes are the run)."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(directory):
+        root_path = Path(root)
+        if (root_path / RUN_FILE).is_file():
+            found.append(root_path)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file in sorted(files):
+            candidate = root_path / file
+            if not file.startswith(".") and candidate.suffix.lower() not in NOT_LOGS:
+                found.append(candidate)
+    return sorted(found)
+
+
+def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] | None = None) -> list[Certificates]:
+    """Load every input the paths stand for, skipping unusable ones with a warning.
+
+    `names` label the paths one for one; a directory's inputs are then named
+    `NAME/relative path`. Without names an input is named by its path (relative to the
+    directory argument it was found under)."""
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"--names gives {len(names)} name(s) for {len(paths)} input path(s)")
+    planned: list[tuple[Path, str]] = []
+    for index, argument in enumerate(paths):
+        argument = Path(argument)
+        given = None if names is None else names[index]
+        if not argument.exists():
+            raise FileNotFoundError(f"no such run, log or directory: {argument}")
+        if argument.is_dir() and not is_run(argument):
+            found = find_inputs(argument)
+            if not found:
+                warnings.warn(f"{argument}: no runs or logs found under it", ReduceWarning, stacklevel=2)
+            for path in found:
+                relative = path.relative_to(argument).as_posix()
+                if given is None:
+                    label = relative if relative != "." else str(argument)
+                else:
+                    label = given if len(found) == 1 else f"{given}/{relative}"
+                planned.append((path, label))
+        else:
+            planned.append((argument, given if given is not None else str(argument)))
+    planned = _unique_names(planned)
+    loaded = []
+    for path, label in planned:
+        try:
+            loaded.append(load_input(path, alpha, name=label))
+        except UnusableInput as error:
+            warnings.warn(f"skipped {error}", ReduceWarning, stacklevel=2)
+    return loaded
+
+
+def _unique_names(planned: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Two directory arguments can hold the same relative path; fall back to full paths."""
+    counts = Counter(label for _, label in planned)
+    return [(path, str(path) if counts[label] > 1 else label) for path, label in planned]

@@ -1,0 +1,419 @@
+"""`dsmooth reduce`: certificates from votes at any alpha, reference logs, tables, envelope, plot.
+
+Expected values are recomputed here independently (pandas on the raw logs, scipy's beta and
+binomtest on the counts written), never copied from the reducer's own output.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import beta, binomtest, norm
+
+from jobs.cli import main
+from pipeline.reduce import (
+    ReduceWarning,
+    accuracy_table,
+    average_certified_radius,
+    certified_accuracy,
+    load_input,
+    load_inputs,
+    plot_certified_accuracy,
+    render,
+    sigma_from_path,
+)
+from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
+from pipeline.storage import open_run, write_votes
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT.parent / "shared" / "data" / "reference-logs"
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+CSV_HEADER = "run,sigma,radius,certified_accuracy,clean_accuracy"
+
+COHEN_CIFAR = REF / "cohen2019/certify/cifar10/resnet110/noise_0.25/test/sigma_0.25"  # time in seconds
+COHEN_IMAGENET = REF / "cohen2019/certify/imagenet/resnet50/noise_0.25/test/sigma_0.25"  # H:MM:SS, 427 rows
+COHEN_PREDICT = REF / "cohen2019/predict/imagenet/resnet50/noise_0.25/test/N_1000"  # no radius column
+SALMAN_CIFAR = REF / "salman2020/cifar10/mse_obj/MODEL_resnet110_90epochs_DENOISER_cifar10_dncnn_epochs_90"
+SALMAN_IMAGENET = REF / "salman2020/imagenet/MODEL_resnet50/noise_0.25/test_N10000/sigma_0.25"
+API_LOG = REF / "salman2020/vision_api/azure/imagenet_denoiser_mse/0.25/log.txt"
+
+
+# ---------------------------------------------------------------- helpers (independent of the reducer)
+
+
+def dsmooth(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real console script in a subprocess (falls back to `python -m jobs.cli`)."""
+    script = shutil.which("dsmooth")
+    command = [script] if script else [sys.executable, "-m", "jobs.cli"]
+    done = subprocess.run([*command, "reduce", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def read_csv_table(text: str) -> pd.DataFrame:
+    assert text.splitlines()[0] == CSV_HEADER
+    return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values={"sigma": [""]})
+
+
+def raw_log(path: Path) -> tuple[pd.Series, pd.Series]:
+    """(correct, radius) straight from a log file with pandas."""
+    if path.name == "log.txt":
+        frame = pd.read_csv(path, sep="\t", header=None, names=["idx", "correct", "radius", "label", "predict"])
+        correct = frame["correct"].astype(str) == "True"
+    else:
+        frame = pd.read_csv(path, sep="\t")
+        correct = frame["correct"] == 1
+    radius = frame["radius"] if "radius" in frame else pd.Series(0.0, index=frame.index)
+    return correct, radius
+
+
+def expected_accuracy(path: Path, radius_at_least: float) -> float:
+    correct, radius = raw_log(path)
+    return float((correct & (radius >= radius_at_least)).mean())
+
+
+def write_log(path: Path, rows: list[tuple[int, float]]) -> Path:
+    """A Cohen-format log: rows of (correct, radius); wrong rows predict another class."""
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    for i, (correct, radius) in enumerate(rows):
+        lines.append(f"{i}\t3\t{3 if correct else 5}\t{radius}\t{int(correct)}\t0:00:01.5")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cp_lower(n_a: int, n: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson lower bound from the beta quantile."""
+    return float(beta.ppf(alpha, n_a, n - n_a + 1))
+
+
+def vote(image_id: int, phase: str, counts: list[int], n: int | None = None, **extra) -> dict:
+    return {"image_id": image_id, "phase": phase, "counts": counts, "n": sum(counts) if n is None else n, **extra}
+
+
+# ---------------------------------------------------------------- reference logs
+
+
+def test_cli_reproduces_certified_accuracy_of_reference_logs(tmp_path):
+    salman = SALMAN_CIFAR / "noise_0.25/test_N10000/sigma_0.25"
+    files = {
+        "cohen-cifar": COHEN_CIFAR, "cohen-imagenet": COHEN_IMAGENET, "cohen-predict": COHEN_PREDICT,
+        "salman-cifar": salman, "salman-imagenet": SALMAN_IMAGENET, "api": API_LOG,
+    }
+    per_image = tmp_path / "certs.csv"
+    done = dsmooth(*map(str, files.values()), "--names", *files, "--format", "csv", "--per-image", str(per_image))
+    table = read_csv_table(done.stdout)
+    assert list(table.columns) == CSV_HEADER.split(",")
+    assert len(table) == len(files) * len(RADII)
+    for name, path in files.items():
+        rows = table[table["run"] == name].set_index("radius")
+        assert list(rows.index) == RADII
+        for radius in RADII:
+            assert rows.at[radius, "certified_accuracy"] == pytest.approx(expected_accuracy(path, radius), abs=1e-9)
+            assert rows.at[radius, "clean_accuracy"] == pytest.approx(expected_accuracy(path, 0.0), abs=1e-9)
+        assert rows["sigma"].iloc[0] == pytest.approx(0.25)  # sigma_0.25 / noise_0.25 / .../0.25/log.txt
+    # A sanity anchor on the data itself: Cohen's sigma=0.25 CIFAR-10 model is not trivial.
+    assert 0.5 < table[(table.run == "cohen-cifar") & (table.radius == 0.25)].certified_accuracy.item() < 0.7
+
+    certs = pd.read_csv(per_image)
+    assert certs.groupby("run").size().to_dict() == {name: len(raw_log(p)[0]) for name, p in files.items()}
+    seconds = pd.read_csv(COHEN_CIFAR, sep="\t")["time"]
+    clock = pd.to_timedelta(pd.read_csv(COHEN_IMAGENET, sep="\t")["time"]).dt.total_seconds()
+    assert np.allclose(certs[certs.run == "cohen-cifar"]["time_s"], seconds)
+    assert np.allclose(certs[certs.run == "cohen-imagenet"]["time_s"], clock)
+    api = certs[certs.run == "api"]
+    raw = pd.read_csv(API_LOG, sep="\t", header=None, names=["idx", "correct", "radius", "label", "predict"])
+    assert list(api["abstained"]) == list(raw["predict"].astype(str) == "-1")
+    assert average_certified_radius(load_input(API_LOG, 0.001)) == pytest.approx(
+        float((raw["radius"] * (raw["correct"].astype(str) == "True")).mean())
+    )
+
+
+def test_sigma_from_path():
+    assert sigma_from_path("x/noise_0.50/test/sigma_0.25") == 0.25
+    assert sigma_from_path("predict/imagenet/resnet50/noise_0.12/test/N_100") == 0.12
+    assert sigma_from_path("vision_api/azure/no_denoiser/0.12/log.txt") == 0.12
+    assert sigma_from_path("vision_api/azure/imagenet_denoiser_mse/0.25_1k/log.txt") == 0.25
+    assert sigma_from_path("logs/resnet50/run3/log.txt") is None
+
+
+def test_collection_skips_empty_logs_with_a_warning_naming_them():
+    everything = sorted(p for p in REF.rglob("*") if p.is_file())
+    empty = [p for p in everything if len([l for l in p.read_text().splitlines() if l.strip()]) <= 1]
+    assert empty, "the reference collection is known to hold header-only logs"
+    done = dsmooth(str(REF), "--format", "csv", "--radii", "0", "0.5")
+    for path in empty:
+        assert str(path) in done.stderr
+    table = read_csv_table(done.stdout)
+    usable = {p.relative_to(REF).as_posix() for p in everything if p not in empty}
+    assert set(table["run"]) == usable
+    row = table[(table.run == COHEN_CIFAR.relative_to(REF).as_posix()) & (table.radius == 0.5)]
+    assert row.certified_accuracy.item() == pytest.approx(expected_accuracy(COHEN_CIFAR, 0.5))
+
+
+def test_truncated_and_empty_files_are_skipped_never_crash(tmp_path, capsys):
+    good = tmp_path / "logs/good/sigma_0.25"
+    good.parent.mkdir(parents=True)
+    shutil.copy(COHEN_CIFAR, good)
+    text = COHEN_CIFAR.read_text()
+    cut = text.index("\n", 2000) - 3  # mid-row: the writer died while writing a number
+    mid_row = tmp_path / "logs/mid-row/sigma_0.25"
+    mid_row.parent.mkdir()
+    mid_row.write_text(text[:cut])
+    short_row = tmp_path / "logs/short-row/sigma_0.25"  # a clipped row that did get a line end
+    short_row.parent.mkdir()
+    short_row.write_text(text[: text.index("\n", 2000) + 1] + "2000\t3\t3\n")
+    zero = tmp_path / "logs/zero/sigma_0.50"
+    zero.parent.mkdir()
+    zero.write_bytes(b"")
+    header_only = tmp_path / "logs/header/sigma_1.00"
+    header_only.parent.mkdir()
+    header_only.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+
+    assert main(["reduce", str(tmp_path / "logs"), "--format", "csv", "--radii", "0", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    for bad in (mid_row, short_row, zero, header_only):
+        assert str(bad) in err
+    table = read_csv_table(out)
+    assert set(table.run) == {"good/sigma_0.25"}
+    assert table.set_index("radius").at[0.5, "certified_accuracy"] == pytest.approx(expected_accuracy(COHEN_CIFAR, 0.5))
+
+    # Nothing usable at all is an error (exit 2), still not a traceback.
+    assert main(["reduce", str(zero), str(mid_row)]) == 2
+    assert "no usable" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- envelope
+
+
+def synthetic_group(tmp_path: Path) -> list[Path]:
+    """Four 10-image logs whose envelope at r = 0, 0.25, 0.5 is known by construction."""
+    wrong = [(0, 0.0)]
+    return [
+        write_log(tmp_path / "a/sigma_0.12", [(1, 0.2)] * 8 + wrong * 2),  # clean .8; .8 / 0 / 0
+        write_log(tmp_path / "b/sigma_0.25", [(1, 0.3)] * 5 + [(1, 0.6)] + wrong * 4),  # clean .6; .6 / .6 / .1
+        write_log(tmp_path / "c/sigma_0.50", [(1, 0.1)] + [(1, 0.3)] * 4 + [(1, 0.6)] * 2 + wrong * 3),  # .7; .7/.6/.2
+        write_log(tmp_path / "d/sigma_1.00", [(1, 0.1)] + [(1, 0.3)] * 4 + [(1, 0.6)] * 2 + wrong * 3),  # same as c
+    ]
+
+
+def test_envelope_best_per_radius_ties_to_higher_clean_accuracy(tmp_path, capsys):
+    paths = synthetic_group(tmp_path)
+    args = ["reduce", *map(str, paths), "--names", "A", "B", "C", "D", "--radii", "0", "0.25", "0.5"]
+    assert main([*args, "--envelope", "--format", "csv"]) == 0
+    table = read_csv_table(capsys.readouterr().out)
+    envelope = table[table.run == "envelope"].set_index("radius")
+    # r=0: A alone is best. r=0.25: B and C tie at .6, C has the higher clean accuracy (.7);
+    # C and D tie completely, the input given first (C) wins. r=0.5: C (tie with D again).
+    assert envelope["certified_accuracy"].to_dict() == pytest.approx({0.0: 0.8, 0.25: 0.6, 0.5: 0.2})
+    assert envelope["clean_accuracy"].to_dict() == pytest.approx({0.0: 0.8, 0.25: 0.7, 0.5: 0.7})
+    assert envelope["sigma"].to_dict() == pytest.approx({0.0: 0.12, 0.25: 0.5, 0.5: 0.5})
+    assert len(table) == 4 * 3 + 3
+
+    assert main([*args, "--format", "csv"]) == 0
+    assert "envelope" not in capsys.readouterr().out
+
+
+def test_envelope_over_a_real_group_matches_pandas():
+    done = dsmooth(str(SALMAN_CIFAR), "--envelope", "--format", "csv")
+    table = read_csv_table(done.stdout)
+    files = sorted(p for p in SALMAN_CIFAR.rglob("sigma_*"))
+    assert len(files) == 8
+    envelope = table[table.run == "envelope"].set_index("radius")
+    for radius in RADII:
+        scores = [(expected_accuracy(p, radius), expected_accuracy(p, 0.0), -i) for i, p in enumerate(files)]
+        best_certified, best_clean, index = max(scores)
+        assert envelope.at[radius, "certified_accuracy"] == pytest.approx(best_certified)
+        assert envelope.at[radius, "clean_accuracy"] == pytest.approx(best_clean)
+        sigma = float(re.search(r"sigma_([\d.]+)$", str(files[-index])).group(1))
+        assert envelope.at[radius, "sigma"] == pytest.approx(sigma)
+
+
+# ---------------------------------------------------------------- votes
+
+
+def certify_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run-certify"
+    open_run(run, {"sigma": 0.5, "n0": 100, "n": 1000})
+    rows = [
+        vote(0, "selection", [2, 95, 3], label=1), vote(0, "estimation", [10, 980, 10], label=1),  # certified
+        vote(1, "selection", [5, 90, 5], label=1), vote(1, "estimation", [480, 520, 0], label=1),  # abstains
+        vote(2, "selection", [1, 9, 90], label=0), vote(2, "estimation", [0, 40, 960], label=0),  # wrong class
+        # 100 of image 3's estimation samples gave no vote: they count against c_A
+        vote(3, "selection", [0, 100, 0], label=1), vote(3, "estimation", [0, 900, 0], n=1000, label=1),
+        vote(5, "selection", [0, 100, 0], label=1), vote(5, "estimation", [470, 530, 0], label=1),  # alpha decides
+        vote(4, "selection", [0, 100, 0], label=1),  # estimation never written: job died
+    ]
+    write_votes(run, rows[:6], worker="actor/0")
+    write_votes(run, rows[6:], worker="actor/1")
+    return run
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.1])
+def test_votes_certified_at_reduce_time_alpha(tmp_path, alpha):
+    run = certify_run(tmp_path)
+    with pytest.warns(ReduceWarning, match=r"1 image\(s\) have no estimation row"):
+        certs = load_input(run, alpha).set_index("image_id")
+    assert sorted(certs.index) == [0, 1, 2, 3, 5]  # image 4 skipped
+    estimation = {0: (980, 1000, 1), 1: (520, 1000, 1), 2: (960, 1000, 2), 3: (900, 1000, 1), 5: (530, 1000, 1)}
+    labels = {0: 1, 1: 1, 2: 0, 3: 1, 5: 1}
+    for image, (n_a, n, chosen) in estimation.items():
+        bound = cp_lower(n_a, n, alpha)
+        assert certs.at[image, "p_a_lower"] == pytest.approx(bound, rel=1e-9)
+        if bound > 0.5:
+            assert certs.at[image, "predict"] == chosen
+            assert certs.at[image, "radius"] == pytest.approx(0.5 * norm.ppf(bound), rel=1e-9)
+            assert certs.at[image, "correct"] == (chosen == labels[image])
+        else:
+            assert certs.at[image, "predict"] == ABSTAIN and certs.at[image, "radius"] == 0.0
+            assert not certs.at[image, "correct"] and certs.at[image, "abstained"]
+    # the alpha given at reduce time, not the one used while sampling, decides image 5
+    assert certs.at[5, "abstained"] == (alpha == 0.001)
+    assert certs.at[1, "abstained"]
+    assert not certs.at[2, "correct"] and certs.at[2, "radius"] > 0
+    # and the table follows: accuracy counts all 5 complete images
+    correct_radii = [0.5 * norm.ppf(cp_lower(980, 1000, alpha)), 0.5 * norm.ppf(cp_lower(900, 1000, alpha))]
+    if alpha == 0.1:
+        correct_radii.append(0.5 * norm.ppf(cp_lower(530, 1000, alpha)))
+    accuracy = certified_accuracy(certs, [0.0, 0.5])
+    assert accuracy[0.0] == pytest.approx(len(correct_radii) / 5)
+    assert accuracy[0.5] == pytest.approx(sum(r >= 0.5 for r in correct_radii) / 5)
+    assert average_certified_radius(certs) == pytest.approx(sum(correct_radii) / 5)
+
+
+def test_votes_cli_two_alphas_and_per_image(tmp_path, capsys):
+    run = certify_run(tmp_path)
+    per_image = tmp_path / "per-image.csv"
+    for alpha in (0.001, 0.1):
+        assert main(["reduce", str(run), "--names", "mse", "--alpha", str(alpha), "--format", "csv",
+                     "--per-image", str(per_image), "--radii", "0"]) == 0
+        out, err = capsys.readouterr()
+        assert "no estimation row" in err
+        clean = read_csv_table(out).certified_accuracy.item()
+        assert clean == pytest.approx((3 if alpha == 0.1 else 2) / 5)
+        certs = pd.read_csv(per_image).set_index("image_id")
+        assert certs.at[5, "radius"] == pytest.approx(
+            0.5 * norm.ppf(cp_lower(530, 1000, alpha)) if alpha == 0.1 else 0.0
+        )
+        assert (certs["sigma"] == 0.5).all() and (certs["run"] == "mse").all()
+
+
+def test_label_string_votes_from_an_api(tmp_path):
+    run = tmp_path / "run-api"
+    open_run(run, {"sigma": 0.25})
+    write_votes(run, [
+        vote(0, "selection", [15, 5], classes=["cat", "dog"], label=-1, label_name="cat"),
+        vote(0, "estimation", [10, 85, 3], n=100, classes=["dog", "cat", "bird"], label=-1, label_name="cat"),
+        vote(1, "selection", [15, 5], classes=["cat", "dog"], label=-1, label_name="dog"),
+        vote(1, "estimation", [90, 10], n=100, classes=["cat", "dog"], label=-1, label_name="dog"),
+        vote(2, "selection", [5, 5], classes=["b", "a"], label=-1, label_name="a"),  # tie -> "a"
+        vote(2, "estimation", [2, 95], n=100, classes=["b", "a"], label=-1, label_name="a"),
+        vote(3, "selection", [], n=20, classes=[], label=-1, label_name="a"),  # every query failed
+        vote(3, "estimation", [], n=100, classes=[], label=-1, label_name="a"),
+    ])
+    certs = load_input(run, 0.001).set_index("image_id")
+    assert certs.at[0, "predict"] == "cat" and certs.at[0, "correct"]
+    assert certs.at[0, "radius"] == pytest.approx(0.25 * norm.ppf(cp_lower(85, 100, 0.001)))  # 2 failed samples count
+    assert certs.at[1, "predict"] == "cat" and not certs.at[1, "correct"]
+    assert certs.at[2, "predict"] == "a" and certs.at[2, "correct"]
+    assert certs.at[3, "abstained"] and not certs.at[3, "correct"] and certs.at[3, "radius"] == 0.0
+    assert certify_counts({"cat": 15, "dog": 5}, {"dog": 10, "cat": 85, "bird": 3}, 0.25, 0.001, n=100) == (
+        "cat", pytest.approx(certs.at[0, "radius"]))
+
+
+def test_predict_rows(tmp_path):
+    run = tmp_path / "run-predict"
+    open_run(run, {"sigma": 0.25})
+    rng = np.random.default_rng(7)
+    random_counts = [rng.multinomial(int(rng.integers(1, 200)), rng.dirichlet([0.6] * 4)).tolist() for _ in range(300)]
+    rows = [
+        vote(0, "prediction", [3, 90, 7], label=1),
+        vote(1, "prediction", [45, 55, 0], label=1),
+        vote(2, "prediction", [2, 40], classes=["cat", "dog"], label=-1, label_name="dog"),
+        vote(3, "prediction", [30, 0, 30], label=0),  # tie: never a decision
+    ] + [vote(10 + i, "prediction", counts, label=i % 4) for i, counts in enumerate(random_counts)]
+    write_votes(run, rows)
+    for alpha in (0.001, 0.05):
+        certs = load_input(run, alpha).set_index("image_id")
+        assert (certs["radius"] == 0).all() and certs["p_a_lower"].isna().all()
+        assert certs.at[0, "predict"] == (1 if binomtest(90, 97).pvalue <= alpha else ABSTAIN)
+        assert certs.at[0, "predict"] == 1 and certs.at[0, "correct"]
+        assert binomtest(55, 100).pvalue > 0.05 and certs.at[1, "abstained"] and not certs.at[1, "correct"]
+        assert certs.at[2, "predict"] == "dog" and certs.at[2, "correct"]
+        assert certs.at[3, "abstained"]
+        for i, counts in enumerate(random_counts):
+            expected = predict_counts(counts, alpha)
+            assert certs.at[10 + i, "predict"] == expected, counts
+            assert certs.at[10 + i, "correct"] == (expected != ABSTAIN and expected == i % 4)
+
+
+def test_ten_thousand_images_reduce_in_seconds(tmp_path):
+    run = tmp_path / "run-big"
+    open_run(run, {"sigma": 0.5})
+    rng = np.random.default_rng(0)
+    selection = rng.multinomial(100, [0.05] * 10 + [0.5], size=10_000)
+    estimation = rng.multinomial(10_000, [0.05] * 10 + [0.5], size=10_000)
+    rows = []
+    for i in range(10_000):
+        rows.append(vote(i, "selection", selection[i].tolist(), label=10))
+        rows.append(vote(i, "estimation", estimation[i].tolist(), label=10))
+    write_votes(run, rows)
+    started = time.perf_counter()
+    certs = load_input(run, 0.001)
+    elapsed = time.perf_counter() - started
+    assert len(certs) == 10_000
+    assert elapsed < 10.0, f"10,000 images took {elapsed:.1f}s"
+    for i in range(0, 10_000, 1250):
+        predicted, radius = certify_counts(selection[i], estimation[i], 0.5, 0.001)
+        assert certs["predict"].iloc[i] == predicted and certs["radius"].iloc[i] == pytest.approx(radius, rel=1e-12)
+
+
+# ---------------------------------------------------------------- rendering and plot
+
+
+def test_markdown_latex_and_plot(tmp_path):
+    paths = synthetic_group(tmp_path)
+    inputs = load_inputs(paths, 0.001, names=["no_denoiser", "MSE", "STAB+MSE", "Gaussian"])
+    assert [c.sigma for c in inputs] == [0.12, 0.25, 0.5, 1.0]
+    table = accuracy_table(inputs, [0.0, 0.25, 0.5], envelope=True)
+
+    markdown = render(table, "markdown")
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| input | sigma | r = 0 | r = 0.25 | r = 0.5 |")
+    assert "| no_denoiser | 0.12 | (80.0) 80.0 | (80.0) 0.0 | (80.0) 0.0 |" in markdown
+    assert "| envelope |  | (80.0) 80.0 | (70.0) 60.0 | (70.0) 20.0 |" in markdown
+
+    latex = render(table, "latex")
+    assert "\\begin{tabular}" in latex and "\\end{tabular}" in latex
+    assert "no\\_denoiser & 0.12 & (80.0) 80.0 & (80.0) 0.0 & (80.0) 0.0" in latex
+    assert "envelope &  & (80.0) 80.0 & (70.0) 60.0 & (70.0) 20.0" in latex
+
+    csv_lines = render(table, "csv").splitlines()
+    assert csv_lines[0] == CSV_HEADER and len(csv_lines) == 1 + 4 * 3 + 3
+
+    png = plot_certified_accuracy(inputs, tmp_path / "plots/acc.png", envelope=True)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+
+
+def test_cli_writes_output_and_plot_files(tmp_path, capsys):
+    paths = synthetic_group(tmp_path)
+    output, plot = tmp_path / "out/table.tex", tmp_path / "out/acc.png"
+    args = ["reduce", *map(str, paths[:2]), "--format", "latex", "--output", str(output), "--plot", str(plot)]
+    assert main(args) == 0
+    assert capsys.readouterr().out == ""
+    assert "(80.0) 80.0" in output.read_text()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["reduce", *map(str, paths[:2]), "--names", "only-one"]) == 2
+    assert "--names" in capsys.readouterr().err
