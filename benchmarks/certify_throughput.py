@@ -1,0 +1,250 @@
+"""Noisy samples per second: dsmooth's engine vs the reference implementation's sampling loop.
+
+Both certify the same images with the same model, n0 and n, side by side in one run, with
+interleaved repetitions (reference, engine, reference, engine, ...) so that machine load
+hits both alike. Each method lives in its own worker process, so its peak memory is its
+own: torch.cuda.max_memory_allocated on GPU, the process's peak RSS (ru_maxrss) on CPU.
+
+reference  Cohen et al.'s core.py `Smooth._sample_noise`, verbatim in substance: one image
+           repeated `batch` times per forward pass (so every image ends on a short batch),
+           `torch.randn_like(batch) * sigma`, fp32, `torch.no_grad`, predictions
+           `.argmax(1)` moved to the CPU and counted with numpy per batch (`_count_arr`).
+engine     pipeline.engine.VoteCounter on pipeline.inference.optimize_for_inference(model):
+           samples of several images share forward batches, noise is written into a reused
+           buffer, votes are counted on the device, torch.inference_mode, BatchNorm folded
+           into the convolutions, channels-last memory, and mixed precision with --amp (GPU).
+
+Imports only torch and pipeline.* (no Ray), so it runs on any machine with the project.
+
+examples:
+  python benchmarks/certify_throughput.py                       # CPU, small models
+  python benchmarks/certify_throughput.py --device cuda --model dncnn+cifar_resnet110 \\
+      --n 10000 --images 8 --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+# --------------------------------------------------------------------------- the two methods
+
+
+def reference_sample_noise(model, x: torch.Tensor, num: int, batch_size: int, sigma: float, num_classes: int):
+    """Cohen et al.'s `_sample_noise` (core.py), with its `_count_arr`."""
+    with torch.no_grad():
+        counts = np.zeros(num_classes, dtype=int)
+        for _ in range(math.ceil(num / batch_size)):
+            this_batch_size = min(batch_size, num)
+            num -= this_batch_size
+            batch = x.repeat((this_batch_size, 1, 1, 1))
+            noise = torch.randn_like(batch, device=x.device) * sigma
+            predictions = model(batch + noise).argmax(1)
+            counts += _count_arr(predictions.cpu().numpy(), num_classes)
+        return counts
+
+
+def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
+    counts = np.zeros(length, dtype=int)
+    for idx in arr:
+        counts[idx] += 1
+    return counts
+
+
+class Reference:
+    def __init__(self, model, sigma: float, num_classes: int, batch: int) -> None:
+        self.model, self.sigma, self.num_classes, self.batch = model.eval(), sigma, num_classes, batch
+
+    def certify_all(self, images: torch.Tensor, n0: int, n: int) -> None:
+        for x in images:  # CERTIFY per image: selection draw, then estimation draw
+            reference_sample_noise(self.model, x, n0, self.batch, self.sigma, self.num_classes)
+            reference_sample_noise(self.model, x, n, self.batch, self.sigma, self.num_classes)
+
+
+class Engine:
+    def __init__(self, model, sigma: float, num_classes: int, batch: int, device: torch.device, amp: bool,
+                 optimize: bool) -> None:
+        from pipeline.engine import VoteCounter
+        from pipeline.inference import optimize_for_inference
+
+        model = optimize_for_inference(model, device) if optimize else model.to(device).eval()
+        self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp)
+
+    def certify_all(self, images: torch.Tensor, n0: int, n: int) -> None:
+        from pipeline.engine import VoteRequest
+
+        requests = [VoteRequest(i, phase, num) for i in range(len(images))
+                    for phase, num in (("selection", n0), ("estimation", n))]
+        self.counter.count({i: image for i, image in enumerate(images)}, requests)
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def build_pair(spec: str):
+    """'denoiser+classifier' or 'classifier' -> (f∘D, classes, image size), seeded weights."""
+    from pipeline.models import build_model, compose, model_info
+
+    names = spec.split("+")
+    if len(names) > 2:
+        raise SystemExit(f"--model: expected DENOISER+CLASSIFIER or CLASSIFIER, got {spec!r}")
+    classifier_name = names[-1]
+    info = model_info(classifier_name)
+    if info.kind != "classifier":
+        raise SystemExit(f"--model: {classifier_name!r} is a {info.kind}, not a classifier")
+    torch.manual_seed(0)
+    denoiser = build_model(names[0]) if len(names) == 2 else None
+    classifier = build_model(classifier_name)
+    size = 224 if info.dataset == "imagenet" else 32
+    return compose(classifier, denoiser).eval(), info.num_classes or 1000, size
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads: what the work cost, whatever else runs beside it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(method: str, args: argparse.Namespace, connection) -> None:
+    """Hold one method; answer 'run' with (seconds, peak bytes) until told to stop."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, num_classes, size = build_pair(args.model)
+    size = args.image_size or size
+    images = torch.rand((args.images, 3, size, size), generator=torch.Generator().manual_seed(1)).to(device)
+    if method == "reference":
+        runner = Reference(model.to(device), args.sigma, num_classes, args.batch)
+    else:
+        runner = Engine(model, args.sigma, num_classes, args.batch, device, args.amp, not args.no_optimize)
+    runner.certify_all(images[:1], 1, min(args.batch, args.n))  # warm-up: kernels, allocator
+    baseline = _peak_bytes(device)
+    connection.send(("ready", baseline))
+    while connection.recv() == "run":
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
+        runner.certify_all(images, args.n0, args.n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        connection.send((time.perf_counter() - started, _cpu_seconds() - cpu_started, _peak_bytes(device)))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:k] (default: cuda when available)")
+    parser.add_argument("--model", default="dncnn_small+cifar_resnet20",
+                        help="DENOISER+CLASSIFIER or CLASSIFIER registry names, e.g. dncnn+cifar_resnet110 "
+                        "(default dncnn_small+cifar_resnet20; random seeded weights: speed does not depend on them)")
+    parser.add_argument("--n", type=int, default=1000, help="estimation samples per image (default 1000)")
+    parser.add_argument("--n0", type=int, default=100, help="selection samples per image (default 100)")
+    parser.add_argument("--images", type=int, default=4, help="images certified per repetition (default 4)")
+    parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass, both methods (default 400)")
+    parser.add_argument("--amp", action="store_true", help="engine in mixed precision (GPU only; the reference is fp32)")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="engine without BatchNorm folding / channels-last (to see what the rewrite adds)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    parser.add_argument("--sigma", type=float, default=0.25, help="noise level (default 0.25)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per method")
+    parser.add_argument("--image-size", type=int, help="image side (default 32 for CIFAR models, 224 for ImageNet)")
+    args = parser.parse_args(argv)
+    for name in ("n", "n0", "images", "batch", "reps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.amp and not args.device.startswith("cuda"):
+        print("note: --amp has no effect on CPU (the engine runs fp32 there)", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    context = mp.get_context("spawn")  # a fresh process per method: separate peak memory, no shared state
+    pipes, processes, baselines = {}, {}, {}
+    for method in ("reference", "engine"):
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(method, args, child), daemon=True)
+        process.start()
+        pipes[method], processes[method] = parent, process
+    try:
+        for method, pipe in pipes.items():
+            _, baselines[method] = pipe.recv()
+        samples = args.images * (args.n0 + args.n)
+        device = torch.device(args.device)
+        print(f"device {device.type}{'' if device.type == 'cuda' else f' ({args.threads} threads)'} | "
+              f"model {args.model} | {args.images} images x (n0 {args.n0} + n {args.n}) = {samples:,} samples "
+              f"per repetition | batch {args.batch} | engine amp {'on' if args.amp and device.type == 'cuda' else 'off'}"
+              f"{' | engine not optimized' if args.no_optimize else ''}", flush=True)
+        on_cpu = device.type != "cuda"
+        print(f"{'rep':>4} {'reference samples/s':>20} {'engine samples/s':>17} {'ratio':>7}"
+              + (f" {'ref samples/CPU-s':>18} {'engine samples/CPU-s':>21} {'ratio':>7}" if on_cpu else ""))
+        rates: dict[str, list[float]] = {"reference": [], "engine": []}
+        cpu_rates: dict[str, list[float]] = {"reference": [], "engine": []}
+        peaks = {"reference": 0, "engine": 0}
+        for rep in range(1, args.reps + 1):
+            order = ("reference", "engine") if rep % 2 else ("engine", "reference")
+            for method in order:
+                pipes[method].send("run")
+                seconds, cpu_seconds, peak = pipes[method].recv()
+                rates[method].append(samples / seconds)
+                cpu_rates[method].append(samples / max(cpu_seconds, 1e-9))
+                peaks[method] = max(peaks[method], peak)
+            line = (f"{rep:>4} {rates['reference'][-1]:>20,.0f} {rates['engine'][-1]:>17,.0f} "
+                    f"{rates['engine'][-1] / rates['reference'][-1]:>6.2f}x")
+            if on_cpu:
+                line += (f" {cpu_rates['reference'][-1]:>18,.1f} {cpu_rates['engine'][-1]:>21,.1f} "
+                         f"{cpu_rates['engine'][-1] / cpu_rates['reference'][-1]:>6.2f}x")
+            print(line, flush=True)
+        reference, engine = statistics.median(rates["reference"]), statistics.median(rates["engine"])
+        ratios = [e / r for e, r in zip(rates["engine"], rates["reference"])]
+        print(f"median wall-clock: reference {reference:,.0f} samples/s, engine {engine:,.0f} samples/s, "
+              f"ratio {engine / reference:.2f}x (median of the per-repetition ratios {statistics.median(ratios):.2f}x)")
+        if on_cpu:  # on a shared machine wall-clock swings with other load; CPU time much less so
+            reference, engine = statistics.median(cpu_rates["reference"]), statistics.median(cpu_rates["engine"])
+            print(f"median per CPU-second: reference {reference:,.1f}, engine {engine:,.1f} samples, "
+                  f"ratio {engine / reference:.2f}x")
+        what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the method's process"
+        print(f"peak memory ({what}): reference {peaks['reference'] / 2**20:,.0f} MiB, "
+              f"engine {peaks['engine'] / 2**20:,.0f} MiB")
+        if device.type != "cuda":  # RSS includes the libraries each process imported
+            print(f"  of which above the process's peak after warm-up: reference "
+                  f"{(peaks['reference'] - baselines['reference']) / 2**20:,.0f} MiB, engine "
+                  f"{(peaks['engine'] - baselines['engine']) / 2**20:,.0f} MiB")
+    finally:
+        for method, pipe in pipes.items():
+            try:
+                pipe.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+        for process in processes.values():
+            process.join(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
