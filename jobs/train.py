@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jobs.ray_env import add_ray_arguments
+from pipeline.atomic import atomic_open
 
 
 def _use_gpu(text: str) -> bool | str:
@@ -84,17 +83,8 @@ def describe_plan(config: Any, runs: list[Any]) -> list[str]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
 
 
 def _resolve_gpu(config: Any, resources: dict[str, float]) -> bool:

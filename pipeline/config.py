@@ -120,18 +120,23 @@ def parse_config(cls: type[T], data: Any, path: str = "") -> T:
     return config
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; a missing, invalid or non-mapping file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"config file {path} must hold a mapping of fields")
+    return data
+
+
 def load_config(cls: type[T], source: str | Path | dict, overrides: dict | None = None) -> T:
     """Parse a YAML file (or an already-loaded mapping), with command-line overrides on top."""
-    if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("", f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError("", f"config file {path} is not valid YAML: {error}") from None
+    data = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
     data.update({key: value for key, value in (overrides or {}).items() if value is not None})
     return parse_config(cls, data)
 

@@ -11,7 +11,6 @@ so `dsmooth reduce` can recompute at any alpha without new samples.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_open
 
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
@@ -58,35 +59,15 @@ class RunMismatchError(ValueError):
 
 def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
     """Write `table` to `path` so that the file either exists complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "wb") as handle:
+        pq.write_table(table, handle)
+    return Path(path)
 
 
 def write_json_atomic(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+    return Path(path)
 
 
 def open_run(run_dir: str | Path, identity: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict:

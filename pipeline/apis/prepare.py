@@ -7,12 +7,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from pipeline.apis.config import CertifyApiConfig
 from pipeline.apis.secrets import scrub
-from pipeline.config import ConfigError, parse_config, to_dict
+from pipeline.config import ConfigError, parse_config, read_yaml_mapping, to_dict
 from pipeline.data import ImageDataset, open_dataset
 
 ENCODING = "png-uint8"
@@ -20,18 +19,7 @@ ENCODING = "png-uint8"
 
 def load_job_config(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> CertifyApiConfig:
     """Parse the YAML (or a mapping) with dotted overrides on top, e.g. {"budget.max_queries": 30}."""
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("", f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError("", f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("", f"config file {path} must hold a mapping of fields")
+    data = copy.deepcopy(source) if isinstance(source, dict) else read_yaml_mapping(source)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from pipeline.atomic import atomic_open
 
 from .classifiers import NormalizeLayer
 from .registry import build_model, is_known_model, model_info
@@ -145,21 +146,8 @@ def save_checkpoint(path: PathLike, model: nn.Module, meta: ModelMeta) -> str:
     state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
     payload = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
     return file_sha256(path)
 
 
