@@ -22,8 +22,13 @@ Run `dsmooth COMMAND --help` for each command's options."""
 
 # name -> (module under jobs/, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jobs.demo", "the main job: certify the shipped CIFAR-10 sample with and without denoisers, in minutes"),
+    "certify": ("jobs.certify", "certify (or predict) a data set with a denoiser-classifier pair across Ray actors"),
     "models": ("jobs.models_cmd", "list the denoiser and classifier architectures dsmooth can build"),
     "reduce": ("jobs.reduce", "turn vote counts and reference logs into certificates, tables and plots"),
+    "train": ("jobs.train", "train denoisers (and classifiers) with Ray Train over a sweep of sigmas, objectives and surrogates"),
+    "certify-api": ("jobs.certify_api", "certify a commercial vision API under query and cost budgets"),
+    "api-emulator": ("jobs.api_emulator", "serve a local emulator of the AWS, Google, Azure and Clarifai vision APIs on 127.0.0.1"),
 }
 
 
