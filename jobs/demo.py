@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=400,
                         help="estimation samples per image (default 400; the paper uses 10,000-100,000). "
                         "With alpha=0.001 the largest certifiable radius grows with n: "
-                        "0.25*Phi^-1(alpha^(1/n)), 0.50 at n=400")
+                        "0.25*Phi^-1(alpha^(1/n)), about 0.53 at n=400")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass (default 400)")
     parser.add_argument("--actors", type=int, default=None, help="certification actors (default: one per CPU)")
