@@ -50,14 +50,13 @@ class ApiActor:
         concurrency: int,
         price_per_1000: float,
         sigma: float,
-        seed: int,
         budget: Any,
         denoiser: nn.Module | None = None,
         name: str = "api-0",
     ) -> None:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
         self._budget = budget
-        self._worker = QueryWorker(api, retry, qps, concurrency, price_per_1000, sigma, seed, denoiser, name)
+        self._worker = QueryWorker(api, retry, qps, concurrency, price_per_1000, sigma, denoiser, name)
 
     def _reserve(self) -> bool:
         return bool(ray.get(self._budget.reserve.remote()))

@@ -4,7 +4,8 @@ All the work is `pipeline.model_pair.PairCounter` (the batched, buffer-reusing,
 inference-mode engine, mixed precision on GPU); the actor only decides the device, holds the
 model between calls, and is created with Ray's fault tolerance: a crashed actor process is
 restarted (`max_restarts`) and the call it was running is retried (`max_task_retries`), and
-since noise is addressed by (seed, image, phase, chunk) the retried counts are identical.
+since every request carries its noise address (seed, image, phase, chunk) the retried
+counts are identical.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipeline.certify_plan import VoteItem
+from pipeline.data.specs import DataDescription
 from pipeline.model_pair import ModelBytes, PairCounter, PairInfo
+from pipeline.noise import SampleRequest
 
 
 @ray.remote
@@ -31,7 +33,7 @@ class ModelActor:
         classifier: ModelBytes,
         denoiser: ModelBytes | None,
         expected: PairInfo,
-        image_shape: Sequence[int],
+        data: DataDescription,
         settings: Mapping[str, Any],
         num_threads: int = 1,
     ) -> None:
@@ -42,18 +44,18 @@ class ModelActor:
         if not use_gpu:
             # One intra-op thread per CPU Ray gave us: more would fight the other actors.
             torch.set_num_threads(max(1, num_threads))
-        self.counter = PairCounter(
-            classifier, denoiser, expected, image_shape, device=device, **dict(settings)
-        )
+        self.counter = PairCounter(classifier, denoiser, expected, data, device=device, **dict(settings))
         self.worker = f"{name}@{socket.gethostname()}:{os.getpid()}/{device}"
 
     def describe(self) -> dict[str, Any]:
         """Who and where this actor is (also the readiness ping: it answers once loaded)."""
         return {"worker": self.worker, "device": str(self.counter.device), "pid": os.getpid()}
 
-    def count(self, items: Sequence[VoteItem], images: Mapping[int, np.ndarray]) -> tuple[np.ndarray, float, str]:
-        """(counts [len(items), classes], compute seconds, worker label) for uint8 images by id."""
-        counts, seconds = self.counter.count(items, images)
+    def count(
+        self, requests: Sequence[SampleRequest], images: Mapping[int, np.ndarray]
+    ) -> tuple[np.ndarray, float, str]:
+        """(counts [len(requests), classes], compute seconds, worker label) for uint8 images by id."""
+        counts, seconds = self.counter.count(requests, images)
         return counts, seconds, self.worker
 
 
@@ -63,7 +65,7 @@ def start_model_actor(
     classifier_ref: ray.ObjectRef,
     denoiser_ref: ray.ObjectRef | None,
     expected: PairInfo,
-    image_shape: Sequence[int],
+    data: DataDescription,
     settings: Mapping[str, Any],
     num_cpus: float,
     num_gpus: float,
@@ -80,7 +82,7 @@ def start_model_actor(
         classifier_ref,
         denoiser_ref,
         expected,
-        list(image_shape),
+        data,
         dict(settings),
         max(1, int(num_cpus)),
     )

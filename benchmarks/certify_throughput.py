@@ -84,9 +84,9 @@ class Engine:
         self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp)
 
     def certify_all(self, images: torch.Tensor, n0: int, n: int) -> None:
-        from pipeline.engine import VoteRequest
+        from pipeline.noise import SampleRequest
 
-        requests = [VoteRequest(i, phase, num) for i in range(len(images))
+        requests = [SampleRequest(0, i, phase, num) for i in range(len(images))
                     for phase, num in (("selection", n0), ("estimation", n))]
         self.counter.count({i: image for i, image in enumerate(images)}, requests)
 
@@ -108,7 +108,10 @@ def build_pair(spec: str):
     torch.manual_seed(0)
     denoiser = build_model(names[0]) if len(names) == 2 else None
     classifier = build_model(classifier_name)
-    size = 224 if info.dataset == "imagenet" else 32
+    from pipeline.data import dataset_spec
+
+    spec = dataset_spec(info.dataset)
+    size = spec.input_size if spec else 32
     return compose(classifier, denoiser).eval(), info.num_classes or 1000, size
 
 

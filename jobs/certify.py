@@ -32,137 +32,54 @@ from typing import Any
 
 from jobs.ray_env import add_ray_arguments
 
-# config field -> command-line flag, for options and for error messages.
-FLAGS = {
-    "dataset": "--dataset",
-    "data_root": "--data-root",
-    "split": "--split",
-    "skip": "--skip",
-    "max": "--max",
-    "image_size": "--image-size",
-    "classifier": "--classifier",
-    "classifier_arch": "--classifier-arch",
-    "denoiser": "--denoiser",
-    "sigma": "--sigma",
-    "mode": "--mode",
-    "n0": "--n0",
-    "n": "--n",
-    "alpha": "--alpha",
-    "seed": "--seed",
-    "chunk_size": "--chunk-size",
-    "batch_size": "--batch",
-    "actors": "--actors",
-    "gpus_per_actor": "--gpus-per-actor",
-    "cpus_per_actor": "--cpus-per-actor",
-    "amp": "--amp",
-    "optimize": "--optimize",
-    "shard_size": "--shard-size",
-    "max_restarts": "--max-restarts",
-    "output": "--output",
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.options import add_settings_arguments
+    from pipeline.certify_plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
+
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=["cifar10", "imagenet", "folder"],
-                      help="layout: cifar10 (pickled batches, class folders or their .tar.gz), imagenet "
-                      "(<split>/<wnid>/*.JPEG), folder (any images; class sub-folders give labels)")
-    data.add_argument("--data-root", dest="data_root", metavar="PATH", help="data set folder or archive")
-    data.add_argument("--split", metavar="NAME", help="split to certify (default test; imagenet test = val)")
-    data.add_argument("--skip", type=int, metavar="K", help="take every K-th image (default 1; the papers use 20 / 100)")
-    data.add_argument("--max", type=int, metavar="M", help="stop before position M of the split (default: all)")
-    data.add_argument("--image-size", dest="image_size", type=int, metavar="PX",
-                      help="resize + center-crop to PX (imagenet default 224; others: as stored)")
-    models = parser.add_argument_group("models")
-    models.add_argument("--classifier", metavar="CKPT", help="classifier f: dsmooth checkpoint (or raw state dict with --classifier-arch)")
-    models.add_argument("--classifier-arch", dest="classifier_arch", metavar="NAME",
-                        help="architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)")
-    models.add_argument("--denoiser", metavar="CKPT", help="denoiser D checkpoint, or 'none' for f alone (default none)")
-    smoothing = parser.add_argument_group("smoothing")
-    smoothing.add_argument("--sigma", type=float, metavar="S", help="Gaussian noise level (required, > 0)")
-    smoothing.add_argument("--mode", choices=["certify", "predict"], help="CERTIFY (radius) or PREDICT (label) (default certify)")
-    smoothing.add_argument("--n0", type=int, metavar="N0", help="selection samples per image, CERTIFY only (default 100)")
-    smoothing.add_argument("--n", type=int, metavar="N", help="estimation / prediction samples per image (default 100000)")
-    smoothing.add_argument("--alpha", type=float, metavar="A", help="failure probability of the summary printed at the end "
-                           "(default 0.001; the votes do not depend on it)")
-    smoothing.add_argument("--seed", type=int, metavar="S", help="noise seed; same seed = same counts (default 0)")
-    smoothing.add_argument("--chunk-size", dest="chunk_size", type=int, metavar="N",
-                           help="samples per noise chunk; part of the noise address (default 256)")
-    speed = parser.add_argument_group(
-        "speed (may change between resumptions)",
-        "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
-        "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
-        "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
-        "  counts keep these and the device type; any choice gives equally valid votes.",
-    )
-    speed.add_argument("--batch", dest="batch_size", type=int, metavar="N", help="noisy samples per forward pass (default 400)")
-    speed.add_argument("--actors", type=int, metavar="N", help="actors in the pool (default: one per GPU, or one per CPU)")
-    speed.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, metavar="G",
-                       help="GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)")
-    speed.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, metavar="C", help="CPUs (threads) per actor (default 1)")
-    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision on GPU (default on; CPUs always run fp32)")
-    speed.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=None,
-                       help="fold BatchNorm into convolutions and run channels-last (default on)")
-    speed.add_argument("--shard-size", dest="shard_size", type=int, metavar="N",
-                       help="images per actor call and per Parquet part (default: ~200k samples' worth)")
-    speed.add_argument("--max-restarts", dest="max_restarts", type=int, metavar="N",
-                       help="Ray restarts of a crashed actor, and retries of its call (default 3)")
-    parser.add_argument("--output", metavar="DIR", help="run directory: run.json + votes/part-*.parquet (required)")
+    add_settings_arguments(parser, CertifyConfig,
+                           groups={"data": None, "models": None, "smoothing": None, SPEED_GROUP: SPEED_NOTE})
     add_ray_arguments(parser)
 
 
 def load_settings(args: argparse.Namespace):
     """CertifyConfig from --config plus flags; errors name the field and its flag."""
+    from jobs.options import load_settings as load
     from pipeline.certify_plan import CertifyConfig
-    from pipeline.config import ConfigError, load_config
 
-    overrides = {field: getattr(args, field, None) for field in FLAGS}
-    try:
-        return load_config(CertifyConfig, args.config if args.config else {}, overrides)
-    except ConfigError as error:
-        flag = FLAGS.get(error.field.split(".")[0].split("[")[0])
-        raise ConfigError(error.field, f"{error.message} ({flag})" if flag else error.message) from None
+    return load(CertifyConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data import open_dataset
     from pipeline.models import CheckpointError
 
     config = load_settings(args)
-    dataset = open_dataset(config.dataset, config.data_root, config.split, image_size=config.image_size)
-    selected = dataset.subset(config.skip, config.max)
-    if len(selected) == 0:
-        raise ValueError(f"no images selected from {dataset.name} (skip={config.skip}, max={config.max})")
+    split = config.open_split()
+    selected = config.select(split)
     try:
         classifier, denoiser, info = _check_models(config, selected)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
-    return _certify(config, args, selected, classifier, denoiser, info)
+    return _certify(config, args, split, selected, classifier, denoiser, info)
 
 
 def _check_models(config, selected):
-    """Load f∘D once here, so a wrong file fails before any actor starts."""
-    from pipeline.model_pair import ModelBytes, check_labels_fit, load_pair
+    """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
+    from pipeline.model_pair import ModelBytes, load_pair
 
     classifier = ModelBytes.read(config.classifier)
     denoiser = ModelBytes.read(config.denoiser) if config.denoiser else None
-    image_shape = tuple(selected.load(0).shape)
-    _, info = load_pair(classifier, denoiser, image_shape, config.classifier_arch)
-    check_labels_fit(info, len(selected.classes) if selected.classes else None, classifier.source)
-    if info.denoiser_sigma is not None and abs(info.denoiser_sigma - config.sigma) > 1e-12:
-        print(f"dsmooth certify: warning: the denoiser was trained for sigma={info.denoiser_sigma}, "
-              f"certifying at sigma={config.sigma}", file=sys.stderr)
+    _, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
+                        config.allow_foreign_classifier, sigma=config.sigma)
     return classifier, denoiser, info
 
 
-def _certify(config, args, selected, classifier, denoiser, info) -> int:
-    from pipeline.certify_plan import run_identity
+def _certify(config, args, split, selected, classifier, denoiser, info) -> int:
+    from pipeline.certify_plan import certify_identity
     from pipeline.config import to_dict
     from pipeline.storage import completed_images, open_run
 
-    identity = run_identity(config, info.classifier, info.denoiser, info.num_classes)
+    identity = certify_identity(config, split, info)
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     record = open_run(config.output, identity, extra=speed)
     phases = [phase for phase, _ in config.phases()]
@@ -174,7 +91,7 @@ def _certify(config, args, selected, classifier, denoiser, info) -> int:
     if todo:
         _warn_relative_output(config.output)
         _run_pool(config, args, selected, todo, classifier, denoiser, info, record["run_id"])
-    _summary(config, len(selected), len(todo), time.monotonic() - started)
+    _summary(config, selected, len(todo), time.monotonic() - started)
     return 0
 
 
@@ -195,17 +112,18 @@ def _run_pool(config, args, selected, todo, classifier, denoiser, info, run_id: 
         shards = plan_shards(todo, shard_size)
         print(f"dsmooth certify: {num_actors} actor(s) x ({cpus:g} CPU, {gpus:g} GPU), {len(shards)} shards of "
               f"<= {shard_size} images, {config.samples_per_image():,} samples per image", file=sys.stderr)
-        image_shape = tuple(selected.load(0).shape)
+        data = selected.describe()
         classifier_ref = ray.put(classifier)
         denoiser_ref = ray.put(denoiser) if denoiser else None
         settings = {
             "sigma": config.sigma, "classifier_arch": config.classifier_arch, "batch_size": config.batch_size,
-            "chunk_size": config.chunk_size, "amp": config.amp, "optimize": config.optimize,
+            "allow_foreign_classifier": config.allow_foreign_classifier, "amp": config.amp,
+            "optimize": config.optimize,
         }
         pool = ShardPool(
             lambda index: start_model_actor(
                 index, classifier_ref=classifier_ref, denoiser_ref=denoiser_ref, expected=info,
-                image_shape=image_shape, settings=settings, num_cpus=cpus, num_gpus=gpus,
+                data=data, settings=settings, num_cpus=cpus, num_gpus=gpus,
                 max_restarts=config.max_restarts,
             ),
             num_actors,
@@ -268,7 +186,7 @@ def _drive(pool, tasks, config, selected, info, run_id, progress) -> None:
     import ray
 
     from actors.shard_pool import ShardFailed
-    from pipeline.certify_plan import shard_items, vote_rows
+    from pipeline.certify_plan import shard_requests, vote_rows
     from pipeline.storage import write_votes
 
     pending: dict[int, tuple[Any, list]] = {}
@@ -284,10 +202,10 @@ def _drive(pool, tasks, config, selected, info, run_id, progress) -> None:
             except Exception as load_error:  # noqa: BLE001 - stop feeding, keep what is in flight
                 error = load_error
                 break
-            items = shard_items(shard, config)
+            requests = shard_requests(shard, config)
             images_ref = ray.put(images)
-            pending[shard.index] = (shard, items)
-            pool.submit(shard.index, lambda actor, items=items, ref=images_ref: actor.count.remote(items, ref))
+            pending[shard.index] = (shard, requests)
+            pool.submit(shard.index, lambda actor, requests=requests, ref=images_ref: actor.count.remote(requests, ref))
         if not pool.busy():
             if error is None and not exhausted:
                 pool.next_result(timeout_s=1.0)  # no actor ready yet: wait on their pings
@@ -303,14 +221,14 @@ def _drive(pool, tasks, config, selected, info, run_id, progress) -> None:
         if outcome is None:
             continue
         key, (counts, compute_s, worker) = outcome
-        shard, items = pending.pop(key)
+        shard, requests = pending.pop(key)
         rows = vote_rows(
-            run_id=run_id, config=config, records=shard.records, items=items, counts=counts,
+            run_id=run_id, config=config, records=shard.records, requests=requests, counts=counts,
             compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
             classifier=info.classifier, denoiser=info.denoiser, class_names=selected.classes,
         )
         write_votes(config.output, rows, worker=worker.split("@")[0])
-        progress.update(len(shard.records), work=sum(item.num_samples for item in items))
+        progress.update(len(shard.records), work=sum(request.num_samples for request in requests))
     if error is not None:
         if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
             raise error
@@ -325,10 +243,11 @@ def _warn_relative_output(output: Path) -> None:
               f"directory ({Path(output).resolve()}); use an absolute path to keep the votes", file=sys.stderr)
 
 
-def _summary(config, total: int, new: int, seconds: float) -> None:
-    """Where the votes are, how to resume and reduce them, and the certified accuracies."""
+def _summary(config, selected, new: int, seconds: float) -> None:
+    """Where the votes are, how to resume and reduce them, and the certified accuracies of
+    the images this command selected."""
     output = Path(config.output).resolve()
-    print(f"\ndsmooth certify: {total} images in {output} ({new} certified now, {seconds:.1f}s)")
+    print(f"\ndsmooth certify: {len(selected)} images in {output} ({new} certified now, {seconds:.1f}s)")
     print(f"  votes:  {output / 'votes'}/part-*.parquet  (settings: {output / 'run.json'})")
     print("  resume: rerun this same command; images already in the votes are skipped")
     print(f"  reduce: dsmooth reduce {output} --alpha {config.alpha:g}")
@@ -340,6 +259,7 @@ def _summary(config, total: int, new: int, seconds: float) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             certificates = load_run(output, config.alpha, name=output.name)
+            certificates = certificates[certificates["image_id"].isin(set(selected.image_ids().tolist()))]
             print()
             print(render(accuracy_table([certificates], DEFAULT_RADII), "markdown"), end="")
     except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run

@@ -37,49 +37,40 @@ EXIT_CODES = {"planned": 0, "complete": 0, "budget": 3, "failed": 3, "auth": 4, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.options import add_settings_arguments
     from jobs.ray_env import add_ray_arguments
+    from pipeline.apis.config import CertifyApiConfig
 
-    parser.add_argument("--config", required=True, metavar="FILE.yaml", help="job config (see examples/certify_api_emulated.yaml)")
-    parser.add_argument("--output", metavar="RUN_DIR", help="override `output`: the run directory (resumed if it exists)")
-    parser.add_argument("--endpoint", metavar="URL", help="override `api.endpoint` (e.g. the emulator's http://127.0.0.1:8790)")
-    parser.add_argument("--max-queries", type=int, metavar="K", help="override `budget.max_queries` for this invocation")
-    parser.add_argument("--max-cost", type=float, metavar="USD", help="override `budget.max_cost` for this invocation")
-    parser.add_argument("--denoiser", metavar="CKPT", help="override `denoiser`: a denoiser checkpoint trained for sigma")
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="job config (see examples/certify_api_emulated.yaml); options below override its keys")
     parser.add_argument("--dry-run", action="store_true", help="print what is left to query and its price; send nothing")
+    add_settings_arguments(parser, CertifyApiConfig)
     add_ray_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.apis.prepare import load_job_config
+    from jobs.options import load_settings
+    from pipeline.apis.config import CertifyApiConfig
 
-    config = load_job_config(
-        args.config,
-        {
-            "output": args.output,
-            "api.endpoint": args.endpoint,
-            "budget.max_queries": args.max_queries,
-            "budget.max_cost": args.max_cost,
-            "denoiser": args.denoiser,
-        },
-    )
+    config = load_settings(CertifyApiConfig, args)
     summary = certify_api(config, address=args.address, dry_run=args.dry_run)
     return EXIT_CODES[summary.status]
 
 
 def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None) -> Any:
     """Run (or resume) one API certification; returns its pipeline.apis.runstate.Summary."""
-    from pipeline.apis.prepare import load_denoiser, run_identity, select_images
+    from pipeline.apis.prepare import api_identity, load_denoiser, select_images
     from pipeline.apis.querylog import compact_queries
     from pipeline.apis.runstate import RunState, Summary, format_summary, record_spending, run_lock, spending_totals
     from pipeline.storage import open_run
 
     out = out or sys.stdout
     started_at = datetime.now(timezone.utc)
-    dataset = select_images(config)
+    split, dataset = select_images(config)
     denoiser, arch, sha = (None, None, None)
     if config.denoiser is not None:
-        denoiser, arch, sha = load_denoiser(config.denoiser, config.sigma)
-    identity, extra = run_identity(config, dataset, arch, sha)
+        denoiser, arch, sha = load_denoiser(config.denoiser, config.sigma, dataset)
+    identity, extra = api_identity(config, split, arch, sha)
     run_dir = Path(config.output)
     record = open_run(run_dir, identity, extra)
     price = config.budget.price(config.api.provider)
@@ -139,7 +130,7 @@ def _dispatch(config: Any, dataset: Any, state: Any, denoiser: Any, price: float
     denoiser_ref = ray.put(denoiser) if denoiser is not None else None
     actors = [
         ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 1).remote(
-            config.api, config.retry, rate.qps / rate.actors, per_actor, price, config.sigma, config.seed,
+            config.api, config.retry, rate.qps / rate.actors, per_actor, price, config.sigma,
             budget, denoiser_ref, f"api-{i}",
         )
         for i in range(rate.actors)

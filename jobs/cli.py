@@ -32,10 +32,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version (the source tree's pyproject.toml when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("dsmooth")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dsmooth", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from jobs.options import Parser
+
+    parser = Parser(prog="dsmooth", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"dsmooth {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -48,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
+        from jobs.options import Parser
+
         module = importlib.import_module(COMMANDS[argv[0]][0])
-        sub = argparse.ArgumentParser(
-            prog=f"dsmooth {argv[0]}",
-            description=(module.__doc__ or COMMANDS[argv[0]][1]).strip(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        sub = Parser(prog=f"dsmooth {argv[0]}", description=(module.__doc__ or COMMANDS[argv[0]][1]).strip())
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
         try:

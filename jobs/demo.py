@@ -134,7 +134,7 @@ def _denoising_grid(sample, path: Path, count: int = 8) -> Path:
 
     positions = range(0, len(sample), max(1, len(sample) // count))[:count]
     clean = torch.stack([sample[i][1] for i in positions])
-    noisy = clean + chunk_noise(Chunk(0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA, seed=0)
+    noisy = clean + chunk_noise(Chunk(0, 0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA)
     rows = [clean, noisy.clamp(0, 1)]
     with torch.inference_mode():
         for setting in SETTINGS[1:]:

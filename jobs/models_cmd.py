@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.models import list_models, model_info
 
     print(f"{'name':24s} {'kind':11s} dataset")
-    for name in list_models(kind=args.kind, include_torchvision=False):
+    for name in list_models(kind=args.kind, include_families=False):
         info = model_info(name)
         print(f"{name:24s} {info.kind:11s} {info.dataset or '-'}")
     print("\n(any torchvision classification model name also works, e.g. resnet50; weights from a local file)")

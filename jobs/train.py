@@ -12,7 +12,11 @@ in OUTPUT_DIR/summary.{md,csv}.
 examples:
   dsmooth train --config examples/train_cifar10_small.yaml
   dsmooth train --config sweep.yaml --dry-run                 # validate, print the runs
-  dsmooth train --config sweep.yaml --address auto --num-workers 4 --storage-path s3://bucket/dsmooth"""
+  dsmooth train --config sweep.yaml --address auto --num-workers 4 --storage-path s3://bucket/dsmooth
+  dsmooth train --config sweep.yaml --sigmas 0.25 0.5 --epochs 10 --use-gpu true
+
+Every option below is also a key of the YAML file (dataset options under `dataset:`, sweep
+options under `sweep:`); given on the command line it overrides the file."""
 
 from __future__ import annotations
 
@@ -29,35 +33,34 @@ from jobs.ray_env import add_ray_arguments
 from pipeline.atomic import atomic_open
 
 
-def _use_gpu(text: str) -> bool | str:
-    value = text.lower()
-    if value in ("auto", "true", "false"):
-        return "auto" if value == "auto" else value == "true"
-    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE.yaml", help="the sweep to train (see examples/)")
-    add_ray_arguments(parser)
-    parser.add_argument("--classifier", help="override the classifier to defend (a checkpoint path)")
-    parser.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
-    parser.add_argument("--storage-path", dest="storage_path", help="override storage_path (folder or s3://...)")
-    parser.add_argument("--epochs", type=int, help="override epochs")
-    parser.add_argument("--num-workers", dest="num_workers", type=int, help="override Ray Train workers per run")
-    parser.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="override runs at once (0 = auto)")
-    parser.add_argument("--stop-after-epochs", dest="stop_after_epochs", type=int,
-                        help="train each run at most this many epochs now (rerun to continue)")
-    parser.add_argument("--use-gpu", dest="use_gpu", type=_use_gpu, help="auto, true or false")
+    from jobs.options import add_settings_arguments
+    from pipeline.training.config import TrainConfig
+
+    parser.add_argument("--config", required=True, metavar="FILE.yaml", help=(
+        "the sweep to train (see examples/); options below override its keys"))
     parser.add_argument("--dry-run", action="store_true", help="validate the config and list its runs; train nothing")
+    add_ray_arguments(parser)
+    add_settings_arguments(parser, TrainConfig)
+
+
+def load_settings(args: argparse.Namespace) -> Any:
+    """TrainConfig from --config plus flags, paths resolved and files checked; errors name
+    the field and its flag."""
+    from jobs.options import flags, overrides
+    from pipeline.config import ConfigError
+    from pipeline.training.config import TrainConfig, load_train_config
+
+    try:
+        return load_train_config(args.config, overrides(args, TrainConfig))
+    except ConfigError as error:
+        raise error.with_flag(flags(TrainConfig).get(error.field)) from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.training.config import load_train_config
     from pipeline.training.sweep import plan_sweep
 
-    keys = ("classifier", "output_dir", "storage_path", "epochs", "num_workers", "max_concurrent",
-            "stop_after_epochs", "use_gpu")
-    config = load_train_config(args.config, {k: getattr(args, k) for k in keys})
+    config = load_settings(args)
     runs = plan_sweep(config)
     if args.dry_run:
         for line in describe_plan(config, runs):

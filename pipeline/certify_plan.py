@@ -16,137 +16,72 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, option
 from pipeline.data.core import ImageRecord
+from pipeline.data.core import ImageDataset
+from pipeline.model_pair import ModelIdentity, PairInfo
+from pipeline.run_identity import run_identity
+from pipeline.noise import SampleRequest
+from pipeline.settings import ChunkSize, DataSelection, EstimationSamples, SelectionSamples, SmoothingSettings
 
 MODES = ("certify", "predict")
-DATASET_KINDS = ("cifar10", "imagenet", "folder")
 # A shard is the unit of work sent to an actor and of loss on a crash: about this many
 # noisy samples (n = 100,000 -> 2 images per shard; n = 1,000 -> 200).
 TARGET_SHARD_SAMPLES = 200_000
 MAX_SHARD_IMAGES = 64
 SHARDS_PER_ACTOR = 4
 
+SPEED_GROUP = "speed (may change between resumptions)"
+SPEED_NOTE = (
+    "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
+    "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
+    "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
+    "  counts keep these and the device type; any choice gives equally valid votes."
+)
 
-@dataclass
-class CertifyConfig:
+
+class CertifyConfig(DataSelection, SmoothingSettings):
     """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
 
-    dataset: Literal["cifar10", "imagenet", "folder"]
-    data_root: Path
-    classifier: Path
-    sigma: float
-    output: Path
-    split: str = "test"
-    skip: int = 1
-    max: int | None = None
-    image_size: int | None = None
-    classifier_arch: str | None = None
-    denoiser: Path | None = None
-    mode: Literal["certify", "predict"] = "certify"
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    seed: int = 0
-    chunk_size: int = 256
-    batch_size: int = 400
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
-    amp: bool = True
-    optimize: bool = True
-    shard_size: int | None = None
-    max_restarts: int = 3
-
-    def validate(self) -> None:
-        """Range checks; each error names its field (ConfigError)."""
-        if str(self.denoiser).lower() in ("none", "null", ""):
-            self.denoiser = None
-        if not self.sigma > 0:
-            raise ConfigError("sigma", f"must be positive (the noise level), got {self.sigma!r}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError("alpha", f"must lie in (0, 1), got {self.alpha!r}")
-        for name in ("n", "skip", "chunk_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)!r}")
-        if self.mode == "certify":
-            if self.n0 < 1:
-                raise ConfigError("n0", f"must be at least 1, got {self.n0!r}")
-            if self.n0 > self.n:
-                raise ConfigError("n0", f"n0={self.n0} must not exceed n={self.n} (selection uses fewer samples)")
-        if self.max is not None and self.max < 0:
-            raise ConfigError("max", f"must be >= 0 or null (all images), got {self.max!r}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError("image_size", f"must be >= 1 or null, got {self.image_size!r}")
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed!r}")
-        for name in ("actors", "shard_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be at least 1 or null (automatic), got {value!r}")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ConfigError("gpus_per_actor", f"must be >= 0 or null (automatic), got {self.gpus_per_actor!r}")
-        if not self.cpus_per_actor > 0:
-            raise ConfigError("cpus_per_actor", f"must be positive, got {self.cpus_per_actor!r}")
-        if self.max_restarts < 0:
-            raise ConfigError("max_restarts", f"must be >= 0, got {self.max_restarts!r}")
-
-    def phases(self) -> list[tuple[str, int]]:
-        """(phase, samples) drawn per image: CERTIFY's two independent draws, or PREDICT's one."""
-        if self.mode == "certify":
-            return [("selection", self.n0), ("estimation", self.n)]
-        return [("prediction", self.n)]
-
-    def samples_per_image(self) -> int:
-        return sum(num for _, num in self.phases())
+    classifier: Path = option(..., group="models", metavar="CKPT", help=(
+        "classifier f: dsmooth checkpoint (or raw state dict with --classifier-arch)"))
+    classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
+        "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
+    allow_foreign_classifier: bool = option(False, group="models", help=(
+        "accept a classifier that does not record the data set it was trained on (a raw state dict "
+        "or a foreign checkpoint); one that records another data set is refused regardless"))
+    mode: Literal["certify", "predict"] = option("certify", group="smoothing",
+                                                 help="CERTIFY (label + radius) or PREDICT (label only)")
+    n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
+    n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
+    chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
+    batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
+                                     help="noisy samples per forward pass")
+    actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
+                                        help="actors in the pool (default: one per GPU, or one per CPU)")
+    gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
+        "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
+    cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
+    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
+    optimize: bool = option(True, group=SPEED_GROUP,
+                            help="fold BatchNorm into convolutions and run channels-last")
+    shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
+        "images per actor call and per Parquet part (default: ~200k samples' worth)"))
+    max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
+                                          help="Ray restarts of a crashed actor, and retries of its call")
+    output: Path = option(..., metavar="DIR", help="run directory: run.json + votes/part-*.parquet (required)")
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """A model as results record it: registry name + SHA-256 of the checkpoint file."""
-
-    name: str
-    sha256: str
-
-
-def run_identity(
-    config: CertifyConfig, classifier: ModelIdentity, denoiser: ModelIdentity | None, num_classes: int
-) -> dict[str, Any]:
-    """Every setting that changes what the votes mean; a resumed run must match all of them.
-
-    Speed-only settings (batch size, actors, GPUs, AMP, shard size) are left out, so a run
-    may be resumed on other hardware. The data set is named by its root's file name, not its
-    full path, because `ray job submit --working-dir` unpacks to a new folder every time.
-    """
-    return {
-        "mode": config.mode,
-        "dataset": config.dataset,
-        "data": Path(config.data_root).name,
-        "split": config.split,
-        "skip": config.skip,
-        "max": config.max,
-        "image_size": config.image_size,
-        "classifier": classifier.name,
-        "classifier_sha256": classifier.sha256,
-        "denoiser": denoiser.name if denoiser else None,
-        "denoiser_sha256": denoiser.sha256 if denoiser else None,
-        "num_classes": num_classes,
-        "sigma": config.sigma,
-        "n0": config.n0 if config.mode == "certify" else None,
-        "n": config.n,
-        "seed": config.seed,
-        "chunk_size": config.chunk_size,
-    }
-
-
-@dataclass(frozen=True)
-class VoteItem:
-    """Draw `num_samples` noisy copies of image `image_id` in `phase` with noise seed `seed`."""
-
-    image_id: int
-    phase: str
-    num_samples: int
-    seed: int
+def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
+    """The run identity (`pipeline.run_identity`) of a certify run with these models."""
+    return run_identity(
+        "certify", config, config, split,
+        classifier=info.classifier.name,
+        classifier_sha256=info.classifier.sha256,
+        denoiser=info.denoiser.name if info.denoiser else None,
+        denoiser_sha256=info.denoiser.sha256 if info.denoiser else None,
+        num_classes=info.num_classes,
+    )
 
 
 @dataclass(frozen=True)
@@ -161,10 +96,11 @@ class Shard:
         return [r.image_id for r in self.records]
 
 
-def shard_items(shard: Shard, config: CertifyConfig) -> list[VoteItem]:
-    """The vote requests of a shard, image by image, phases in a fixed order."""
+def shard_requests(shard: Shard, config: CertifyConfig) -> list[SampleRequest]:
+    """The sample requests of a shard, image by image, phases in a fixed order; each carries
+    the full noise address (seed, image, phase, chunks) of its samples."""
     return [
-        VoteItem(record.image_id, phase, num, config.seed)
+        SampleRequest(config.seed, record.image_id, phase, num, config.chunk_size)
         for record in shard.records
         for phase, num in config.phases()
     ]
@@ -193,7 +129,7 @@ def vote_rows(
     run_id: str,
     config: CertifyConfig,
     records: Sequence[ImageRecord],
-    items: Sequence[VoteItem],
+    requests: Sequence[SampleRequest],
     counts: np.ndarray,
     compute_s: float,
     worker: str,
@@ -202,18 +138,18 @@ def vote_rows(
     denoiser: ModelIdentity | None,
     class_names: Sequence[str] | None,
 ) -> list[dict[str, Any]]:
-    """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> items[i]).
+    """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> requests[i]).
 
     `elapsed_s` is the row's share of the shard's compute time, split by samples drawn, so
     summing it over a run gives the actors' busy time.
     """
-    if counts.shape[0] != len(items):
-        raise ValueError(f"{counts.shape[0]} count rows for {len(items)} vote requests")
+    if counts.shape[0] != len(requests):
+        raise ValueError(f"{counts.shape[0]} count rows for {len(requests)} sample requests")
     by_id: Mapping[int, ImageRecord] = {r.image_id: r for r in records}
-    total_samples = max(1, sum(item.num_samples for item in items))
+    total_samples = max(1, sum(request.num_samples for request in requests))
     rows = []
-    for item, row in zip(items, counts):
-        record = by_id[item.image_id]
+    for request, row in zip(requests, counts):
+        record = by_id[request.image_id]
         label_name = (
             class_names[record.label] if class_names is not None and 0 <= record.label < len(class_names) else None
         )
@@ -224,19 +160,19 @@ def vote_rows(
                 "image_name": record.name,
                 "label": record.label,
                 "label_name": label_name,
-                "phase": item.phase,
-                "n": item.num_samples,
+                "phase": request.phase,
+                "n": request.num_samples,
                 "classes": None,
                 "counts": [int(c) for c in row],
                 "sigma": config.sigma,
-                "seed": item.seed,
-                "chunk_size": config.chunk_size,
+                "seed": request.seed,
+                "chunk_size": request.chunk_size,
                 "model": classifier.name,
                 "model_sha256": classifier.sha256,
                 "denoiser": denoiser.name if denoiser else None,
                 "denoiser_sha256": denoiser.sha256 if denoiser else None,
                 "worker": worker,
-                "elapsed_s": compute_s * item.num_samples / total_samples,
+                "elapsed_s": compute_s * request.num_samples / total_samples,
                 "finished_at": finished_at,
             }
         )

@@ -1,123 +1,178 @@
-"""YAML configs as typed dataclasses, validated before any work starts.
+"""Settings: every option declared once, as a typed pydantic field with its help text.
 
-Every job's config is a dataclass; `parse_config` turns a YAML mapping into it and every
-error names the offending field by its dotted path (`sweep.sigmas[1]`), because a typo
-found after an hour of certification is an hour lost.
+A job's settings are a `Settings` model. Each field carries its type, default, range
+(pydantic constraints) and help (`description`), so the YAML key, the command-line flag
+(`jobs/options.py` builds argparse options from the fields) and the validation message all
+come from one declaration. Values a user gives are checked before any work starts, and
+every error names its field by dotted path (`sweep.sigmas[1]`), with a "did you mean"
+for unknown keys: a typo found after an hour of certification is an hour lost.
+
+Settings shared by several jobs (the noise level, the sample counts, the data selection)
+are declared once here or in the job-independent modules, as annotated types.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-T = TypeVar("T")
+T = TypeVar("T", bound="Settings")
 
 
 class ConfigError(ValueError):
-    """A bad config value; `field` is its dotted path."""
+    """A bad setting; `field` is its dotted path, `flag` its command-line flag when known."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, flag: str | None = None) -> None:
         self.field = field
         self.message = message
-        super().__init__(f"config field '{field}': {message}" if field else message)
+        self.flag = flag
+        where = f"config field '{field}': " if field else ""
+        super().__init__(f"{where}{message}" + (f" ({flag})" if flag else ""))
+
+    def with_flag(self, flag: str | None) -> ConfigError:
+        return ConfigError(self.field, self.message, flag) if flag and not self.flag else self
 
 
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
+class Settings(BaseModel):
+    """Base of every job's settings: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=False)
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(hint)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(path, "must not be empty")
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(value, option, path)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(path, f"{value!r} fits none of the allowed types ({'; '.join(errors)})")
-    if origin is Literal:
-        if value not in get_args(hint):
-            raise ConfigError(path, f"{value!r} is not one of {list(get_args(hint))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            value = [value]  # a scalar where a list is expected means a one-element list
-        (item_hint, *_) = get_args(hint) or (Any,)
-        return [_coerce(item, item_hint, _join(path, i)) for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"must be a mapping, got {type(value).__name__}")
-        _, value_hint = get_args(hint) or (Any, Any)
-        return {key: _coerce(item, value_hint, _join(path, str(key))) for key, item in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return parse_config(hint, value, path)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"must be a string, got {value!r}")
-        return value
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(path, f"must be a path, got {value!r}")
-        return Path(value)
+def option(default: Any = ..., *, help: str | None = None, flag: str | None = None, group: str | None = None,
+           metavar: str | None = None, cli: bool = True, **constraints: Any) -> Any:
+    """A settings field: `help` is its help text (default: the annotated type's description);
+    `flag` overrides the command-line flag (default: --field-name); `cli=False` keeps a field
+    YAML-only; `group` is its section in --help."""
+    extra = {"flag": flag, "group": group, "metavar": metavar, "cli": cli}
+    if help is not None:
+        constraints["description"] = help
+    schema_extra = {k: v for k, v in extra.items() if v is not None}
+    if "default_factory" in constraints:
+        return Field(json_schema_extra=schema_extra, **constraints)
+    return Field(default, json_schema_extra=schema_extra, **constraints)
+
+
+def _none_words(value: Any) -> Any:
+    """'none' / 'null' / '' on a command line mean "no file" (e.g. --denoiser none)."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+        return None
     return value
 
 
-def parse_config(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass `cls` from a mapping; unknown, missing and mistyped fields are errors.
+# Shared setting types: validation and meaning declared once, used by every job.
+Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Alpha = Annotated[float, Field(gt=0, lt=1, strict=True)]
+Seed = Annotated[int, Field(ge=0, strict=True)]
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_none_words)]
 
-    After construction the dataclass's own `validate()` (if any) checks value ranges.
-    """
+
+def check_value(kind: Any, value: Any, name: str) -> Any:
+    """Validate one value against a shared setting type (e.g. `check_value(Sigma, s, "sigma")`),
+    so library functions apply the same rule as configs: ValueError naming `name`."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalars are plain numbers here
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as error:
+        detail = error.errors()[0]
+        raise ValueError(f"{name} {_message(detail)}") from None
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for a bad mapping key: the key names the field
+            continue
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _message(detail: Mapping[str, Any]) -> str:
+    kind, message = detail["type"], str(detail["msg"])
+    if kind == "missing":
+        return "is required"
+    if kind.startswith("literal"):
+        expected = detail.get("ctx", {}).get("expected", "")
+        return f"{detail['input']!r} is not one of {expected}"
+    if message.startswith("Input should be"):
+        message = "must be" + message[len("Input should be"):]
+        for wordy, short in (("greater than or equal to", ">="), ("less than or equal to", "<="),
+                             ("greater than", ">"), ("less than", "<")):
+            message = message.replace(wordy, short)
+        return f"{message}, got {detail['input']!r}"
+    return message.removeprefix("Value error, ")
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that `loc` (minus its last part) points into."""
+    for part in loc[:-1]:
+        if isinstance(part, int) or str(part) not in model.model_fields:
+            continue  # list positions and mapping keys
+        field = model.model_fields.get(str(part))
+        inner = _model_of(field.annotation) if field else None
+        if inner is None:
+            return []
+        model = inner
+    return sorted(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(typing.get_args(annotation)):  # dict[K, V]: the values' model
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def config_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
+    """The first problem of a ValidationError as a ConfigError (dotted field, plain words); an
+    unknown key goes first, since it usually explains a "required" one (a typo)."""
+    details = error.errors()
+    detail = next((d for d in details if d["type"] == "extra_forbidden"), details[0])
+    loc = tuple(detail["loc"])
+    cause = detail.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):  # raised by a model validator, naming its own field
+        field = ".".join(p for p in (prefix, _path(loc), cause.field) if p)
+        return ConfigError(field, cause.message)
+    field = ".".join(p for p in (prefix, _path(loc)) if p)
+    if detail["type"] == "extra_forbidden":
+        known = _known_fields(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+        return ConfigError(field, f"unknown field; {hint}")
+    return ConfigError(field, _message(detail))
+
+
+def parse_config(cls: type[T], data: Any) -> T:
+    """Build settings `cls` from a mapping; every problem is a ConfigError naming its field."""
     if isinstance(data, cls):
         return data
-    if not isinstance(data, dict):
-        raise ConfigError(path, f"must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(_join(path, unknown[0]), f"unknown field (known: {', '.join(sorted(fields))})")
-    hints = get_type_hints(cls)
-    values = {}
-    for name, field in fields.items():
-        if name in data:
-            values[name] = _coerce(data[name], hints[name], _join(path, name))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(_join(path, name), "is required")
-    config = cls(**values)
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        try:
-            validate()  # raises ConfigError(field relative to this dataclass, message)
-        except ConfigError as error:
-            if not path:
-                raise
-            raise ConfigError(_join(path, error.field), error.message) from None
-    return config
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"settings must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as error:
+        raise config_error(error, cls) from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
@@ -134,27 +189,36 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], source: str | Path | dict, overrides: dict | None = None) -> T:
-    """Parse a YAML file (or an already-loaded mapping), with command-line overrides on top."""
-    data = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
-    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return parse_config(cls, data)
+def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
+    """`data` with dotted overrides set on top (None = not given): {"budget.max_queries": 30}."""
+    merged = {key: (dict(value) if isinstance(value, dict) else value) for key, value in data.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for i, name in enumerate(parents):
+            child = node.get(name)
+            child = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parents[: i + 1]), "must be a mapping")
+            node[name] = child
+            node = child
+        node[leaf] = value
+    return merged
 
 
-def to_dict(config: Any) -> dict:
-    """A plain, YAML/JSON-able dict of a config (paths as strings)."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
-    return plain(config)
+def load_config(cls: type[T], source: str | Path | Mapping | None, overrides: Mapping[str, Any] | None = None) -> T:
+    """Settings from a YAML file (or a mapping, or nothing), dotted overrides on top."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_yaml_mapping(source)
+    return parse_config(cls, apply_overrides(data, overrides))
 
 
+def to_dict(config: BaseModel) -> dict:
+    """A plain, YAML/JSON-able dict of settings (paths as strings)."""
+    return config.model_dump(mode="json")

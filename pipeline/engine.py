@@ -4,31 +4,23 @@ The reference implementation repeats *one* image `batch` times per forward pass,
 last batch of every image is short and the device idles between images. Here a forward
 batch is filled with noisy samples of *several* images back to back, votes are counted on
 the device with one `bincount`, the input buffer is reused, and mixed precision can be
-switched on for GPUs. Noise comes from `pipeline.noise`, addressed per (image, phase,
-chunk), so the counts do not depend on the batch size or on how images are grouped.
+switched on for GPUs. Noise comes from `pipeline.noise`, addressed per (seed, image, phase,
+chunk) by each `SampleRequest`, so the counts do not depend on the batch size or on how
+images are grouped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import smoothing
-from pipeline.noise import DEFAULT_CHUNK_SIZE, chunk_noise, plan_chunks
-
-
-@dataclass(frozen=True)
-class VoteRequest:
-    """Draw `num_samples` noisy copies of image `image_id` in `phase`."""
-
-    image_id: int
-    phase: str
-    num_samples: int
+from pipeline.config import Sigma, check_value
+from pipeline.noise import DEFAULT_CHUNK_SIZE, SampleRequest, chunk_noise
 
 
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -39,7 +31,11 @@ def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
 
 
 class VoteCounter:
-    """Counts f(x + delta) over noisy samples; one instance per model, reused across calls."""
+    """Counts f(x + delta) over noisy samples; one instance per model, reused across calls.
+
+    It holds the model and the noise level, never a seed: every request carries the full
+    address of its noise, so the counts are a pure function of (model, sigma, requests).
+    """
 
     def __init__(
         self,
@@ -47,23 +43,17 @@ class VoteCounter:
         num_classes: int,
         sigma: float,
         *,
-        seed: int = 0,
         batch_size: int = 400,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
         device: torch.device | str | None = None,
         amp: bool | str = False,
     ) -> None:
-        if sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {sigma!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.num_classes = num_classes
-        self.sigma = float(sigma)
-        self.seed = seed
+        self.sigma = float(check_value(Sigma, sigma, "sigma"))
         self.batch_size = batch_size
-        self.chunk_size = chunk_size
         self.amp_dtype = _amp_dtype(amp, self.device)
         self._inputs: torch.Tensor | None = None
         self._owners = torch.empty(batch_size, dtype=torch.long, device=self.device)
@@ -83,7 +73,7 @@ class VoteCounter:
         counts += torch.bincount(slots, minlength=num_requests * self.num_classes)
 
     @torch.inference_mode()
-    def count(self, images: Mapping[int, torch.Tensor], requests: Sequence[VoteRequest]) -> np.ndarray:
+    def count(self, images: Mapping[int, torch.Tensor], requests: Sequence[SampleRequest]) -> np.ndarray:
         """Vote counts, int64 [len(requests), num_classes], row i for requests[i].
 
         `images` maps image id -> [C, H, W] float tensor in [0, 1] (same shape for all).
@@ -102,8 +92,8 @@ class VoteCounter:
             image = on_device[request.image_id]
             if tuple(image.shape) != shape:
                 raise ValueError(f"image {request.image_id} has shape {tuple(image.shape)}, expected {shape}")
-            for chunk in plan_chunks(request.image_id, request.phase, request.num_samples, self.chunk_size):
-                noise = chunk_noise(chunk, shape, self.sigma, self.seed, self.device)
+            for chunk in request.chunks():
+                noise = chunk_noise(chunk, shape, self.sigma, self.device)
                 start = 0
                 while start < chunk.size:
                     take = min(chunk.size - start, self.batch_size - filled)
@@ -120,21 +110,30 @@ class VoteCounter:
 
 
 class SmoothedClassifier:
-    """g(x) = argmax_c P[f(x + delta) = c]: Cohen et al.'s `Smooth`, on the batched engine."""
+    """g(x) = argmax_c P[f(x + delta) = c]: Cohen et al.'s `Smooth`, on the batched engine.
 
-    def __init__(self, counter: VoteCounter) -> None:
+    `seed` and `chunk_size` fix the noise addresses of its draws (selection and estimation
+    noise are independent: their phases are part of the address).
+    """
+
+    def __init__(self, counter: VoteCounter, *, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.counter = counter
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    def _request(self, image_id: int, phase: str, n: int) -> SampleRequest:
+        return SampleRequest(self.seed, image_id, phase, n, self.chunk_size)
 
     def certify(self, image_id: int, image: torch.Tensor, n0: int, n: int, alpha: float) -> tuple[Hashable, float]:
-        """(class, L2 radius) or (ABSTAIN, 0.0); selection and estimation noise are independent."""
+        """(class, L2 radius) or (ABSTAIN, 0.0)."""
         if n0 > n:
             raise ValueError(f"n0={n0} must not exceed n={n}")
         selection, estimation = self.counter.count(
-            {image_id: image},
-            [VoteRequest(image_id, "selection", n0), VoteRequest(image_id, "estimation", n)],
+            {image_id: image}, [self._request(image_id, "selection", n0), self._request(image_id, "estimation", n)]
         )
-        return smoothing.certify_counts(selection, estimation, self.counter.sigma, alpha)
+        decision = smoothing.certify_matrix(selection, estimation, self.counter.sigma, alpha)
+        return int(decision.prediction[0]), float(decision.radius[0])
 
     def predict(self, image_id: int, image: torch.Tensor, n: int, alpha: float) -> Hashable:
-        (counts,) = self.counter.count({image_id: image}, [VoteRequest(image_id, "prediction", n)])
-        return smoothing.predict_counts(counts, alpha)
+        (counts,) = self.counter.count({image_id: image}, [self._request(image_id, "prediction", n)])
+        return int(smoothing.predict_matrix(counts, alpha).prediction[0])

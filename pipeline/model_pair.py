@@ -1,7 +1,7 @@
 """Loading a denoiser-classifier pair f∘D and counting its votes on a batch of images.
 
-The pair is checked where it is first loaded (the job's driver) so that a wrong file fails
-before any actor starts; actors then receive the checkpoint *bytes* (no shared file system
+The pair is checked where it is first loaded (the job's driver), against the data it will
+certify (`pipeline.models.fit`), so that a wrong file fails before any actor starts; actors then receive the checkpoint *bytes* (no shared file system
 needed on a cluster), check them against the same SHA-256 and load them the same way.
 `PairCounter` is what an actor holds: the pair wrapped in the batched `VoteCounter`.
 """
@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.certify_plan import ModelIdentity, VoteItem
 from pipeline.data.core import to_tensor
-from pipeline.engine import VoteCounter, VoteRequest
+from pipeline.data.specs import DataDescription
+from pipeline.engine import VoteCounter
 from pipeline.inference import optimize_for_inference
 from pipeline.models import (
     CheckpointError,
     CheckpointMismatchError,
     DenoisedClassifier,
     ModelMeta,
+    check_denoiser_sigma,
+    check_fits_data,
     compose,
     load_checkpoint,
     load_classifier,
 )
+from pipeline.noise import SampleRequest
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class ModelBytes:
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """A model as results record it: registry name + SHA-256 of the checkpoint file."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class PairInfo:
     """Identity and shape of a loaded pair: what every vote row records."""
 
@@ -73,8 +84,9 @@ def _named(temporary: Path, source: str) -> Iterator[None]:
         raise type(error)(str(error).replace(str(temporary), source)) from None
 
 
-def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Module, str]:
-    """(classifier, registry name) from a dsmooth checkpoint or, with `arch`, a raw state dict."""
+def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Module, str, ModelMeta | None]:
+    """(classifier, registry name, metadata) from a dsmooth checkpoint or, with `arch`, a raw
+    state dict (which has no metadata: a foreign checkpoint)."""
     try:
         model, meta = load_checkpoint(path, arch=arch)
     except CheckpointMismatchError:
@@ -85,16 +97,21 @@ def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Modu
                 f"{source}: not a dsmooth checkpoint; to load a raw state dict name its "
                 f"architecture with classifier_arch (--classifier-arch). ({error})"
             ) from None
-        return load_classifier(arch, path), arch
+        return load_classifier(arch, path), arch, None
     if meta.kind != "classifier":
         raise CheckpointMismatchError(f"{source}: holds a {meta.kind} ({meta.arch}), not a classifier")
-    return model, meta.arch
+    return model, meta.arch, meta
 
 
-def _load_denoiser(path: Path, source: str) -> tuple[nn.Module, ModelMeta]:
+def load_denoiser(path: Path, source: str, data: DataDescription, sigma: float | None = None,
+                  ) -> tuple[nn.Module, ModelMeta]:
+    """A denoiser checkpoint checked for its kind, its data set and its noise level."""
     model, meta = load_checkpoint(path)
     if meta.kind != "denoiser":
         raise CheckpointMismatchError(f"{source}: holds a {meta.kind} ({meta.arch}), not a denoiser")
+    check_fits_data(meta, data, source)
+    if sigma is not None:
+        check_denoiser_sigma(meta, sigma, source)
     return model, meta
 
 
@@ -115,25 +132,33 @@ def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str)
 def load_pair(
     classifier: ModelBytes,
     denoiser: ModelBytes | None,
-    image_shape: Sequence[int],
+    data: DataDescription,
     classifier_arch: str | None = None,
+    allow_foreign_classifier: bool = False,
+    sigma: float | None = None,
 ) -> tuple[DenoisedClassifier, PairInfo]:
-    """f∘D (eval, CPU) and its identity; CheckpointError / CheckpointMismatchError name the file."""
+    """f∘D (eval, CPU) and its identity, checked against the data it will certify.
+
+    CheckpointError / CheckpointMismatchError (DataMismatchError for models made for other
+    data) name the user's file.
+    """
     with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
         # The checkpoint loaders read files; bytes make actors independent of shared storage.
         classifier_path = Path(folder) / "classifier.pt"
         classifier_path.write_bytes(classifier.data)
         with _named(classifier_path, classifier.source):
-            f, f_name = _load_classifier(classifier_path, classifier.source, classifier_arch)
+            f, f_name, f_meta = _load_classifier(classifier_path, classifier.source, classifier_arch)
         d, d_meta = None, None
         if denoiser is not None:
             denoiser_path = Path(folder) / "denoiser.pt"
             denoiser_path.write_bytes(denoiser.data)
             with _named(denoiser_path, denoiser.source):
-                d, d_meta = _load_denoiser(denoiser_path, denoiser.source)
+                d, d_meta = load_denoiser(denoiser_path, denoiser.source, data, sigma)
     pair = compose(f, d).eval()
     names = f_name if d_meta is None else f"{f_name} with denoiser {d_meta.arch}"
+    image_shape = (3, *data.image_size)
     num_classes = _probe_num_classes(pair, image_shape, names)
+    check_fits_data(f_meta, data, classifier.source, allow_foreign=allow_foreign_classifier, outputs=num_classes)
     info = PairInfo(
         classifier=ModelIdentity(f_name, classifier.sha256),
         denoiser=ModelIdentity(d_meta.arch, denoiser.sha256) if d_meta and denoiser else None,
@@ -143,34 +168,25 @@ def load_pair(
     return pair, info
 
 
-def check_labels_fit(info: PairInfo, num_labels: int | None, source: str) -> None:
-    """A classifier with fewer outputs than the data set has classes cannot be right."""
-    if num_labels is not None and info.num_classes < num_labels:
-        raise CheckpointMismatchError(
-            f"{source}: classifier {info.classifier.name} has {info.num_classes} outputs but the "
-            f"data set has {num_labels} classes"
-        )
-
-
 class PairCounter:
-    """A loaded f∘D inside the batched engine; turns vote items + uint8 images into counts."""
+    """A loaded f∘D inside the batched engine; turns sample requests + uint8 images into counts."""
 
     def __init__(
         self,
         classifier: ModelBytes,
         denoiser: ModelBytes | None,
         expected: PairInfo,
-        image_shape: Sequence[int],
+        data: DataDescription,
         *,
         sigma: float,
         classifier_arch: str | None = None,
+        allow_foreign_classifier: bool = False,
         batch_size: int = 400,
-        chunk_size: int = 256,
         device: str | torch.device = "cpu",
         amp: bool = True,
         optimize: bool = True,
     ) -> None:
-        pair, info = load_pair(classifier, denoiser, image_shape, classifier_arch)
+        pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier)
         if info != expected:
             # Another file than the driver checked (e.g. bytes corrupted in transit).
             raise CheckpointMismatchError(f"models loaded here ({info}) differ from the job's ({expected})")
@@ -178,34 +194,24 @@ class PairCounter:
         self.device = torch.device(device)
         model = optimize_for_inference(pair, self.device) if optimize else pair.to(self.device).eval()
         self.counter = VoteCounter(
-            model,
-            info.num_classes,
-            sigma,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            device=self.device,
-            amp=amp,
+            model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp
         )
 
-    def count(self, items: Sequence[VoteItem], images: Mapping[int, np.ndarray]) -> tuple[np.ndarray, float]:
-        """(counts int64 [len(items), classes], seconds); images are uint8 [H, W, 3] by id.
+    def count(self, requests: Sequence[SampleRequest], images: Mapping[int, np.ndarray]) -> tuple[np.ndarray, float]:
+        """(counts int64 [len(requests), classes], seconds); images are uint8 [H, W, 3] by id.
 
-        Items sharing a seed and an image size are counted in one engine call, so samples of
-        different images fill the same forward batches.
+        Requests for images of one size are counted in one engine call, so samples of
+        different images fill the same forward batches; each request carries its own noise
+        address, so grouping cannot change a count.
         """
         started = time.perf_counter()
         tensors = {image_id: to_tensor(np.asarray(image)) for image_id, image in images.items()}
-        missing = sorted({item.image_id for item in items} - set(tensors))
+        missing = sorted({r.image_id for r in requests} - set(tensors))
         if missing:
             raise KeyError(f"no image given for ids {missing[:5]}")
-        counts = np.zeros((len(items), self.info.num_classes), dtype=np.int64)
-        groups = {(item.seed, tuple(tensors[item.image_id].shape)) for item in items}
-        for seed, shape in sorted(groups):
-            rows = [
-                i for i, item in enumerate(items)
-                if item.seed == seed and tuple(tensors[item.image_id].shape) == shape
-            ]
-            self.counter.seed = seed
-            requests = [VoteRequest(items[i].image_id, items[i].phase, items[i].num_samples) for i in rows]
-            counts[rows] = self.counter.count(tensors, requests)
+        counts = np.zeros((len(requests), self.info.num_classes), dtype=np.int64)
+        shapes = sorted({tuple(tensors[r.image_id].shape) for r in requests})
+        for shape in shapes:
+            rows = [i for i, r in enumerate(requests) if tuple(tensors[r.image_id].shape) == shape]
+            counts[rows] = self.counter.count(tensors, [requests[i] for i in rows])
         return counts, time.perf_counter() - started

@@ -1,11 +1,14 @@
 """Deterministic Gaussian noise, addressed by (seed, image id, phase, chunk).
 
-Each image's samples are cut into fixed-size *chunks*; every chunk draws its noise from
-its own generator seeded from (seed, image id, phase, chunk index). So the noise an image
-sees depends on nothing but its address: not on which other images share a forward
-batch, not on the batch size, not on which worker ran it. That is what makes a killed
-job resumable with identical counts, and selection/estimation noise independent (their
-phases give them different seeds).
+Each image's samples in a phase are cut into fixed-size *chunks*; every chunk draws its noise
+from its own generator seeded from its address. So the noise an image sees is a pure
+function of the address: not of which other images share a forward batch, not of the batch
+size, not of which worker ran it. That is what makes a killed job resumable with identical
+counts, and selection/estimation noise independent (their phases give them other seeds).
+
+`SampleRequest` is the one request type of every sampler (the batched engine, the model
+actors, the API workers): it carries the full address of the samples it asks for, so no
+sampler holds a seed of its own.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ DEFAULT_CHUNK_SIZE = 256
 
 @dataclass(frozen=True)
 class Chunk:
-    """`size` consecutive samples of one image in one phase."""
+    """The noise address of `size` consecutive samples: chunk `index` of image `image_id`'s
+    draw in `phase` under noise seed `seed`."""
 
+    seed: int
     image_id: int
     phase: str
     index: int
@@ -39,23 +44,68 @@ def chunk_seed(seed: int, image_id: int, phase: str, chunk: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
-def plan_chunks(image_id: int, phase: str, num_samples: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Chunk]:
-    """Cut `num_samples` samples of one image into chunks (the last may be short)."""
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be non-negative, got {num_samples}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return [
-        Chunk(image_id, phase, i, min(chunk_size, num_samples - start))
-        for i, start in enumerate(range(0, num_samples, chunk_size))
-    ]
+@dataclass(frozen=True)
+class SampleRequest:
+    """Samples of one image in one phase, by address.
+
+    The phase holds `total` samples cut into chunks of `chunk_size` (the last may be short:
+    `total` fixes every chunk's size, hence its noise); the request covers chunks
+    [first_chunk, stop_chunk) of that plan (stop_chunk None = to the end).
+    """
+
+    seed: int
+    image_id: int
+    phase: str
+    total: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    first_chunk: int = 0
+    stop_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown phase {self.phase!r}; expected one of {sorted(PHASES)}")
+        if self.seed < 0 or self.image_id < 0:
+            raise ValueError("seed and image_id must be non-negative")
+        if self.total < 0:
+            raise ValueError(f"total must be non-negative, got {self.total}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        stop = self.num_chunks_in_phase if self.stop_chunk is None else self.stop_chunk
+        if not 0 <= self.first_chunk <= stop <= self.num_chunks_in_phase:
+            raise ValueError(
+                f"chunks [{self.first_chunk}, {stop}) outside the phase's {self.num_chunks_in_phase} chunks"
+            )
+
+    @property
+    def num_chunks_in_phase(self) -> int:
+        return -(-self.total // self.chunk_size)
+
+    def chunks(self) -> list[Chunk]:
+        """The addresses of this request's chunks, in order."""
+        stop = self.num_chunks_in_phase if self.stop_chunk is None else self.stop_chunk
+        return [
+            Chunk(self.seed, self.image_id, self.phase, index,
+                  min(self.chunk_size, self.total - index * self.chunk_size))
+            for index in range(self.first_chunk, stop)
+        ]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(chunk.size for chunk in self.chunks())
+
+    def chunk_of(self, sample: int) -> tuple[Chunk, int]:
+        """(chunk, row) holding sample `sample` (0-based within the phase)."""
+        if not 0 <= sample < self.total:
+            raise ValueError(f"sample {sample} outside [0, {self.total})")
+        index = sample // self.chunk_size
+        size = min(self.chunk_size, self.total - index * self.chunk_size)
+        return Chunk(self.seed, self.image_id, self.phase, index, size), sample % self.chunk_size
 
 
 def chunk_noise(
     chunk: Chunk,
     shape: tuple[int, ...],
     sigma: float,
-    seed: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -64,6 +114,6 @@ def chunk_noise(
     Identical for equal addresses on the same device type (CPU and CUDA generators differ).
     """
     generator = torch.Generator(device=device)
-    generator.manual_seed(chunk_seed(seed, chunk.image_id, chunk.phase, chunk.index))
+    generator.manual_seed(chunk_seed(chunk.seed, chunk.image_id, chunk.phase, chunk.index))
     noise = torch.randn((chunk.size, *shape), generator=generator, device=device, dtype=dtype)
     return noise.mul_(sigma)

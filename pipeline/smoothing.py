@@ -1,85 +1,226 @@
 """Randomized-smoothing decisions on vote counts (Cohen, Rosenfeld & Kolter, 2019).
 
-Everything here works on *counts*, never on models: the sampling engine (local, Ray actors
+Everything here works on *counts*, never on models: a sampler (the local engine, Ray actors
 or a commercial API) produces counts, and these functions turn them into certificates.
-Keeping the statistics apart from the sampling is what lets `dsmooth reduce` recompute
-every certificate offline at another alpha without a single new query.
+Keeping the statistics apart from the sampling is what lets `dsmooth reduce` recompute every
+certificate offline at another alpha without a single new query.
 
-Counts are either integer arrays indexed by class, or mappings from a label (an API's
-label string, or a class index) to a count.
+There is one implementation: `certify_matrix` and `predict_matrix` decide a whole table of
+images at once (a row per image, a column per class). The engine, the reducer (model and API
+votes alike) and the scalar functions `certify_counts` / `predict_counts` all go through
+them. Labels that are not column indices (an API's label strings) are mapped to columns by
+`dense_counts`, whose column order is also the tie rule: equal counts go to the lower column,
+i.e. the lower class index or the smaller label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Hashable, Union
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
-from scipy.stats import binomtest, norm
+from scipy.stats import binom, norm
 from statsmodels.stats.proportion import proportion_confint
+
+from pipeline.config import Alpha, Sigma, check_value
 
 ABSTAIN = -1
 
 Counts = Union[Sequence[int], np.ndarray, Mapping[Hashable, int]]
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+def _check_alpha(alpha: float) -> float:
+    return float(check_value(Alpha, alpha, "alpha"))
+
+
+def _check_sigma(sigma: float) -> float:
+    return float(check_value(Sigma, sigma, "sigma"))
+
+
+# -- the bound and the test --------------------------------------------------------------------
+
+
+def lower_confidence_bounds(n_a: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower bounds on p from n_a successes in n, per row.
+
+    A two-sided interval at level 2*alpha has exactly the one-sided lower bound we want; that
+    is how the reference implementation calls statsmodels. n = 0 (no evidence) gives 0.
+    """
+    _check_alpha(alpha)
+    n_a = np.asarray(n_a, dtype=np.int64)
+    n = np.asarray(n, dtype=np.int64)
+    if np.any(n < 0) or np.any(n_a < 0) or np.any(n_a > n):
+        raise ValueError("every n must be >= 0 and every n_a must lie in [0, n]")
+    low = np.zeros(np.broadcast(n_a, n).shape, dtype=np.float64)
+    informative = np.broadcast_to(n > 0, low.shape)
+    if informative.any():
+        n_a_b, n_b = np.broadcast_to(n_a, low.shape), np.broadcast_to(n, low.shape)
+        bound, _ = proportion_confint(n_a_b[informative], n_b[informative], alpha=2 * alpha, method="beta")
+        low[informative] = np.nan_to_num(np.asarray(bound, dtype=np.float64), nan=0.0)
+    return low
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from n_a successes in n.
-
-    A two-sided interval at level 2*alpha has exactly the one-sided lower bound we want;
-    that is how the reference implementation calls statsmodels.
-    """
-    _check_alpha(alpha)
+    """`lower_confidence_bounds` for one count (n must be positive)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n!r}")
     if not 0 <= n_a <= n:
         raise ValueError(f"n_a must lie in [0, n={n}], got {n_a!r}")
-    return float(proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0])
+    return float(lower_confidence_bounds(np.array([n_a]), np.array([n]), alpha)[0])
 
 
-def lower_confidence_bounds(n_a: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
-    """Vectorised `lower_confidence_bound` for whole result tables (the reducer)."""
-    _check_alpha(alpha)
+def binomial_pvalues(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """Two-sided exact binomial test of n_a successes in n_a + n_b at p = 1/2, per row.
+
+    At p = 1/2 the distribution is symmetric, so scipy's binomtest p-value is
+    min(1, 2 * P[X <= min(n_a, n_b)]), and 1 when the two counts are equal."""
     n_a = np.asarray(n_a, dtype=np.int64)
-    n = np.asarray(n, dtype=np.int64)
-    if np.any(n <= 0) or np.any(n_a < 0) or np.any(n_a > n):
-        raise ValueError("every n must be positive and every n_a must lie in [0, n]")
-    low, _ = proportion_confint(n_a, n, alpha=2 * alpha, method="beta")
-    return np.nan_to_num(np.asarray(low, dtype=np.float64), nan=0.0)
+    n_b = np.asarray(n_b, dtype=np.int64)
+    low = np.minimum(n_a, n_b)
+    p = np.minimum(1.0, 2.0 * binom.cdf(low, n_a + n_b, 0.5))
+    return np.where(n_a == n_b, 1.0, p)
 
 
 def certified_radius(p_a_lower: float, sigma: float) -> float:
     """L2 radius sigma * Phi^-1(p_A) of Cohen et al.'s Theorem 1 (0 when p_A <= 1/2)."""
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    if p_a_lower <= 0.5:
-        return 0.0
-    return float(sigma * norm.ppf(p_a_lower))
+    return float(certified_radii(np.array([p_a_lower]), _check_sigma(sigma))[0])
+
+
+def certified_radii(p_a_lower: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
+    """Vectorised `certified_radius` (sigma a scalar or one per row)."""
+    p = np.asarray(p_a_lower, dtype=np.float64)
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), p.shape)
+    if np.any(~(sigma > 0)):
+        raise ValueError("sigma must be > 0")
+    above = p > 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(above, sigma * norm.ppf(np.where(above, p, 0.75)), 0.0)
+
+
+# -- the decisions, a row per image ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per row: the class column decided (ABSTAIN = -1), its certified radius (0 for PREDICT
+    and abstentions) and p_A's lower bound (NaN for PREDICT)."""
+
+    prediction: np.ndarray
+    radius: np.ndarray
+    p_a_lower: np.ndarray
+
+    @property
+    def abstained(self) -> np.ndarray:
+        return self.prediction == ABSTAIN
+
+
+def _matrix(counts: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(counts)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise ValueError(f"{name} must be an integer matrix [images, classes], got {array.dtype} {array.shape}")
+    if np.any(array < 0):
+        raise ValueError(f"{name} must be non-negative")
+    return array.astype(np.int64, copy=False)
+
+
+def _same_width(*matrices: np.ndarray) -> list[np.ndarray]:
+    width = max(max(m.shape[1] for m in matrices), 1)
+    return [np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in matrices]
+
+
+def certify_matrix(
+    selection: np.ndarray,
+    estimation: np.ndarray,
+    sigma: float | np.ndarray,
+    alpha: float,
+    n: np.ndarray | None = None,
+) -> Decisions:
+    """CERTIFY for every row: c_A from the *selection* counts, p_A bounded on the fresh
+    *estimation* counts, radius sigma * Phi^-1(p_A) when p_A > 1/2, else abstain.
+
+    `n` (per row) is the number of estimation samples drawn; it defaults to the row sums and
+    must be given when some samples gave no vote (a failed API query), so that those count
+    against c_A instead of silently shrinking the sample. A row with no selection vote
+    abstains (there is no c_A to name).
+    """
+    _check_alpha(alpha)
+    selection, estimation = _same_width(_matrix(selection, "selection counts"), _matrix(estimation, "estimation counts"))
+    if selection.shape[0] != estimation.shape[0]:
+        raise ValueError(f"{selection.shape[0]} selection rows but {estimation.shape[0]} estimation rows")
+    rows = np.arange(selection.shape[0])
+    drawn = estimation.sum(axis=1) if n is None else np.broadcast_to(np.asarray(n, dtype=np.int64), rows.shape)
+    if np.any(estimation.sum(axis=1) > drawn):
+        raise ValueError("estimation counts exceed the number of samples n drawn")
+    c_a = selection.argmax(axis=1)  # ties -> lowest column
+    has_votes = selection.sum(axis=1) > 0
+    p_a = lower_confidence_bounds(estimation[rows, c_a], drawn, alpha)
+    p_a = np.where(has_votes, p_a, 0.0)
+    certified = p_a > 0.5
+    radius = certified_radii(np.where(certified, p_a, 0.0), sigma)
+    return Decisions(np.where(certified, c_a, ABSTAIN).astype(np.int64), radius, p_a)
+
+
+def predict_matrix(counts: np.ndarray, alpha: float) -> Decisions:
+    """PREDICT for every row: the top column if a two-sided binomial test of the top two counts
+    rejects "they are equally likely" at level alpha; else abstain."""
+    _check_alpha(alpha)
+    (counts,) = _same_width(_matrix(counts, "counts"))
+    rows = np.arange(counts.shape[0])
+    top = counts.argmax(axis=1)
+    first = counts[rows, top]
+    rest = counts.copy()
+    rest[rows, top] = -1
+    second = rest.max(axis=1).clip(min=0) if counts.shape[1] > 1 else np.zeros_like(first)
+    decided = (first + second > 0) & (binomial_pvalues(first, second) <= alpha)
+    prediction = np.where(decided, top, ABSTAIN).astype(np.int64)
+    return Decisions(prediction, np.zeros(len(rows)), np.full(len(rows), np.nan))
+
+
+# -- labels that are not column indices --------------------------------------------------------
+
+
+def _label_key(label: Hashable) -> tuple:
+    """Column order of labels, which is also the tie rule: numbers by value, then strings."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return (0, int(label), "")
+    return (1, 0, str(label))
+
+
+def dense_counts(rows: Sequence[Mapping[Hashable, int]], labels: Sequence[Hashable] | None = None,
+                 ) -> tuple[np.ndarray, list[Hashable]]:
+    """(count matrix, column labels) for mappings label -> count, one row per mapping; the
+    columns are `labels` or every label seen, in `_label_key` order."""
+    if labels is None:
+        labels = sorted({label for row in rows for label in row}, key=_label_key)
+    column = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(rows), len(labels)), dtype=np.int64)
+    for i, row in enumerate(rows):
+        for label, count in row.items():
+            if label in column:
+                matrix[i, column[label]] = int(count)
+    return matrix, list(labels)
+
+
+def _as_row(counts: Counts, labels: list[Hashable] | None = None) -> tuple[np.ndarray, list[Hashable] | None]:
+    if isinstance(counts, Mapping):
+        if any(int(c) < 0 for c in counts.values()):
+            raise ValueError("counts must be non-negative")
+        matrix, labels = dense_counts([counts], labels)
+        return matrix, labels
+    array = np.asarray(counts)
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise ValueError(f"counts must be a 1-D integer array or a mapping, got {array.dtype} {array.shape}")
+    return _matrix(array, "counts"), None
 
 
 def ranked(counts: Counts) -> list[tuple[Hashable, int]]:
-    """(class, count) pairs, most votes first; ties go to the lower index / smaller label.
-
-    The tie rule matches `np.argmax` on arrays and is independent of a mapping's
-    iteration order, so a Parquet round trip cannot change a prediction.
-    """
-    if isinstance(counts, Mapping):
-        items = [(label, int(c)) for label, c in counts.items()]
-        if any(c < 0 for _, c in items):
-            raise ValueError("counts must be non-negative")
-        return sorted(items, key=lambda item: (-item[1], str(item[0])))
-    array = np.asarray(counts)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"counts must be a 1-D integer array or a mapping, got {array.dtype} {array.shape}")
-    if np.any(array < 0):
-        raise ValueError("counts must be non-negative")
-    order = np.argsort(-array, kind="stable")
-    return [(int(i), int(array[i])) for i in order]
+    """(class, count) pairs, most votes first, ties in column order (see `dense_counts`)."""
+    row, labels = _as_row(counts)
+    order = np.argsort(-row[0], kind="stable")
+    return [((labels[i] if labels is not None else int(i)), int(row[0, i])) for i in order]
 
 
 def top_class(counts: Counts) -> Hashable:
@@ -111,36 +252,45 @@ def certify_counts(
     alpha: float,
     n: int | None = None,
 ) -> tuple[Hashable, float]:
-    """CERTIFY: guess c_A from the selection counts, bound p_A on the fresh estimation counts.
+    """CERTIFY for one image (a thin wrapper of `certify_matrix`): (c_A, radius), or
+    (ABSTAIN, 0.0) when p_A's lower bound is not above 1/2.
 
-    `n` is the number of estimation samples drawn; it defaults to the counts' total, and
-    must be given when some samples produced no vote (a failed API query), so that those
-    count against c_A instead of silently shrinking the sample.
-    Returns (c_A, radius), or (ABSTAIN, 0.0) when p_A's lower bound is not above 1/2.
+    `n` is the number of estimation samples drawn (default: the counts' total); give it when
+    some samples produced no vote. Raises ValueError when the selection holds no vote.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    c_a = top_class(counts_selection)
-    n_total = total(counts_estimation) if n is None else int(n)
-    if n is not None and total(counts_estimation) > n_total:
-        raise ValueError(f"estimation counts total {total(counts_estimation)} > n={n_total}")
-    p_a = lower_confidence_bound(count_of(counts_estimation, c_a), n_total, alpha)
-    if p_a <= 0.5:
+    _check_sigma(sigma)
+    top_class(counts_selection)  # raises on an empty selection, as a single call should
+    labels = None
+    if isinstance(counts_selection, Mapping) or isinstance(counts_estimation, Mapping):
+        as_map = [c if isinstance(c, Mapping) else dict(enumerate(np.asarray(c).tolist()))
+                  for c in (counts_selection, counts_estimation)]
+        (selection, estimation), labels = _pair_rows(as_map)
+    else:
+        selection, _ = _as_row(counts_selection)
+        estimation, _ = _as_row(counts_estimation)
+    drawn = total(counts_estimation) if n is None else int(n)
+    if n is not None and total(counts_estimation) > drawn:
+        raise ValueError(f"estimation counts total {total(counts_estimation)} > n={drawn}")
+    decision = certify_matrix(selection, estimation, sigma, alpha, n=np.array([drawn]))
+    column = int(decision.prediction[0])
+    if column == ABSTAIN:
         return ABSTAIN, 0.0
-    return c_a, certified_radius(p_a, sigma)
+    return (labels[column] if labels is not None else column), float(decision.radius[0])
+
+
+def _pair_rows(rows: list[Mapping[Hashable, int]]) -> tuple[tuple[np.ndarray, np.ndarray], list[Hashable]]:
+    for row in rows:
+        if any(int(c) < 0 for c in row.values()):
+            raise ValueError("counts must be non-negative")
+    matrix, labels = dense_counts(rows)
+    return (matrix[:1], matrix[1:]), labels
 
 
 def predict_counts(counts: Counts, alpha: float) -> Hashable:
-    """PREDICT: the top class if a two-sided binomial test of the top two counts rejects
-    "they are equally likely" at level alpha; else ABSTAIN."""
-    _check_alpha(alpha)
-    ranking = ranked(counts)
-    if not ranking:
+    """PREDICT for one image (a thin wrapper of `predict_matrix`): the top class if a
+    two-sided binomial test of the top two counts rejects equality at alpha, else ABSTAIN."""
+    row, labels = _as_row(counts)
+    column = int(predict_matrix(row, alpha).prediction[0])
+    if column == ABSTAIN:
         return ABSTAIN
-    top, n_a = ranking[0]
-    n_b = ranking[1][1] if len(ranking) > 1 else 0
-    if n_a + n_b == 0:
-        return ABSTAIN
-    if binomtest(n_a, n_a + n_b, p=0.5).pvalue > alpha:
-        return ABSTAIN
-    return top
+    return labels[column] if labels is not None else column

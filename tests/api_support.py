@@ -36,7 +36,9 @@ def job_config(provider: str, endpoint: str, output: Path, ids: list[int], **ove
     """A small certify-api config as a mapping (overrides may be dotted: "budget.max_queries")."""
     config: dict[str, Any] = {
         "api": {"provider": provider, "endpoint": endpoint},
-        "data": {"kind": "folder", "root": str(IMAGES), "ids": list(ids)},
+        "dataset": "folder",
+        "data_root": str(IMAGES),
+        "ids": list(ids),
         "output": str(output),
         "sigma": 0.25,
         "n0": 5,
@@ -72,11 +74,11 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
     answers = {}
     for position, record in enumerate(dataset.records):
         image = dataset.load(position)
-        for unit in plan_image(record.image_id, n0, n, chunk_size):
+        for unit in plan_image(record.image_id, n0, n, chunk_size, seed):
             if unit.phase == CLEAN:
                 batch = [image]
             else:
-                batch = noisy_images(image, unit.chunk, unit.rows, sigma, seed, denoiser)
+                batch = noisy_images(image, unit.chunk, unit.rows, sigma, denoiser)
             for sample, x in zip(unit.samples, batch):
                 labels = classifier.labels(decode_png(encode_png(x)))
                 answers[(record.image_id, unit.phase, sample)] = labels[0][0]

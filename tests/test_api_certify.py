@@ -182,3 +182,27 @@ def test_rate_limit_caps_calls_in_flight(emulator, tmp_path):
     assert summary.status == "complete"
     assert 1 <= emulator.stats()["max_in_flight"]["aws"] <= 2
     assert np.isfinite(read_query_log(tmp_path / "run").latency_s).all()
+
+
+def test_resume_from_another_working_directory(emulator, tmp_path, monkeypatch):
+    """The run names its images by the data root's base name and listing, not the path: a run
+    stopped by its budget resumes from another directory holding its own copy of the images
+    (as `ray job submit --working-dir` unpacks one per job), and asks no query twice."""
+    import shutil
+
+    from api_support import IMAGES
+
+    first, second = tmp_path / "a" / "b", tmp_path / "c"
+    for folder in (first, second):
+        shutil.copytree(IMAGES, folder / IMAGES.name)
+    run_dir = tmp_path / "run"
+    needed = len(IDS) * QUERIES_PER_IMAGE
+    before = emulator.calls("aws")
+    monkeypatch.chdir(first)
+    partial = certify_api(load_job_config(job_config(
+        "aws", emulator.url, run_dir, IDS, data_root=IMAGES.name, **{"budget.max_queries": 30})))
+    assert partial.status == "budget" and partial.attempts == 30
+    monkeypatch.chdir(second)
+    rest = certify_api(load_job_config(job_config("aws", emulator.url, run_dir, IDS, data_root=IMAGES.name)))
+    assert rest.status == "complete" and rest.images_complete == len(IDS)
+    assert rest.attempts == needed - 30 and emulator.calls("aws") - before == needed

@@ -27,10 +27,12 @@ from pipeline.apis.querylog import compact_queries, query_parts, read_query_log,
 from pipeline.apis.ratelimit import RateLimiter
 from pipeline.apis.retry import backoff_delay
 from pipeline.apis.runstate import RunLockedError, run_lock
-from pipeline.apis.sampling import noisy_images, sample_chunk
+from pipeline.apis.sampling import noisy_images
 from pipeline.apis.secrets import describe, scrub
 from pipeline.config import ConfigError
-from pipeline.noise import chunk_noise
+from pipeline.noise import SampleRequest
+
+from noise_support import direct_noise
 from pipeline.storage import RunMismatchError
 
 # -- secrets ---------------------------------------------------------------------------------
@@ -134,27 +136,30 @@ def test_png_encoding_clips_rounds_and_is_lossless():
 
 
 def test_plan_covers_every_query_once_and_skips_done_ones():
-    units = plan_image(7, n0=5, n=20, chunk_size=8)
+    units = plan_image(7, n0=5, n=20, chunk_size=8, seed=0)
     keys = [(u.phase, s) for u in units for s in u.samples]
     assert sorted(keys) == sorted(needed_keys(5, 20)) and len(keys) == len(set(keys)) == 26
     assert [len(u.samples) for u in units] == [1, 5, 8, 8, 4]
     done = {(CLEAN, 0), ("selection", 1), ("estimation", 9), ("estimation", 19)}
-    later = plan_image(7, 5, 20, 8, done=done)
+    later = plan_image(7, 5, 20, 8, 0, done=done)
     assert sorted((u.phase, s) for u in later for s in u.samples) == sorted(set(needed_keys(5, 20)) - done)
 
 
 def test_each_sample_gets_its_own_addressed_noise():
     image = torch.rand(3, 8, 8)
-    units = [u for u in plan_image(3, 5, 20, 8) if u.phase == "estimation"]
-    batches = {s: x for u in units for s, x in zip(u.samples, noisy_images(image, u.chunk, u.rows, 0.5, 11))}
+    units = [u for u in plan_image(3, 5, 20, 8, seed=11) if u.phase == "estimation"]
+    batches = {s: x for u in units for s, x in zip(u.samples, noisy_images(image, u.chunk, u.rows, 0.5))}
     for sample in (0, 7, 8, 19):
-        chunk, row = sample_chunk(3, "estimation", sample, 20, 8)
-        expected = image + chunk_noise(chunk, (3, 8, 8), 0.5, 11)[row]
+        chunk, row = SampleRequest(11, 3, "estimation", 20, 8).chunk_of(sample)
+        expected = image + direct_noise(11, 3, "estimation", chunk.index, chunk.size, (3, 8, 8), 0.5)[row]
         assert torch.equal(batches[sample], expected)
     # Re-planning after a partial run re-creates the same noisy image for a sample.
-    unit = plan_image(3, 5, 20, 8, done={("estimation", k) for k in range(8, 20) if k != 13})[-1]
-    (again,) = noisy_images(image, unit.chunk, unit.rows, 0.5, 11)
+    unit = plan_image(3, 5, 20, 8, 11, done={("estimation", k) for k in range(8, 20) if k != 13})[-1]
+    (again,) = noisy_images(image, unit.chunk, unit.rows, 0.5)
     assert unit.samples == (13,) and torch.equal(again, batches[13])
+    # Another seed: other noise for every sample.
+    other = [u for u in plan_image(3, 5, 20, 8, seed=12) if u.phase == "estimation"]
+    assert not torch.equal(noisy_images(image, other[0].chunk, other[0].rows, 0.5)[0], batches[0])
 
 
 # -- query log -------------------------------------------------------------------------------
@@ -213,7 +218,8 @@ def test_vote_rows_count_failures_in_n_and_need_every_sample():
         ({"rate.qps": 0}, "rate.qps"),
         ({"retry.max_attempts": 0}, "retry.max_attempts"),
         ({"sigma": -0.25}, "sigma"),
-        ({"data.skip": 2}, "data.ids"),
+        ({"skip": 2}, "ids"),
+        ({"api.endpont": "http://127.0.0.1:1"}, "api.endpont"),
         ({"api.endpoint": "127.0.0.1:8790"}, "api.endpoint"),
         ({"api.colour": "red"}, "api.colour"),
     ],

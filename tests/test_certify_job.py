@@ -28,24 +28,27 @@ import torch
 import yaml
 
 from jobs.cli import main as cli_main
+from jobs.options import flags
 from pipeline.certify_plan import (
     CertifyConfig,
-    ModelIdentity,
     Shard,
+    certify_identity,
     default_shard_size,
     plan_shards,
-    run_identity,
-    shard_items,
+    shard_requests,
     vote_rows,
 )
 from pipeline.config import ConfigError, parse_config
-from pipeline.data import open_dataset
+from pipeline.data import ImageDataset, open_dataset
 from pipeline.data.core import ImageRecord
 from pipeline.inference import optimize_for_inference
-from pipeline.model_pair import ModelBytes, PairCounter, load_pair
-from pipeline.models import ModelMeta, build_model, compose, file_sha256, save_checkpoint
+from pipeline.model_pair import ModelBytes, ModelIdentity, PairCounter, PairInfo, load_pair
+from pipeline.models import DataMismatchError, ModelMeta, build_model, compose, file_sha256, save_checkpoint
+from pipeline.noise import SampleRequest
 from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
 from pipeline.storage import VOTE_SCHEMA, read_votes, vote_parts
+
+from noise_support import direct_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -278,19 +281,30 @@ def test_config_validation_names_the_field():
         assert caught.value.field == field
 
 
-def test_identity_holds_meaning_not_speed():
-    config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "/x/cifar.tgz", "classifier": "c",
-                                          "sigma": 0.5, "output": "o", "batch_size": 7, "actors": 3})
-    f, d = ModelIdentity("cifar_resnet20", "aa"), ModelIdentity("dncnn", "bb")
-    identity = run_identity(config, f, d, 10)
-    for key in ("dataset", "split", "skip", "max", "classifier_sha256", "denoiser_sha256", "sigma", "n0", "n",
-                "seed", "chunk_size", "mode"):
+def test_identity_holds_meaning_not_speed_or_location(tmp_path):
+    base = {"dataset": "cifar10", "classifier": "c", "sigma": 0.5, "output": "o"}
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    split = ImageDataset.from_array(images, [0, 1, 2, 3], name="cifar10/test")
+    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), ModelIdentity("dncnn", "bb"), 10, 0.5)
+    config = parse_config(CertifyConfig, {**base, "data_root": "/x/cifar.tgz", "batch_size": 7, "actors": 3,
+                                          "skip": 2, "max": 3})
+    identity = certify_identity(config, split, info)
+    for key in ("job", "mode", "dataset", "data", "listing_sha256", "classifier_sha256", "denoiser_sha256",
+                "sigma", "n0", "n", "seed", "chunk_size", "num_classes"):
         assert key in identity
-    assert identity["data"] == "cifar.tgz"
-    assert not {"batch_size", "actors", "alpha", "gpus_per_actor", "amp", "shard_size"} & set(identity)
-    other = parse_config(CertifyConfig, {**{"dataset": "cifar10", "data_root": "/y/cifar.tgz", "classifier": "c",
-                                            "sigma": 0.5, "output": "o"}, "batch_size": 400, "actors": 1})
-    assert run_identity(other, f, d, 10) == identity  # speed settings and data location may change
+    assert identity["data"] == "cifar.tgz" and identity["dataset"] == "cifar10/test"
+    assert not {"batch_size", "actors", "alpha", "gpus_per_actor", "amp", "shard_size", "skip", "max",
+                "ids", "data_root"} & set(identity)
+    # Another location of the same data (another working directory, `ray job submit`'s unpacked
+    # copy), other speed settings and another selection of images: the same run.
+    other = parse_config(CertifyConfig, {**base, "data_root": "../elsewhere/cifar.tgz", "batch_size": 400})
+    assert certify_identity(other, split, info) == identity
+    # A data set with another listing, or another noise seed: another run.
+    renamed = ImageDataset.from_array(images, [0, 1, 2, 3], name="cifar10/test")
+    renamed.records[1] = ImageRecord(1, "other-file.jpg", 1)
+    assert certify_identity(config, renamed, info)["listing_sha256"] != identity["listing_sha256"]
+    reseeded = parse_config(CertifyConfig, {**base, "data_root": "/x/cifar.tgz", "seed": 1})
+    assert certify_identity(reseeded, split, info)["seed"] == 1
 
 
 def test_shards_and_rows():
@@ -304,18 +318,20 @@ def test_shards_and_rows():
     config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
                                           "output": "o", "n0": 2, "n": 5, "seed": 9})
     shard = Shard(0, tuple(records[:2]))
-    items = shard_items(shard, config)
-    assert [(i.image_id, i.phase, i.num_samples, i.seed) for i in items] == [
-        (0, "selection", 2, 9), (0, "estimation", 5, 9), (20, "selection", 2, 9), (20, "estimation", 5, 9)]
+    requests = shard_requests(shard, config)
+    assert [(r.image_id, r.phase, r.num_samples, r.seed, r.chunk_size) for r in requests] == [
+        (0, "selection", 2, 9, 256), (0, "estimation", 5, 9, 256), (20, "selection", 2, 9, 256),
+        (20, "estimation", 5, 9, 256)]
     counts = np.array([[2, 0], [4, 1], [0, 2], [1, 4]])
     from datetime import datetime, timezone
 
-    rows = vote_rows(run_id="r", config=config, records=shard.records, items=items, counts=counts, compute_s=14.0,
+    rows = vote_rows(run_id="r", config=config, records=shard.records, requests=requests, counts=counts, compute_s=14.0,
                      worker="actor-0", finished_at=datetime.now(timezone.utc),
                      classifier=ModelIdentity("f", "fs"), denoiser=None, class_names=["a", "b"])
     assert [r["label_name"] for r in rows] == ["a", "a", "b", "b"]
     assert sum(r["elapsed_s"] for r in rows) == pytest.approx(14.0) and rows[1]["elapsed_s"] == pytest.approx(5.0)
     assert rows[3]["counts"] == [1, 4] and rows[3]["model_sha256"] == "fs" and rows[3]["denoiser"] is None
+    assert rows[3]["seed"] == 9 and rows[3]["chunk_size"] == 256
 
 
 def test_optimized_model_gives_the_same_predictions():
@@ -345,12 +361,9 @@ def test_example_config_and_help_cover_every_setting(capsys):
         cli_main(["certify", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    import dataclasses
-
-    from jobs.certify import FLAGS
-
-    assert set(FLAGS) == {f.name for f in dataclasses.fields(CertifyConfig)}  # every setting has a flag
-    for flag in FLAGS.values():
+    every = flags(CertifyConfig)
+    assert set(every) == set(CertifyConfig.model_fields)  # every setting has a flag
+    for flag in every.values():
         assert re.search(rf"{flag}\b[^\n]*\n?\s+\S", text), f"{flag} lacks a help text"
     for needed in ("--config", "--address", "resume", "dsmooth reduce", "ray job submit"):
         assert needed.lower() in text.lower()
@@ -422,8 +435,46 @@ def test_mismatched_checkpoints_are_refused(capsys, tmp_path, cifar_root, checkp
     five = tmp_path / "five.pt"
     save_checkpoint(five, build_model("cifar_resnet20", num_classes=5), ModelMeta(arch="cifar_resnet20", num_classes=5))
     code, errors = run_cli(capsys, *common, "--classifier", str(five))
-    assert code == 2 and "5 outputs" in errors[0]
+    assert code == 2 and "5 outputs" in errors[0] and "cifar10 (10 classes" in errors[0]
+    # A raw state dict that fits: a foreign checkpoint, refused unless allowed explicitly.
+    fits = tmp_path / "fits.pth"
+    torch.save(build_model("cifar_resnet20").net.state_dict(), fits)
+    code, errors = run_cli(capsys, *common, "--classifier", str(fits), "--classifier-arch", "cifar_resnet20")
+    assert code == 2 and "--allow-foreign-classifier" in errors[0] and "fits.pth" in errors[0]
+    data = open_dataset("cifar10", cifar_root, "test").describe()
+    _, info = load_pair(ModelBytes.read(fits), None, data, "cifar_resnet20", allow_foreign_classifier=True)
+    assert info.num_classes == 10
     assert not (tmp_path / "o").exists()
+
+
+@needs_cifar
+def test_classifier_of_another_data_set_is_refused(capsys, tmp_path, cifar_root, checkpoints):
+    """An ImageNet ResNet-18 (1000 classes, 224x224) on CIFAR-10 images runs without an error and
+    certifies nonsense; it must be refused before any work, naming both data sets."""
+    imagenet = tmp_path / "resnet18-imagenet.pt"
+    save_checkpoint(imagenet, build_model("resnet18"), ModelMeta(arch="resnet18"))
+    common = ["--dataset", "cifar10", "--data-root", str(cifar_root), "--sigma", "0.25", "--output", str(tmp_path / "o")]
+    code, errors = run_cli(capsys, *common, "--classifier", str(imagenet), "--allow-foreign-classifier")
+    assert code == 2 and len(errors) == 1
+    assert "imagenet (1000 classes, 224x224 images)" in errors[0] and "cifar10 (10 classes, 32x32 images)" in errors[0]
+    assert "resnet18-imagenet.pt" in errors[0]
+    # A checkpoint without a recorded data set: refused unless allowed; never when contradicting.
+    unrecorded = tmp_path / "unrecorded.pt"
+    save_checkpoint(unrecorded, build_model("cifar_resnet20"), ModelMeta(arch="cifar_resnet20", dataset=""))
+    code, errors = run_cli(capsys, *common, "--classifier", str(unrecorded))
+    assert code == 2 and "does not record which data set" in errors[0]
+    # An input size other than the data's, and a denoiser of another data set.
+    big = tmp_path / "resnet20-64px.pt"
+    save_checkpoint(big, build_model("cifar_resnet20"), ModelMeta(arch="cifar_resnet20", input_size=64))
+    code, errors = run_cli(capsys, *common, "--classifier", str(big))
+    assert code == 2 and "64x64 images" in errors[0] and "32x32 images" in errors[0]
+    denoiser = tmp_path / "dncnn-imagenet.pt"
+    save_checkpoint(denoiser, build_model("dncnn_small"), ModelMeta(arch="dncnn_small", dataset="imagenet", sigma=0.25))
+    code, errors = run_cli(capsys, *common, "--classifier", str(checkpoints["classifier"]), "--denoiser", str(denoiser))
+    assert code == 2 and "trained on imagenet" in errors[0] and "cifar10" in errors[0]
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(DataMismatchError):
+        load_pair(ModelBytes.read(imagenet), None, open_dataset("cifar10", cifar_root, "test").describe())
 
 
 # --------------------------------------------------------------------------- real Ray
@@ -481,18 +532,26 @@ def test_job_submission_writes_complete_recomputable_votes(uninterrupted, cifar_
         reduced = load_run(output, 0.001)
         for row in reduced.itertuples():
             assert (row.predict, pytest.approx(row.radius)) == certificates[row.image_id]
-    # The actors' counts equal the engine's run here without Ray (same seeds, same noise).
-    counter = PairCounter(
-        ModelBytes.read(checkpoints["classifier"]), ModelBytes.read(checkpoints["denoiser"]),
-        load_pair(ModelBytes.read(checkpoints["classifier"]), ModelBytes.read(checkpoints["denoiser"]), (3, 32, 32))[1],
-        (3, 32, 32), sigma=SIGMA, batch_size=37, chunk_size=64,
-    )
-    from pipeline.certify_plan import VoteItem
-
-    items = [VoteItem(i, p, n, 3) for i in (0, 7) for p, n in (("selection", N0), ("estimation", N))]
-    local, _ = counter.count(items, {i: data.by_ids([i]).as_uint8()[0] for i in (0, 7)})
+    # The actors' counts are those of the noise computed directly from each sample's address
+    # (seed 3, not the default 0), through the same models; another seed gives other counts.
+    description = data.describe()
+    _, info = load_pair(ModelBytes.read(checkpoints["classifier"]), ModelBytes.read(checkpoints["denoiser"]), description)
+    pair, _ = load_pair(ModelBytes.read(checkpoints["classifier"]), ModelBytes.read(checkpoints["denoiser"]), description)
+    pair = optimize_for_inference(pair)  # the actors' numerics (BatchNorm folded, channels-last)
     expected = counts_by_key(output)
-    assert [list(row) for row in local] == [expected[(i.image_id, i.phase)] for i in items]
+    for image_id in (0, 7):
+        image = data.load(image_id)
+        for phase, total in (("selection", N0), ("estimation", N)):
+            direct = direct_counts(pair, image, 3, image_id, phase, total, 64, SIGMA, 10)
+            assert list(direct) == expected[(image_id, phase)], (image_id, phase)
+    reseeded = [list(direct_counts(pair, data.load(i), 4, i, "estimation", N, 64, SIGMA, 10)) for i in range(6)]
+    assert reseeded != [expected[(i, "estimation")] for i in range(6)]
+    # ... and so are the engine's here without Ray, batched otherwise.
+    counter = PairCounter(ModelBytes.read(checkpoints["classifier"]), ModelBytes.read(checkpoints["denoiser"]), info,
+                          description, sigma=SIGMA, batch_size=37)
+    requests = [SampleRequest(3, i, p, n, 64) for i in (0, 7) for p, n in (("selection", N0), ("estimation", N))]
+    local, _ = counter.count(requests, {i: data.by_ids([i]).as_uint8()[0] for i in (0, 7)})
+    assert [list(row) for row in local] == [expected[(r.image_id, r.phase)] for r in requests]
     # The job tells where the votes are and how to go on.
     assert f"votes:  {output}/votes" in logs and f"dsmooth reduce {output}" in logs and "resume:" in logs
     assert re.search(r"certify: 20/20 images \(100\.0%\) \| [\d,]+ samples/s", logs)
@@ -556,8 +615,11 @@ def test_killed_actor_and_stopped_job_resume_to_identical_counts(ray_cluster, un
 def test_rerun_with_other_settings_is_refused_and_keeps_votes(capsys, uninterrupted):
     output = uninterrupted["output"]
     before = {p: p.read_bytes() for p in vote_parts(output)}
+    code, errors = run_cli(capsys, "--config", str(uninterrupted["config"]), "--seed", "4")
+    assert code == 2 and len(errors) == 1 and "seed: run has 3, now 4" in errors[0]
+    # A denoiser used at another sigma than it was trained for is refused before that.
     code, errors = run_cli(capsys, "--config", str(uninterrupted["config"]), "--sigma", "0.5")
-    assert code == 2 and len(errors) == 1 and "sigma: run has 0.25, now 0.5" in errors[0]
+    assert code == 2 and len(errors) == 1 and "trained for sigma=0.25 but the run uses sigma=0.5" in errors[0]
     # Finished: nothing to redo, and nothing lost or rewritten.
     assert run_cli(capsys, "--config", str(uninterrupted["config"]), "--batch", "8")[0] == 0
     assert {p: p.read_bytes() for p in vote_parts(output)} == before
@@ -565,8 +627,8 @@ def test_rerun_with_other_settings_is_refused_and_keeps_votes(capsys, uninterrup
 
 @pytest.mark.slow
 def test_unreadable_image_is_named_and_earlier_votes_stay(capsys, ray_cluster, cifar_root, checkpoints, tmp_path):
-    """PREDICT on a folder whose 4th image is garbage: clear error, images 0-2 written."""
-    folder = tmp_path / "images" / "airplane"
+    """PREDICT on a folder (unlabelled) whose 4th image is garbage: clear error, images 0-2 written."""
+    folder = tmp_path / "images"
     folder.mkdir(parents=True)
     sources = sorted((cifar_root / "test").glob("*/0000.jpg"))[:6]
     for index, source in enumerate(sources):
@@ -583,3 +645,29 @@ def test_unreadable_image_is_named_and_earlier_votes_stay(capsys, ray_cluster, c
     assert sorted(votes.image_id) == [0, 1, 2] and set(votes.phase) == {"prediction"}
     assert all(sum(c) == 30 for c in votes.counts) and (votes.denoiser.isna()).all()
     assert all(predict_counts(np.asarray(c), 0.001) in (ABSTAIN, *range(10)) for c in votes.counts)
+
+
+@pytest.mark.slow
+def test_resume_from_another_working_directory(capsys, monkeypatch, ray_cluster, uninterrupted, cifar_root,
+                                               checkpoints, tmp_path):
+    """The run names its data by the root's base name and listing, not the path: a run started
+    in one directory resumes in another that holds its own copy of the data (as `ray job
+    submit --working-dir` unpacks a new copy for every job)."""
+    import shutil
+
+    first, second = tmp_path / "a" / "b", tmp_path / "c"
+    for folder in (first, second):
+        shutil.copytree(cifar_root, folder / "cifar")
+    output = tmp_path / "run"
+    common = ["--dataset", "cifar10", "--classifier", str(checkpoints["classifier"]),
+              "--denoiser", str(checkpoints["denoiser"]), "--sigma", str(SIGMA), "--n0", str(N0), "--n", str(N),
+              "--seed", "3", "--chunk-size", "64", "--actors", "1", "--output", str(output),
+              "--address", ray_cluster["address"]]
+    monkeypatch.chdir(first)
+    assert cli_main(["certify", "--data-root", "cifar", "--max", "6", *common]) == 0
+    monkeypatch.chdir(second)
+    capsys.readouterr()
+    assert cli_main(["certify", "--data-root", "cifar", *common]) == 0
+    err = capsys.readouterr().err
+    assert "6 already in" in err and "14 to do" in err
+    assert counts_by_key(output) == counts_by_key(uninterrupted["output"])

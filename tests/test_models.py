@@ -229,7 +229,7 @@ def test_model_info_and_listing() -> None:
     clfs = list_models(kind="classifier")
     assert {"cifar_resnet20", "cifar_resnet110", "cifar_wrn28_10", "resnet50", "vit_b_16"} <= set(clfs)
     assert clfs == sorted(clfs)
-    assert "vit_b_16" not in list_models(kind="classifier", include_torchvision=False)
+    assert "vit_b_16" not in list_models(kind="classifier", include_families=False)
 
 
 def test_register_model_decorator_and_duplicates() -> None:
@@ -494,3 +494,35 @@ def test_freeze_keeps_classifier_weights_while_denoiser_trains() -> None:
     grads = [p.grad for p in den.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert any(not torch.equal(v, before_den[k]) for k, v in den.state_dict().items())
+
+
+def test_model_modules_import_each_other_without_a_cycle():
+    """registry <- classifiers/denoisers <- checkpoint <- fit: one direction only (the registry
+    imports no model module; architectures register themselves)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "pipeline" / "models"
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1 and module:
+                    imported.add(module)
+                elif node.level == 1:
+                    imported.update(alias.name for alias in node.names)
+                elif module.startswith("pipeline.models."):
+                    imported.add(module.rsplit(".", 1)[1])
+        graph[path.stem] = imported & {p.stem for p in folder.glob("*.py")}
+    assert graph["registry"] == set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join((*trail, name))}"
+        for child in graph.get(name, ()):
+            visit(child, (*trail, name))
+
+    for module in graph:
+        visit(module, ())

@@ -417,3 +417,138 @@ def test_cli_writes_output_and_plot_files(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["reduce", *map(str, paths[:2]), "--names", "only-one"]) == 2
     assert "--names" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- one CERTIFY / PREDICT everywhere
+
+
+def oracle_certify(selection: list[int], estimation: list[int], n: int, sigma: float, alpha: float):
+    """Cohen et al.'s CERTIFY from scipy alone: c_A by the *selection* argmax (lowest index on
+    ties), p_A the one-sided Clopper-Pearson bound of its *estimation* count out of n."""
+    if sum(selection) == 0:
+        return ABSTAIN, 0.0
+    c_a = int(np.argmax(selection))
+    k = estimation[c_a] if c_a < len(estimation) else 0
+    p = 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
+    return (c_a, sigma * norm.ppf(p)) if p > 0.5 else (ABSTAIN, 0.0)
+
+
+def oracle_predict(counts: list[int], alpha: float):
+    ordered = sorted(counts, reverse=True) + [0, 0]
+    first, second = ordered[0], ordered[1]
+    if first + second == 0 or binomtest(first, first + second, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return int(np.argmax(counts))
+
+
+def random_counts(rng: np.random.Generator, classes: int, total: int) -> list[int]:
+    """Counts with many ties and zeros: a few distinct values spread over the classes."""
+    if total == 0:
+        return [0] * classes
+    if classes >= 2 and rng.random() < 0.3:  # a tie at the top
+        top = int(rng.integers(0, total // 2 + 1))
+        rest = rng.multinomial(total - 2 * top, np.ones(classes) / classes) if classes > 2 else [total - 2 * top]
+        counts = [top, top, *list(rest)[: classes - 2]]
+        counts[-1] += total - sum(counts)
+        return [int(c) for c in rng.permutation(counts)]
+    return rng.multinomial(total, rng.dirichlet([0.3] * classes)).tolist()
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.05])
+def test_reducer_scalar_functions_and_scipy_agree_on_thousands_of_count_matrices(tmp_path, alpha):
+    """The reducer (through Parquet), `certify_counts` / `predict_counts` and an oracle written
+    with scipy here agree on 3,000 random images, ties, zeros and failed samples included."""
+    from pipeline.reduce import load_run
+
+    rng = np.random.default_rng(int(alpha * 1000))
+    sigma, rows, expected = 0.5, [], {}
+    for image_id in range(3000):
+        classes = int(rng.integers(1, 6))
+        n0, n = int(rng.integers(0, 40)), int(rng.integers(1, 400))
+        selection = random_counts(rng, classes, n0)
+        estimation = random_counts(rng, classes, n - int(rng.integers(0, 3)) if n > 2 else n)
+        truth = oracle_certify(selection, estimation, n, sigma, alpha)
+        if sum(selection):
+            scalar = certify_counts(np.array(selection), np.array(estimation), sigma, alpha, n=n)
+            assert scalar[0] == truth[0] and scalar[1] == pytest.approx(truth[1], rel=1e-9, abs=1e-12)
+        expected[image_id] = truth
+        rows += [vote(image_id, "selection", selection, label=0), vote(image_id, "estimation", estimation, n=n, label=0)]
+    predict_counts_rows = {}
+    for image_id in range(3000, 4500):
+        counts = random_counts(rng, int(rng.integers(1, 6)), int(rng.integers(0, 300)))
+        predict_counts_rows[image_id] = counts
+        assert predict_counts(np.array(counts, dtype=np.int64), alpha) == oracle_predict(counts, alpha)
+        rows.append(vote(image_id, "prediction", counts, label=0))
+    run = tmp_path / "run"
+    open_run(run, {"sigma": sigma})
+    write_votes(run, rows)
+    certs = load_run(run, alpha).set_index("image_id")
+    for image_id, (cls, radius) in expected.items():
+        assert certs.at[image_id, "predict"] == cls, image_id
+        assert certs.at[image_id, "radius"] == pytest.approx(radius, rel=1e-9, abs=1e-12)
+    for image_id, counts in predict_counts_rows.items():
+        assert certs.at[image_id, "predict"] == oracle_predict(counts, alpha)
+
+
+def test_label_votes_agree_with_the_scalar_functions_on_random_mappings(tmp_path):
+    """API rows (label strings, in any order) against `certify_counts` on mappings and an oracle
+    whose ties go to the smaller label."""
+    rng = np.random.default_rng(11)
+    names = ["cat", "dog", "bird", "car", "tree"]
+    rows, expected = [], {}
+    for image_id in range(800):
+        chosen = list(rng.choice(names, size=int(rng.integers(1, 5)), replace=False))
+        selection = dict(zip(chosen, random_counts(rng, len(chosen), int(rng.integers(1, 30)))))
+        counted = list(rng.choice(names, size=int(rng.integers(1, 5)), replace=False))
+        estimation = dict(zip(counted, random_counts(rng, len(counted), int(rng.integers(1, 120)))))
+        n = sum(estimation.values()) + int(rng.integers(0, 3))
+        if sum(selection.values()) == 0:
+            continue
+        top = max(selection.values())
+        c_a = min(label for label, count in selection.items() if count == top)
+        k = estimation.get(c_a, 0)
+        p = 0.0 if k == 0 else float(beta.ppf(0.01, k, n - k + 1))
+        expected[image_id] = (c_a, 0.25 * norm.ppf(p)) if p > 0.5 else ("-1", 0.0)
+        scalar = certify_counts(selection, estimation, 0.25, 0.01, n=n)
+        assert (str(scalar[0]) if scalar[0] != ABSTAIN else "-1") == expected[image_id][0]
+        rows += [vote(image_id, "selection", list(selection.values()), classes=list(selection), label=-1,
+                      label_name=c_a),
+                 vote(image_id, "estimation", list(estimation.values()), n=n, classes=list(estimation), label=-1,
+                      label_name=c_a)]
+    run = tmp_path / "run"
+    open_run(run, {"sigma": 0.25})
+    write_votes(run, rows)
+    certs = load_input(run, 0.01).set_index("image_id")
+    for image_id, (cls, radius) in expected.items():
+        assert certs.at[image_id, "predict"] == cls
+        assert certs.at[image_id, "radius"] == pytest.approx(radius, rel=1e-9, abs=1e-12)
+
+
+def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
+    """Selection names class 1, the estimation draw is mostly class 0: CERTIFY bounds p_A of
+    class 1 and abstains. Choosing c_A from the estimation counts would certify class 0 with a
+    large radius, the textbook error that voids the guarantee. Checked on model votes in
+    Parquet and on API votes rebuilt from a query log."""
+    from pipeline.apis.querylog import votes_from_queries, write_queries
+    from pipeline.reduce import certificates_from_votes
+
+    run = tmp_path / "model-run"
+    open_run(run, {"sigma": 0.5})
+    write_votes(run, [vote(0, "selection", [0, 10, 0], label=0), vote(0, "estimation", [900, 100, 0], label=0),
+                      vote(1, "selection", [10, 0, 0], label=0), vote(1, "estimation", [900, 100, 0], label=0)])
+    certs = load_input(run, 0.001).set_index("image_id")
+    assert certs.at[0, "predict"] == ABSTAIN and certs.at[0, "radius"] == 0.0 and not certs.at[0, "correct"]
+    assert certs.at[1, "predict"] == 0 and certs.at[1, "radius"] > 0.4  # same estimation, agreeing selection
+
+    api = tmp_path / "api-run"
+    open_run(api, {"sigma": 0.25, "n0": 10, "n": 100, "seed": 0, "chunk_size": 16, "provider": "aws"})
+    queries = [{"image_id": 0, "image_name": "x.png", "phase": "clean", "sample": 0, "status": "ok",
+                "top_label": "cat", "attempts": 1}]
+    queries += [{"image_id": 0, "phase": "selection", "sample": k, "status": "ok", "top_label": "dog", "attempts": 1}
+                for k in range(10)]
+    queries += [{"image_id": 0, "phase": "estimation", "sample": k, "status": "ok",
+                 "top_label": "cat" if k < 95 else "dog", "attempts": 1} for k in range(100)]
+    write_queries(api, queries)
+    votes = pd.DataFrame(votes_from_queries(api))
+    api_certs = certificates_from_votes(votes, 0.001, sigma=0.25).set_index("image_id")
+    assert api_certs.at[0, "predict"] == "-1" and api_certs.at[0, "abstained"] and not api_certs.at[0, "correct"]

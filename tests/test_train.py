@@ -119,7 +119,17 @@ def tiny_checkpoints(tmp_path_factory):
         ({"learning_rate": 0.1}, "learning_rate", "unknown field"),
         ({"sweep": {"sigmas": [0.25], "objectivs": ["mse"]}}, "sweep.objectivs", "unknown field"),
         ({"sweep": {"sigmas": [0.25, 0.0]}}, "sweep.sigmas[1]", "> 0"),
-        ({"sweep": {"sigmas": [-0.5]}}, "sweep.sigmas[0]", "> 0"),
+        ({"sweep": {"sigmas": [-0.5]}}, "sweep.sigmas[0]", ">= 0"),  # no task has negative noise
+        ({"sweep": {"sigmas": [float("inf")]}}, "sweep.sigmas[0]", "finite"),
+        ({"sweep": {"sigmas": []}}, "sweep.sigmas", "at least one"),
+        ({"sweep": {"sigmas": [0.25], "sigams": [0.5]}}, "sweep.sigams", "did you mean 'sigmas'"),
+        ({"sweep": {"sigmas": [0.25], "archs": []}}, "sweep.archs", "empty"),
+        ({"sweep": {"sigmas": [0.25], "objectives": ["sgd"]}}, "sweep.objectives[0]", "not one of"),
+        ({"name": "my run"}, "name", "letters, digits"),
+        ({"epochs": 0}, "epochs", ">= 1"),
+        ({"max_failures": -2}, "max_failures", ">= -1"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker", "> 0"),
+        ({"dataset": {"root": "{d}", "max_test": 0}}, "dataset.max_test", ">= 1"),
         ({"sweep": {"sigmas": [0.25], "archs": ["dncnn_tiny"]}}, "sweep.archs[0]", "unknown model"),
         ({"sweep": {"sigmas": [0.25], "archs": ["cifar_resnet20"]}}, "sweep.archs[0]", "classifier"),
         ({"sweep": {"sigmas": [0.25], "objectives": ["xent"]}}, "sweep.objectives[0]", "does not train a denoiser"),
@@ -128,15 +138,25 @@ def tiny_checkpoints(tmp_path_factory):
          "classifier", "does not exist"),
         ({"sweep": {"sigmas": [0.25], "objectives": ["stab"],
                     "surrogate_sets": [["{d}/c10.pt"], ["{d}/c10.pt", "{d}/c5.pt"]]}},
-         "sweep.surrogate_sets[1][1]", "5-class"),
+         "sweep.surrogate_sets[1][1]", "5 classes"),
+        ({"sweep": {"sigmas": [0.25], "objectives": ["stab"], "surrogate_sets": [["{d}/c10.pt"], []]}},
+         "sweep.surrogate_sets[1]", "at least one classifier"),
+        # the check certify applies too: a CIFAR-10 classifier takes 32x32 images, not 64x64
+        ({"classifier": "{d}/c10.pt", "sweep": {"sigmas": [0.25], "objectives": ["stab"]},
+          "dataset": {"kind": "cifar10", "root": str(CIFAR), "image_size": 64}}, "classifier", "32x32"),
         ({"sweep": {"sigmas": [0.25], "objectives": ["stab"], "surrogate_sets": [["{d}/mse.pt"]]}},
          "sweep.surrogate_sets[0][0]", "not a classifier"),
         ({"classifier": "{d}/c10.pt", "sweep": {"sigmas": [0.5], "objectives": ["stab_mse"], "archs": ["dncnn_small"]},
           "init_checkpoints": ["{d}/mse.pt"]}, "init_checkpoints[0]", "matches no"),
         ({"optimizer": {"stab": {"lr": 0.1}}}, "optimizer.stab", "not an objective"),
         ({"optimizer": {"mse": {"lr": -1.0}}}, "optimizer.mse.lr", "> 0"),
+        ({"optimizer": {"mse": {"momentum": 1.0}}}, "optimizer.mse.momentum", "< 1"),
+        ({"optimizer": {"mse": {"gamma": 0}}}, "optimizer.mse.gamma", "> 0"),
+        ({"task": "classifier", "sweep": {"sigmas": [0.0], "archs": ["cifar_resnet20"]},
+          "classifier": "{d}/c10.pt"}, "classifier", "only applies to task 'denoiser'"),
         ({"dataset": {"root": "{d}/nowhere"}}, "dataset.root", "does not exist"),
-        ({"use_gpu": "sometimes"}, "use_gpu", "fits none"),
+        ({"use_gpu": "sometimes"}, "use_gpu", "auto, true or false"),
+        ({"augment": "yes"}, "augment", "boolean"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, tiny_checkpoints, change, field_name, words):
@@ -157,6 +177,42 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     assert "sweep.sigmas[1]" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_flags_come_from_the_config_and_override_the_yaml(tmp_path, tiny_checkpoints):
+    """Each setting is declared once: its YAML key, its flag (with help) and its checks."""
+    from jobs import train
+    from jobs.options import Parser
+    from pipeline.config import to_dict
+
+    parser = Parser(prog="dsmooth train")
+    train.add_arguments(parser)
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    path = write_yaml(tmp_path / "sweep.yaml", denoiser_config(tmp_path / "out", sweep={"sigmas": [0.25]}))
+
+    def load(*flags: str):
+        return train.load_settings(parser.parse_args(["--config", str(path), *flags]))
+
+    c10 = tiny_checkpoints / "c10.pt"
+    config = load("--classifier", str(c10), "--output-dir", str(tmp_path / "other"), "--storage-path",
+                  str(tmp_path / "store"), "--epochs", "7", "--num-workers", "1", "--max-concurrent", "2",
+                  "--stop-after-epochs", "1", "--use-gpu", "false", "--sigmas", "0.25", "0.5", "--no-augment")
+    assert (config.classifier, config.output_dir, config.storage_path) == (
+        c10, tmp_path / "other", str(tmp_path / "store"))
+    assert (config.epochs, config.num_workers, config.max_concurrent, config.stop_after_epochs) == (7, 1, 2, 1)
+    assert (config.use_gpu, config.sweep.sigmas, config.augment) == (False, [0.25, 0.5], False)
+    assert config.dataset.max_train == 500 and config.batch_size == 32  # the YAML's, untouched
+    assert load("--use-gpu", "auto").use_gpu == "auto" and load().use_gpu == "auto"
+    assert load_train_config(to_dict(config)) == config  # YAML-able round trip
+    with pytest.raises(ConfigError, match=r"'classifier'.*does not exist.*\(--classifier\)"):
+        load("--classifier", str(tmp_path / "missing.pt"), "--objectives", "stab")
+    with pytest.raises(ConfigError, match=r"'epochs': must be >= 1.*\(--epochs\)"):
+        load("--epochs", "0")
+    # a classifier may train without noise (sigma 0); a denoiser may not
+    classifier = load("--task", "classifier", "--sigmas", "0", "--archs", "cifar_resnet20")
+    assert classifier.sweep.sigmas == [0.0] and classifier.objectives == ["xent"]
+    with pytest.raises(ConfigError, match=r"'sweep.sigmas\[0\]': a denoiser's noise level must be > 0"):
+        load("--sigmas", "0")
 
 
 def test_plan_dedupes_mse_orders_dependencies_and_names_stably(tmp_path, tiny_checkpoints):

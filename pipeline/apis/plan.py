@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from pipeline.noise import Chunk, plan_chunks
+from pipeline.noise import Chunk, SampleRequest
 
 CLEAN = "clean"
 PHASES: tuple[str, ...] = (CLEAN, "selection", "estimation")
@@ -35,15 +35,17 @@ def needed_keys(n0: int, n: int) -> list[Key]:
     return [(phase, k) for phase, size in phase_sizes(n0, n).items() for k in range(size)]
 
 
-def plan_image(image_id: int, n0: int, n: int, chunk_size: int, done: Collection[Key] = ()) -> list[WorkUnit]:
-    """Work units for the queries of one image not in `done`, in phase order."""
+def plan_image(image_id: int, n0: int, n: int, chunk_size: int, seed: int,
+               done: Collection[Key] = ()) -> list[WorkUnit]:
+    """Work units for the queries of one image not in `done`, in phase order; each noisy unit
+    carries its chunk's full noise address (seed included)."""
     units: list[WorkUnit] = []
     if (CLEAN, 0) not in done:
         units.append(WorkUnit(image_id, CLEAN, (0,)))
     for phase, size in phase_sizes(n0, n).items():
         if phase == CLEAN:
             continue
-        for chunk in plan_chunks(image_id, phase, size, chunk_size):
+        for chunk in SampleRequest(seed, image_id, phase, size, chunk_size).chunks():
             start = chunk.index * chunk_size
             pending = tuple(k for k in range(start, start + chunk.size) if (phase, k) not in done)
             if pending:

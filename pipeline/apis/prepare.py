@@ -3,7 +3,6 @@ and the run identity that decides whether a run directory can be resumed."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,80 +10,57 @@ from torch import nn
 
 from pipeline.apis.config import CertifyApiConfig
 from pipeline.apis.secrets import scrub
-from pipeline.config import ConfigError, parse_config, read_yaml_mapping, to_dict
-from pipeline.data import ImageDataset, open_dataset
+from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.data import ImageDataset
+from pipeline.run_identity import run_identity
 
 ENCODING = "png-uint8"
 
 
 def load_job_config(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> CertifyApiConfig:
     """Parse the YAML (or a mapping) with dotted overrides on top, e.g. {"budget.max_queries": 30}."""
-    data = copy.deepcopy(source) if isinstance(source, dict) else read_yaml_mapping(source)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        *parents, leaf = dotted.split(".")
-        node = data
-        for i, name in enumerate(parents):
-            child = node.setdefault(name, {})
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(parents[: i + 1]), "must be a mapping")
-            node = child
-        node[leaf] = value
-    return parse_config(CertifyApiConfig, data)
+    return load_config(CertifyApiConfig, source, overrides)
 
 
-def select_images(config: CertifyApiConfig) -> ImageDataset:
-    data = config.data
-    dataset = open_dataset(data.kind, data.root, data.split, image_size=data.image_size, labels=False)
-    if data.ids is not None:
-        return dataset.by_ids(data.ids)
-    return dataset.subset(skip=data.skip, max=data.max)
+def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]:
+    """(the whole split, the selected images); labels are the API's answers, so none are read."""
+    split = config.open_split(labels=False)
+    return split, config.select(split)
 
 
-def load_denoiser(path: Path, sigma: float) -> tuple[nn.Module, str, str]:
-    """(frozen denoiser, architecture, sha256); refuses a classifier or another sigma's denoiser."""
-    from pipeline.models import file_sha256, freeze, load_checkpoint
+def load_denoiser(path: Path, sigma: float, selected: ImageDataset) -> tuple[nn.Module, str, str]:
+    """(frozen denoiser, architecture, sha256), checked as the certify job checks it."""
+    from pipeline.model_pair import load_denoiser as load
+    from pipeline.models import CheckpointError, file_sha256, freeze
 
-    model, meta = load_checkpoint(path)
-    if meta.kind != "denoiser":
-        raise ConfigError("denoiser", f"{path} holds a {meta.kind} ({meta.arch}), not a denoiser")
-    if meta.sigma is not None and abs(float(meta.sigma) - sigma) > 1e-9:
-        raise ConfigError(
-            "denoiser", f"{path} was trained for sigma={meta.sigma} but the run uses sigma={sigma} (denoisers are sigma-specific)"
-        )
+    try:
+        model, meta = load(Path(path), str(path), selected.describe(), sigma)
+    except CheckpointError as error:
+        raise ConfigError("denoiser", str(error)) from None
     return freeze(model), meta.arch, file_sha256(path)
 
 
-def run_identity(
-    config: CertifyApiConfig, dataset: ImageDataset, denoiser_arch: str | None, denoiser_sha: str | None
+def api_identity(
+    config: CertifyApiConfig, split: ImageDataset, denoiser_arch: str | None, denoiser_sha: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(identity, extra) for storage.open_run.
 
-    The identity holds what changes the answers (provider and model, data, noise, n0/n,
-    denoiser, encoding); the endpoint, limits and image selection only change how or how
-    much, so a rerun may raise the budget, certify more images or move the endpoint.
+    The identity (`pipeline.run_identity`) holds what changes the answers: provider and model,
+    data set, noise, n0/n, denoiser, encoding. The endpoint, limits and image selection only
+    change how or how much, so a rerun may raise the budget, certify more images or move the
+    endpoint.
     """
-    identity = {
-        "job": "certify-api",
+    identity = run_identity(
+        "certify-api", config, config, split,
         **config.api.answer_identity(),
-        "dataset": dataset.name,
-        "dataset_kind": config.data.kind,
-        "dataset_root": str(Path(config.data.root).expanduser().resolve()),
-        "image_size": config.data.image_size,
-        "sigma": config.sigma,
-        "n0": config.n0,
-        "n": config.n,
-        "seed": config.seed,
-        "chunk_size": config.chunk_size,
-        "denoiser": denoiser_arch,
-        "denoiser_sha256": denoiser_sha,
-        "encoding": ENCODING,
-    }
+        denoiser=denoiser_arch,
+        denoiser_sha256=denoiser_sha,
+        encoding=ENCODING,
+    )
     plain = to_dict(config)
     extra = {
         "endpoint": scrub(config.api.endpoint) if config.api.endpoint else None,
-        "images": {k: plain["data"][k] for k in ("skip", "max", "ids")},
+        "images": {k: plain[k] for k in ("skip", "max", "ids")},
         "alpha": config.alpha,
         "rate": plain["rate"],
         "retry": plain["retry"],

@@ -59,6 +59,7 @@ class RunState:
         self.run_id = record["run_id"]
         self.n0, self.n = int(self.identity["n0"]), int(self.identity["n"])
         self.chunk_size = int(self.identity["chunk_size"])
+        self.seed = int(self.identity["seed"])
         self.worker = worker
         self.needed = set(needed_keys(self.n0, self.n))
         self.images = {image_id: ImageState(image_id, name) for image_id, name in images}
@@ -73,7 +74,7 @@ class RunState:
 
     def units(self, image_id: int) -> list[WorkUnit]:
         state = self.images[image_id]
-        return plan_image(image_id, self.n0, self.n, self.chunk_size, done=state.rows.keys())
+        return plan_image(image_id, self.n0, self.n, self.chunk_size, self.seed, done=state.rows.keys())
 
     def pending_queries(self) -> int:
         return sum(len(self.needed - state.rows.keys()) for state in self.images.values())

@@ -1,9 +1,9 @@
 """The images queried for an image's samples: x + delta, optionally denoised.
 
 Sample k of a phase takes row k % chunk_size of noise chunk k // chunk_size, drawn by
-`pipeline.noise` from (seed, image id, phase, chunk), exactly as the local engine draws
-them: so a resumed run re-creates the very same noisy images, and any sample can be
-(re)queried alone.
+`pipeline.noise` from its address (seed, image id, phase, chunk) exactly as the local engine
+draws it (`SampleRequest.chunk_of` finds the chunk of any sample): so a resumed run
+re-creates the very same noisy images, and any sample can be (re)queried alone.
 """
 
 from __future__ import annotations
@@ -13,16 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.noise import Chunk, chunk_noise, plan_chunks
-
-
-def sample_chunk(image_id: int, phase: str, sample: int, num_samples: int, chunk_size: int) -> tuple[Chunk, int]:
-    """(chunk, row) holding sample `sample` of a phase with `num_samples` samples."""
-    if not 0 <= sample < num_samples:
-        raise ValueError(f"sample {sample} outside [0, {num_samples})")
-    index = sample // chunk_size
-    chunk = plan_chunks(image_id, phase, num_samples, chunk_size)[index]
-    return chunk, sample % chunk_size
+from pipeline.noise import Chunk, chunk_noise
 
 
 @torch.inference_mode()
@@ -31,17 +22,17 @@ def noisy_images(
     chunk: Chunk,
     rows: Sequence[int],
     sigma: float,
-    seed: int,
     denoiser: nn.Module | None = None,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """[len(rows), C, H, W]: image + noise rows of `chunk`, through the denoiser when given.
+    """[len(rows), C, H, W]: image + noise rows of `chunk` (a full noise address), through the
+    denoiser when given.
 
     Noise is always drawn on the CPU (CPU and CUDA generators differ), then moved to the
     denoiser's device. The result is not clipped: encoding does that.
     """
     image = image.to("cpu", torch.float32)
-    noise = chunk_noise(chunk, tuple(image.shape), sigma, seed, device="cpu")
+    noise = chunk_noise(chunk, tuple(image.shape), sigma, device="cpu")
     noisy = image.unsqueeze(0) + noise[list(rows)]
     if denoiser is None:
         return noisy

@@ -53,21 +53,20 @@ class QueryWorker:
         concurrency: int,
         price_per_1000: float,
         sigma: float,
-        seed: int,
         denoiser: nn.Module | None = None,
         name: str = "api-0",
     ) -> None:
         self.api, self.retry = api, retry
         self.limiter = RateLimiter(qps, concurrency)
         self.price_per_call = price_per_1000 / 1000.0
-        self.sigma, self.seed = sigma, seed
+        self.sigma = sigma
         self.denoiser = denoiser.eval() if denoiser is not None else None
         self.name = name
         self._concurrency = concurrency
         self._client: LabelClient | None = None
         self._lock = threading.Lock()
         self._stopped: tuple[str, str] | None = None
-        self._rng = random.Random(f"{name}-{seed}")
+        self._rng = random.Random(name)  # back-off jitter only; the noise comes from each unit's address
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{name}-query")
 
     def client(self) -> LabelClient:
@@ -97,7 +96,7 @@ class QueryWorker:
     def images_for(self, unit: WorkUnit, image: torch.Tensor) -> list[torch.Tensor]:
         if unit.phase == CLEAN:
             return [image]
-        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.seed, self.denoiser))
+        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser))
 
     def run_unit(
         self, unit: WorkUnit, image: torch.Tensor, image_name: str, reserve: Callable[[], bool]

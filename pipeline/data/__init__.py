@@ -9,6 +9,7 @@ Modules:
     core     records, errors, decoding, transforms, ``ImageDataset``, batching helpers
     archive  cache directory and atomic ``.tar.gz`` extraction
     sources  ``open_dataset`` and the CIFAR-10 / ImageNet / folder layouts
+    specs    what a known data set is: classes, input size, normalisation
 """
 
 from pipeline.data.archive import cache_root, extract_archive
@@ -23,10 +24,18 @@ from pipeline.data.core import (
     decode_image,
     stack_batch,
 )
-from pipeline.data.sources import open_dataset
+from pipeline.data.sources import KINDS, DatasetKind, open_dataset
+from pipeline.data.specs import CIFAR10, IMAGENET, DataDescription, DatasetSpec, dataset_spec
 
 __all__ = [
+    "CIFAR10",
     "CIFAR10_CLASSES",
+    "DataDescription",
+    "DatasetKind",
+    "DatasetSpec",
+    "IMAGENET",
+    "KINDS",
+    "dataset_spec",
     "IMAGE_EXTENSIONS",
     "DatasetError",
     "ImageDataset",

@@ -21,18 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+from pipeline.data.specs import CIFAR10_CLASSES, DataDescription, DatasetSpec
+
+__all__ = ["CIFAR10_CLASSES"]  # re-exported: the data set's facts live in pipeline.data.specs
+
 
 # Lower-case suffixes recognised as images when listing folders (".JPEG" matches too).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -233,10 +225,12 @@ class ImageDataset(torch.utils.data.Dataset):
         name: str,
         classes: Sequence[str] | None,
         source: _Source,
+        spec: DatasetSpec | None = None,
     ) -> None:
         self.records: list[ImageRecord] = list(records)
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.name = name
+        self.spec = spec  # the known data set these images belong to (None: any folder)
         self._source = source
 
     @classmethod
@@ -284,7 +278,17 @@ class ImageDataset(torch.utils.data.Dataset):
     # -- slicing -------------------------------------------------------------------------
 
     def _derive(self, records: list[ImageRecord]) -> ImageDataset:
-        return ImageDataset(records, name=self.name, classes=self.classes, source=self._source)
+        return ImageDataset(records, name=self.name, classes=self.classes, source=self._source, spec=self.spec)
+
+    def describe(self) -> DataDescription:
+        """What a classifier must fit to certify these images (the first image gives the size)."""
+        if not self.records:
+            raise DatasetError(f"{self.name} is empty")
+        height, width = self._source.image(self.records[0].image_id).shape[:2]
+        num_classes = len(self.classes) if self.classes is not None else None
+        if num_classes is None and self.spec is not None:
+            num_classes = self.spec.num_classes
+        return DataDescription(self.spec.name if self.spec else None, num_classes, (int(height), int(width)))
 
     def subset(self, skip: int = 1, max: int | None = None) -> ImageDataset:  # noqa: A002
         """Keep positions ``i`` with ``i % skip == 0`` and ``i < max``, as certify.py does.

@@ -10,12 +10,12 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from pipeline.data.archive import extract_archive, is_archive, read_array_cache, write_array_cache
 from pipeline.data.core import (
-    CIFAR10_CLASSES,
     IMAGE_EXTENSIONS,
     ArraySource,
     DatasetError,
@@ -26,15 +26,17 @@ from pipeline.data.core import (
     decode_image,
     parallel_map,
 )
+from pipeline.data.specs import CIFAR10, CIFAR10_CLASSES, IMAGENET
 
-KINDS: tuple[str, ...] = ("cifar10", "imagenet", "folder")
+DatasetKind = Literal["cifar10", "imagenet", "folder"]
+KINDS: tuple[str, ...] = get_args(DatasetKind)
 CIFAR10_SPLITS: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
 }
-CIFAR10_SIZE = 32
+CIFAR10_SIZE = CIFAR10.input_size
 # Cohen et al.'s ImageNet test transform: Resize(256) + CenterCrop(224), i.e. crop/0.875.
-IMAGENET_CROP = 224
+IMAGENET_CROP = IMAGENET.input_size
 IMAGENET_CROP_FRACTION = 0.875
 
 
@@ -181,7 +183,7 @@ def _open_cifar10(
                for i, (name, label) in enumerate(zip(names, label_list))]
     return ImageDataset(records, name=f"cifar10/{split}",
                         classes=list(CIFAR10_CLASSES) if labels else None,
-                        source=ArraySource(images, transform))
+                        source=ArraySource(images, transform), spec=CIFAR10)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -318,7 +320,7 @@ def _open_imagenet(root: Path, split: str, image_size: int | None, labels: bool)
     crop = image_size or IMAGENET_CROP
     transform = ResizeCenterCrop(int(round(crop / IMAGENET_CROP_FRACTION)), crop)
     return ImageDataset(records, name=f"imagenet/{folder}", classes=classes if labels else None,
-                        source=FileSource(paths, transform))
+                        source=FileSource(paths, transform), spec=IMAGENET)
 
 
 def _open_folder(root: Path, image_size: int | None, labels: bool) -> ImageDataset:

@@ -1,6 +1,8 @@
 """Models for denoised smoothing: denoisers D, classifiers f (normalisation inside), their
 composition f∘D, a name registry, and a safe (weights_only) checkpoint format."""
 
+from . import classifiers, denoisers  # noqa: F401  (their factories register themselves)
+
 from .checkpoint import (
     FORMAT as CHECKPOINT_FORMAT,
     CheckpointError,
@@ -12,14 +14,20 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .classifiers import CifarResNet, NormalizedClassifier, NormalizeLayer, WideResNet
-from .compose import DenoisedClassifier, compose, freeze, is_frozen
-from .denoisers import DnCNN, MemNet
-from .registry import (
+from .fit import DataMismatchError, check_denoiser_sigma, check_fits_data
+from .classifiers import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CifarResNet,
+    NormalizedClassifier,
+    NormalizeLayer,
+    WideResNet,
+)
+from .compose import DenoisedClassifier, compose, freeze, is_frozen
+from .denoisers import DnCNN, MemNet
+from .registry import (
     ModelInfo,
     UnknownModelError,
     build_model,
@@ -36,6 +44,7 @@ __all__ = [
     "IMAGENET_STD",
     "CheckpointError",
     "CheckpointMismatchError",
+    "DataMismatchError",
     "CifarResNet",
     "DenoisedClassifier",
     "DnCNN",
@@ -47,6 +56,8 @@ __all__ = [
     "UnknownModelError",
     "WideResNet",
     "build_model",
+    "check_denoiser_sigma",
+    "check_fits_data",
     "compose",
     "file_sha256",
     "freeze",

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.atomic import atomic_open
+from pipeline.data.specs import dataset_spec
 
 from .classifiers import NormalizeLayer
 from .registry import build_model, is_known_model, model_info
@@ -46,8 +47,9 @@ class ModelMeta:
 
     arch: str  # registry name, e.g. "dncnn", "cifar_resnet110", "resnet50"
     kind: str | None = None  # "denoiser" | "classifier"; filled from the registry on save
-    dataset: str | None = None
+    dataset: str | None = None  # the data set it was trained on ("cifar10", "imagenet", ...)
     num_classes: int | None = None
+    input_size: int | None = None  # side of the (square) images a classifier was trained on
     normalization: dict[str, list[float]] | None = None  # {"mean": [...], "std": [...]}
     sigma: float | None = None  # noise level a denoiser/classifier was trained for
     objective: str | None = None  # e.g. "mse", "stab", "clf"
@@ -123,12 +125,18 @@ def _complete_meta(model: nn.Module, meta: ModelMeta) -> ModelMeta:
     num_classes = meta.num_classes
     if num_classes is None and kind == "classifier":
         num_classes = meta.arch_kwargs.get("num_classes", info.num_classes)
+    dataset = meta.dataset if meta.dataset is not None else info.dataset
+    input_size = meta.input_size
+    spec = dataset_spec(dataset)
+    if input_size is None and kind == "classifier" and spec is not None:
+        input_size = spec.input_size
     return ModelMeta(
         **{
             **asdict(meta),
             "kind": kind,
-            "dataset": meta.dataset if meta.dataset is not None else info.dataset,
+            "dataset": dataset,
             "num_classes": num_classes,
+            "input_size": input_size,
             "normalization": normalization,
         }
     )

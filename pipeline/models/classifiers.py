@@ -8,6 +8,7 @@ NormalizedClassifier(NormalizeLayer, net), i.e. an nn.Sequential whose state-dic
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -15,14 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_torchvision_classifier,
-    register_model,
-)
+from pipeline.data.specs import CIFAR10, IMAGENET
+
+from .registry import Family, register_family, register_model
+
+CIFAR10_MEAN, CIFAR10_STD = CIFAR10.mean, CIFAR10.std
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET.mean, IMAGENET.std
 
 
 class NormalizeLayer(nn.Module):
@@ -246,6 +245,28 @@ def cifar_wrn28_10(
     return with_normalization(net, *_norm(CIFAR10_MEAN, CIFAR10_STD, mean, std))
 
 
+@functools.lru_cache(maxsize=1)
+def torchvision_classifier_names() -> tuple[str, ...]:
+    """Classification architectures shipped by torchvision (not detection/segmentation/video)."""
+    import torchvision
+
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def build_torchvision_classifier(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """Build a bare torchvision classifier with random weights; refuses any download request."""
+    import torchvision
+
+    for forbidden in ("weights", "pretrained"):
+        if kwargs.get(forbidden) not in (None, False):
+            raise ValueError(
+                f"{forbidden}={kwargs[forbidden]!r} would download weights; build with weights=None "
+                "and load a local file (pipeline.models.load_classifier)"
+            )
+        kwargs.pop(forbidden, None)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
 def torchvision_classifier(
     name: str,
     num_classes: int = 1000,
@@ -269,3 +290,6 @@ def _register_torchvision(name: str) -> None:
 
 for _name in ("resnet18", "resnet34", "resnet50"):
     _register_torchvision(_name)
+
+# Every other torchvision classifier, by name (weights=None; weights come from local files).
+register_family(Family("torchvision", torchvision_classifier_names, torchvision_classifier, "classifier", "imagenet"))

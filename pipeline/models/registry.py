@@ -1,36 +1,28 @@
 """Name -> model factory registry (timm-style).
 
 Checkpoints store only an architecture *name* plus constructor kwargs, never pickled
-classes, so every model we can load must be buildable from a name.  Any torchvision
-classification model is reachable by name too (weights=None; weights come from local
-files only), so "certify any pretrained classifier" needs no per-model code.
+classes, so every model we can load must be buildable from a name. The registry imports no
+model module: `classifiers.py` and `denoisers.py` register their factories (and the
+classifiers module a *family* that builds any torchvision classifier by name) when
+`pipeline.models` is imported, so the dependency runs one way only.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch.nn as nn
 
+from pipeline.data.specs import dataset_spec
+
 Kind = Literal["denoiser", "classifier"]
-
-CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)  # Cohen et al.'s values
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-DATASET_NORMALIZATION: dict[str, dict[str, list[float]]] = {
-    "cifar10": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
-    "imagenet": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-}
-DATASET_NUM_CLASSES: dict[str, int] = {"cifar10": 10, "imagenet": 1000}
 
 
 class UnknownModelError(ValueError):
-    """Raised for a model name that is neither registered nor a torchvision classifier."""
+    """Raised for a model name that no registered factory or family builds."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +34,7 @@ class ModelInfo:
     dataset: str | None
     normalization: dict[str, list[float]] | None  # {"mean": [...], "std": [...]}; None for denoisers
     num_classes: int | None
-    source: str  # "registry" or "torchvision"
+    source: str  # "registry" or the family's name (e.g. "torchvision")
 
 
 @dataclass(frozen=True)
@@ -54,7 +46,27 @@ class _Entry:
     num_classes: int | None
 
 
+@dataclass(frozen=True)
+class Family:
+    """Many architectures behind one factory (e.g. every torchvision classifier)."""
+
+    source: str
+    names: Callable[[], Sequence[str]]
+    build: Callable[..., nn.Module]  # build(name, **kwargs)
+    kind: Kind
+    dataset: str | None
+
+
 _REGISTRY: dict[str, _Entry] = {}
+_FAMILIES: list[Family] = []
+
+
+def _info(name: str, kind: Kind, dataset: str | None, num_classes: int | None, source: str) -> ModelInfo:
+    spec = dataset_spec(dataset)
+    normalization = spec.normalization if kind == "classifier" and spec is not None else None
+    if num_classes is None and kind == "classifier" and spec is not None:
+        num_classes = spec.num_classes
+    return ModelInfo(name, kind, dataset, normalization, num_classes, source)
 
 
 def register_model(
@@ -71,96 +83,65 @@ def register_model(
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].factory is not fn:
             raise ValueError(f"model name {name!r} is already registered")
-        n_cls = num_classes
-        if n_cls is None and kind == "classifier" and dataset is not None:
-            n_cls = DATASET_NUM_CLASSES.get(dataset)
-        _REGISTRY[name] = _Entry(name, fn, kind, dataset, n_cls)
+        _REGISTRY[name] = _Entry(name, fn, kind, dataset, num_classes)
         return fn
 
     return deco
 
 
-def _ensure_registered() -> None:
-    """Import the modules whose decorators fill the registry (lazy: avoids import cycles)."""
-    from . import classifiers, denoisers  # noqa: F401
+def register_family(family: Family) -> None:
+    """Make every name of `family` buildable (registered names take precedence)."""
+    if all(f.source != family.source for f in _FAMILIES):
+        _FAMILIES.append(family)
 
 
-@functools.lru_cache(maxsize=1)
-def torchvision_classifier_names() -> tuple[str, ...]:
-    """Classification architectures shipped by torchvision (not detection/segmentation/video)."""
-    import torchvision
-
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
-
-
-def build_torchvision_classifier(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
-    """Build a bare torchvision classifier with random weights; refuses any download request."""
-    import torchvision
-
-    for forbidden in ("weights", "pretrained"):
-        if kwargs.get(forbidden) not in (None, False):
-            raise ValueError(
-                f"{forbidden}={kwargs[forbidden]!r} would download weights; build with weights=None "
-                "and load a local file (pipeline.models.load_classifier)"
-            )
-        kwargs.pop(forbidden, None)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+def _family_of(name: str) -> Family | None:
+    return next((f for f in _FAMILIES if name in f.names()), None)
 
 
 def _unknown(name: str) -> UnknownModelError:
     registered = sorted(_REGISTRY)
-    candidates = sorted(set(registered) | set(torchvision_classifier_names()))
+    candidates = sorted(set(registered).union(*(f.names() for f in _FAMILIES)))
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return UnknownModelError(
-        f"unknown model {name!r}.{hint} Registered: {', '.join(registered)}; "
-        "any torchvision classification model name (e.g. resnet50, vit_b_16) also works."
-    )
-
-
-def _info_from_entry(e: _Entry) -> ModelInfo:
-    norm = None
-    if e.kind == "classifier" and e.dataset in DATASET_NORMALIZATION:
-        norm = {k: list(v) for k, v in DATASET_NORMALIZATION[e.dataset].items()}
-    return ModelInfo(e.name, e.kind, e.dataset, norm, e.num_classes, "registry")
+    families = "".join(f"; any {f.source} {f.kind} name also works" for f in _FAMILIES)
+    return UnknownModelError(f"unknown model {name!r}.{hint} Registered: {', '.join(registered)}{families}.")
 
 
 def model_info(name: str) -> ModelInfo:
     """Kind, dataset, default normalisation and class count of a model name."""
-    _ensure_registered()
     if name in _REGISTRY:
-        return _info_from_entry(_REGISTRY[name])
-    if name in torchvision_classifier_names():
-        norm = {k: list(v) for k, v in DATASET_NORMALIZATION["imagenet"].items()}
-        return ModelInfo(name, "classifier", "imagenet", norm, 1000, "torchvision")
+        e = _REGISTRY[name]
+        return _info(e.name, e.kind, e.dataset, e.num_classes, "registry")
+    family = _family_of(name)
+    if family is not None:
+        return _info(name, family.kind, family.dataset, None, family.source)
     raise _unknown(name)
 
 
 def is_known_model(name: str) -> bool:
-    """True when `name` builds (registered or torchvision classifier)."""
-    _ensure_registered()
-    return name in _REGISTRY or name in torchvision_classifier_names()
+    """True when `name` builds (registered, or a name of a registered family)."""
+    return name in _REGISTRY or _family_of(name) is not None
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name; classifiers come wrapped with their input normalisation, so
     every model takes [0,1] pixels."""
-    _ensure_registered()
     if name in _REGISTRY:
         return _REGISTRY[name].factory(**kwargs)
-    if name in torchvision_classifier_names():
-        from .classifiers import torchvision_classifier
-
-        return torchvision_classifier(name, **kwargs)
+    family = _family_of(name)
+    if family is not None:
+        return family.build(name, **kwargs)
     raise _unknown(name)
 
 
-def list_models(kind: Kind | None = None, include_torchvision: bool = True) -> list[str]:
-    """Buildable names (registered first-class ones plus torchvision classifiers), sorted."""
-    _ensure_registered()
+def list_models(kind: Kind | None = None, include_families: bool = True) -> list[str]:
+    """Buildable names (registered ones plus, optionally, every family's), sorted."""
     if kind not in (None, "denoiser", "classifier"):
         raise ValueError(f"kind must be None, 'denoiser' or 'classifier', got {kind!r}")
     names = {n for n, e in _REGISTRY.items() if kind is None or e.kind == kind}
-    if include_torchvision and kind in (None, "classifier"):
-        names.update(torchvision_classifier_names())
+    if include_families:
+        for family in _FAMILIES:
+            if kind is None or family.kind == kind:
+                names.update(family.names())
     return sorted(names)

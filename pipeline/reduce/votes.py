@@ -1,9 +1,9 @@
 """Certificates recomputed from a run's Parquet vote rows at any alpha.
 
-The rules are `pipeline.smoothing`'s (certify_counts, predict_counts), applied to whole
-columns at once: a scalar call per image costs ~0.5 ms in statsmodels/scipy, which would
-make 10,000 images take seconds per alpha; here the bound and the binomial test run on
-arrays and only API rows (a dict of label strings per image) loop in Python.
+The decisions are `pipeline.smoothing.certify_matrix` / `predict_matrix`, the one
+implementation of CERTIFY and PREDICT, applied to every image of a run at once. Rows of
+class-index counts (models) become count matrices directly; rows of label strings (APIs)
+are mapped onto columns by `smoothing.dense_counts`, whose column order is the tie rule.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binom, norm
 
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
-from pipeline.smoothing import ABSTAIN, _check_alpha, lower_confidence_bounds, ranked
+from pipeline.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
 from pipeline.storage import RUN_FILE, read_votes
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
@@ -94,6 +93,47 @@ def _mapping(classes: Any, counts: Any) -> dict[str, int]:
     return {str(label): int(c) for label, c in zip(classes, counts)}
 
 
+def _count_matrices(
+    rows: list[pd.DataFrame], labelled: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Count matrices of the same images in each frame of `rows` (aligned), and each column's
+    class: class indices for model rows, label strings for API rows (`labelled`)."""
+    width = 1
+    matrices = [np.zeros((len(labelled), 0), dtype=np.int64) for _ in rows]
+    dense = np.flatnonzero(~labelled)
+    if len(dense):
+        parts = [_dense(frame["counts"].iloc[dense]) for frame in rows]
+        width = max(part.shape[1] for part in parts)
+        for i, part in enumerate(parts):
+            matrices[i] = np.zeros((len(labelled), width), dtype=np.int64)
+            matrices[i][dense, : part.shape[1]] = part
+    columns = np.arange(width, dtype=object)
+    api = np.flatnonzero(labelled)
+    if len(api):
+        maps = [[_mapping(frame["classes"].iloc[i], frame["counts"].iloc[i]) for i in api] for frame in rows]
+        _, labels = dense_counts([m for frame_maps in maps for m in frame_maps])
+        offset = max(width, 1)
+        for i, frame_maps in enumerate(maps):
+            part, _ = dense_counts(frame_maps, labels)
+            grown = np.zeros((len(labelled), offset + len(labels)), dtype=np.int64)
+            grown[:, : matrices[i].shape[1]] = matrices[i]
+            grown[api, offset:] = part
+            matrices[i] = grown
+        columns = np.concatenate([np.arange(offset, dtype=object), np.array(labels, dtype=object)])
+    return matrices, columns
+
+
+def _decided_classes(prediction: np.ndarray, columns: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+    """Column indices -> classes; abstentions as ABSTAIN (models) or "-1" (API labels)."""
+    out = np.empty(len(prediction), dtype=object)
+    for i, column in enumerate(prediction):
+        if column == ABSTAIN:
+            out[i] = ABSTAIN_LABEL if labelled[i] else ABSTAIN
+        else:
+            out[i] = columns[column] if labelled[i] else int(columns[column])
+    return out
+
+
 def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str) -> pd.DataFrame | None:
     selection = votes[votes["phase"] == "selection"].set_index("image_id")
     estimation = votes[votes["phase"] == "estimation"].set_index("image_id")
@@ -119,32 +159,8 @@ def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str)
         raise UnusableInput(f"{where}: sigma unknown or not positive (neither run.json nor the votes give it)")
 
     labelled = _is_labelled(selection["classes"]) | _is_labelled(estimation["classes"])
-    n_images = len(ids)
-    n_a = np.zeros(n_images, dtype=np.int64)
-    totals = np.zeros(n_images, dtype=np.int64)
-    has_votes = np.zeros(n_images, dtype=bool)
-    guess = np.empty(n_images, dtype=object)
-
-    dense = np.flatnonzero(~labelled)
-    if len(dense):
-        chosen = _dense(selection["counts"].iloc[dense])
-        counted = _dense(estimation["counts"].iloc[dense], width=chosen.shape[1])
-        if counted.shape[1] > chosen.shape[1]:
-            chosen = np.pad(chosen, ((0, 0), (0, counted.shape[1] - chosen.shape[1])))
-        top = chosen.argmax(axis=1)  # ties -> lowest index, as smoothing.top_class
-        has_votes[dense] = chosen.sum(axis=1) > 0
-        n_a[dense] = counted[np.arange(len(dense)), top]
-        totals[dense] = counted.sum(axis=1)
-        guess[dense] = top.tolist()
-    for i in np.flatnonzero(labelled):
-        chosen = _mapping(selection["classes"].iloc[i], selection["counts"].iloc[i])
-        counted = _mapping(estimation["classes"].iloc[i], estimation["counts"].iloc[i])
-        ranking = ranked(chosen)
-        has_votes[i] = bool(ranking) and ranking[0][1] > 0
-        guess[i] = ranking[0][0] if has_votes[i] else ABSTAIN_LABEL
-        n_a[i] = counted.get(guess[i], 0) if has_votes[i] else 0
-        totals[i] = sum(counted.values())
-
+    (chosen, counted), columns = _count_matrices([selection, estimation], labelled)
+    totals = counted.sum(axis=1)
     n_column = estimation["n"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     n = np.where(np.isnan(n_column), totals, n_column).astype(np.int64)
     valid = (n > 0) & (totals <= n)
@@ -154,34 +170,23 @@ def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str)
             ReduceWarning,
             stacklevel=3,
         )
-    p_a = np.zeros(n_images, dtype=np.float64)
-    if valid.any():
-        p_a[valid] = lower_confidence_bounds(n_a[valid], n[valid], alpha)
-    p_a[~has_votes] = 0.0  # nothing to select: certify_counts cannot name c_A, so abstain
-    certified = has_votes & (p_a > 0.5)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        radius = np.where(certified, row_sigma * norm.ppf(np.where(certified, p_a, 0.75)), 0.0)
-
-    predict = np.empty(n_images, dtype=object)
-    for i in range(n_images):
-        if certified[i]:
-            predict[i] = guess[i]
-        else:
-            predict[i] = ABSTAIN_LABEL if labelled[i] else ABSTAIN
+    decisions = certify_matrix(chosen[valid], counted[valid], row_sigma[valid], alpha, n=n[valid])
+    selection, estimation, labelled = selection[valid], estimation[valid], labelled[valid]
+    predict = _decided_classes(decisions.prediction, columns, labelled)
+    certified = ~decisions.abstained
     label, correct = _labels_and_correct(estimation, labelled, predict, certified)
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "image_id": ids.to_numpy(),
+            "image_id": ids.to_numpy()[valid],
             "label": label,
             "predict": predict,
-            "p_a_lower": p_a,
-            "radius": radius,
+            "p_a_lower": decisions.p_a_lower,
+            "radius": decisions.radius,
             "correct": correct,
             "abstained": ~certified,
             "time_s": _elapsed(selection) + _elapsed(estimation),
         }
     )
-    return frame[valid]
 
 
 def _elapsed(rows: pd.DataFrame) -> np.ndarray:
@@ -207,33 +212,15 @@ def _labels_and_correct(
 
 
 def _predict(votes: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
-    """PREDICT on "prediction" rows: top class unless a two-sided binomial test of the top
-    two counts at p = 1/2 fails to reject at alpha (radius 0)."""
+    """PREDICT on "prediction" rows (radius 0)."""
     rows = votes[votes["phase"] == "prediction"].sort_values("image_id", kind="stable")
     if rows.empty:
         return None
     labelled = _is_labelled(rows["classes"])
-    count = len(rows)
-    first = np.zeros(count, dtype=np.int64)
-    second = np.zeros(count, dtype=np.int64)
-    top = np.empty(count, dtype=object)
-    dense = np.flatnonzero(~labelled)
-    if len(dense):
-        matrix = _dense(rows["counts"].iloc[dense])
-        best = matrix.argmax(axis=1)
-        ordered = np.sort(matrix, axis=1)
-        first[dense] = ordered[:, -1]
-        second[dense] = ordered[:, -2] if matrix.shape[1] > 1 else 0
-        top[dense] = best.tolist()
-    for i in np.flatnonzero(labelled):
-        ranking = ranked(_mapping(rows["classes"].iloc[i], rows["counts"].iloc[i]))
-        top[i] = ranking[0][0] if ranking else ABSTAIN_LABEL
-        first[i] = ranking[0][1] if ranking else 0
-        second[i] = ranking[1][1] if len(ranking) > 1 else 0
-    decided = (first + second > 0) & (binomial_pvalue(first, second) <= alpha)
-    predict = np.empty(count, dtype=object)
-    for i in range(count):
-        predict[i] = top[i] if decided[i] else (ABSTAIN_LABEL if labelled[i] else ABSTAIN)
+    (counts,), columns = _count_matrices([rows], labelled)
+    decisions = predict_matrix(counts, alpha)
+    predict = _decided_classes(decisions.prediction, columns, labelled)
+    decided = ~decisions.abstained
     label, correct = _labels_and_correct(rows, labelled, predict, decided)
     return pd.DataFrame(
         {
@@ -247,15 +234,3 @@ def _predict(votes: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
             "time_s": _elapsed(rows),
         }
     )
-
-
-def binomial_pvalue(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
-    """Two-sided exact binomial test of n_a successes in n_a + n_b at p = 1/2, vectorised.
-
-    At p = 1/2 the distribution is symmetric, so scipy's binomtest p-value is
-    min(1, 2 * P[X <= min(n_a, n_b)]), and 1 when the two counts are equal."""
-    n_a = np.asarray(n_a, dtype=np.int64)
-    n_b = np.asarray(n_b, dtype=np.int64)
-    low = np.minimum(n_a, n_b)
-    p = np.minimum(1.0, 2.0 * binom.cdf(low, n_a + n_b, 0.5))
-    return np.where(n_a == n_b, 1.0, p)

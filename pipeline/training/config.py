@@ -1,19 +1,36 @@
 """The `dsmooth train` config: a sweep of sigmas x objectives x archs x surrogate sets.
 
-Two validation passes, both before any training starts and both naming the bad field:
-``TrainConfig.validate`` (run by ``parse_config``) checks values and names; ``check_files``
-opens every checkpoint the sweep will use, because a surrogate trained on another data set
-found after an hour of training is an hour lost.
+Every setting is a typed `pipeline.config.Settings` field, declared once with its default,
+range and help: the YAML key, the `dsmooth train` flag (`jobs/options.py`) and the
+validation message all come from it. Two validation passes, both before any training
+starts and both naming the bad field: the models' own validation (types, ranges, and the
+cross-field rules in their `model_validator`s) when the config is parsed, and
+``check_files``, which opens every checkpoint the sweep will use and checks it against the
+training data, because a surrogate trained on another data set found after an hour of
+training is an hour lost.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pipeline.config import ConfigError, load_config
+from pydantic import BeforeValidator, field_validator, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptionalPath,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Settings,
+    Sigma,
+    check_value,
+    load_config,
+    option,
+)
 from pipeline.objectives import (
     CLASSIFIER_OBJECTIVES,
     DENOISER_OBJECTIVES,
@@ -21,8 +38,10 @@ from pipeline.objectives import (
     NEEDS_MSE_INIT,
     OBJECTIVES,
 )
+from pipeline.settings import DatasetLayout
 
-Task = Literal["denoiser", "classifier"]
+if TYPE_CHECKING:
+    from pipeline.data import DataDescription
 
 # Paper settings (Salman et al. 2020 for denoisers, Cohen et al. 2019 for classifiers):
 # MSE denoisers Adam 1e-3 with step decay; STAB/CLF Adam (1e-3 from scratch, 1e-5 when
@@ -40,126 +59,164 @@ DEFAULT_EPOCHS: dict[str, int] = {"mse": 90, "stab": 90, "clf": 90, "stab_mse": 
 DEFAULT_BATCH_SIZE: dict[str, int] = {"cifar10": 256, "imagenet": 64, "folder": 64}
 
 
-@dataclass
-class DatasetConfig:
+def _one_or_more(value: Any) -> Any:
+    """A single value where a list is expected means a one-element list (`sigmas: 0.25`)."""
+    return [value] if value is not None and not isinstance(value, (list, tuple)) else value
+
+
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+Task = Literal["denoiser", "classifier"]
+UseGpu = Literal["auto"] | bool
+
+
+def _use_gpu(value: Any) -> Any:
+    """auto, true or false (YAML booleans, or the words, as typed on a command line)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        word = value.strip().lower()
+        return "auto" if word == "auto" else word == "true"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be auto, true or false, got {value!r}")
+
+
+class DatasetConfig(Settings):
     """Where the images come from; `max_*` take that many images evenly spread over the
     split (every k-th), so a small run still sees every class of a class-sorted listing."""
 
-    root: Path
-    kind: Literal["cifar10", "imagenet", "folder"] = "cifar10"
-    train_split: str = "train"
-    test_split: str = "test"
-    max_train: int | None = None
-    max_test: int | None = 500
-    image_size: int | None = None
-    cache_dir: Path | None = None
-
-    def validate(self) -> None:
-        for name in ("max_train", "max_test", "image_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be >= 1 (or empty for all), got {value}")
+    root: Path = option(..., flag="--data-root", metavar="PATH", help="data set folder or archive (required)")
+    kind: DatasetLayout = option("cifar10", flag="--dataset")
+    train_split: str = option("train", metavar="NAME", help="split to train on")
+    test_split: str = option("test", metavar="NAME", help="split evaluated after every epoch (imagenet: test = val)")
+    max_train: PositiveInt | None = option(None, metavar="N", help=(
+        "training images, taken evenly over the split (default: all)"))
+    max_test: PositiveInt | None = option(500, metavar="N", help=(
+        "test images evaluated per epoch, taken evenly over the split (empty for all)"))
+    image_size: PositiveInt | None = option(None, metavar="PX", help=(
+        "resize + center-crop to PX (imagenet default 224; others: as stored)"))
+    cache_dir: OptionalPath = option(None, metavar="DIR", help=(
+        "where archives are extracted (default $DSMOOTH_CACHE/datasets or ~/.cache/dsmooth/datasets)"))
 
 
-@dataclass
-class OptimizerConfig:
+class OptimizerConfig(Settings):
     """Overrides of the paper's optimizer for one objective; empty fields keep the default."""
 
-    name: Literal["adam", "sgd"] | None = None
-    lr: float | None = None
-    momentum: float | None = None  # SGD only
-    weight_decay: float | None = None
-    step_size: int | None = None  # epochs between learning-rate decays (StepLR)
-    gamma: float | None = None  # decay factor
-
-    def validate(self) -> None:
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if self.momentum is not None and not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", f"must lie in [0, 1), got {self.momentum}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.step_size is not None and self.step_size < 1:
-            raise ConfigError("step_size", f"must be >= 1, got {self.step_size}")
-        if self.gamma is not None and not 0 < self.gamma <= 1:
-            raise ConfigError("gamma", f"must lie in (0, 1], got {self.gamma}")
+    name: Literal["adam", "sgd"] | None = option(None, help="optimizer")
+    lr: PositiveFloat | None = option(None, help="learning rate")
+    momentum: float | None = option(None, ge=0, lt=1, strict=True, allow_inf_nan=False,
+                                    help="SGD momentum, in [0, 1)")
+    weight_decay: NonNegativeFloat | None = option(None, help="L2 weight decay")
+    step_size: PositiveInt | None = option(None, help="epochs between learning-rate decays (StepLR)")
+    gamma: float | None = option(None, gt=0, le=1, strict=True, allow_inf_nan=False,
+                                 help="learning-rate decay factor, in (0, 1]")
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(Settings):
     """The grid: one training run per combination (see pipeline.training.sweep)."""
 
-    sigmas: list[float]
-    objectives: list[str] | None = None  # default: [mse] for denoisers, [xent] for classifiers
-    archs: list[str] | None = None  # default: [dncnn] for denoisers, [cifar_resnet110] for classifiers
-    surrogate_sets: list[list[Path]] = field(default_factory=list)  # black-box: each set is one run
+    # Any noise level is >= 0 (0 = standard classifier training); a denoiser's must be > 0
+    # (the `Sigma` type), checked by TrainConfig, which knows the task.
+    sigmas: Annotated[list[NonNegativeFloat], BeforeValidator(_one_or_more)] = option(
+        ..., metavar="S", help=(
+            "noise levels, one run each (> 0 for denoisers; classifiers: >= 0, 0 = standard training)"))
+    objectives: Annotated[list[Objective], BeforeValidator(_one_or_more)] | None = option(
+        None, metavar="NAME", help=(
+            f"training objectives, one run each: {', '.join(DENOISER_OBJECTIVES)} for denoisers, "
+            f"{', '.join(CLASSIFIER_OBJECTIVES)} for classifiers (default: mse / xent)"))
+    archs: Annotated[list[str], BeforeValidator(_one_or_more)] | None = option(
+        None, metavar="NAME", help=(
+            "architectures, one run each (default: dncnn for denoisers, cifar_resnet110 for "
+            "classifiers; see `dsmooth models`)"))
+    surrogate_sets: Annotated[
+        list[Annotated[list[Path], BeforeValidator(_one_or_more)]], BeforeValidator(_one_or_more)
+    ] = option(default_factory=list, cli=False, help=(
+        "black-box: sets of frozen surrogate classifier checkpoints, one run per set (YAML only)"))
 
-    def validate(self) -> None:
-        if not self.sigmas:
-            raise ConfigError("sigmas", "must list at least one noise level")
-        for i, sigma in enumerate(self.sigmas):
-            if not math.isfinite(sigma):
-                raise ConfigError(f"sigmas[{i}]", f"must be a finite number, got {sigma}")
-        for name in ("objectives", "archs"):
-            values = getattr(self, name)
-            if values is not None and not values:
-                raise ConfigError(name, "must not be an empty list")
-        for i, objective in enumerate(self.objectives or []):
-            if objective not in OBJECTIVES:
-                raise ConfigError(f"objectives[{i}]", f"{objective!r} is not one of {list(OBJECTIVES)}")
+    @field_validator("sigmas")
+    @classmethod
+    def _some_sigma(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("must list at least one noise level")
+        return value
+
+    @field_validator("objectives", "archs")
+    @classmethod
+    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    @model_validator(mode="after")
+    def _sets_not_empty(self) -> SweepConfig:
         for i, surrogates in enumerate(self.surrogate_sets):
             if not surrogates:
                 raise ConfigError(f"surrogate_sets[{i}]", "must list at least one classifier checkpoint")
+        return self
 
 
-@dataclass
-class TrainConfig:
+RUNS = "runs and resources"
+OUTPUTS = "outputs"
+
+
+class TrainConfig(Settings):
     """A whole `dsmooth train` job; see examples/train_cifar10_small.yaml."""
 
-    dataset: DatasetConfig
-    sweep: SweepConfig
-    task: Task = "denoiser"
-    name: str = "train"  # prefix of every run name
-    classifier: Path | None = None  # white-box classifier to defend (and to evaluate f∘D with)
-    init_checkpoints: list[Path] = field(default_factory=list)  # MSE denoisers STAB+MSE starts from
-    optimizer: dict[str, OptimizerConfig] = field(default_factory=dict)  # per objective
-    epochs: int | None = None
-    batch_size: int | None = None  # global, split over the workers
-    augment: bool | None = None  # random crop (CIFAR) + flip; default on
-    num_workers: int = 1  # Ray Train workers (DDP ranks) per run
-    cpus_per_worker: float = 1.0
-    use_gpu: bool | Literal["auto"] = "auto"
-    max_concurrent: int = 0  # runs at once; 0 = as many as the cluster's CPUs/GPUs allow
-    max_failures: int = 0  # restarts of a run's worker group from its last checkpoint
-    stop_after_epochs: int | None = None  # stop each run after this many epochs this time (resumable)
-    storage_path: str | None = None  # Ray Train checkpoints: a folder or s3://...; default output_dir/checkpoints
-    output_dir: Path = Path("runs/train")
-    seed: int = 0
-    eval_batch_size: int = 256
-    grid_images: int = 8
+    dataset: DatasetConfig = option(..., help="the training and test images")
+    sweep: SweepConfig = option(..., help="the grid of runs")
+    task: Task = option("denoiser", group="sweep", help="what the sweep trains")
+    name: str = option("train", group="sweep", metavar="NAME", help=(
+        "prefix of every run's name (letters, digits, '-', '_', '.')"))
+    classifier: OptionalPath = option(None, group="sweep", metavar="CKPT", help=(
+        "white-box: the classifier to defend (gradients flow through it, it never changes) and to "
+        "evaluate classifier∘denoiser with; needed by stab / stab_mse / clf unless sweep.surrogate_sets is given"))
+    init_checkpoints: Annotated[list[Path], BeforeValidator(_one_or_more)] = option(
+        default_factory=list, group="sweep", metavar="CKPT", help=(
+            "MSE denoisers that stab_mse runs of the same arch and sigma start from "
+            "(default: the sweep trains them first)"))
+    optimizer: dict[str, OptimizerConfig] = option(default_factory=dict, cli=False, help=(
+        "per objective: overrides of the paper's optimizer (name, lr, momentum, weight_decay, "
+        "step_size, gamma; YAML only)"))
+    epochs: PositiveInt | None = option(None, group="training", metavar="N", help=(
+        "epochs per run (default 90 as in the papers; 30 for stab_mse)"))
+    batch_size: PositiveInt | None = option(None, group="training", metavar="N", help=(
+        "global batch size, split over the workers (default 256 on CIFAR-10, 64 otherwise)"))
+    augment: bool | None = option(None, group="training", strict=True, help=(
+        "random crop (CIFAR-10) + flip of training images (default on)"))
+    seed: Seed = option(0, group="training", metavar="S", help=(
+        "seed of initialisation, batches, noise and augmentation"))
+    num_workers: PositiveInt = option(1, group=RUNS, metavar="N", help="Ray Train workers (DDP ranks) per run")
+    cpus_per_worker: PositiveFloat = option(1.0, group=RUNS, metavar="C", help="CPUs reserved per worker")
+    use_gpu: Annotated[UseGpu, BeforeValidator(_use_gpu)] = option(
+        "auto", group=RUNS, help="a GPU per worker: auto = when the Ray cluster has GPUs")
+    max_concurrent: NonNegativeInt = option(0, group=RUNS, metavar="N", help=(
+        "runs at once; 0 = as many as the cluster's CPUs (GPUs) fit"))
+    max_failures: int = option(0, group=RUNS, ge=-1, strict=True, metavar="N", help=(
+        "restarts of a run's worker group from its last checkpoint (-1 = unlimited)"))
+    stop_after_epochs: PositiveInt | None = option(None, group=RUNS, metavar="N", help=(
+        "train each run at most this many epochs now (rerun to continue)"))
+    output_dir: Path = option(Path("runs/train"), group=OUTPUTS, metavar="DIR", help=(
+        "<run>/model.pt, metrics.json and grid.png per run; summary.md / summary.csv"))
+    storage_path: str | None = option(None, group=OUTPUTS, metavar="PATH", help=(
+        "Ray Train checkpoints: a folder or s3://... (default OUTPUT_DIR/checkpoints)"))
+    eval_batch_size: PositiveInt = option(256, group=OUTPUTS, metavar="N",
+                                          help="batch size of the per-epoch evaluation")
+    grid_images: NonNegativeInt = option(8, group=OUTPUTS, metavar="N", help=(
+        "images in each run's clean / noisy / denoised grid.png (0 = no grid)"))
 
-    def validate(self) -> None:
-        if not self.name or any(not (c.isalnum() or c in "-_.") for c in self.name):
-            raise ConfigError("name", f"must be non-empty letters, digits, '-', '_' or '.', got {self.name!r}")
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        if not value or any(not (c.isalnum() or c in "-_.") for c in value):
+            raise ValueError(f"must be non-empty letters, digits, '-', '_' or '.', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
         self._validate_sweep()
         for key in self.optimizer:
             if key not in self.objectives:
                 known = ", ".join(self.objectives)
                 raise ConfigError(f"optimizer.{key}", f"is not an objective of this sweep ({known})")
-        for name in ("epochs", "batch_size", "num_workers", "eval_batch_size", "stop_after_epochs"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be >= 1, got {value}")
-        if self.grid_images < 0:
-            raise ConfigError("grid_images", f"must be >= 0, got {self.grid_images}")
-        if not self.cpus_per_worker > 0:
-            raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        if self.max_concurrent < 0:
-            raise ConfigError("max_concurrent", f"must be >= 0, got {self.max_concurrent}")
-        if self.max_failures < -1:
-            raise ConfigError("max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        return self
 
     def _validate_sweep(self) -> None:
         from pipeline.models import model_info
@@ -170,11 +227,12 @@ class TrainConfig:
                 raise ConfigError(
                     f"sweep.objectives[{i}]", f"{objective!r} does not train a {self.task}; use one of {list(allowed)}"
                 )
-        for i, sigma in enumerate(self.sweep.sigmas):
-            if self.task == "denoiser" and not sigma > 0:
-                raise ConfigError(f"sweep.sigmas[{i}]", f"a denoiser's noise level must be > 0, got {sigma}")
-            if self.task == "classifier" and sigma < 0:
-                raise ConfigError(f"sweep.sigmas[{i}]", f"must be >= 0 (0 = standard training), got {sigma}")
+        if self.task == "denoiser":
+            for i, sigma in enumerate(self.sweep.sigmas):
+                try:
+                    check_value(Sigma, sigma, "a denoiser's noise level")
+                except ValueError as error:
+                    raise ConfigError(f"sweep.sigmas[{i}]", str(error)) from None
         for i, arch in enumerate(self.archs):
             try:
                 info = model_info(arch)
@@ -211,7 +269,7 @@ class TrainConfig:
         settings = dict(PAPER_OPTIMIZERS[objective])
         override = self.optimizer.get(objective)
         if override is not None:
-            settings.update({k: v for k, v in vars(override).items() if v is not None})
+            settings.update(override.model_dump(exclude_none=True))
         settings["epochs"] = self.epochs or DEFAULT_EPOCHS[objective]
         settings["batch_size"] = self.batch_size or DEFAULT_BATCH_SIZE[self.dataset.kind]
         settings["augment"] = True if self.augment is None else self.augment
@@ -239,29 +297,41 @@ def resolve_paths(config: TrainConfig, base: Path | None = None) -> TrainConfig:
     storage = config.storage_path
     if storage and not _is_uri(storage):
         storage = str(absolute(Path(storage)))
-    dataset = replace(config.dataset, root=absolute(config.dataset.root), cache_dir=absolute(config.dataset.cache_dir))
-    sweep = replace(config.sweep, surrogate_sets=[[absolute(p) for p in s] for s in config.sweep.surrogate_sets])
-    return replace(
-        config,
-        dataset=dataset,
-        sweep=sweep,
-        classifier=absolute(config.classifier),
-        init_checkpoints=[absolute(p) for p in config.init_checkpoints],
-        output_dir=absolute(config.output_dir),
-        storage_path=storage,
-    )
+    # model_copy(update=...) does not validate: every value below has its field's type already.
+    dataset = config.dataset.model_copy(
+        update={"root": absolute(config.dataset.root), "cache_dir": absolute(config.dataset.cache_dir)})
+    sweep = config.sweep.model_copy(
+        update={"surrogate_sets": [[absolute(p) for p in s] for s in config.sweep.surrogate_sets]})
+    return config.model_copy(update={
+        "dataset": dataset,
+        "sweep": sweep,
+        "classifier": absolute(config.classifier),
+        "init_checkpoints": [absolute(p) for p in config.init_checkpoints],
+        "output_dir": absolute(config.output_dir),
+        "storage_path": storage,
+    })
+
+
+def describe_data(dataset: DatasetConfig) -> DataDescription:
+    """What a classifier used in training must fit: the training split's data set, classes
+    and image size (CIFAR-10 from its spec, without decoding; others from the opened split)."""
+    from pipeline.data import CIFAR10, DataDescription, open_dataset
+
+    if dataset.kind == "cifar10":
+        side = dataset.image_size or CIFAR10.input_size
+        return DataDescription(CIFAR10.name, CIFAR10.num_classes, (side, side))
+    opened = open_dataset(dataset.kind, dataset.root, dataset.train_split, image_size=dataset.image_size,
+                          cache_dir=dataset.cache_dir)
+    if not opened.classes:
+        raise ConfigError("dataset.root", f"{dataset.root} has no class sub-folders, so nothing to train on")
+    return opened.describe()
 
 
 def dataset_classes(dataset: DatasetConfig) -> int:
     """Number of classes of the training split, without decoding images where avoidable."""
-    from pipeline.data import CIFAR10_CLASSES, open_dataset
-
-    if dataset.kind == "cifar10":
-        return len(CIFAR10_CLASSES)
-    opened = open_dataset(dataset.kind, dataset.root, dataset.train_split, image_size=dataset.image_size)
-    if not opened.classes:
-        raise ConfigError("dataset.root", f"{dataset.root} has no class sub-folders, so nothing to train on")
-    return len(opened.classes)
+    num_classes = describe_data(dataset).num_classes
+    assert num_classes is not None  # describe_data refuses a split without classes
+    return num_classes
 
 
 def _read_meta(path: Path, field_name: str) -> Any:
@@ -275,16 +345,20 @@ def _read_meta(path: Path, field_name: str) -> Any:
         raise ConfigError(field_name, f"{path} is not a usable dsmooth checkpoint: {error}") from None
 
 
-def _check_classifier(path: Path, field_name: str, num_classes: int, dataset: str) -> None:
+def _check_classifier(path: Path, field_name: str, data: DataDescription) -> None:
+    """A classifier checkpoint that fits the training data (the check `certify` applies too).
+
+    Checkpoints that do not record their data set are accepted, as `dsmooth train` always
+    did (it has no --allow-foreign-classifier); their classes and input size are still checked."""
+    from pipeline.models import DataMismatchError, check_fits_data
+
     meta = _read_meta(path, field_name)
     if meta.kind != "classifier":
         raise ConfigError(field_name, f"{path} holds a {meta.kind} ({meta.arch}), not a classifier")
-    if meta.num_classes != num_classes:
-        raise ConfigError(
-            field_name,
-            f"{path} is a {meta.num_classes}-class classifier ({meta.arch}, data set {meta.dataset}) "
-            f"but data set {dataset} has {num_classes} classes",
-        )
+    try:
+        check_fits_data(meta, data, str(path), allow_foreign=True)
+    except DataMismatchError as error:
+        raise ConfigError(field_name, str(error)) from None
 
 
 def check_files(config: TrainConfig) -> None:
@@ -295,14 +369,14 @@ def check_files(config: TrainConfig) -> None:
     if not Path(config.dataset.root).exists():
         raise ConfigError("dataset.root", f"{config.dataset.root} does not exist")
     try:
-        num_classes = dataset_classes(config.dataset)
+        data = describe_data(config.dataset)
     except DatasetError as error:
         raise ConfigError("dataset.root", str(error)) from None
     if config.classifier is not None:
-        _check_classifier(config.classifier, "classifier", num_classes, config.dataset.kind)
+        _check_classifier(config.classifier, "classifier", data)
     for i, surrogates in enumerate(config.sweep.surrogate_sets):
         for j, path in enumerate(surrogates):
-            _check_classifier(path, f"sweep.surrogate_sets[{i}][{j}]", num_classes, config.dataset.kind)
+            _check_classifier(path, f"sweep.surrogate_sets[{i}][{j}]", data)
     for i, path in enumerate(config.init_checkpoints):
         meta = _read_meta(path, f"init_checkpoints[{i}]")
         if meta.kind != "denoiser":

@@ -1,0 +1,58 @@
+"""A run's identity: every setting that changes what its votes mean, one rule for all jobs.
+
+`certify` and `certify-api` both store this in run.json and refuse to resume a directory made
+with other settings. Speed settings (batch size, actors, rates), budgets and the image
+selection are *not* part of it: votes are kept per image id, so a rerun may use other
+hardware, spend more, or certify more images of the same data set.
+
+A data set is named the same way wherever the job runs: its layout and split, the image size,
+the base name of its root and a fingerprint of the split's listing -- never the full path,
+because `ray job submit --working-dir` unpacks to a new folder every time and a user may
+resume from another working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.core import ImageDataset
+from pipeline.settings import DataSelection, SmoothingSettings
+
+
+def listing_fingerprint(dataset: ImageDataset) -> str:
+    """SHA-256 of the split's image names, in id order: the same files in the same order
+    wherever the data set is unpacked, another data set otherwise."""
+    digest = hashlib.sha256()
+    for record in dataset.records:
+        digest.update(f"{record.image_id}\t{record.name}\n".encode())
+    return digest.hexdigest()
+
+
+def data_identity(selection: DataSelection, split: ImageDataset) -> dict[str, Any]:
+    """How a run names its data set (`split` is the whole split, before skip/max/ids)."""
+    return {
+        "dataset": split.name,
+        "data": Path(selection.data_root).expanduser().resolve().name,
+        "image_size": selection.image_size,
+        "listing_sha256": listing_fingerprint(split),
+    }
+
+
+def run_identity(job: str, settings: SmoothingSettings, selection: DataSelection, split: ImageDataset,
+                 **meaning: Any) -> dict[str, Any]:
+    """The identity of a `job` run: its data set, its smoothing (sigma, n0, n, seed, chunk
+    size) and the job's own `meaning` (models and their hashes, provider, encoding...)."""
+    phases = dict(settings.phases())
+    return {
+        "job": job,
+        "mode": getattr(settings, "mode", "certify"),
+        **data_identity(selection, split),
+        "sigma": settings.sigma,
+        "n0": phases.get("selection"),
+        "n": phases.get("estimation", phases.get("prediction")),
+        "seed": settings.seed,
+        "chunk_size": settings.chunk_size,  # type: ignore[attr-defined]
+        **meaning,
+    }

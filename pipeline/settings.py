@@ -1,0 +1,107 @@
+"""Settings that `certify` and `certify-api` share, declared once: which images, and how to
+smooth them (noise level, sample counts, noise seed and chunking, the denoiser).
+
+Both jobs' settings models inherit these classes, so a flag, a YAML key, a default range or
+a help text of a shared setting exists in exactly one place. A job may choose its own
+default (an API run samples 100, a model run 100,000), never its own meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from pipeline.config import (
+    Alpha,
+    ConfigError,
+    NonNegativeInt,
+    OptionalPath,
+    PositiveInt,
+    Seed,
+    Settings,
+    Sigma,
+    option,
+)
+from pipeline.data.core import ImageDataset
+from pipeline.data.sources import DatasetKind, open_dataset
+
+
+# The sample counts, typed once with their meaning; each job picks its defaults.
+SelectionSamples = Annotated[int, Field(ge=1, strict=True, description=(
+    "selection samples per image: CERTIFY's first draw, which only picks the top class"))]
+EstimationSamples = Annotated[int, Field(ge=1, strict=True, description=(
+    "estimation samples per image (CERTIFY's fresh second draw; PREDICT's only draw)"))]
+ChunkSize = Annotated[int, Field(ge=1, strict=True, description=(
+    "samples per noise chunk; part of every sample's noise address (seed, image, phase, chunk)"))]
+
+
+DatasetLayout = Annotated[DatasetKind, Field(description=(
+    "layout: cifar10 (pickled batches, class folders or their .tar.gz), imagenet "
+    "(<split>/<wnid>/*.JPEG), folder (any images; class sub-folders give labels)"))]
+
+
+class DataSelection(Settings):
+    """Which images of which data set: the layout, its root, the split and a slice of it."""
+
+    dataset: DatasetLayout = option(..., group="data")
+    data_root: Path = option(..., group="data", metavar="PATH", help="data set folder or archive")
+    split: str = option("test", group="data", metavar="NAME",
+                        help="split to certify (imagenet: test = val; folder: ignored)")
+    skip: PositiveInt = option(1, group="data", metavar="K",
+                               help="take every K-th image of the split (the papers use 20 / 100)")
+    max: NonNegativeInt | None = option(None, group="data", metavar="M",
+                                        help="stop before position M of the split (default: all)")
+    ids: list[NonNegativeInt] | None = option(None, group="data", metavar="ID",
+                                              help="certify exactly these image ids (instead of --skip/--max)")
+    image_size: PositiveInt | None = option(None, group="data", metavar="PX", help=(
+        "resize + center-crop to PX (imagenet default 224; others: as stored)"))
+
+    def open_split(self, labels: bool = True) -> ImageDataset:
+        """The whole split (image ids are positions in it)."""
+        return open_dataset(self.dataset, self.data_root, self.split, image_size=self.image_size, labels=labels)
+
+    def select(self, split: ImageDataset) -> ImageDataset:
+        """The images of `split` these settings select (ids, or every skip-th before max)."""
+        selected = split.by_ids(self.ids) if self.ids is not None else split.subset(self.skip, self.max)
+        if len(selected) == 0:
+            raise ConfigError("max" if self.max is not None else "data_root",
+                              f"no images selected from {split.name} (skip={self.skip}, max={self.max})")
+        return selected
+
+    @model_validator(mode="after")
+    def _one_way_to_select(self) -> DataSelection:
+        if self.ids is not None and (self.skip != 1 or self.max is not None):
+            raise ConfigError("ids", "give either ids or skip/max, not both")
+        return self
+
+
+class SmoothingSettings(Settings):
+    """The smoothing: noise level and sample counts, the noise seed and chunking, and the
+    optional denoiser in front of the classifier (or API)."""
+
+    sigma: Sigma = option(..., group="smoothing", metavar="S",
+                          help="Gaussian noise level sigma, in [0, 1] pixel units (required, > 0)")
+    alpha: Alpha = option(0.001, group="smoothing", metavar="A", help=(
+        "failure probability of the certificates reported at the end (the votes do not depend on "
+        "it: `dsmooth reduce --alpha` recomputes them)"))
+    seed: Seed = option(0, group="smoothing", metavar="S", help="noise seed; same seed = same noise = same counts")
+    denoiser: OptionalPath = option(None, group="models", metavar="CKPT",
+                                    help="denoiser D checkpoint, or 'none' for the classifier alone")
+
+    def phases(self) -> list[tuple[str, int]]:
+        """(phase, samples) drawn per image: CERTIFY's two independent draws, or PREDICT's one."""
+        if getattr(self, "mode", "certify") == "certify":
+            return [("selection", self.n0), ("estimation", self.n)]  # type: ignore[attr-defined]
+        return [("prediction", self.n)]  # type: ignore[attr-defined]
+
+    def samples_per_image(self) -> int:
+        return sum(num for _, num in self.phases())
+
+    @model_validator(mode="after")
+    def _selection_within_estimation(self) -> SmoothingSettings:
+        n0, n = getattr(self, "n0", None), getattr(self, "n", None)
+        if getattr(self, "mode", "certify") == "certify" and n0 is not None and n is not None and n0 > n:
+            raise ConfigError("n0", f"n0={n0} must not exceed n={n} (selection uses fewer samples)")
+        return self
