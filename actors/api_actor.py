@@ -1,10 +1,13 @@
-"""Ray actors for API certification: one per API client, and one budget shared by all.
+"""Ray actors for API certification: the job's ledger, and one actor per API client.
 
-Thin wrappers: the work is `pipeline.apis.worker.QueryWorker` and `pipeline.apis.budget`.
-The API actor is threaded (max_concurrency = its share of the job's concurrency), so
-several work units query at once under one rate limiter. Credentials are read by the
-client inside the actor's process, from the environment the Ray workers inherited; they
-are never task arguments, so they never enter Ray's object store or logs.
+Thin wrappers: the work is `pipeline.apis.ledger.Ledger` and `pipeline.apis.worker.QueryWorker`.
+The ledger actor is threaded (every call of every API actor asks it first and reports to it
+after) and pinned to the driver's node, where the run directory is written; API actors find
+it by name. An API actor is threaded too (max_concurrency = its share of the job's
+concurrency). Credentials are read by the client inside the actor's process, from the
+environment the Ray workers inherited; they are never task arguments, so they never enter
+Ray's object store or logs. Constructor arguments are small plain values (names, hashes),
+so a restarted actor never depends on objects that may be gone (ray-project/ray#53727).
 """
 
 from __future__ import annotations
@@ -13,29 +16,45 @@ from typing import Any
 
 import ray
 import torch
-from torch import nn
 
-from pipeline.apis.budget import Budget, BudgetSnapshot
+from actors.blob_store import BlobKey, fetch_blob, on_driver_node
+from pipeline.apis.budget import Budget
 from pipeline.apis.config import ApiSettings, RetrySettings
+from pipeline.apis.ledger import Ledger, Permit
 from pipeline.apis.plan import WorkUnit
+from pipeline.apis.ratelimit import RateLimiter
 from pipeline.apis.worker import QueryWorker, UnitResult
 
 
-@ray.remote(num_cpus=0)
-class BudgetActor:
-    """The job's single budget: every attempt of every actor reserves here first."""
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=512)
+class LedgerActor:
+    def __init__(self, run: str, provider: str, budget: dict[str, Any], qps: float,
+                 answered: dict, invocation: str) -> None:
+        self._ledger = Ledger(run, provider, Budget(**budget), RateLimiter(qps), answered, invocation)
 
-    def __init__(self, max_queries: int | None, max_cost: float | None, price_per_1000: float) -> None:
-        self._budget = Budget(max_queries, max_cost, price_per_1000)
+    def reserve(self, *args: Any) -> Permit:
+        return self._ledger.reserve(*args)
 
-    def reserve(self) -> bool:
-        return self._budget.reserve()
+    def answered(self, *args: Any, **fields: Any) -> dict[str, Any]:
+        return self._ledger.answered(*args, **fields)
 
-    def halt(self, reason: str) -> None:
-        self._budget.halt(reason)
+    def reslot(self) -> float:
+        return self._ledger.reslot()
 
-    def snapshot(self) -> BudgetSnapshot:
-        return self._budget.snapshot()
+    def halt(self, kind: str, message: str) -> None:
+        self._ledger.halt(kind, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._ledger.snapshot()
+
+    def close(self) -> None:
+        self._ledger.close()
+
+
+def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], qps: float, answered: dict,
+                 invocation: str) -> Any:
+    """The job's ledger, on the driver's node, found by API actors under `name`."""
+    return LedgerActor.options(name=name, **on_driver_node()).remote(run, provider, budget, qps, answered, invocation)
 
 
 @ray.remote
@@ -46,32 +65,47 @@ class ApiActor:
         self,
         api: ApiSettings,
         retry: RetrySettings,
-        qps: float,
         concurrency: int,
-        price_per_1000: float,
         sigma: float,
-        budget: Any,
-        denoiser: nn.Module | None = None,
+        ledger: str,
+        store: str | None = None,
+        denoiser: BlobKey | None = None,
         name: str = "api-0",
     ) -> None:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
-        self._budget = budget
-        self._worker = QueryWorker(api, retry, qps, concurrency, price_per_1000, sigma, denoiser, name)
+        model = None
+        if denoiser is not None:
+            from pipeline.model_pair import ModelBytes, load_from_bytes
+            from pipeline.models import freeze
 
-    def _reserve(self) -> bool:
-        return bool(ray.get(self._budget.reserve.remote()))
+            model = freeze(load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))[0])
+        self._ledger = ray.get_actor(ledger)
+        self._worker = QueryWorker(api, retry, concurrency, sigma, model, name)
+
+    def describe(self) -> str:
+        """The readiness ping: answers once the actor is built."""
+        return self._worker.name
 
     def check(self) -> tuple[str, str] | None:
         """Build the client now: (kind, message) if credentials are missing or unusable."""
         return self._worker.check()
 
     def run_unit(self, unit: WorkUnit, image: torch.Tensor, image_name: str) -> UnitResult:
+        def permit(*args: Any) -> Permit:
+            return ray.get(self._ledger.reserve.remote(*args))
+
+        def answered(*args: Any, **fields: Any) -> Any:
+            return ray.get(self._ledger.answered.remote(*args, **fields))
+
+        def reslot() -> float:
+            return ray.get(self._ledger.reslot.remote())
+
         try:
-            result = self._worker.run_unit(unit, image, image_name, self._reserve)
+            result = self._worker.run_unit(unit, image, image_name, permit, answered, reslot)
         except Exception as error:  # noqa: BLE001 - never let Ray print an unscrubbed traceback
             from pipeline.apis.secrets import describe
 
             result = UnitResult(unit, stop="error", message=describe(error))
         if result.stop not in (None, "budget"):
-            self._budget.halt.remote(result.stop)  # every other actor stops before its next call
+            self._ledger.halt.remote(result.stop, result.message or "")  # every other actor stops too
         return result

@@ -1,11 +1,12 @@
 """The Ray actor that holds one denoiser-classifier pair and counts votes for batches of images.
 
 All the work is `pipeline.model_pair.PairCounter` (the batched, buffer-reusing,
-inference-mode engine, mixed precision on GPU); the actor only decides the device, holds the
-model between calls, and is created with Ray's fault tolerance: a crashed actor process is
-restarted (`max_restarts`) and the call it was running is retried (`max_task_retries`), and
-since every request carries its noise address (seed, image, phase, chunk) the retried
-counts are identical.
+inference-mode engine, mixed precision on GPU); the actor only decides the device and holds
+the model between calls. Ray restarts a crashed actor process (`max_restarts`); its
+constructor takes only small plain arguments (the name of the job's `BlobStore` among them)
+and fetches the checkpoint bytes from that store, so a restart never depends on objects that may be gone. Work lost with an actor
+is resubmitted by `actors.pool.WorkPool`, and since every request carries its noise address
+(seed, image, phase, chunk) the recomputed counts are identical.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.blob_store import BlobKey, fetch_blob
+from actors.progress_counter import Reporter
 from pipeline.data.specs import DataDescription
 from pipeline.model_pair import ModelBytes, PairCounter, PairInfo
 from pipeline.noise import SampleRequest
@@ -30,8 +33,9 @@ class ModelActor:
     def __init__(
         self,
         name: str,
-        classifier: ModelBytes,
-        denoiser: ModelBytes | None,
+        store: str,
+        classifier: BlobKey,
+        denoiser: BlobKey | None,
         expected: PairInfo,
         data: DataDescription,
         settings: Mapping[str, Any],
@@ -44,43 +48,57 @@ class ModelActor:
         if not use_gpu:
             # One intra-op thread per CPU Ray gave us: more would fight the other actors.
             torch.set_num_threads(max(1, num_threads))
-        self.counter = PairCounter(classifier, denoiser, expected, data, device=device, **dict(settings))
+        f = ModelBytes(classifier.source, fetch_blob(store, classifier))
+        d = ModelBytes(denoiser.source, fetch_blob(store, denoiser)) if denoiser is not None else None
+        self.counter = PairCounter(f, d, expected, data, device=device, **dict(settings))
         self.worker = f"{name}@{socket.gethostname()}:{os.getpid()}/{device}"
 
     def describe(self) -> dict[str, Any]:
         """Who and where this actor is (also the readiness ping: it answers once loaded)."""
-        return {"worker": self.worker, "device": str(self.counter.device), "pid": os.getpid()}
+        return {"worker": self.worker, "device": str(self.counter.device), "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def count(
-        self, requests: Sequence[SampleRequest], images: Mapping[int, np.ndarray]
+        self,
+        requests: Sequence[SampleRequest],
+        images: Mapping[int, np.ndarray],
+        progress: Any = None,
+        key: Any = None,
     ) -> tuple[np.ndarray, float, str]:
-        """(counts [len(requests), classes], compute seconds, worker label) for uint8 images by id."""
-        counts, seconds = self.counter.count(requests, images)
+        """(counts [len(requests), classes], compute seconds, worker label) for uint8 images by
+        id; each finished image is reported to the `progress` counter under `key`."""
+        reporter = Reporter(progress, key)
+        counts, seconds = self.counter.count(requests, images, on_image=lambda _, samples: reporter.add(1, samples))
+        reporter.flush()
         return counts, seconds, self.worker
 
 
 def start_model_actor(
     index: int,
     *,
-    classifier_ref: ray.ObjectRef,
-    denoiser_ref: ray.ObjectRef | None,
+    store: str,
+    classifier: BlobKey,
+    denoiser: BlobKey | None,
     expected: PairInfo,
     data: DataDescription,
     settings: Mapping[str, Any],
     num_cpus: float,
     num_gpus: float,
     max_restarts: int,
+    resources: Mapping[str, float] | None = None,
 ) -> Any:
-    """A new ModelActor with Ray-level restarts and call retries."""
+    """A new ModelActor; Ray restarts its process, the pool resubmits its lost work."""
     return ModelActor.options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        resources=dict(resources or {}),
         max_restarts=max_restarts,
-        max_task_retries=max_restarts,
+        max_task_retries=0,  # the pool resubmits lost work at once, to any ready actor
     ).remote(
         f"actor-{index}",
-        classifier_ref,
-        denoiser_ref,
+        store,
+        classifier,
+        denoiser,
         expected,
         data,
         dict(settings),

@@ -51,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=_seconds, default=0.0, metavar="S", help="seconds added before answering")
     parser.add_argument("--latency-rate", type=_probability, default=1.0, metavar="P", help="fraction of answers delayed (default 1)")
     parser.add_argument("--auth-failure", action="store_true", help="refuse every call as with invalid credentials")
-    parser.add_argument("--verbose", action="store_true", help="print method and path of each call (never headers)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         malformed=args.malformed, latency_s=args.latency, latency_rate=args.latency_rate,
     )
     try:
-        server = EmulatorServer(classifier, port=args.port, seed=args.seed, faults=faults, verbose=args.verbose)
+        server = EmulatorServer(classifier, port=args.port, seed=args.seed, faults=faults, verbose=args.verbose)  # -v: method and path of each call (never headers)
     except OSError as error:
         raise ValueError(f"cannot listen on 127.0.0.1:{args.port}: {error.strerror or error}") from None
     print(f"api-emulator: listening on {server.url} (aws, google, azure, clarifai; "

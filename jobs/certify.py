@@ -8,37 +8,43 @@ OUTPUT/votes as shards finish. Certificates are computed from the counts, at any
 
 Settings come from --config FILE.yaml (keys = the option names below with '_' for '-',
 e.g. data_root, n0, gpus_per_actor); options given on the command line override the file.
+OUTPUT, the data and the checkpoints may be local paths or s3:// / gs:// URIs.
 Resume: rerun the same command with the same --output; finished images are skipped, and
-a directory made with other settings (data, models, sigma, n0, n, seed, ...) is refused.
+a directory made with other settings (data, models, sigma, n0, n, seed, ...) is refused, as
+is a directory another job is writing. Lost actors and nodes are replaced on the fly.
 
 examples:
   dsmooth certify --config examples/certify_cifar10_small.yaml
   dsmooth certify --dataset cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz --skip 20 \\
       --classifier ckpt/resnet110.pt --denoiser ckpt/dncnn-0.25.pt --sigma 0.25 --n 10000 \\
       --output runs/c10-0.25
-  ray job submit --working-dir . -- dsmooth certify --config my.yaml --output /shared/runs/x"""
+  ray job submit --working-dir . -- dsmooth certify --config my.yaml --output s3://bucket/runs/x"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from jobs.ray_env import add_ray_arguments
+
+log = logging.getLogger("dsmooth")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.options import add_settings_arguments
     from pipeline.certify_plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
-    add_settings_arguments(parser, CertifyConfig,
-                           groups={"data": None, "models": None, "smoothing": None, SPEED_GROUP: SPEED_NOTE})
+    add_settings_arguments(parser, CertifyConfig, groups={
+        "data": None, "models": None, "smoothing": None, SPEED_GROUP: SPEED_NOTE, "cluster": None,
+    })
     add_ray_arguments(parser)
 
 
@@ -51,16 +57,62 @@ def load_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    outcome = certify(load_settings(args), address=args.address)
+    print(outcome.report())
+    return 0
+
+
+@dataclass
+class CertifyOutcome:
+    """What one `certify` call did: the run, how many images, what was skipped, how long."""
+
+    output: str
+    selected: list[int]
+    certified_now: int
+    seconds: float
+    alpha: float
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self) -> str:
+        """Where the votes are, how to resume and reduce them, and the certified accuracies of
+        the images this call selected."""
+        lines = [
+            f"dsmooth certify: {len(self.selected)} images in {self.output} ({self.certified_now} certified now, "
+            f"{self.seconds:.1f}s)",
+            f"  votes:  {self.output}/votes/part-*.parquet  (settings: {self.output}/run.json)",
+            "  resume: rerun this same command; images already in the votes are skipped",
+            f"  reduce: dsmooth reduce {self.output} --alpha {self.alpha:g}",
+        ]
+        if self.skipped:
+            names = ", ".join(s["name"] for s in self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
+            lines.append(f"  skipped {len(self.skipped)} unreadable image(s) (listed in run.json): {names}")
+        table = self.table()
+        return "\n".join(lines) + (f"\n\n{table}" if table else "")
+
+    def table(self) -> str:
+        try:
+            from pipeline.reduce import DEFAULT_RADII, accuracy_table, load_run, render
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                certificates = load_run(self.output, self.alpha, name=self.output.rstrip("/").rsplit("/", 1)[-1])
+                certificates = certificates[certificates["image_id"].isin(set(self.selected))]
+                return render(accuracy_table([certificates], DEFAULT_RADII), "markdown").rstrip()
+        except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
+            return f"  (no summary table: {error})"
+
+
+def certify(config: Any, address: str | None = None) -> CertifyOutcome:
+    """Certify (or resume) the images `config` selects; see the module doc."""
     from pipeline.models import CheckpointError
 
-    config = load_settings(args)
     split = config.open_split()
     selected = config.select(split)
     try:
         classifier, denoiser, info = _check_models(config, selected)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
-    return _certify(config, args, split, selected, classifier, denoiser, info)
+    return _certify(config, address, split, selected, classifier, denoiser, info)
 
 
 def _check_models(config, selected):
@@ -74,73 +126,100 @@ def _check_models(config, selected):
     return classifier, denoiser, info
 
 
-def _certify(config, args, split, selected, classifier, denoiser, info) -> int:
+def _certify(config, address, split, selected, classifier, denoiser, info) -> CertifyOutcome:
     from pipeline.certify_plan import certify_identity
     from pipeline.config import to_dict
-    from pipeline.storage import completed_images, open_run
+    from pipeline.fs import Location
+    from pipeline.runlock import exclusive_run
+    from pipeline.storage import completed_images, open_run, update_run_record
 
+    output = Location.of(config.output)
     identity = certify_identity(config, split, info)
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
-    record = open_run(config.output, identity, extra=speed)
-    phases = [phase for phase, _ in config.phases()]
-    done = completed_images(config.output, phases)
-    todo = [r for r in selected.records if r.image_id not in done]
-    print(f"dsmooth certify: {len(selected)} images selected from {selected.name}, "
-          f"{len(selected) - len(todo)} already in {config.output}, {len(todo)} to do", file=sys.stderr)
-    started = time.monotonic()
-    if todo:
-        _warn_relative_output(config.output)
-        _run_pool(config, args, selected, todo, classifier, denoiser, info, record["run_id"])
-    _summary(config, selected, len(todo), time.monotonic() - started)
-    return 0
+    with exclusive_run(output, "dsmooth certify") as lease:
+        record = open_run(output, identity, extra=speed)
+        phases = [phase for phase, _ in config.phases()]
+        done = completed_images(output, phases)
+        todo = [r for r in selected.records if r.image_id not in done]
+        log.info("%d images selected from %s, %d already in %s, %d to do",
+                 len(selected), selected.name, len(selected) - len(todo), output, len(todo))
+        started = time.monotonic()
+        skipped: list[dict[str, Any]] = []
+        if todo:
+            _warn_relative_output(config.output)
+            try:
+                _run_pool(config, address, selected, todo, classifier, denoiser, info, record["run_id"], lease, skipped)
+            finally:
+                if skipped:
+                    known = {s["image_id"] for s in record.get("skipped_images", [])}
+                    update_run_record(output, skipped_images=record.get("skipped_images", [])
+                                      + [s for s in skipped if s["image_id"] not in known])
+    return CertifyOutcome(str(output), [r.image_id for r in selected.records], len(todo) - len(skipped),
+                          time.monotonic() - started, config.alpha, skipped)
 
 
-def _run_pool(config, args, selected, todo, classifier, denoiser, info, run_id: str) -> None:
+def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:
     import ray
 
+    from actors.blob_store import put_blob, start_blob_store
     from actors.model_actor import start_model_actor
-    from actors.shard_pool import ShardPool
+    from actors.pool import Demand, PlacementError, WorkPool, drive, placement_problem
+    from actors.progress_counter import start_progress_counter
     from jobs.ray_env import connect
     from pipeline.certify_plan import default_shard_size, plan_shards
     from pipeline.progress import Progress
 
-    started_here = not ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS"))
-    connect(args.address)
+    started_here = connect(address)
     try:
-        num_actors, gpus, cpus = _size_pool(config, local=started_here)
-        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), num_actors)
+        demand = _demand(config)
+        problem, autoscaling = placement_problem(demand)
+        if problem and started_here:
+            raise PlacementError(f"{problem} (set --gpus-per-actor / --cpus-per-actor, or give --address of a cluster)")
+        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), demand.actors)
         shards = plan_shards(todo, shard_size)
-        print(f"dsmooth certify: {num_actors} actor(s) x ({cpus:g} CPU, {gpus:g} GPU), {len(shards)} shards of "
-              f"<= {shard_size} images, {config.samples_per_image():,} samples per image", file=sys.stderr)
-        data = selected.describe()
-        classifier_ref = ray.put(classifier)
-        denoiser_ref = ray.put(denoiser) if denoiser else None
+        log.info("%s, %d shards of <= %d images, %s samples per image", demand, len(shards), shard_size,
+                 f"{config.samples_per_image():,}")
+        store, store_name = start_blob_store()
+        classifier_key = put_blob(store, classifier.data, classifier.source)
+        denoiser_key = put_blob(store, denoiser.data, denoiser.source) if denoiser else None
+        counter = start_progress_counter()
         settings = {
             "sigma": config.sigma, "classifier_arch": config.classifier_arch, "batch_size": config.batch_size,
             "allow_foreign_classifier": config.allow_foreign_classifier, "amp": config.amp,
             "optimize": config.optimize,
         }
-        pool = ShardPool(
+        pool = WorkPool(
             lambda index: start_model_actor(
-                index, classifier_ref=classifier_ref, denoiser_ref=denoiser_ref, expected=info,
-                data=data, settings=settings, num_cpus=cpus, num_gpus=gpus,
+                index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=info,
+                data=selected.describe(), settings=settings, num_cpus=demand.cpus, num_gpus=demand.gpus,
                 max_restarts=config.max_restarts,
             ),
-            num_actors,
+            demand,
+            wait_timeout_s=config.wait_timeout,
         )
-        progress = Progress("certify" if config.mode == "certify" else "predict", total=len(todo))
+        writer = _ShardWriter(config, selected, info, run_id, lease, counter, len(todo))
+        pool.on_requeue = writer.forget
         try:
-            _drive(pool, _tasks(shards, selected, config), config, selected, info, run_id, progress)
+            error = drive(pool, writer.items(shards, skipped), writer.write, on_lost=writer.forget, tick=writer.tick)
         finally:
+            writer.progress.close()
             pool.shutdown()
+            for actor in (store, counter):
+                ray.kill(actor)
+        if error is not None:
+            if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
+                raise error
+            raise RuntimeError(f"certification failed: {error}") from error
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _size_pool(config, local: bool) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor), defaults from the cluster's resources."""
+def _demand(config) -> Any:
+    """Actors and what each asks for, defaults from the cluster's resources."""
     import ray
+
+    from actors.pool import Demand
 
     resources = ray.cluster_resources()
     total_gpus, total_cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
@@ -152,115 +231,97 @@ def _size_pool(config, local: bool) -> tuple[int, float, float]:
         actors = max(1, int(total_gpus // gpus))
     else:
         actors = max(1, int(total_cpus // cpus))
-    if local and (gpus > total_gpus or cpus > total_cpus):
-        raise ValueError(
-            f"one actor needs {gpus:g} GPU and {cpus:g} CPU but this machine's Ray has {total_gpus:g} GPU and "
-            f"{total_cpus:g} CPU (set --gpus-per-actor / --cpus-per-actor, or give --address of a cluster)"
-        )
-    return actors, gpus, cpus
+    return Demand(actors, cpus, gpus)
 
 
-def _tasks(shards, selected, config) -> Iterator[tuple[Any, dict]]:
-    """(shard, images) with images loaded just in time; an unreadable image ends the stream.
+class _ShardWriter:
+    """The driver's side of the pool: shards out (images loaded just in time), votes in."""
 
-    The images of a shard before the unreadable one still go out as a shorter shard, so
-    everything readable up to that point is certified and written before the error.
-    """
-    from pipeline.certify_plan import Shard
+    def __init__(self, config, selected, info, run_id, lease, counter, total: int) -> None:
+        from pipeline.progress import Progress
 
-    lookup = selected.by_ids
-    for shard in shards:
-        images = {}
-        for position, record in enumerate(shard.records):
-            try:
-                images[record.image_id] = lookup([record.image_id]).as_uint8()[0]
-            except Exception:
-                if position:
-                    yield Shard(shard.index, shard.records[:position]), images
-                raise
-        yield shard, images
+        self.config, self.selected, self.info, self.run_id = config, selected, info, run_id
+        self.lease, self.counter = lease, counter
+        self.pending: dict[int, tuple[Any, list]] = {}
+        self.written_images = self.written_samples = 0
+        self.progress = Progress("certify" if config.mode == "certify" else "predict", total=total)
+        self._last_poll = 0.0
 
+    def items(self, shards, skipped: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
+        import ray
 
-def _drive(pool, tasks, config, selected, info, run_id, progress) -> None:
-    """Feed shards to the pool as it has room, write each result as one Parquet part."""
-    import ray
+        from pipeline.certify_plan import Shard, shard_requests
+        from pipeline.data import DatasetError
 
-    from actors.shard_pool import ShardFailed
-    from pipeline.certify_plan import shard_requests, vote_rows
-    from pipeline.storage import write_votes
+        for shard in shards:
+            records, images = [], {}
+            for record in shard.records:
+                try:
+                    images[record.image_id] = self.selected.by_ids([record.image_id]).as_uint8()[0]
+                except DatasetError as error:
+                    if self.config.on_bad_image == "fail":
+                        if records:  # what was readable before it still goes out
+                            yield from self._submit(Shard(shard.index, tuple(records)), images)
+                        raise
+                    log.warning("skipping %s: %s", record.name, error)
+                    skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
+                    self.progress.total -= 1
+                    continue
+                records.append(record)
+            if records:
+                yield from self._submit(Shard(shard.index, tuple(records)), images)
 
-    pending: dict[int, tuple[Any, list]] = {}
-    error: BaseException | None = None
-    exhausted = False
-    while True:
-        while error is None and not exhausted and pool.has_capacity():
-            try:
-                shard, images = next(tasks)
-            except StopIteration:
-                exhausted = True
-                break
-            except Exception as load_error:  # noqa: BLE001 - stop feeding, keep what is in flight
-                error = load_error
-                break
-            requests = shard_requests(shard, config)
-            images_ref = ray.put(images)
-            pending[shard.index] = (shard, requests)
-            pool.submit(shard.index, lambda actor, requests=requests, ref=images_ref: actor.count.remote(requests, ref))
-        if not pool.busy():
-            if error is None and not exhausted:
-                pool.next_result(timeout_s=1.0)  # no actor ready yet: wait on their pings
-                continue
-            break
-        try:
-            outcome = pool.next_result(timeout_s=5.0)
-        except ShardFailed as failure:
-            pending.pop(failure.key, None)
-            if error is None:
-                error = failure.cause
-            continue
-        if outcome is None:
-            continue
-        key, (counts, compute_s, worker) = outcome
-        shard, requests = pending.pop(key)
+    def _submit(self, shard, images) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        from pipeline.certify_plan import shard_requests
+
+        requests = shard_requests(shard, self.config)
+        images_ref = ray.put(images)
+        self.pending[shard.index] = (shard, requests)
+        counter, key = self.counter, shard.index
+        yield key, lambda actor, r=requests, ref=images_ref: actor.count.remote(r, ref, counter, key)
+
+    def write(self, key: int, result: Any) -> None:
+        from pipeline.certify_plan import vote_rows
+        from pipeline.storage import write_votes
+
+        counts, compute_s, worker = result
+        shard, requests = self.pending.pop(key)
         rows = vote_rows(
-            run_id=run_id, config=config, records=shard.records, requests=requests, counts=counts,
+            run_id=self.run_id, config=self.config, records=shard.records, requests=requests, counts=counts,
             compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
-            classifier=info.classifier, denoiser=info.denoiser, class_names=selected.classes,
+            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
         )
-        write_votes(config.output, rows, worker=worker.split("@")[0])
-        progress.update(len(shard.records), work=sum(request.num_samples for request in requests))
-    if error is not None:
-        if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
-            raise error
-        raise RuntimeError(f"certification failed: {error}") from error
+        self.lease.check()
+        write_votes(self.config.output, rows, worker=worker.split("@")[0])
+        self.forget(key)
+        self.written_images += len(shard.records)
+        self.written_samples += sum(r.num_samples for r in requests)
+        self.tick(force=True)
+
+    def forget(self, key: Any) -> None:
+        self.counter.forget.remote(key)
+
+    def tick(self, force: bool = False) -> None:
+        import ray
+
+        now = time.monotonic()
+        if not force and now - self._last_poll < 1.0:
+            return
+        self._last_poll = now
+        try:
+            images, samples = ray.get(self.counter.totals.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            images, samples = 0, 0
+        self.progress.set(self.written_images + images, self.written_samples + samples)
 
 
-def _warn_relative_output(output: Path) -> None:
+def _warn_relative_output(output: str) -> None:
     """Inside `ray job submit --working-dir`, a relative path lands in a temporary folder."""
+    from pipeline.fs import is_uri
+
     in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor
-    if in_submitted_job and not Path(output).is_absolute():
-        print(f"dsmooth certify: warning: --output {output} is relative to this job's temporary working "
-              f"directory ({Path(output).resolve()}); use an absolute path to keep the votes", file=sys.stderr)
-
-
-def _summary(config, selected, new: int, seconds: float) -> None:
-    """Where the votes are, how to resume and reduce them, and the certified accuracies of
-    the images this command selected."""
-    output = Path(config.output).resolve()
-    print(f"\ndsmooth certify: {len(selected)} images in {output} ({new} certified now, {seconds:.1f}s)")
-    print(f"  votes:  {output / 'votes'}/part-*.parquet  (settings: {output / 'run.json'})")
-    print("  resume: rerun this same command; images already in the votes are skipped")
-    print(f"  reduce: dsmooth reduce {output} --alpha {config.alpha:g}")
-    try:
-        from pipeline.reduce import DEFAULT_RADII, accuracy_table, load_run, render
-    except ImportError:
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            certificates = load_run(output, config.alpha, name=output.name)
-            certificates = certificates[certificates["image_id"].isin(set(selected.image_ids().tolist()))]
-            print()
-            print(render(accuracy_table([certificates], DEFAULT_RADII), "markdown"), end="")
-    except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
-        print(f"  (no summary table: {error})")
+    if in_submitted_job and not is_uri(output) and not os.path.isabs(output):
+        log.warning("--output %s is relative to this job's temporary working directory (%s); use an absolute "
+                    "path or an s3:// URI to keep the votes", output, os.path.abspath(output))

@@ -3,20 +3,23 @@ Clarifai) with denoised smoothing, under hard query and cost budgets.
 
 For each image: one clean query (its label, as in Salman et al.), then n0 selection and n
 estimation queries on noisy copies x + delta (through the optional local denoiser, sent
-as lossless PNG). The class of a query is the API's top label. Every query is written to
-RUN_DIR/queries/ as it returns, each finished image's vote counts to RUN_DIR/votes/, so
-`dsmooth reduce RUN_DIR` gives certificates at any alpha -- and a rerun of the same command
-resumes exactly where the last one stopped, never asking a query twice.
+as lossless PNG). The class of a query is the API's top label. Every call is written to the
+run's call journal before it is sent and when it is answered, each finished image's vote
+counts to RUN_DIR/votes/, so `dsmooth reduce RUN_DIR` gives certificates at any alpha -- and
+a rerun of the same command resumes exactly where the last one stopped (even after a kill):
+answered queries are never asked again, only calls that were in flight are repeated.
 
-Budget: budget.max_queries and/or budget.max_cost bound what ONE invocation may send;
-every call attempt (retries included) is reserved before it is sent, so the limits cannot
-be passed. Credentials come from each provider's standard variables, never from the
-config: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (boto3's chain), GOOGLE_API_KEY or
-GOOGLE_APPLICATION_CREDENTIALS, VISION_KEY + VISION_ENDPOINT (Azure), CLARIFAI_PAT.
+Budget: budget.max_queries / max_cost bound what ONE invocation may send, run_max_queries /
+run_max_cost the whole run; every call attempt (retries included) is reserved before it is
+sent, so no limit can be passed. The rate limit holds job-wide (never more than rate.qps
+starts in any second), slowing down after throttling. Credentials come from each
+provider's standard variables, never from the config: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+(boto3's chain), GOOGLE_API_KEY or GOOGLE_APPLICATION_CREDENTIALS, VISION_KEY + VISION_ENDPOINT
+(Azure), CLARIFAI_PAT.
 
-exit status: 0 all images certified; 3 stopped early (budget spent, or queries that failed
-after every retry): rerun to resume; 4 the provider refused (credentials or requests);
-2 bad config or input.
+exit status: 0 all images certified; 3 stopped early (budget spent, or queries with no valid
+answer after every retry): rerun to resume; 4 the provider refused (credentials or requests);
+2 bad config or input, or the run is held by another job.
 
 examples:
   dsmooth api-emulator --port 8790 &          # a local stand-in for the four APIs
@@ -27,13 +30,17 @@ examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections import deque
-from datetime import datetime, timezone
-from pathlib import Path
+import time
+import uuid
+from collections.abc import Iterator
 from typing import Any, TextIO
 
+log = logging.getLogger("dsmooth")
+
 EXIT_CODES = {"planned": 0, "complete": 0, "budget": 3, "failed": 3, "auth": 4, "rejected": 4, "error": 4}
+SPEND_FILE = "spend.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,158 +67,179 @@ def run(args: argparse.Namespace) -> int:
 def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None) -> Any:
     """Run (or resume) one API certification; returns its pipeline.apis.runstate.Summary."""
     from pipeline.apis.prepare import api_identity, load_denoiser, select_images
-    from pipeline.apis.querylog import compact_queries
-    from pipeline.apis.runstate import RunState, Summary, format_summary, record_spending, run_lock, spending_totals
+    from pipeline.apis.querylog import compact
+    from pipeline.apis.runstate import RunState, Summary, format_summary
+    from pipeline.fs import Location
+    from pipeline.runlock import exclusive_run
     from pipeline.storage import open_run
 
     out = out or sys.stdout
-    started_at = datetime.now(timezone.utc)
     split, dataset = select_images(config)
-    denoiser, arch, sha = (None, None, None)
+    denoiser = None
+    arch = sha = None
     if config.denoiser is not None:
         denoiser, arch, sha = load_denoiser(config.denoiser, config.sigma, dataset)
     identity, extra = api_identity(config, split, arch, sha)
-    run_dir = Path(config.output)
-    record = open_run(run_dir, identity, extra)
+    run_dir = Location.of(config.output)
     price = config.budget.price(config.api.provider)
-    with run_lock(run_dir):
-        compact_queries(run_dir)
+    with exclusive_run(run_dir, "dsmooth certify-api") as lease:
+        record = open_run(run_dir, identity, extra)
+        compact(run_dir)  # the journals of earlier invocations (killed ones included) into the log
         state = RunState(run_dir, record, [(r.image_id, r.name) for r in dataset.records])
         state.write_missing_votes()
-        summary = Summary(
-            "complete", config.api.provider, images_total=len(dataset), price_per_1000=price,
-            max_queries=config.budget.max_queries, max_cost=config.budget.max_cost,
-        )
+        summary = Summary("complete", config.api.provider, images_total=len(dataset), price_per_1000=price)
         if dry_run or state.pending_queries() == 0:
-            _finish(summary, state, run_dir)
+            _finish(summary, state, run_dir, price)
             if dry_run:
                 summary.status = "planned"
             print(format_summary(summary, run_dir), file=out, flush=True)
             return summary
-        print(
-            f"certify-api [{config.api.provider}]: {len(dataset)} images ({len(state.complete())} already done), "
-            f"sigma={config.sigma}, n0={config.n0}, n={config.n}, denoiser={arch or 'none'}, "
-            f"{state.pending_queries()} queries to go -> {run_dir}",
-            file=out, flush=True,
-        )
+        log.info("certify-api [%s]: %d images (%d already done), sigma=%s, n0=%d, n=%d, denoiser=%s, "
+                 "%d queries to go -> %s", config.api.provider, len(dataset), len(state.complete()), config.sigma,
+                 config.n0, config.n, arch or "none", state.pending_queries(), run_dir)
+        invocation = uuid.uuid4().hex[:12]
         try:
-            _dispatch(config, dataset, state, denoiser, price, summary, address)
+            _dispatch(config, dataset, state, denoiser, price, summary, address, invocation, lease)
         finally:
-            compact_queries(run_dir)
-            _finish(summary, state, run_dir)
-            record_spending(run_dir, summary, started_at)
-        summary.total_attempts, summary.total_cost = spending_totals(run_dir)
+            compact(run_dir)
+            _finish(summary, state, run_dir, price)
     print(format_summary(summary, run_dir), file=out, flush=True)
     return summary
 
 
-def _finish(summary: Any, state: Any, run_dir: Path) -> None:
-    from pipeline.apis.runstate import spending_totals
+def _finish(summary: Any, state: Any, run_dir: Any, price: float) -> None:
+    from pipeline.apis.querylog import spend
 
     summary.images_complete = len(state.complete())
+    summary.images_incomplete = state.incomplete_after_retries()
     summary.pending_queries = state.pending_queries()
-    summary.total_attempts, summary.total_cost = spending_totals(run_dir)
+    summary.run = spend(run_dir)
+    _write_spend_record(run_dir, price)
     if summary.status == "complete" and summary.pending_queries:
         summary.status = "failed"
 
 
-def _dispatch(config: Any, dataset: Any, state: Any, denoiser: Any, price: float, summary: Any, address: str | None) -> None:
-    """Feed work units to the API actors, log what returns, stop cleanly on budget or auth."""
+def _write_spend_record(run_dir: Any, price: float) -> None:
+    """RUN/spend.json: what each invocation sent and owes, recomputed from the journal (so an
+    invocation that was killed appears too)."""
+    from pipeline.apis.querylog import read_calls
+    from pipeline.storage import write_json
+
+    calls = read_calls(run_dir)
+    invocations = []
+    for invocation, group in calls.groupby("invocation", sort=False) if not calls.empty else []:
+        billable = int(group["billable"].fillna(True).sum())
+        invocations.append({
+            "invocation": invocation,
+            "first_call": str(group["sent_at"].min()), "last_call": str(group["sent_at"].max()),
+            "calls": len(group), "billable": billable, "unconfirmed": int(group["status"].isna().sum()),
+            "cost": round(billable * price / 1000, 9),
+        })
+    invocations.sort(key=lambda entry: entry["first_call"])
+    total = {key: sum(entry[key] for entry in invocations) for key in ("calls", "billable", "unconfirmed")}
+    write_json({"price_per_1000": price, "invocations": invocations,
+                "total": {**total, "cost": round(total["billable"] * price / 1000, 9)}}, run_dir / SPEND_FILE)
+
+
+def _dispatch(config: Any, dataset: Any, state: Any, denoiser: Any, price: float, summary: Any,
+              address: str | None, invocation: str, lease: Any) -> None:
+    """Feed work units to the API actors through the shared pool; log what returns; stop
+    cleanly on budget or auth."""
     import ray
 
-    from actors.api_actor import ApiActor, BudgetActor
+    from actors.api_actor import ApiActor, start_ledger
+    from actors.blob_store import put_blob, start_blob_store
+    from actors.pool import Demand, WorkPool, drive
     from jobs.ray_env import connect
+    from pipeline.apis.querylog import spend
     from pipeline.progress import Progress
 
-    connect(address)
+    started_here = connect(address)
     rate = config.rate
     per_actor = max(1, rate.concurrency // rate.actors)
-    budget = BudgetActor.remote(config.budget.max_queries, config.budget.max_cost, price)
-    denoiser_ref = ray.put(denoiser) if denoiser is not None else None
-    actors = [
-        ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 1).remote(
-            config.api, config.retry, rate.qps / rate.actors, per_actor, price, config.sigma,
-            budget, denoiser_ref, f"api-{i}",
-        )
-        for i in range(rate.actors)
-    ]
+    ledger_name = f"dsmooth-ledger-{invocation}"
+    budget = {**config.budget.limits(), "price_per_1000": price, "run_queries_before": spend(config.output).calls}
+    ledger = start_ledger(ledger_name, str(config.output), config.api.provider, budget, rate.qps,
+                          state.answered_map(), invocation)
+    store, store_name, denoiser_key = None, None, None
+    if denoiser is not None:
+        store, store_name = start_blob_store()
+        denoiser_key = put_blob(store, denoiser.data, denoiser.source)
+    demand = Demand(rate.actors, rate.actor_cpus, 0.0)
+    pool = WorkPool(
+        lambda index: ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 2, max_restarts=2,
+                                       max_task_retries=0).remote(
+            config.api, config.retry, per_actor, config.sigma, ledger_name, store_name, denoiser_key, f"api-{index}"),
+        demand, per_actor=per_actor, wait_timeout_s=config.wait_timeout,
+    )
+    todo = [(p, r) for p, r in enumerate(dataset.records) if not state.images[r.image_id].voted]
+    snapshot: dict[str, Any] = {}
+
+    def spent() -> str:
+        budget_now = snapshot.get("budget")
+        return f"${budget_now.cost:.4f} spent" + (f" of {budget_now.describe()}" if budget_now else "") \
+            if budget_now else "$0 spent"
+
+    progress = Progress("certify-api", len(todo), unit="images", rate_unit="queries", extra=spent)
+    stop: dict[str, Any] = {"kind": None}
     try:
-        problems = [p for p in ray.get([a.check.remote() for a in actors]) if p is not None]
-        if problems:
-            summary.status, summary.message = problems[0]
-            return
-        todo = [(position, record) for position, record in enumerate(dataset.records) if not state.images[record.image_id].voted]
-        progress = Progress("certify-api", len(todo), unit="images", rate_unit="queries")
-        units = _units(dataset, state, todo)
-        in_flight: dict[Any, tuple[int, Any]] = {}
-        load = [0] * len(actors)
-        image_refs: dict[int, list[Any]] = {}  # image id -> [object ref, units outstanding]
-        limit = len(actors) * (per_actor + 1)
-        stop: str | None = None
-        while True:
-            while stop is None and len(in_flight) < limit and units:
-                unit, position, name = units.popleft()
-                if unit.image_id not in image_refs:
-                    image_refs[unit.image_id] = [ray.put(dataset.load(position)), 0]
-                image_refs[unit.image_id][1] += 1
-                index = min(range(len(actors)), key=load.__getitem__)
-                load[index] += 1
-                ref = actors[index].run_unit.remote(unit, image_refs[unit.image_id][0], name)
-                in_flight[ref] = (index, unit)
-            if not in_flight:
-                break
-            (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-            index, unit = in_flight.pop(ready)
-            load[index] -= 1
-            result = ray.get(ready)
-            entry = image_refs[unit.image_id]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del image_refs[unit.image_id]
+        def on_result(_key: Any, result: Any) -> bool:
             finished = state.record(result.rows)
-            _count(summary, result.rows)
-            progress.update(done=len(finished), work=len(result.rows))
-            if result.stop is not None and (stop is None or stop == "budget"):
-                stop = result.stop
-                summary.message = result.message
-                if stop != "budget":
-                    budget.halt.remote(stop)
-        if stop is not None:
-            summary.status = stop
-        snapshot = ray.get(budget.snapshot.remote())
-        summary.attempts, summary.cost = snapshot.queries, snapshot.cost
-        if stop == "budget":
-            summary.message = _budget_message(snapshot)
+            for row in result.rows:
+                if row["status"] == "ok" and not row.get("reused"):
+                    summary.answered += 1
+                elif row["status"] != "ok":
+                    summary.failed += 1
+            progress.update(done=len(finished), work=sum(row["attempts"] for row in result.rows))
+            if result.stop is not None and stop["kind"] in (None, "budget"):
+                stop["kind"], summary.message = result.stop, result.message
+                if result.stop != "budget":
+                    ledger.halt.remote(result.stop, result.message or "")
+            lease.check()
+            return stop["kind"] is None
+
+        def tick() -> None:
+            try:
+                snapshot.update(ray.get(ledger.snapshot.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - progress is best effort
+                pass
+            progress.set(progress.done)
+
+        error = drive(pool, _units(dataset, state, todo), on_result, tick=tick)
+        if error is not None:
+            raise error
+        if stop["kind"] is not None:
+            summary.status = stop["kind"]
     finally:
-        for actor in [*actors, budget]:
-            ray.kill(actor)
+        progress.close()
+        pool.shutdown()
+        try:
+            final = ray.get(ledger.snapshot.remote(), timeout=60)
+            ray.get(ledger.close.remote(), timeout=120)
+            budget_now = final["budget"]
+            summary.attempts, summary.cost, summary.billable = budget_now.queries, budget_now.cost, final["billable"]
+            summary.retried = {k: v for k, v in final["statuses"].items() if k != "ok"}
+            summary.limits = budget_now.describe()
+            if summary.status == "budget" or stop["kind"] == "budget":
+                summary.message = f"budget spent: {budget_now.describe()}"
+        finally:
+            for actor in (ledger, store):
+                if actor is not None:
+                    ray.kill(actor)
+            if started_here:
+                ray.shutdown()
 
 
-def _units(dataset: Any, state: Any, todo: list[tuple[int, Any]]) -> deque:
-    """(unit, dataset position, image name) for every query still to ask, image by image."""
-    queue: deque = deque()
+def _units(dataset: Any, state: Any, todo: list[tuple[int, Any]]) -> Iterator[tuple[Any, Any]]:
+    """(key, submit) for every query still to ask, image by image; an image's pixels are put
+    in the object store once, while its units run."""
+    import ray
+
     for position, record in todo:
-        for unit in state.units(record.image_id):
-            queue.append((unit, position, record.name))
-    return queue
-
-
-def _count(summary: Any, rows: list[dict[str, Any]]) -> None:
-    for row in rows:
-        summary.attempts += int(row["attempts"])  # the budget actor's count replaces this at the end
-        summary.cost += float(row["cost"])
-        if row["status"] == "ok":
-            summary.answered += 1
-        elif row["status"] == "malformed":
-            summary.malformed += 1
-        else:
-            summary.failed += 1
-
-
-def _budget_message(snapshot: Any) -> str:
-    parts = []
-    if snapshot.max_queries is not None:
-        parts.append(f"{snapshot.queries}/{snapshot.max_queries} queries")
-    if snapshot.max_cost is not None:
-        parts.append(f"${snapshot.cost:.4f}/${snapshot.max_cost:.4f}")
-    return "budget spent: " + ", ".join(parts)
+        units = state.units(record.image_id)
+        if not units:
+            continue
+        image_ref = ray.put(dataset.load(position))
+        for unit in units:
+            key = (unit.image_id, unit.phase, unit.samples[0])
+            yield key, lambda actor, u=unit, ref=image_ref, name=record.name: actor.run_unit.remote(u, ref, name)

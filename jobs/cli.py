@@ -56,22 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (results still print)")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug lines, and Ray's own output (worker logs, its INFO lines)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
+        from jobs import logs
         from jobs.options import Parser
+        from pipeline.errors import Refused
 
         module = importlib.import_module(COMMANDS[argv[0]][0])
         sub = Parser(prog=f"dsmooth {argv[0]}", description=(module.__doc__ or COMMANDS[argv[0]][1]).strip())
         module.add_arguments(sub)
+        add_verbosity_arguments(sub)
         args = sub.parse_args(argv[1:])
+        logs.setup(logs.VERBOSE if args.verbose else logs.QUIET if args.quiet else logs.NORMAL)
         try:
             return int(module.run(args) or 0)
         except KeyboardInterrupt:
             print("interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
             return 130
-        except (ValueError, FileNotFoundError, PermissionError, KeyError) as error:
+        except (Refused, ValueError, FileNotFoundError, PermissionError, KeyError) as error:
             # Bad input: one clear line, not a traceback (use --debug-style env to see more).
             if _debug():
                 raise

@@ -15,15 +15,19 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """ray.init once: the given address, $RAY_ADDRESS, or a fresh local instance."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """ray.init once: the given address, $RAY_ADDRESS, or a fresh local instance. Returns
+    True when this call started a local Ray (the caller shuts it down when done)."""
     import ray
 
+    from jobs.logs import ray_init_options
+
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" always starts a new instance, never a stray cluster left on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, **ray_init_options())
+        return False
+    # "local" always starts a new instance, never a stray cluster left on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
+    return True

@@ -11,18 +11,24 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, option
+from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
 from pipeline.model_pair import ModelIdentity, PairInfo
 from pipeline.run_identity import run_identity
 from pipeline.noise import SampleRequest
-from pipeline.settings import ChunkSize, DataSelection, EstimationSamples, SelectionSamples, SmoothingSettings
+from pipeline.settings import (
+    ChunkSize,
+    DataSelection,
+    EstimationSamples,
+    PoolSettings,
+    SelectionSamples,
+    SmoothingSettings,
+)
 
 MODES = ("certify", "predict")
 # A shard is the unit of work sent to an actor and of loss on a crash: about this many
@@ -40,11 +46,11 @@ SPEED_NOTE = (
 )
 
 
-class CertifyConfig(DataSelection, SmoothingSettings):
+class CertifyConfig(DataSelection, SmoothingSettings, PoolSettings):
     """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
 
-    classifier: Path = option(..., group="models", metavar="CKPT", help=(
-        "classifier f: dsmooth checkpoint (or raw state dict with --classifier-arch)"))
+    classifier: Where = option(..., group="models", metavar="CKPT", help=(
+        "classifier f: dsmooth checkpoint (or raw state dict with --classifier-arch); path or URI"))
     classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
         "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
     allow_foreign_classifier: bool = option(False, group="models", help=(
@@ -69,7 +75,8 @@ class CertifyConfig(DataSelection, SmoothingSettings):
         "images per actor call and per Parquet part (default: ~200k samples' worth)"))
     max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
                                           help="Ray restarts of a crashed actor, and retries of its call")
-    output: Path = option(..., metavar="DIR", help="run directory: run.json + votes/part-*.parquet (required)")
+    output: Where = option(..., metavar="DIR", help=(
+        "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
 
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:

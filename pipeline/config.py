@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 T = TypeVar("T", bound="Settings")
 
@@ -65,6 +65,19 @@ def _none_words(value: Any) -> Any:
     return value
 
 
+def _path_text(value: Any) -> Any:
+    import os
+
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _known_scheme(value: str) -> str:
+    from pipeline.fs import Location
+
+    Location.of(value)  # an unknown scheme (ftp://...) is refused here, before any work
+    return value
+
+
 # Shared setting types: validation and meaning declared once, used by every job.
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 Alpha = Annotated[float, Field(gt=0, lt=1, strict=True)]
@@ -74,6 +87,10 @@ NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 OptionalPath = Annotated[Path | None, BeforeValidator(_none_words)]
+# A local path or an object-storage URI (s3://bucket/key, gs://bucket/key): kept as text,
+# since Path("s3://b/k") would silently become the local folder "s3:/b/k".
+Where = Annotated[str, BeforeValidator(_path_text), AfterValidator(_known_scheme), Field(min_length=1)]
+OptionalWhere = Annotated[Where | None, BeforeValidator(_none_words)]
 
 
 def check_value(kind: Any, value: Any, name: str) -> Any:

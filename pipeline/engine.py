@@ -11,7 +11,7 @@ images are grouped.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -73,10 +73,17 @@ class VoteCounter:
         counts += torch.bincount(slots, minlength=num_requests * self.num_classes)
 
     @torch.inference_mode()
-    def count(self, images: Mapping[int, torch.Tensor], requests: Sequence[SampleRequest]) -> np.ndarray:
+    def count(
+        self,
+        images: Mapping[int, torch.Tensor],
+        requests: Sequence[SampleRequest],
+        on_done: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         """Vote counts, int64 [len(requests), num_classes], row i for requests[i].
 
         `images` maps image id -> [C, H, W] float tensor in [0, 1] (same shape for all).
+        `on_done(i)` is called as soon as every sample of requests[i] is classified (for
+        progress reports; the counts are returned at the end).
         """
         if not requests:
             return np.zeros((0, self.num_classes), dtype=np.int64)
@@ -88,6 +95,16 @@ class VoteCounter:
         inputs = self._input_buffer(shape)
         counts = torch.zeros(len(requests) * self.num_classes, dtype=torch.long, device=self.device)
         filled = 0
+        placed: list[int] = []  # requests whose samples all sit in the buffer or earlier batches
+
+        def flush() -> None:
+            if filled:
+                self._classify_into(counts, filled, len(requests))
+            if on_done is not None:
+                for done in placed:
+                    on_done(done)
+            placed.clear()
+
         for row, request in enumerate(requests):
             image = on_device[request.image_id]
             if tuple(image.shape) != shape:
@@ -102,10 +119,11 @@ class VoteCounter:
                     filled += take
                     start += take
                     if filled == self.batch_size:
-                        self._classify_into(counts, filled, len(requests))
+                        flush()
                         filled = 0
-        if filled:
-            self._classify_into(counts, filled, len(requests))
+            placed.append(row)
+        if filled or placed:
+            flush()
         return counts.view(len(requests), self.num_classes).cpu().numpy()
 
 

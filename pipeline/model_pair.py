@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.data.core import to_tensor
+from pipeline.fs import Location
 from pipeline.data.specs import DataDescription
 from pipeline.engine import VoteCounter
 from pipeline.inference import optimize_for_inference
@@ -46,11 +47,12 @@ class ModelBytes:
     data: bytes
 
     @classmethod
-    def read(cls, path: str | Path) -> ModelBytes:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        return cls(str(path), path.read_bytes())
+    def read(cls, where: str | Path | Location) -> ModelBytes:
+        """A checkpoint from a local path or an object-storage URI."""
+        location = Location.of(where)
+        if not location.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {location}")
+        return cls(str(where), location.read_bytes())
 
     @property
     def sha256(self) -> str:
@@ -129,6 +131,15 @@ def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str)
     return int(logits.shape[1])
 
 
+def load_from_bytes(checkpoint: ModelBytes) -> tuple[nn.Module, ModelMeta]:
+    """A dsmooth checkpoint's model and metadata from its bytes (actors get bytes, not files)."""
+    with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
+        path = Path(folder) / "model.pt"
+        path.write_bytes(checkpoint.data)
+        with _named(path, checkpoint.source):
+            return load_checkpoint(path)
+
+
 def load_pair(
     classifier: ModelBytes,
     denoiser: ModelBytes | None,
@@ -197,14 +208,23 @@ class PairCounter:
             model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp
         )
 
-    def count(self, requests: Sequence[SampleRequest], images: Mapping[int, np.ndarray]) -> tuple[np.ndarray, float]:
+    def count(
+        self,
+        requests: Sequence[SampleRequest],
+        images: Mapping[int, np.ndarray],
+        on_image: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, float]:
         """(counts int64 [len(requests), classes], seconds); images are uint8 [H, W, 3] by id.
 
         Requests for images of one size are counted in one engine call, so samples of
         different images fill the same forward batches; each request carries its own noise
-        address, so grouping cannot change a count.
+        address, so grouping cannot change a count. `on_image(image_id, samples)` is called
+        when every request of an image is counted (progress).
         """
         started = time.perf_counter()
+        left = {}
+        for request in requests:
+            left[request.image_id] = left.get(request.image_id, 0) + 1
         tensors = {image_id: to_tensor(np.asarray(image)) for image_id, image in images.items()}
         missing = sorted({r.image_id for r in requests} - set(tensors))
         if missing:
@@ -213,5 +233,13 @@ class PairCounter:
         shapes = sorted({tuple(tensors[r.image_id].shape) for r in requests})
         for shape in shapes:
             rows = [i for i, r in enumerate(requests) if tuple(tensors[r.image_id].shape) == shape]
-            counts[rows] = self.counter.count(tensors, [requests[i] for i in rows])
+
+            def done(position: int, rows: list[int] = rows) -> None:
+                request = requests[rows[position]]
+                left[request.image_id] -= 1
+                if on_image is not None and left[request.image_id] == 0:
+                    samples = sum(r.num_samples for r in requests if r.image_id == request.image_id)
+                    on_image(request.image_id, samples)
+
+            counts[rows] = self.counter.count(tensors, [requests[i] for i in rows], on_done=done)
         return counts, time.perf_counter() - started

@@ -1,10 +1,19 @@
-"""Progress lines for long work: done / total, rate, ETA, at most one line every few seconds."""
+"""Progress of long work: done / total, rate and ETA, item by item.
+
+On a terminal it is an in-place bar (tqdm); anywhere else (`ray job logs`, a file, a CI log)
+a plain line every `every_s` seconds, and one at the end, through the "dsmooth" logger.
+An optional `extra()` adds a job's own figure, e.g. the money an API run has spent.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+log = logging.getLogger("dsmooth")
 
 
 def format_duration(seconds: float) -> str:
@@ -15,7 +24,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Prints e.g. `certify: 120/500 images (24.0%) | 3,410 samples/s | ETA 2m13s`."""
+    """e.g. `certify: 120/500 images (24.0%) | 3,410 samples/s | ETA 2m13s`."""
 
     def __init__(
         self,
@@ -23,32 +32,69 @@ class Progress:
         total: int,
         unit: str = "images",
         rate_unit: str = "samples",
-        every_s: float = 5.0,
+        every_s: float = 10.0,
         stream: TextIO | None = None,
+        extra: Callable[[], str] | None = None,
+        bar: bool | None = None,
     ) -> None:
         self.label, self.total, self.unit, self.rate_unit = label, total, unit, rate_unit
         self.every_s = every_s
         self.stream = stream or sys.stderr
+        self.extra = extra
         self.done = 0
         self.work = 0
         self.started = time.monotonic()
-        self._last_print = float("-inf")
+        self._last_line = float("-inf")
+        interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = None
+        if (interactive if bar is None else bar) and log.isEnabledFor(logging.INFO):
+            from tqdm import tqdm
 
-    def update(self, done: int = 1, work: int = 0) -> None:
-        """Record `done` finished items and `work` rate units (samples, queries...)."""
-        self.done += done
-        self.work += work
+            self._bar = tqdm(total=total, desc=label, unit=unit.rstrip("s") or "it", file=self.stream,
+                             dynamic_ncols=True, leave=True)
+
+    def update(self, done: int = 0, work: int = 0) -> None:
+        """Add `done` finished items and `work` rate units (samples, queries...)."""
+        self.set(self.done + done, self.work + work)
+
+    def set(self, done: int, work: int | None = None) -> None:
+        """Absolute figures (e.g. items written plus those finished in flight)."""
+        self.done = max(0, min(done, self.total))
+        if work is not None:
+            self.work = work
+        if self._bar is not None:
+            self._bar.n = self.done
+            postfix = self._rate()
+            if self.extra is not None:
+                postfix = f"{postfix}, {self.extra()}" if postfix else self.extra()
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.refresh()
+            return
         now = time.monotonic()
-        if now - self._last_print >= self.every_s or self.done >= self.total:
-            self._last_print = now
-            print(self.line(), file=self.stream, flush=True)
+        if now - self._last_line >= self.every_s:
+            self._last_line = now
+            log.info("%s", self.line())
+
+    def close(self) -> None:
+        """The final figures: the bar's last state, or one last line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        else:
+            log.info("%s", self.line())
+
+    def _rate(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return f"{self.work / elapsed:,.0f} {self.rate_unit}/s" if self.work else ""
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         percent = 100.0 * self.done / self.total if self.total else 100.0
         parts = [f"{self.label}: {self.done}/{self.total} {self.unit} ({percent:.1f}%)"]
         if self.work:
-            parts.append(f"{self.work / elapsed:,.0f} {self.rate_unit}/s")
+            parts.append(self._rate())
+        if self.extra is not None:
+            parts.append(self.extra())
         if 0 < self.done < self.total:
             parts.append(f"ETA {format_duration(elapsed * (self.total - self.done) / self.done)}")
         else:

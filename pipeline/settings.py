@@ -8,8 +8,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,13 +16,16 @@ from pipeline.config import (
     Alpha,
     ConfigError,
     NonNegativeInt,
-    OptionalPath,
+    OptionalWhere,
+    PositiveFloat,
     PositiveInt,
     Seed,
     Settings,
     Sigma,
+    Where,
     option,
 )
+from pipeline.fs import Location
 from pipeline.data.core import ImageDataset
 from pipeline.data.sources import DatasetKind, open_dataset
 
@@ -46,7 +48,9 @@ class DataSelection(Settings):
     """Which images of which data set: the layout, its root, the split and a slice of it."""
 
     dataset: DatasetLayout = option(..., group="data")
-    data_root: Path = option(..., group="data", metavar="PATH", help="data set folder or archive")
+    data_root: Where = option(..., group="data", metavar="PATH", help=(
+        "data set folder or archive: a local path, s3://bucket/... or gs://bucket/... (copied to a local "
+        "cache once)"))
     split: str = option("test", group="data", metavar="NAME",
                         help="split to certify (imagenet: test = val; folder: ignored)")
     skip: PositiveInt = option(1, group="data", metavar="K",
@@ -57,10 +61,15 @@ class DataSelection(Settings):
                                               help="certify exactly these image ids (instead of --skip/--max)")
     image_size: PositiveInt | None = option(None, group="data", metavar="PX", help=(
         "resize + center-crop to PX (imagenet default 224; others: as stored)"))
+    on_bad_image: Literal["fail", "skip"] = option("fail", group="data", help=(
+        "an image that cannot be read: stop the job (after writing what was done), or skip it "
+        "(listed in run.json and the summary)"))
 
     def open_split(self, labels: bool = True) -> ImageDataset:
-        """The whole split (image ids are positions in it)."""
-        return open_dataset(self.dataset, self.data_root, self.split, image_size=self.image_size, labels=labels)
+        """The whole split (image ids are positions in it); a remote root is read through a
+        local cached copy."""
+        root = Location.of(self.data_root).local_copy()
+        return open_dataset(self.dataset, root, self.split, image_size=self.image_size, labels=labels)
 
     def select(self, split: ImageDataset) -> ImageDataset:
         """The images of `split` these settings select (ids, or every skip-th before max)."""
@@ -77,6 +86,14 @@ class DataSelection(Settings):
         return self
 
 
+class PoolSettings(Settings):
+    """How a job waits for its Ray actors."""
+
+    wait_timeout: PositiveFloat = option(300.0, group="cluster", metavar="S", help=(
+        "seconds to wait for the first actor to start; then stop with the reason if none can be placed "
+        "(an autoscaling cluster that can add a fitting node keeps waiting)"))
+
+
 class SmoothingSettings(Settings):
     """The smoothing: noise level and sample counts, the noise seed and chunking, and the
     optional denoiser in front of the classifier (or API)."""
@@ -87,8 +104,8 @@ class SmoothingSettings(Settings):
         "failure probability of the certificates reported at the end (the votes do not depend on "
         "it: `dsmooth reduce --alpha` recomputes them)"))
     seed: Seed = option(0, group="smoothing", metavar="S", help="noise seed; same seed = same noise = same counts")
-    denoiser: OptionalPath = option(None, group="models", metavar="CKPT",
-                                    help="denoiser D checkpoint, or 'none' for the classifier alone")
+    denoiser: OptionalWhere = option(None, group="models", metavar="CKPT",
+                                     help="denoiser D checkpoint (path or URI), or 'none' for the classifier alone")
 
     def phases(self) -> list[tuple[str, int]]:
         """(phase, samples) drawn per image: CERTIFY's two independent draws, or PREDICT's one."""

@@ -1,7 +1,8 @@
 """certify-api under budgets and faults, and with secrets in the environment: budgets are never
-passed (the emulator counts), resumption never repeats a query, throttling and 5xx do not
-change a certificate, auth failures stop at once, malformed answers are failures, and no
-credential reaches a file, a log or the terminal."""
+passed (the emulator counts), resumption never repeats a query, throttling, 5xx and
+malformed answers do not change a certificate (they are retried), auth failures stop at
+once, billing counts what the provider bills, and no credential reaches a file, a log or
+the terminal."""
 
 from __future__ import annotations
 
@@ -66,13 +67,23 @@ def test_query_budget_is_never_passed_and_a_resumed_run_repeats_nothing(emulator
 
     second = run(emulator, "aws", tmp_path, **{"budget.max_queries": 1000})
     assert second.status == "complete" and second.attempts == NEEDED - 30
-    assert emulator.calls("aws") == NEEDED  # every query asked exactly once over both runs
+    assert emulator.calls("aws") == NEEDED and emulator.repeated("aws") == 0  # every query asked once
     log = read_query_log(tmp_path, dedup=False)
     assert len(log) == NEEDED and not log.duplicated(["image_id", "phase", "sample"]).any()
     assert {k: normalise(v) for k, v in top_labels_in_log(tmp_path).items()} == {k: normalise(v) for k, v in oracle.items()}
-    ledger = json.loads((tmp_path / "spend.json").read_text())
-    assert [entry["attempts"] for entry in ledger] == [30, NEEDED - 30]
-    assert second.total_attempts == NEEDED and second.total_cost == pytest.approx(NEEDED / 1000)
+    record = json.loads((tmp_path / "spend.json").read_text())
+    assert [entry["calls"] for entry in record["invocations"]] == [30, NEEDED - 30]
+    assert record["total"]["calls"] == NEEDED == second.run.calls and second.run.unconfirmed == 0
+    assert second.run_cost == pytest.approx(NEEDED / 1000)
+
+
+def test_run_budget_holds_across_invocations(emulator, tmp_path):
+    """budget.run_max_queries bounds the whole run, however many invocations it takes."""
+    first = run(emulator, "aws", tmp_path, **{"budget.max_queries": 20, "budget.run_max_queries": 35})
+    second = run(emulator, "aws", tmp_path, **{"budget.max_queries": 20, "budget.run_max_queries": 35})
+    third = run(emulator, "aws", tmp_path, **{"budget.max_queries": 20, "budget.run_max_queries": 35})
+    assert (first.attempts, second.attempts, third.attempts) == (20, 15, 0)
+    assert emulator.calls("aws") == 35 and third.status == "budget" and "run 35/35 queries" in third.message
 
 
 def test_cost_budget_is_never_passed(emulator, tmp_path):
@@ -86,14 +97,17 @@ def test_cost_budget_is_never_passed(emulator, tmp_path):
 def test_throttling_5xx_and_timeouts_change_no_certificate(emulator, tmp_path, oracle):
     emulator.set_faults("azure", throttle=0.25, server_error=0.15, latency_s=0.5, latency_rate=0.05)
     summary = run(emulator, "azure", tmp_path, **{"retry.timeout_s": 0.3, "retry.max_attempts": 12})
-    assert summary.status == "complete" and summary.answered == NEEDED and summary.malformed == 0
+    assert summary.status == "complete" and summary.answered == NEEDED
     calls = emulator.calls("azure")
     assert calls > NEEDED  # faults were hit and retried...
-    log = read_query_log(tmp_path, dedup=False)
-    assert int(log.attempts.sum()) == calls == summary.attempts  # ...and every attempt was counted
-    assert log.attempts.max() > 1 and (log.status == "ok").all()
-    errors = " ".join(e for e in log.error if isinstance(e, str))
-    assert errors == ""  # a final success leaves no error on the row
+    every = read_query_log(tmp_path, dedup=False)
+    assert len(every) == calls == summary.attempts == summary.run.calls  # ...and every attempt was counted
+    log = read_query_log(tmp_path)
+    assert log.attempts.max() > 1 and (log.status == "ok").all() and len(log) == NEEDED
+    # Billing: throttled and 5xx calls are not billed, answers (and timed-out calls) are.
+    billed = int(every.status.isin(["ok", "malformed", "timeout"]).sum())
+    assert summary.billable == billed == summary.run.billable < calls
+    assert set(summary.retried) <= {"throttled", "server_error", "timeout"} and summary.retried
     # The same answers, hence the same votes and certificates, as a fault-free run.
     assert {k: normalise(v) for k, v in top_labels_in_log(tmp_path).items()} == {k: normalise(v) for k, v in oracle.items()}
     for row in read_votes(tmp_path).itertuples():
@@ -106,11 +120,20 @@ def test_queries_that_keep_failing_are_not_marked_done(emulator, tmp_path):
     summary = run(emulator, "clarifai", tmp_path, ids=IDS[:1], **{"retry.max_attempts": 2, "budget.max_queries": 6})
     assert summary.status == "budget" and emulator.calls("clarifai") == 6
     log = read_query_log(tmp_path)
-    assert (log.status == "failed").all() and log.error.str.contains("ServerError").all()
+    assert (log.status == "server_error").all() and log.error.str.contains("ServerError").all()
     emulator.set_faults("clarifai")
     resumed = run(emulator, "clarifai", tmp_path, ids=IDS[:1])
     assert resumed.status == "complete" and resumed.attempts == NEEDED // 2  # the failed ones were asked again
     assert len(read_query_log(tmp_path)) == NEEDED // 2 and (read_query_log(tmp_path).status == "ok").all()
+
+
+def test_a_query_without_a_valid_answer_leaves_its_image_incomplete_not_wrong(emulator, tmp_path):
+    emulator.set_faults("azure", malformed=1.0)
+    summary = run(emulator, "azure", tmp_path, ids=IDS[:1], **{"retry.max_attempts": 2})
+    assert summary.status == "failed" and summary.images_incomplete == [IDS[0]] and summary.images_complete == 0
+    assert read_votes(tmp_path).empty  # no certificate (correct or wrong) from garbage answers
+    assert summary.run.billable == emulator.calls("azure")  # malformed 200s are billed
+    assert summary.retried == {"malformed": emulator.calls("azure")}
 
 
 def test_auth_failure_stops_at_once_with_a_clear_message(emulator, tmp_path, capsys):
@@ -133,21 +156,22 @@ def test_missing_credentials_stop_before_any_call(emulator, tmp_path):
     assert emulator.calls("clarifai") == 0
 
 
-def test_malformed_answers_are_failures_not_labels(emulator, tmp_path, oracle):
-    emulator.set_faults("google", malformed=0.3)
-    summary = run(emulator, "google", tmp_path)
-    assert summary.status == "complete" and summary.malformed > 0
-    assert emulator.calls("google") == NEEDED  # a malformed answer is final: never retried
-    log = read_query_log(tmp_path)
-    bad = log[log.status == "malformed"]
-    assert len(bad) == summary.malformed and bad.top_label.isna().all()
-    assert all(len(labels) == 0 for labels in bad.labels)
-    votes = read_votes(tmp_path)
-    for row in votes.itertuples():
-        missing = ((log.image_id == row.image_id) & (log.phase == row.phase) & (log.status == "malformed")).sum()
-        assert sum(row.counts) + missing == row.n  # failures count in n, against the top class
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_malformed_answers_are_retried_and_change_no_certificate(emulator, tmp_path, oracle, rate):
+    """10-30% garbled 200s: each is retried (and paid), and the certificates equal a fault-free
+    run's -- including the clean query that fixes each image's label."""
+    emulator.set_faults("google", malformed=rate)
+    summary = run(emulator, "google", tmp_path, **{"retry.max_attempts": 12})
+    assert summary.status == "complete" and summary.images_complete == len(IDS)
+    calls = emulator.calls("google")
+    assert calls > NEEDED and summary.retried.get("malformed") == calls - NEEDED
+    assert {k: normalise(v) for k, v in top_labels_in_log(tmp_path).items()} == {k: normalise(v) for k, v in oracle.items()}
+    for row in read_votes(tmp_path).itertuples():
+        expected = Counter(normalise(label) for (i, phase, _), label in oracle.items() if (i, phase) == (row.image_id, row.phase))
+        assert {normalise(c): n for c, n in zip(row.classes, row.counts)} == dict(expected)
+        assert row.label_name is not None
     resumed = run(emulator, "google", tmp_path)
-    assert resumed.attempts == 0  # malformed answers were answered: not asked again
+    assert resumed.attempts == 0
 
 
 def test_no_secret_reaches_files_logs_or_terminal(emulator, tmp_path, capfd):

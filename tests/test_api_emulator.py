@@ -22,7 +22,6 @@ from pipeline.apis.emulator.faults import FaultInjector
 from pipeline.apis.encoding import decode_png
 from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, ServerError, ThrottledError
 from pipeline.apis.providers import make_client, top_label
-from pipeline.apis.ratelimit import RateLimiter
 from pipeline.apis.retry import query_with_retries
 
 PROVIDERS = ["aws", "google", "azure", "clarifai"]
@@ -101,28 +100,45 @@ def test_fault_rates_are_the_requested_probabilities():
         FaultSettings(throttle=1.5)
 
 
-def test_retry_loop_retries_transient_errors_and_counts_every_attempt(emulator):
+def test_retry_loop_retries_transient_and_malformed_answers_and_books_every_call(emulator):
+    from pipeline.apis.ledger import Permit
+
     api = client("aws", emulator.url)
-    limiter = RateLimiter(qps=1000, concurrency=1)
     settings = RetrySettings(max_attempts=4, base_delay_s=0.0, max_delay_s=0.0)
     png = FILES[0].read_bytes()
+    booked: list[str] = []
+
+    def permit_all(attempt):
+        return Permit("send", call=f"c{attempt}")
+
+    def answered(call, status, **fields):
+        booked.append(status)
 
     emulator.set_faults("aws", throttle=1.0)
-    outcome = query_with_retries(api, png, lambda: True, limiter, settings, random.Random(0))
-    assert outcome.status == "failed" and outcome.attempts == 4 == emulator.calls("aws")
-    assert "ThrottledError" in outcome.error
+    outcome = query_with_retries(api, png, permit_all, answered, settings, random.Random(0))
+    assert outcome.state == "failed" and outcome.attempts == 4 == emulator.calls("aws")
+    assert "ThrottledError" in outcome.error and booked == ["throttled"] * 4
 
-    allowance = iter([True, True])
-    outcome = query_with_retries(api, png, lambda: next(allowance, False), limiter, settings, random.Random(0))
-    assert outcome.status == "budget" and outcome.attempts == 2 and emulator.calls("aws") == 6
+    allowance = iter([Permit("send", call="a"), Permit("send", call="b")])
+    outcome = query_with_retries(api, png, lambda attempt: next(allowance, Permit("stop", reason="budget")),
+                                 answered, settings, random.Random(0))
+    assert outcome.state == "stopped" and outcome.reason == "budget" and outcome.attempts == 2
+    assert emulator.calls("aws") == 6
 
+    booked.clear()
     emulator.set_faults("aws", malformed=1.0)
-    outcome = query_with_retries(api, png, lambda: True, limiter, settings, random.Random(0))
-    assert outcome.status == "malformed" and outcome.attempts == 1  # answered: never retried
+    outcome = query_with_retries(api, png, permit_all, answered, settings, random.Random(0))
+    assert outcome.state == "failed" and outcome.attempts == 4 and booked == ["malformed"] * 4  # retried
 
     emulator.set_faults("aws", auth_failure=True)
-    outcome = query_with_retries(api, png, lambda: True, limiter, settings, random.Random(0))
-    assert outcome.status == "fatal" and outcome.fatal_kind == "auth" and outcome.attempts == 1
+    outcome = query_with_retries(api, png, permit_all, answered, settings, random.Random(0))
+    assert outcome.state == "fatal" and outcome.reason == "auth" and outcome.attempts == 1
+
+    emulator.set_faults("aws")
+    answer = Permit("answered", answer={"top_label": "Sky", "labels": ["Sky"], "scores": [0.9]})
+    before = emulator.calls("aws")
+    outcome = query_with_retries(api, png, lambda attempt: answer, answered, settings, random.Random(0))
+    assert outcome.state == "ok" and outcome.reused and outcome.top_label == "Sky" and emulator.calls("aws") == before
 
 
 def test_control_endpoint(emulator):

@@ -671,3 +671,88 @@ def test_resume_from_another_working_directory(capsys, monkeypatch, ray_cluster,
     err = capsys.readouterr().err
     assert "6 already in" in err and "14 to do" in err
     assert counts_by_key(output) == counts_by_key(uninterrupted["output"])
+
+
+@pytest.mark.slow
+def test_object_storage_run_resumes_and_reduces(capsys, monkeypatch, ray_cluster, uninterrupted, cifar_root,
+                                                checkpoints, tmp_path):
+    """Data, checkpoints and votes on S3 (moto's server on 127.0.0.1): the run resumes there
+    with the same counts as a local run, and `dsmooth reduce s3://...` reads it."""
+    from pipeline.fs import Location
+    from s3_support import new_bucket
+
+    bucket = new_bucket()
+    monkeypatch.setenv("DSMOOTH_CACHE", str(tmp_path / "cache"))
+    for path in sorted(cifar_root.rglob("*.jpg")):
+        Location.of(f"s3://{bucket}/data/cifar/{path.relative_to(cifar_root).as_posix()}").write_bytes(path.read_bytes())
+    for name, path in checkpoints.items():
+        Location.of(f"s3://{bucket}/models/{path.name}").write_bytes(path.read_bytes())
+    output = f"s3://{bucket}/runs/c10"
+    common = ["--dataset", "cifar10", "--data-root", f"s3://{bucket}/data/cifar",
+              "--classifier", f"s3://{bucket}/models/{checkpoints['classifier'].name}",
+              "--denoiser", f"s3://{bucket}/models/{checkpoints['denoiser'].name}", "--sigma", str(SIGMA),
+              "--n0", str(N0), "--n", str(N), "--seed", "3", "--chunk-size", "64", "--actors", "2",
+              "--output", output, "--address", ray_cluster["address"]]
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["certify", "--max", "8", *common]) == 0
+    capsys.readouterr()
+    assert cli_main(["certify", *common]) == 0
+    err = capsys.readouterr().err
+    assert "8 already in" in err and "12 to do" in err
+    assert not (tmp_path / "s3:").exists()
+    assert counts_by_key(output) == counts_by_key(uninterrupted["output"])
+    assert cli_main(["reduce", output, "--alpha", "0.001", "--format", "csv"]) == 0
+    assert "c10" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bad_images_can_be_skipped_and_are_listed(capsys, ray_cluster, cifar_root, checkpoints, tmp_path):
+    """--on-bad-image skip: the unreadable file is named in the summary and run.json, the
+    others are certified; the default (fail) stops with the file named."""
+    from pipeline.storage import read_run_record
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, source in enumerate(sorted((cifar_root / "test").glob("*/0000.jpg"))[:5]):
+        (folder / f"{index:04d}.jpg").write_bytes(source.read_bytes())
+    (folder / "0002.jpg").write_bytes(b"this is not a JPEG")
+    output = tmp_path / "run"
+    common = ["--dataset", "folder", "--data-root", str(folder), "--classifier", str(checkpoints["classifier"]),
+              "--sigma", "0.25", "--mode", "predict", "--n", "20", "--actors", "1", "--output", str(output),
+              "--address", ray_cluster["address"]]
+    assert cli_main(["certify", *common, "--on-bad-image", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable image(s)" in captured.out and "0002.jpg" in captured.out
+    assert "skipping 0002.jpg" in captured.err
+    record = read_run_record(output)
+    assert [s["name"] for s in record["skipped_images"]] == ["0002.jpg"]
+    assert sorted(read_votes(output).image_id) == [0, 1, 3, 4]
+
+
+@pytest.mark.slow
+def test_quiet_default_and_verbose_output(tmp_path, cifar_root, checkpoints):
+    """Default output: dsmooth's own lines and the result, no Ray noise or colour codes;
+    --quiet: the result only; --verbose: Ray's own lines too. And GPUs asked of a CPU-only
+    local Ray fail at once with the reason, before any work."""
+    common = ["certify", "--dataset", "cifar10", "--data-root", str(cifar_root), "--max", "2",
+              "--classifier", str(checkpoints["classifier"]), "--sigma", "0.25", "--n0", "5", "--n", "20",
+              "--actors", "1"]
+
+    def dsmooth(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
+                              timeout=600, cwd=REPO, env=env)
+
+    default = dsmooth(*common, "--output", str(tmp_path / "a"))
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert "dsmooth: 2 images selected" in default.stderr and "dsmooth certify: 2 images in" in default.stdout
+    noise = ("(pid=", "ModelActor pid", "INFO worker.py", "core_worker", "\x1b[")
+    assert not [n for n in noise if n in default.stderr + default.stdout], default.stderr[-2000:]
+    quiet = dsmooth(*common, "--output", str(tmp_path / "b"), "--quiet")
+    assert quiet.returncode == 0 and "dsmooth:" not in quiet.stderr and "2 images in" in quiet.stdout
+    verbose = dsmooth(*common, "--output", str(tmp_path / "c"), "--verbose")
+    assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr
+    gpus = dsmooth(*common, "--output", str(tmp_path / "d"), "--gpus-per-actor", "1")
+    errors = [line for line in gpus.stderr.splitlines() if "error:" in line]
+    assert gpus.returncode == 2 and len(errors) == 1, gpus.stderr[-2000:]
+    assert "asked 1 actor(s) x 1 CPU + 1 GPU" in errors[0] and "0 GPU in total" in errors[0]

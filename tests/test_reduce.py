@@ -529,7 +529,8 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
     class 1 and abstains. Choosing c_A from the estimation counts would certify class 0 with a
     large radius, the textbook error that voids the guarantee. Checked on model votes in
     Parquet and on API votes rebuilt from a query log."""
-    from pipeline.apis.querylog import votes_from_queries, write_queries
+    from pipeline.apis.journal import Journal
+    from pipeline.apis.querylog import answer_record, sent_record, votes_from_queries
     from pipeline.reduce import certificates_from_votes
 
     run = tmp_path / "model-run"
@@ -548,7 +549,14 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
                 for k in range(10)]
     queries += [{"image_id": 0, "phase": "estimation", "sample": k, "status": "ok",
                  "top_label": "cat" if k < 95 else "dog", "attempts": 1} for k in range(100)]
-    write_queries(api, queries)
+    journal = Journal(api)
+    for number, query in enumerate(queries):
+        call = f"call-{number}"
+        journal.append(sent_record(call, journal.invocation, "aws", query["image_id"], "x.png", query["phase"],
+                                   query["sample"], 1, "w"))
+        journal.append(answer_record(call, "aws", "ok", top_label=query["top_label"], labels=[query["top_label"]],
+                                     scores=[0.9]))
+    journal.close()
     votes = pd.DataFrame(votes_from_queries(api))
     api_certs = certificates_from_votes(votes, 0.001, sigma=0.25).set_index("image_id")
     assert api_certs.at[0, "predict"] == "-1" and api_certs.at[0, "abstained"] and not api_certs.at[0, "correct"]

@@ -1,24 +1,36 @@
-"""Run directories and the Parquet vote stream: round trip, atomicity, resume identity."""
+"""Run directories and part streams, on a local disk and on a real S3 server (moto on
+127.0.0.1): round trip, atomicity, corrupt parts, resume identity, exclusive runs, umask."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import stat
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
+from pipeline.fs import Location, StorageError
 from pipeline.progress import Progress, format_duration
+from pipeline.runlock import LeaseLost, RunLease, RunLockedError, exclusive_run
 from pipeline.storage import (
+    CorruptPartError,
     RunMismatchError,
     completed_images,
     open_run,
     read_votes,
     vote_parts,
-    write_parquet_atomic,
     write_votes,
 )
+from s3_support import new_bucket
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def vote(image_id: int, phase: str, counts: list[int], **extra) -> dict:
@@ -28,55 +40,92 @@ def vote(image_id: int, phase: str, counts: list[int], **extra) -> dict:
     }
 
 
-def test_votes_round_trip_through_parquet(tmp_path):
-    open_run(tmp_path, {"sigma": 0.25})
-    write_votes(tmp_path, [vote(0, "selection", [1, 99]), vote(0, "estimation", [10, 990])], worker="actor/0")
-    write_votes(tmp_path, [vote(5, "selection", [50, 50])])
+@pytest.fixture(params=["local", "s3"])
+def run_dir(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return f"s3://{new_bucket()}/runs/run"
+
+
+def test_votes_round_trip_through_parquet(run_dir):
+    open_run(run_dir, {"sigma": 0.25})
+    write_votes(run_dir, [vote(0, "selection", [1, 99]), vote(0, "estimation", [10, 990])], worker="actor/0")
+    write_votes(run_dir, [vote(5, "selection", [50, 50])])
     api = vote(7, "estimation", [3, 1], classes=["cat", "dog"], label_name="cat")
     api["n"] = 5
-    write_votes(tmp_path, [api])
-    frame = read_votes(tmp_path)
-    assert len(vote_parts(tmp_path)) == 3
+    write_votes(run_dir, [api])
+    frame = read_votes(run_dir)
+    assert len(vote_parts(run_dir)) == 3
     assert list(frame.image_id) == [0, 0, 5, 7]
     row = frame[(frame.image_id == 0) & (frame.phase == "estimation")].iloc[0]
     assert list(row.counts) == [10, 990] and row.n == 1000 and row.sigma == 0.25
     api_row = frame[frame.image_id == 7].iloc[0]
     assert list(api_row.classes) == ["cat", "dog"] and api_row.n == 5 and api_row.label_name == "cat"
-    assert completed_images(tmp_path, ["selection", "estimation"]) == {0}
+    assert completed_images(run_dir, ["selection", "estimation"]) == {0}
+    # dsmooth reduce reads the same run where it lies.
+    from pipeline.reduce import ReduceWarning, load_inputs
+
+    with pytest.warns(ReduceWarning, match="have no"):
+        (certificates,) = load_inputs([run_dir], 0.001)
+    assert sorted(certificates["image_id"]) == [0]
 
 
-def test_duplicate_rows_are_read_once(tmp_path):
-    write_votes(tmp_path, [vote(1, "selection", [1, 2])])
-    write_votes(tmp_path, [vote(1, "selection", [1, 2])])
-    assert len(read_votes(tmp_path)) == 1
+def test_duplicate_rows_are_read_once(run_dir):
+    write_votes(run_dir, [vote(1, "selection", [1, 2])])
+    write_votes(run_dir, [vote(1, "selection", [1, 2])])
+    assert len(read_votes(run_dir)) == 1
 
 
-def test_failed_write_leaves_no_file(tmp_path):
-    table = pa.table({"x": [1, 2]})
-    write_parquet_atomic(table, tmp_path / "ok.parquet")
-
-    class Boom(Exception):
-        pass
-
-    class Exploding:
-        """A table whose serialisation fails half-way, like a crash mid-write."""
-
-        schema = table.schema
-
-        def __getattr__(self, name):
-            raise Boom()
-
+def test_a_failed_write_leaves_no_part(run_dir):
+    write_votes(run_dir, [vote(1, "selection", [1, 2])])
     with pytest.raises(Exception):
-        write_parquet_atomic(Exploding(), tmp_path / "bad.parquet")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet"]
+        write_votes(run_dir, [vote(2, "selection", [1, 2]), {"image_id": 3, "counts": "not a list"}])
+    assert len(vote_parts(run_dir)) == 1 and set(read_votes(run_dir).image_id) == {1}
 
 
-def test_resume_refuses_other_settings(tmp_path):
-    first = open_run(tmp_path, {"sigma": 0.25, "n": 100}, extra={"batch_size": 10})
-    again = open_run(tmp_path, {"sigma": 0.25, "n": 100}, extra={"batch_size": 99})
+def test_a_corrupt_part_names_its_images_and_the_recovery(run_dir):
+    write_votes(run_dir, [vote(3, "selection", [1, 2]), vote(3, "estimation", [4, 5]),
+                          vote(8, "selection", [1, 2]), vote(8, "estimation", [4, 5])])
+    good = write_votes(run_dir, [vote(9, "selection", [1, 2]), vote(9, "estimation", [4, 5])])
+    bad = next(p for p in vote_parts(run_dir) if p != good)
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated file, as a disk fault leaves it
+    with pytest.raises(CorruptPartError) as caught:
+        read_votes(run_dir)
+    message = str(caught.value)
+    assert bad.name in message and "it held images 3, 8" in message and "delete it" in message
+    assert "rerun the same command" in message
+    # Following the advice recovers: the other part is intact, images 3 and 8 are to be redone.
+    bad.delete()
+    Location.of(str(bad) + ".json").delete()
+    assert completed_images(run_dir, ["selection", "estimation"]) == {9}
+
+
+def test_resume_refuses_other_settings(run_dir):
+    first = open_run(run_dir, {"sigma": 0.25, "n": 100}, extra={"batch_size": 10})
+    again = open_run(run_dir, {"sigma": 0.25, "n": 100}, extra={"batch_size": 99})
     assert again["run_id"] == first["run_id"]
     with pytest.raises(RunMismatchError, match="sigma: run has 0.25, now 0.5"):
-        open_run(tmp_path, {"sigma": 0.5, "n": 100})
+        open_run(run_dir, {"sigma": 0.5, "n": 100})
+
+
+def test_unknown_schemes_are_refused():
+    with pytest.raises(StorageError, match="unknown storage scheme 'ftp'"):
+        Location.of("ftp://host/runs/x")
+    from pipeline.certify_plan import CertifyConfig
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="'output': unknown storage scheme 'hdfs'"):
+        parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
+                                     "output": "hdfs://cluster/runs/x"})
+
+
+def test_s3_output_is_not_a_local_folder(tmp_path, monkeypatch):
+    """`--output s3://bucket/x` once wrote a local folder named `s3:`."""
+    bucket = new_bucket()
+    monkeypatch.chdir(tmp_path)
+    open_run(f"s3://{bucket}/runs/x", {"sigma": 0.25})
+    assert not (tmp_path / "s3:").exists()
+    assert Location.of(f"s3://{bucket}/runs/x/run.json").is_file()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -95,14 +144,120 @@ def test_unwritable_path_is_refused_even_for_root(tmp_path):
         open_run(blocker / "run", {"sigma": 0.25})
 
 
-def test_progress_lines(capsys):
-    import io
+def test_run_files_respect_the_umask(tmp_path):
+    """Files of a run on shared storage are as readable as the umask allows (not 0600)."""
+    code = (
+        "import os, sys; os.umask(0o002); sys.path.insert(0, sys.argv[2]);"
+        "from pipeline.storage import open_run, write_votes;"
+        "open_run(sys.argv[1], {'sigma': 0.25});"
+        "write_votes(sys.argv[1], [{'image_id': 0, 'phase': 'selection', 'counts': [1], 'n': 1}])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(REPO)], check=True, timeout=120)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(files) == 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664}
 
-    stream = io.StringIO()
-    progress = Progress("certify", total=4, every_s=0.0, stream=stream)
-    progress.update(1, work=100)
-    progress.update(3, work=300)
-    lines = stream.getvalue().splitlines()
+
+# -- exclusive runs ---------------------------------------------------------------------------
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from pipeline.runlock import exclusive_run
+with exclusive_run(sys.argv[1], "holder", lease_s=float(sys.argv[3])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[4]))
+"""
+
+
+def hold(run: str, lease_s: float = 3.0, seconds: float = 60.0) -> subprocess.Popen:
+    """Another process holding `run` (started and confirmed before returning)."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, run, str(REPO), str(lease_s), str(seconds)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_writer_is_refused_at_once_and_admitted_after(run_dir):
+    holder = hold(run_dir)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RunLockedError, match=r"being written by another job, holder \(pid \d+"):
+            with exclusive_run(run_dir, "second"):
+                pass
+        assert time.monotonic() - started < 10
+    finally:
+        holder.terminate()
+        holder.wait(timeout=30)
+    if run_dir.startswith("s3://"):
+        time.sleep(3.5)  # a terminated holder's lease runs out (a clean exit releases it at once)
+    with exclusive_run(run_dir, "third") as lease:
+        lease.check()
+
+
+def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(tmp_path):
+    run = f"s3://{new_bucket()}/runs/leased"
+    holder = hold(run, lease_s=2.0)
+    try:
+        time.sleep(3.0)  # longer than the lease: only the heartbeat keeps it
+        with pytest.raises(RunLockedError):
+            with exclusive_run(run, "second", lease_s=2.0):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no release, the lease must run out by itself
+        holder.wait(timeout=30)
+    time.sleep(2.5)
+    with exclusive_run(run, "taker", lease_s=2.0) as lease:
+        lease.check()
+        record = json.loads(Location.of(f"{run}/.lock.json").read_text())
+        assert record["job"] == "taker"
+
+
+def test_a_local_lock_dies_with_its_holder(tmp_path):
+    run = str(tmp_path / "run")
+    holder = hold(run)
+    holder.kill()
+    holder.wait(timeout=30)
+    with exclusive_run(run, "next") as lease:  # no waiting: the kernel released the flock
+        lease.check()
+
+
+def test_a_lease_taken_over_stops_the_old_holder():
+    """A holder that stalled past its lease (a paused VM) finds the run taken at its next
+    heartbeat and stops writing, instead of writing beside the new holder."""
+    run = Location.of(f"s3://{new_bucket()}/runs/stolen")
+    old = RunLease(run, "old", lease_s=1.5).acquire()
+    old._stop.set()
+    old._thread.join()  # stalled: no heartbeat
+    old.check()
+    time.sleep(2.0)
+    with exclusive_run(run, "new", lease_s=30):
+        assert old.beat() is False
+        with pytest.raises(LeaseLost, match="another job took over"):
+            old.check()
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_lines_are_logged_off_a_terminal():
+    stream = io.StringIO()  # not a terminal: plain lines through logging, no bar
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("dsmooth")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        progress = Progress("certify", total=4, every_s=0.0, stream=stream)
+        progress.update(1, work=100)
+        progress.update(3, work=300)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in records]
     assert lines[0].startswith("certify: 1/4 images (25.0%)") and "ETA" in lines[0] and "samples/s" in lines[0]
     assert lines[-1].startswith("certify: 4/4 images (100.0%)") and "elapsed" in lines[-1]
+    assert stream.getvalue() == "" and "\x1b[" not in "".join(lines)
     assert format_duration(3725) == "1h02m05s"

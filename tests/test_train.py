@@ -1,29 +1,38 @@
 """`dsmooth train`: denoisers and classifiers trained with Ray Train on real CIFAR-10.
 
 Small but real: a few hundred images from ../shared/data, tiny architectures, 2 Ray Train
-workers (DDP over gloo) per run, a local Ray started once for the module. The classifiers
-the denoiser tests defend are themselves trained here by the system (standard and
-Gaussian-noise augmented), so nothing is mocked and no number is hard-coded.
+workers (DDP over gloo) per run, each run a Ray Tune trial, a local Ray started once for the
+module (the command-line test attaches `dsmooth train` processes to it).
+The classifiers the denoiser tests defend are themselves trained here by the system
+(standard and Gaussian-noise augmented), so nothing is mocked and no number is hard-coded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from PIL import Image
+from s3_support import new_bucket, s3_server
 
 from pipeline.config import ConfigError
 from pipeline.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from pipeline.training.config import load_train_config
 from pipeline.training.evaluation import evaluate_classifier, state_digest
 from pipeline.training.loops import RunState, WorkerHooks, run_local
-from pipeline.training.sweep import plan_sweep, worker_spec
+from pipeline.training.sweep import plan_sweep, stages, worker_spec
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
 CIFAR = DATA / "cifar10-jpeg.tar.gz"
 
 pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason=f"real data {CIFAR} is absent")
@@ -35,6 +44,8 @@ FAST_RAY_TRAIN = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
+# What Ray prints on its own: Train's report objects, worker-log prefixes, colour codes.
+RAY_NOISE = ("TrainingReport", "(pid=", "RayTrainWorker", "\x1b[")
 
 
 def dataset(max_train: int = 500, max_test: int = 200) -> dict:
@@ -72,9 +83,26 @@ def ray_local():
         open_dataset("cifar10", CIFAR, split)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": FAST_RAY_TRAIN})
+    # In the environment of the whole local cluster, so that `dsmooth train` processes that
+    # attach to it (tests below) get them too; so is the test S3 server's address.
+    saved = {key: os.environ.get(key) for key in FAST_RAY_TRAIN}
+    os.environ.update(FAST_RAY_TRAIN)
+    s3_server()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster someone else started
     yield
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handler():
+    """`dsmooth` commands run in-process attach a log handler to this test's captured stderr."""
+    yield
+    logging.getLogger("dsmooth").handlers.clear()
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +260,11 @@ def test_plan_dedupes_mse_orders_dependencies_and_names_stably(tmp_path, tiny_ch
             assert names.index(mse.name) < names.index(run.name)
             assert run.init_checkpoint == str(tmp_path / "out" / mse.name / "model.pt")
             assert run.surrogate_label.startswith("bb:")
+    # Tune runs one stage at a time: MSE and STAB first, STAB+MSE (from its MSE denoiser) after
+    grouped = stages(runs)
+    assert [sorted(r.objective for r in stage) for stage in grouped] == [
+        sorted(["mse"] * 2 + ["stab"] * 4), ["stab_mse"] * 4]
+    assert stages([r for r in runs if r.objective == "stab_mse"]) == [[r for r in runs if r.objective == "stab_mse"]]
     # same config -> same names (resume); epochs do not rename; the learning rate does
     assert [r.name for r in plan_sweep(load_train_config(raw))] == names
     assert [r.name for r in plan_sweep(load_train_config({**raw, "epochs": 7}))] == names
@@ -243,6 +276,7 @@ def test_plan_dedupes_mse_orders_dependencies_and_names_stably(tmp_path, tiny_ch
     by_sigma = {s: [r for r in given if r.sigma == s] for s in (0.25, 0.5)}
     assert all(r.init_checkpoint == str(d / "mse.pt") and r.depends_on is None for r in by_sigma[0.25])
     assert [r.objective for r in by_sigma[0.5]] == ["mse", "stab_mse", "stab_mse"]
+    assert [len(stage) for stage in stages(given)] == [3, 2]  # both sigma-0.25 runs need no MSE run
 
 
 def test_frozen_classifier_never_changes_in_a_training_step(tmp_path, tiny_checkpoints):
@@ -386,3 +420,106 @@ def test_mse_then_stab_mse_with_resume_and_no_retraining(classifiers, tmp_path, 
     assert [r["status"] for r in rows] == ["done before", "done before"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.pt")} == stamps
     assert "not retrained" in capsys.readouterr().err
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _dsmooth(*args: str, address: str) -> list[str]:
+    """`dsmooth train ARGS` attached to the module's cluster (starting a Ray of its own would
+    cost half a minute on a busy 2-core machine)."""
+    return [sys.executable, "-m", "jobs.cli", "train", *args, "--address", address]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **FAST_RAY_TRAIN, "PYTHONUNBUFFERED": "1"}
+
+
+def _assert_no_ray_noise(text: str) -> None:
+    for noise in RAY_NOISE:
+        assert noise not in text, f"{noise!r} in the output:\n{text}"
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_a_failed_run_stops_nothing_and_output_is_dsmooths(ray_local, tiny_checkpoints, tmp_path):
+    """`dsmooth train` as a user runs it, in its own process, with its checkpoints on S3 (the
+    test server), on a sweep of two concurrent runs: an MSE denoiser, and a STAB+MSE one that
+    starts from a checkpoint whose weights do not fit its architecture (the file passes the
+    config checks, which read only its metadata), so it fails in its Ray Train worker every time.
+
+    Run with --verbose (Ray's own output comes through) and SIGKILLed as soon as it has logged
+    the MSE run's first epoch, the command leaves that epoch's checkpoint in storage; the same
+    command again, with default output, resumes the run from there (epoch 1 not retrained) and
+    finishes it, the failed run notwithstanding (exit status 1; the error in one line and in
+    summary.csv). Its output is dsmooth's own lines (one per epoch; no Ray log line, no colour
+    code) and, on stdout, the summary table."""
+    import ray
+
+    epochs = 5
+    storage = f"s3://{new_bucket()}/train"
+    bad = tmp_path / "bad_mse.pt"
+    save_checkpoint(bad, build_model("dncnn"), ModelMeta("dncnn_small", sigma=0.25, objective="mse"))
+    out = tmp_path / "out"
+    path = write_yaml(tmp_path / "sweep.yaml", denoiser_config(
+        out, classifier=str(tiny_checkpoints / "c10.pt"), init_checkpoints=[str(bad)], num_workers=1,
+        epochs=epochs, batch_size=16, grid_images=2, dataset=dataset(max_train=256, max_test=32),
+        storage_path=storage, sweep={"sigmas": [0.25], "objectives": ["mse", "stab_mse"], "archs": ["dncnn_small"]}))
+    run, broken = plan_sweep(load_train_config(path))
+    assert (run.objective, broken.objective, broken.init_checkpoint, broken.depends_on) == (
+        "mse", "stab_mse", str(bad), None)  # one stage: both start at once
+
+    # 1. --verbose, attached to the module's cluster, killed (with its process group) after epoch 1
+    address = ray.get_runtime_context().gcs_address
+    killed = subprocess.Popen(_dsmooth("--config", str(path), "--verbose", address=address), cwd=REPO, env=_env(),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    try:
+        for line in killed.stdout:
+            seen.append(line)
+            if f"dsmooth: [{run.name}] epoch 1/{epochs} | loss " in line:  # Ray's stdout lines interleave
+                break
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    first = "".join(seen)
+    assert f"dsmooth: [{run.name}] epoch 1/{epochs} |" in seen[-1], first
+    assert "(RayTrainWorker pid=" in first and "\x1b[" not in first  # Ray's lines, not coloured: no terminal
+    assert not (out / run.name / "metrics.json").exists()  # killed mid-run: no outputs yet
+
+    # 2. the same command, default output: resumes after epoch 1 and completes
+    again = subprocess.run(_dsmooth("--config", str(path), address=address), cwd=REPO, env=_env(), text=True,
+                           capture_output=True, timeout=600)
+    assert again.returncode == 1, again.stderr  # a run failed
+    _assert_no_ray_noise(again.stdout + again.stderr)
+    # Nothing but dsmooth's lines and its table; except Ray's own cluster warnings, which come
+    # through a channel that log_to_driver does not close (e.g. "(raylet) WARNING: 8 PYTHON
+    # worker processes have been started on node ..." on a small, busy node).
+    foreign = [line for line in (again.stdout + again.stderr).splitlines()
+               if not line.startswith(("dsmooth: ", "| ", "|-", "(raylet) "))]
+    assert not foreign, again.stdout + again.stderr
+    lines = again.stderr.splitlines()
+    epoch_lines = [line for line in lines if line.startswith(f"dsmooth: [{run.name}] epoch ")]
+    resumed = int(re.search(rf"dsmooth: {run.name}: resuming after epoch (\d+)", again.stderr).group(1))
+    assert 1 <= resumed < epochs and len(epoch_lines) == epochs - resumed, again.stderr
+    assert epoch_lines[-1].startswith(f"dsmooth: [{run.name}] epoch {epochs}/{epochs} | loss ")
+    assert f"dsmooth: {run.name}: complete" in again.stderr
+    failures = [line for line in lines if line.startswith(f"dsmooth: error: {broken.name}: failed: ")]
+    assert len(failures) == 1 and "CheckpointMismatchError" in failures[0], again.stderr
+    assert "weights do not fit architecture 'dncnn_small'" in failures[0]
+    table = [line for line in again.stdout.splitlines() if line.startswith("|")]  # the command's result
+    assert table[0].startswith("| sigma") and again.stdout.endswith(table[-1] + "\n")
+    assert [re.search(r"\| (complete|failed) +\|", row).group(1) for row in table[2:]] == ["complete", "failed"]
+    record = json.loads((out / run.name / "metrics.json").read_text())
+    assert record["complete"] and [h["epoch"] for h in record["history"]] == list(range(1, epochs + 1))
+    assert [s["start_epoch"] for s in record["sessions"]] == [1, resumed + 1]
+    assert record["history"][0]["session"] == record["sessions"][0]["session"]  # epoch 1 kept, not retrained
+    assert record["storage_checkpoint"].startswith(f"{storage}/{run.name}/checkpoint_")
+    assert {p.name for p in (out / run.name).iterdir()} == {"model.pt", "metrics.json", "grid.png"}
+    assert not (out / broken.name).exists()
+    summary = {row["name"]: row for row in _csv_rows(out / "summary.csv")}
+    assert (summary[run.name]["status"], summary[broken.name]["status"]) == ("complete", "failed")
+    assert "weights do not fit" in summary[broken.name]["error"]

@@ -1,4 +1,9 @@
-"""Spending limits: every attempt sent is reserved first, so the limits can never be passed.
+"""Spending limits: every attempt is reserved before it is sent, so no limit can be passed.
+
+Two levels: one invocation of the job (`max_queries`, `max_cost`) and the whole run, every
+invocation and kill included (`run_max_queries`, `run_max_cost`; the run's earlier calls come
+from its call journal, unconfirmed ones counted). Limits hold on *attempts*: a call counts
+when it is sent, whatever the provider later bills.
 
 Money is counted in integer nano-units of the price currency: a float running sum of
 $0.0015 steps would drift, and "spent <= max_cost" must hold exactly.
@@ -22,53 +27,85 @@ def to_money(nano: int) -> float:
     return nano / NANO
 
 
+def _nano_limit(money: float | None) -> int | None:
+    return None if money is None else int(math.floor(money * NANO + 1e-6))
+
+
 @dataclass(frozen=True)
 class BudgetSnapshot:
-    queries: int
-    cost: float
+    queries: int  # attempts of this invocation
+    cost: float  # their price
+    run_queries: int  # attempts of the whole run (earlier invocations included)
+    run_cost: float
     max_queries: int | None
     max_cost: float | None
-    exhausted: bool
+    run_max_queries: int | None
+    run_max_cost: float | None
+    exhausted: str | None  # which limit stopped a reservation
     halted: str | None
 
     @property
     def queries_left(self) -> int | None:
-        return None if self.max_queries is None else self.max_queries - self.queries
+        left = [v for v in (None if self.max_queries is None else self.max_queries - self.queries,
+                            None if self.run_max_queries is None else self.run_max_queries - self.run_queries)
+                if v is not None]
+        return min(left) if left else None
 
-    @property
-    def cost_left(self) -> float | None:
-        return None if self.max_cost is None else max(0.0, self.max_cost - self.cost)
+    def describe(self) -> str:
+        parts = []
+        if self.max_queries is not None:
+            parts.append(f"{self.queries}/{self.max_queries} queries")
+        if self.max_cost is not None:
+            parts.append(f"${self.cost:.4f}/${self.max_cost:.4f}")
+        if self.run_max_queries is not None:
+            parts.append(f"run {self.run_queries}/{self.run_max_queries} queries")
+        if self.run_max_cost is not None:
+            parts.append(f"run ${self.run_cost:.4f}/${self.run_max_cost:.4f}")
+        return ", ".join(parts)
 
 
 class Budget:
-    """A job's allowance; `reserve()` is called once per attempt, before sending it."""
+    """A job's allowance; `reserve()` once per attempt, before sending it (thread-safe)."""
 
-    def __init__(self, max_queries: int | None, max_cost: float | None, price_per_1000: float) -> None:
-        if max_queries is None and max_cost is None:
-            raise ValueError("a budget needs max_queries and/or max_cost")
-        self.max_queries = max_queries
-        self.max_cost = max_cost
-        self._max_cost_nano = None if max_cost is None else int(math.floor(max_cost * NANO + 1e-6))
+    def __init__(
+        self,
+        max_queries: int | None,
+        max_cost: float | None,
+        price_per_1000: float,
+        run_max_queries: int | None = None,
+        run_max_cost: float | None = None,
+        run_queries_before: int = 0,
+    ) -> None:
+        if max_queries is None and max_cost is None and run_max_queries is None and run_max_cost is None:
+            raise ValueError("a budget needs at least one limit (max_queries, max_cost, run_max_*)")
+        self.max_queries, self.max_cost = max_queries, max_cost
+        self.run_max_queries, self.run_max_cost = run_max_queries, run_max_cost
+        self._max_cost_nano, self._run_max_cost_nano = _nano_limit(max_cost), _nano_limit(run_max_cost)
         self._unit = per_call_nano(price_per_1000)
         self._queries = 0
-        self._cost = 0
-        self._exhausted = False
+        self._before = int(run_queries_before)
+        self._exhausted: str | None = None
         self._halted: str | None = None
         self._lock = threading.Lock()
 
     def reserve(self) -> bool:
         """Take one attempt out of the budget; False (and nothing taken) when it would not fit
-        or when the job was halted."""
+        a limit or when the job was halted."""
         with self._lock:
             if self._halted is not None:
                 return False
-            fits_queries = self.max_queries is None or self._queries + 1 <= self.max_queries
-            fits_cost = self._max_cost_nano is None or self._cost + self._unit <= self._max_cost_nano
-            if not (fits_queries and fits_cost):
-                self._exhausted = True
+            queries, run_queries = self._queries + 1, self._before + self._queries + 1
+            checks = (
+                ("max_queries", self.max_queries is None or queries <= self.max_queries),
+                ("max_cost", self._max_cost_nano is None or queries * self._unit <= self._max_cost_nano),
+                ("run_max_queries", self.run_max_queries is None or run_queries <= self.run_max_queries),
+                ("run_max_cost", self._run_max_cost_nano is None or run_queries * self._unit <= self._run_max_cost_nano),
+            )
+            failed = [name for name, ok in checks if not ok]
+            if failed:
+                self._exhausted = self._exhausted or failed[0]
                 return False
             self._queries += 1
-            self._cost += self._unit
             return True
 
     def halt(self, reason: str) -> None:
@@ -79,6 +116,9 @@ class Budget:
 
     def snapshot(self) -> BudgetSnapshot:
         with self._lock:
+            run = self._before + self._queries
             return BudgetSnapshot(
-                self._queries, to_money(self._cost), self.max_queries, self.max_cost, self._exhausted, self._halted
+                self._queries, to_money(self._queries * self._unit), run, to_money(run * self._unit),
+                self.max_queries, self.max_cost, self.run_max_queries, self.run_max_cost,
+                self._exhausted, self._halted,
             )

@@ -6,7 +6,6 @@ the config (and run.json, built from it) can be shared and committed safely.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -18,9 +17,18 @@ from pipeline.config import (
     PositiveFloat,
     PositiveInt,
     Settings,
+    Where,
     option,
 )
-from pipeline.settings import ChunkSize, DataSelection, DatasetLayout, EstimationSamples, SelectionSamples, SmoothingSettings
+from pipeline.settings import (
+    ChunkSize,
+    DataSelection,
+    DatasetLayout,
+    EstimationSamples,
+    PoolSettings,
+    SelectionSamples,
+    SmoothingSettings,
+)
 
 Provider = Literal["aws", "google", "azure", "clarifai"]
 PROVIDERS: tuple[str, ...] = ("aws", "google", "azure", "clarifai")
@@ -69,21 +77,32 @@ class ApiSettings(Settings):
 
 
 class BudgetSettings(Settings):
-    """Hard limits for one invocation of the job; every attempt sent counts, retries too."""
+    """Hard limits on calls sent (retries count): per invocation, and for the whole run across
+    every invocation and kill (the run's earlier calls come from its call journal)."""
 
     max_queries: NonNegativeInt | None = option(None, flag="--max-queries", metavar="K",
                                                 help="calls this invocation may send (retries count)")
     max_cost: NonNegativeFloat | None = option(None, flag="--max-cost", metavar="USD",
-                                               help="money this invocation may spend, in USD")
+                                               help="money this invocation may spend, in USD at list price")
+    run_max_queries: NonNegativeInt | None = option(None, flag="--run-max-queries", metavar="K",
+                                                    help="calls the whole run may send, every invocation included")
+    run_max_cost: NonNegativeFloat | None = option(None, flag="--run-max-cost", metavar="USD",
+                                                   help="money the whole run may spend, every invocation included")
     price_per_1000: dict[Provider, NonNegativeFloat] = option(
         default_factory=lambda: dict(DEFAULT_PRICES_PER_1000), cli=False,
         help="list price per 1,000 calls, per provider (YAML only)")
 
     @model_validator(mode="after")
     def _bounded(self) -> BudgetSettings:
-        if self.max_queries is None and self.max_cost is None:
-            raise ConfigError("max_queries", "set budget.max_queries and/or budget.max_cost (no unbounded spending)")
+        if all(v is None for v in (self.max_queries, self.max_cost, self.run_max_queries, self.run_max_cost)):
+            raise ConfigError("max_queries", "set budget.max_queries, max_cost, run_max_queries and/or run_max_cost "
+                                             "(no unbounded spending)")
         return self
+
+    def limits(self) -> dict[str, float | int | None]:
+        """The pipeline.apis.budget.Budget arguments (price aside)."""
+        return {"max_queries": self.max_queries, "max_cost": self.max_cost,
+                "run_max_queries": self.run_max_queries, "run_max_cost": self.run_max_cost}
 
     def price(self, provider: str) -> float:
         return float(self.price_per_1000.get(provider, DEFAULT_PRICES_PER_1000[provider]))
@@ -92,9 +111,10 @@ class BudgetSettings(Settings):
 class RateSettings(Settings):
     """Client-side limits, for the whole job (split evenly across `actors`)."""
 
-    qps: PositiveFloat = option(5.0, help="query starts per second, whole job")
+    qps: PositiveFloat = option(5.0, help=(
+        "call starts per second, whole job: never more in any 1-second window (slower after throttling)"))
     concurrency: PositiveInt = option(4, help="queries in flight at once, whole job")
-    actors: PositiveInt = option(1, help="Ray actors sharing qps and concurrency")
+    actors: PositiveInt = option(1, help="Ray actors sharing the concurrency (the rate is job-wide)")
     actor_cpus: NonNegativeFloat = option(1.0, help="CPUs reserved per API actor")
 
 
@@ -107,12 +127,13 @@ class RetrySettings(Settings):
     timeout_s: PositiveFloat = option(30.0, help="seconds to wait for one answer")
 
 
-class CertifyApiConfig(DataSelection, SmoothingSettings):
+class CertifyApiConfig(DataSelection, SmoothingSettings, PoolSettings):
     """Everything `dsmooth certify-api` needs; see examples/certify_api_emulated.yaml."""
 
     api: ApiSettings = option(..., help="the provider and how to reach it")
     dataset: DatasetLayout = option("folder", group="data")
-    output: Path = option(..., flag="--output", metavar="RUN_DIR", help="the run directory (resumed if it exists)")
+    output: Where = option(..., flag="--output", metavar="RUN_DIR",
+                          help="the run directory, local or s3://... / gs://... (resumed if it exists)")
     budget: BudgetSettings = option(..., help="hard spending limits")
     n0: SelectionSamples = option(20, group="smoothing", metavar="N0")
     n: EstimationSamples = option(100, group="smoothing", metavar="N")

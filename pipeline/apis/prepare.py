@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from pipeline.apis.config import CertifyApiConfig
 from pipeline.apis.secrets import scrub
 from pipeline.config import ConfigError, load_config, to_dict
@@ -28,16 +26,24 @@ def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]
     return split, config.select(split)
 
 
-def load_denoiser(path: Path, sigma: float, selected: ImageDataset) -> tuple[nn.Module, str, str]:
-    """(frozen denoiser, architecture, sha256), checked as the certify job checks it."""
-    from pipeline.model_pair import load_denoiser as load
-    from pipeline.models import CheckpointError, file_sha256, freeze
+def load_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any, str, str]:
+    """(checkpoint bytes, architecture, sha256) of the denoiser, checked as the certify job
+    checks it (kind, data set, sigma); the API actors load it from the bytes."""
+    import tempfile
 
+    from pipeline.model_pair import ModelBytes
+    from pipeline.model_pair import load_denoiser as load
+    from pipeline.models import CheckpointError
+
+    checkpoint = ModelBytes.read(where)
     try:
-        model, meta = load(Path(path), str(path), selected.describe(), sigma)
+        with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
+            path = Path(folder) / "denoiser.pt"
+            path.write_bytes(checkpoint.data)
+            _, meta = load(path, str(where), selected.describe(), sigma)
     except CheckpointError as error:
-        raise ConfigError("denoiser", str(error)) from None
-    return freeze(model), meta.arch, file_sha256(path)
+        raise ConfigError("denoiser", str(error).replace(str(path), str(where))) from None
+    return checkpoint, meta.arch, checkpoint.sha256
 
 
 def api_identity(

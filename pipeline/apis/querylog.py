@@ -1,113 +1,184 @@
-"""The query log: one Parquet row per API query, written as queries return.
+"""The query log: every call an API run sent, with its answer, from the journal and its
+compacted Parquet parts; and the per-query view that resume, votes and reports use.
 
-Paid answers are the expensive part of an API certification, so every one is kept with
-the full label list and scores; vote counts, certificates at another alpha, or with a
-smaller n0/n, are recomputed from this log without a new query (`votes_from_queries`).
-The log is also what makes resumption exact: a (image, phase, sample) with a *done* row
-(an answer, or an answer that was malformed) is never queried again.
+Paid answers are the expensive part of an API certification, so every one is kept with the
+full label list and scores; vote counts, certificates at another alpha, or with a smaller
+n0/n, are recomputed from this log without a new query (`votes_from_queries`). A query with
+an `ok` answer is never asked again; one whose calls all failed (malformed answers
+included, after every retry) is asked again by a later run.
 
-Files: `RUN_DIR/queries/part-*.parquet`, each written atomically; `compact_queries`
-merges them (at the end of a job) so a long run does not leave thousands of small files.
+Calls live first in the call journal (pipeline.apis.journal), then, once their invocation
+has ended, in `RUN/queries/part-*.parquet` parts of at most PART_CALLS calls each, each
+with a manifest of its images: a damaged part costs those images' answers, named in the
+error, never the whole log.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.apis import journal
+from pipeline.apis.billing import billable
 from pipeline.apis.plan import CLEAN, Key, phase_sizes
-from pipeline.storage import RUN_FILE, write_parquet_atomic
+from pipeline.fs import Location
+from pipeline.storage import PartStream, read_run_record
 
 QUERIES_DIR = "queries"
-OK, MALFORMED, FAILED = "ok", "malformed", "failed"
-DONE_STATUSES = frozenset({OK, MALFORMED})  # answered: never to be asked again
+OK = "ok"
+# Calls per compacted part: bounds what one damaged file can cost. DSMOOTH_QUERY_PART_CALLS
+# changes it (the durability tests use small parts to stretch compaction out).
+PART_CALLS = int(os.environ.get("DSMOOTH_QUERY_PART_CALLS", "10000"))
 
-QUERY_SCHEMA = pa.schema(
+CALL_SCHEMA = pa.schema(
     [
-        ("run_id", pa.string()),
+        ("call", pa.string()),  # unique id of one attempt
+        ("invocation", pa.string()),  # the job invocation that sent it
         ("provider", pa.string()),
         ("image_id", pa.int64()),
         ("image_name", pa.string()),
         ("phase", pa.string()),  # clean | selection | estimation
         ("sample", pa.int64()),  # index within the phase (0 for the clean query)
-        ("status", pa.string()),  # ok | malformed | failed (gave up: not done, asked again later)
+        ("attempt", pa.int64()),  # 1 for the first call of a query in an invocation
+        ("worker", pa.string()),
+        ("sent_at", pa.timestamp("ms", tz="UTC")),
+        ("status", pa.string()),  # ok | malformed | throttled | server_error | timeout | auth | rejected
+        #                           | error; null: unconfirmed (no answer recorded: killed in flight)
+        ("billable", pa.bool_()),  # what the provider bills (pipeline.apis.billing)
         ("top_label", pa.string()),  # the query's class; null when no label came back
         ("labels", pa.list_(pa.string())),  # every returned label, in the provider's order
         ("scores", pa.list_(pa.float64())),  # their scores in [0, 1]
-        ("attempts", pa.int64()),  # calls sent for this query, retries included
-        ("latency_s", pa.float64()),  # of the last attempt
-        ("elapsed_s", pa.float64()),  # all attempts and back-off
-        ("cost", pa.float64()),  # attempts x price per call
-        ("error", pa.string()),  # last error, scrubbed of secrets
-        ("worker", pa.string()),
-        ("finished_at", pa.timestamp("ms", tz="UTC")),
+        ("latency_s", pa.float64()),
+        ("error", pa.string()),  # scrubbed of secrets
+        ("answered_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
+CALLS = PartStream(QUERIES_DIR, CALL_SCHEMA)
 
 
-def write_queries(run_dir: str | Path, rows: Iterable[Mapping[str, Any]], worker: str = "main") -> Path | None:
-    """Append query rows (dicts with QUERY_SCHEMA's fields) as one part file."""
-    rows = list(rows)
-    if not rows:
-        return None
-    columns = {field.name: [row.get(field.name) for row in rows] for field in QUERY_SCHEMA}
-    table = pa.Table.from_pydict(columns, schema=QUERY_SCHEMA)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in worker)[:40] or "worker"
-    return write_parquet_atomic(table, Path(run_dir) / QUERIES_DIR / f"part-{safe}-{uuid.uuid4().hex}.parquet")
+def sent_record(call: str, invocation: str, provider: str, image_id: int, image_name: str, phase: str,
+                sample: int, attempt: int, worker: str) -> dict[str, Any]:
+    """The journal record written before a call leaves."""
+    return {"k": "sent", "call": call, "invocation": invocation, "provider": provider, "image_id": image_id,
+            "image_name": image_name, "phase": phase, "sample": sample, "attempt": attempt, "worker": worker,
+            "sent_at": datetime.now(timezone.utc).isoformat()}
 
 
-def query_parts(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / QUERIES_DIR).glob("part-*.parquet"))
+def answer_record(call: str, provider: str, status: str, **fields: Any) -> dict[str, Any]:
+    """The journal record of a call's outcome."""
+    return {"k": "answer", "call": call, "status": status, "billable": billable(provider, status),
+            "answered_at": datetime.now(timezone.utc).isoformat(), **fields}
 
 
-def read_query_log(run_dir: str | Path, dedup: bool = True) -> pd.DataFrame:
-    """The log as a DataFrame. dedup=True keeps one row per (image, phase, sample): the
-    first done row if any, else the latest failure; dedup=False keeps every row (spending)."""
-    parts = query_parts(run_dir)
-    if not parts:
-        return QUERY_SCHEMA.empty_table().to_pandas()
-    frame = pa.concat_tables(pq.read_table(p, schema=QUERY_SCHEMA) for p in parts).to_pandas()
+def calls_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Journal records -> one row per call (its `sent` record merged with its answer, if any)."""
+    calls: dict[str, dict[str, Any]] = {}
+    for record in records:
+        row = calls.setdefault(record["call"], {})
+        fields = {k: v for k, v in record.items() if k != "k"}
+        if record.get("k") == "answer":
+            row.update(fields)
+        else:
+            row.update({k: v for k, v in fields.items() if k not in row})
+    for row in calls.values():
+        if row.get("status") is None:
+            row["billable"] = billable(row.get("provider", ""), None)
+    return [row for row in calls.values() if "image_id" in row]
+
+
+def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A call row with CALL_SCHEMA's fields, timestamps as datetimes (the journal has ISO text)."""
+    out = {f.name: row.get(f.name) for f in CALL_SCHEMA}
+    for name in ("sent_at", "answered_at"):
+        if isinstance(out[name], str):
+            out[name] = datetime.fromisoformat(out[name])
+    return out
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pa.Table.from_pylist([_normalise(row) for row in rows], schema=CALL_SCHEMA).to_pandas()
+
+
+def read_calls(run_dir: str | Location) -> pd.DataFrame:
+    """Every call of the run: compacted parts plus journal segments (a call in both -- a crash
+    during compaction -- once, its answered version first)."""
+    parts = CALLS.read(run_dir)
+    live = calls_from_records(journal.replay(run_dir))
+    frames = [f for f in (parts, _frame(live) if live else None) if f is not None and not f.empty]
+    if not frames:
+        return CALL_SCHEMA.empty_table().to_pandas()
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    frame = frame.assign(_answered=frame["status"].notna())
+    frame = frame.sort_values(["call", "_answered"], ascending=[True, False], kind="stable")
+    return frame.drop_duplicates("call", keep="first").drop(columns="_answered").reset_index(drop=True)
+
+
+def read_query_log(run_dir: str | Location, dedup: bool = True) -> pd.DataFrame:
+    """dedup=False: every call. dedup=True: one row per (image, phase, sample) -- its first
+    `ok` answer if any, else its latest call -- with `attempts`, the calls it took."""
+    frame = read_calls(run_dir)
     if not dedup or frame.empty:
-        return frame.reset_index(drop=True)
-    frame = frame.assign(_done=frame["status"].isin(DONE_STATUSES))
-    frame = frame.sort_values(
-        ["image_id", "phase", "sample", "_done", "finished_at"], ascending=[True, True, True, False, True], kind="stable"
-    )
-    frame = frame.drop_duplicates(["image_id", "phase", "sample"], keep="first")
-    return frame.drop(columns="_done").reset_index(drop=True)
+        return frame.assign(attempts=1) if not dedup else frame.assign(attempts=pd.Series(dtype="int64"))
+    key = ["image_id", "phase", "sample"]
+    attempts = frame.groupby(key).size().rename("attempts")
+    by_time = frame.sort_values([*key, "sent_at"], kind="stable")
+    answered = by_time[by_time["status"] == OK].drop_duplicates(key, keep="first")
+    unanswered = by_time[~by_time.set_index(key).index.isin(answered.set_index(key).index)]
+    chosen = pd.concat([answered, unanswered.drop_duplicates(key, keep="last")])
+    chosen = chosen.merge(attempts, left_on=key, right_index=True)
+    return chosen.sort_values(key, kind="stable").reset_index(drop=True)
 
 
-def compact_queries(run_dir: str | Path) -> Path | None:
-    """Merge all part files into one (every row kept), then remove the merged parts.
-
-    A crash between the write and the removals leaves duplicates, which readers drop.
-    """
-    parts = query_parts(run_dir)
-    if len(parts) <= 1:
-        return parts[0] if parts else None
-    table = pa.concat_tables(pq.read_table(p, schema=QUERY_SCHEMA) for p in parts)
-    merged = write_parquet_atomic(table, Path(run_dir) / QUERIES_DIR / f"part-compact-{uuid.uuid4().hex}.parquet")
-    for part in parts:
-        part.unlink(missing_ok=True)
-    return merged
+def compact(run_dir: str | Location, keep_invocation: str | None = None) -> int:
+    """Turn the journal segments of finished invocations into Parquet parts (at most
+    PART_CALLS calls each), then delete the segments. Safe at any crash point: a part is
+    written before its segments go, and readers drop calls seen twice. Returns calls moved."""
+    segments = [s for s in journal.segments(run_dir)
+                if keep_invocation is None or f"-{keep_invocation}-" not in s.name]
+    if not segments:
+        return 0
+    rows = calls_from_records(r for s in segments for r in journal.read_segment(s))
+    rows.sort(key=lambda row: (row["image_id"], row.get("phase", ""), row.get("sample", 0), row["call"]))
+    for start in range(0, len(rows), PART_CALLS):
+        CALLS.write(run_dir, [_normalise(row) for row in rows[start : start + PART_CALLS]], worker="compact")
+    for segment in segments:
+        segment.delete()
+    return len(rows)
 
 
 def done_keys(frame: pd.DataFrame) -> dict[int, set[Key]]:
-    """image id -> {(phase, sample)} already answered."""
-    done = frame[frame["status"].isin(DONE_STATUSES)]
+    """image id -> {(phase, sample)} answered (`ok`)."""
+    done = frame[frame["status"] == OK]
     result: dict[int, set[Key]] = {}
     for image_id, phase, sample in zip(done["image_id"], done["phase"], done["sample"]):
         result.setdefault(int(image_id), set()).add((str(phase), int(sample)))
     return result
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a run has sent and what it owes, over every invocation."""
+
+    calls: int  # attempts sent (the budget counts these)
+    unconfirmed: int  # sent, no answer recorded (killed in flight): may or may not have arrived
+    billable: int  # calls the provider bills (unconfirmed included)
+
+    def cost(self, price_per_1000: float) -> float:
+        return self.billable * price_per_1000 / 1000.0
+
+
+def spend(run_dir: str | Location) -> Spend:
+    frame = read_calls(run_dir)
+    if frame.empty:
+        return Spend(0, 0, 0)
+    return Spend(len(frame), int(frame["status"].isna().sum()), int(frame["billable"].fillna(True).sum()))
 
 
 def vote_rows(
@@ -118,12 +189,12 @@ def vote_rows(
     n: int,
 ) -> list[dict[str, Any]] | None:
     """The selection and estimation vote rows (storage.VOTE_SCHEMA) of ONE image from its
-    done query rows, using samples 0..n0-1 and 0..n-1; None while any of them is missing.
+    answered queries, using samples 0..n0-1 and 0..n-1; None while any of them is missing.
 
-    Every sample counts in `n`, so a query without a label (malformed answer, or no label
-    returned) counts against the top class instead of shrinking the sample.
+    Every sample counts in `n`, so an answer without a label counts against the top class
+    instead of shrinking the sample.
     """
-    by_key = {(str(q["phase"]), int(q["sample"])): q for q in queries if q["status"] in DONE_STATUSES}
+    by_key = {(str(q["phase"]), int(q["sample"])): q for q in queries if q.get("status") == OK}
     clean = by_key.get((CLEAN, 0))
     if clean is None:
         return None
@@ -134,7 +205,7 @@ def vote_rows(
         chosen = [by_key.get((phase, k)) for k in range(size)]
         if any(q is None for q in chosen):
             return None
-        votes = Counter(q["top_label"] for q in chosen if q["status"] == OK and _present(q["top_label"]))
+        votes = Counter(q["top_label"] for q in chosen if _present(q.get("top_label")))
         classes = sorted(votes)
         rows.append(
             {
@@ -142,7 +213,7 @@ def vote_rows(
                 "image_id": int(clean["image_id"]),
                 "image_name": clean.get("image_name"),
                 "label": -1,
-                "label_name": clean["top_label"] if clean["status"] == OK and _present(clean["top_label"]) else None,
+                "label_name": clean["top_label"] if _present(clean.get("top_label")) else None,
                 "phase": phase,
                 "n": size,
                 "classes": classes,
@@ -155,17 +226,17 @@ def vote_rows(
                 "denoiser": identity.get("denoiser"),
                 "denoiser_sha256": identity.get("denoiser_sha256"),
                 "worker": "certify-api",
-                "elapsed_s": float(sum(float(q.get("elapsed_s") or 0.0) for q in chosen)),
-                "finished_at": max(_timestamp(q.get("finished_at")) for q in chosen),
+                "elapsed_s": float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
+                "finished_at": max(_timestamp(q.get("answered_at")) for q in chosen),
             }
         )
     return rows
 
 
-def votes_from_queries(run_dir: str | Path, n0: int | None = None, n: int | None = None) -> list[dict[str, Any]]:
+def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[dict[str, Any]]:
     """Vote rows for every image whose first n0 selection and n estimation samples (and
     clean query) are answered; n0/n default to the run's, and may not exceed them."""
-    record = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    record = read_run_record(run_dir)
     identity, run_id = record["identity"], record["run_id"]
     n0 = int(identity["n0"]) if n0 is None else int(n0)
     n = int(identity["n"]) if n is None else int(n)
@@ -185,7 +256,7 @@ def _present(value: Any) -> bool:
 
 
 def _timestamp(value: Any) -> datetime:
-    if value is None or (not isinstance(value, datetime) and pd.isna(value)):
+    if value is None or (not isinstance(value, (datetime, str)) and pd.isna(value)):
         return datetime.now(timezone.utc)
     return pd.Timestamp(value).to_pydatetime()
 

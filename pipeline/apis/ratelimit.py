@@ -1,52 +1,80 @@
-"""Client-side rate limiting: at most `qps` query starts per second, `concurrency` at once.
+"""One rate limit for a whole job: never more than `qps` call starts in any 1-second window.
 
-Providers throttle per account; staying under their limits costs less (and wastes less
-budget on 429s) than bouncing off them. Starts are spaced evenly (no bursts), which is
-what per-second quotas measure.
+Providers meter per account and per second; a burst of starts above the quota is answered
+with 429s, and every retry of those is paid. So every attempt of every actor takes its start
+time from the job's single limiter (it lives in the ledger actor) and two rules make the
+guarantee hold at the provider, whatever the delays between processes:
+
+- slots: the limiter hands out start times (wall clock, shared by the machines of a cluster)
+  so that at most floor(qps) slots fall in any window of 1 s + LATE_S, and adjacent slots are
+  1/rate apart;
+- punctuality: a worker sends exactly at its slot, or within LATE_S after it; a worker that
+  finds itself later than that (descheduled, a slow network hop) does not send but asks for
+  a new slot. So sends in any 1-second window come from slots in a window of 1 s + LATE_S:
+  at most floor(qps) of them.
+
+The rate below that ceiling adapts, as botocore's "adaptive" retry mode does: each
+throttling answer halves it (down to a tenth of qps), each success raises it again by a
+twentieth of qps.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable
+
+LATE_S = 0.1  # how late after its slot a call may still start
 
 
 class RateLimiter:
-    """Thread-safe; `with limiter.slot(): send()` blocks until a start is allowed."""
+    """Thread-safe slot scheduler; `slot()` returns a start time, it does not wait."""
 
-    def __init__(
-        self,
-        qps: float,
-        concurrency: int,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, qps: float, clock: Callable[[], float] = time.time) -> None:
         if qps <= 0:
             raise ValueError(f"qps must be positive, got {qps!r}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
-        self.interval = 1.0 / qps
-        self.concurrency = concurrency
-        self._clock, self._sleep = clock, sleep
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self.qps = float(qps)
+        self.rate = float(qps)
+        self.per_window = max(1, math.floor(qps))
+        self.window_s = 1.0 if qps >= 1 else 1.0 / qps
+        self._clock = clock
         self._lock = threading.Lock()
-        self._next_start = float("-inf")
+        self._slots: deque[float] = deque()
+        self._next = float("-inf")
 
-    def _wait_for_start(self) -> None:
+    def slot(self) -> float:
+        """The next start time (on the wall clock `clock`) a call may take."""
         with self._lock:
-            now = self._clock()
-            start = max(now, self._next_start)
-            self._next_start = start + self.interval
-        if start > now:
-            self._sleep(start - now)
+            start = max(self._clock(), self._next)
+            span = self.window_s + LATE_S
+            while self._slots and self._slots[0] <= start - span:
+                self._slots.popleft()
+            if len(self._slots) >= self.per_window:
+                start = max(start, self._slots[-self.per_window] + span + 1e-6)
+            self._slots.append(start)
+            self._next = start + 1.0 / self.rate
+            return start
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        self._slots.acquire()
-        try:
-            self._wait_for_start()
-            yield
-        finally:
-            self._slots.release()
+    def feedback(self, throttled: bool) -> None:
+        """Slow down after a throttling answer, speed back up after a success."""
+        with self._lock:
+            if throttled:
+                self.rate = max(self.qps / 10, self.rate / 2)
+            else:
+                self.rate = min(self.qps, self.rate + self.qps / 20)
+
+
+def start_at(slot: float, reslot: Callable[[], float], clock: Callable[[], float] = time.time,
+             sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait for `slot` and return when the call may go; a start found more than LATE_S late
+    asks `reslot()` for a new slot instead of sending late (which could crowd a window)."""
+    while True:
+        now = clock()
+        if now < slot:
+            sleep(slot - now)
+            now = clock()
+        if now <= slot + LATE_S:
+            return now
+        slot = reslot()

@@ -1,9 +1,11 @@
-"""One query with retries: exponential back-off with full jitter, budget reserved per attempt.
+"""One query with retries: every attempt permitted (and journaled) first, back-off with jitter.
 
-Throttling, timeouts and 5xx are retried up to `max_attempts`; a malformed answer is final
-(it was answered, and charged); authentication and other fatal errors end the query at
-once and tell the caller to stop the job. The budget is asked before *every* attempt, so
-the number of calls sent can never exceed it.
+Throttling, timeouts, 5xx and *malformed answers* are retried up to `max_attempts`: a
+garbled 200 tells nothing about the image, and counting it as a vote (or as an abstention)
+would change the certificate. Authentication and other request rejections end the query at
+once and tell the caller to stop the job. Each attempt asks `permit` first, which charges
+the budget, journals the call and waits for the job's rate limit; a query answered already
+(before a crash) comes back from there without a call.
 """
 
 from __future__ import annotations
@@ -12,26 +14,40 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.apis.config import RetrySettings
-from pipeline.apis.errors import ApiError, FatalError, MalformedResponse, ThrottledError
+from pipeline.apis.errors import (
+    ApiError,
+    AuthError,
+    MalformedResponse,
+    QueryTimeout,
+    RequestRejected,
+    ServerError,
+    ThrottledError,
+)
 from pipeline.apis.providers.base import Label, LabelClient
-from pipeline.apis.ratelimit import RateLimiter
+from pipeline.apis.ratelimit import start_at
 from pipeline.apis.secrets import describe
 
-# Outcomes. DONE: ok, malformed. Not done (asked again by a later run): the rest.
-OK, MALFORMED, FAILED, BUDGET, FATAL = "ok", "malformed", "failed", "budget", "fatal"
+# Final states of a query. OK: answered. FAILED: every attempt failed (asked again by a
+# later run). STOPPED: the budget or a halt stopped it. FATAL: the provider refused us.
+OK, FAILED, STOPPED, FATAL = "ok", "failed", "stopped", "fatal"
+RETRIED = ("malformed", "throttled", "server_error", "timeout", "error")
 
 
 @dataclass
 class QueryOutcome:
-    status: str
+    state: str
     labels: list[Label] = field(default_factory=list)
-    attempts: int = 0
+    top_label: str | None = None
+    attempts: int = 0  # calls sent for it now
+    status: str | None = None  # the last call's status
     latency_s: float = 0.0
     elapsed_s: float = 0.0
     error: str | None = None
-    fatal_kind: str | None = None  # "auth" | "rejected" when status == FATAL
+    reason: str | None = None  # why it stopped ("budget", "auth", ...)
+    reused: bool = False  # answered before: no call made
 
 
 def backoff_delay(attempt: int, settings: RetrySettings, rng: random.Random, floor_s: float | None = None) -> float:
@@ -44,43 +60,77 @@ def backoff_delay(attempt: int, settings: RetrySettings, rng: random.Random, flo
     return delay
 
 
+def classify(error: BaseException) -> str:
+    """The status a failed call is journaled with."""
+    if isinstance(error, MalformedResponse):
+        return "malformed"
+    if isinstance(error, ThrottledError):
+        return "throttled"
+    if isinstance(error, ServerError):
+        return "server_error"
+    if isinstance(error, QueryTimeout):
+        return "timeout"
+    if isinstance(error, AuthError):
+        return "auth"
+    if isinstance(error, RequestRejected):
+        return "rejected"
+    return "error"
+
+
 def query_with_retries(
     client: LabelClient,
     image: bytes,
-    reserve: Callable[[], bool],
-    limiter: RateLimiter,
+    permit: Callable[[int], Any],
+    answered: Callable[..., Any],
     settings: RetrySettings,
     rng: random.Random,
     sleep: Callable[[float], None] = time.sleep,
-    stopped: Callable[[], bool] = lambda: False,
+    reslot: Callable[[], float] | None = None,
 ) -> QueryOutcome:
-    """Ask `client` for labels of `image`; see the module doc for the rules."""
+    """Ask `client` for labels of `image`; see the module doc for the rules.
+
+    `permit(attempt)` returns a pipeline.apis.ledger.Permit; `answered(call, status, **fields)`
+    journals each call's outcome; `reslot()` gives a new start time to a call found late."""
+    from pipeline.apis.providers import top_label
+
     started = time.monotonic()
     outcome = QueryOutcome(FAILED)
-    for attempt in range(settings.max_attempts):
-        if stopped() or not reserve():
-            outcome.status = BUDGET
+    for attempt in range(1, settings.max_attempts + 1):
+        grant = permit(attempt)
+        if grant.kind == "answered":
+            answer = grant.answer or {}
+            outcome = QueryOutcome(OK, top_label=answer.get("top_label"), attempts=outcome.attempts,
+                                   status="ok", reused=True)
+            outcome.labels = [Label(n, float(s)) for n, s in zip(answer.get("labels") or [], answer.get("scores") or [])]
+            break
+        if grant.kind == "stop":
+            outcome.state, outcome.reason = STOPPED, grant.reason
             break
         outcome.attempts += 1
         retry_after = None
-        with limiter.slot():
-            sent = time.monotonic()
-            try:
-                outcome.labels = client.labels(image)
-                outcome.status, outcome.error = OK, None
-            except MalformedResponse as error:
-                outcome.status, outcome.error = MALFORMED, describe(error)
-            except FatalError as error:
-                outcome.status, outcome.error, outcome.fatal_kind = FATAL, describe(error), error.kind
-            except ApiError as error:  # transient
-                outcome.status, outcome.error = FAILED, describe(error)
-                retry_after = error.retry_after_s if isinstance(error, ThrottledError) else None
-            except Exception as error:  # noqa: BLE001 - an unknown failure: retried as transient
-                outcome.status, outcome.error = FAILED, describe(error)
-            outcome.latency_s = time.monotonic() - sent
-        if outcome.status != FAILED:
+        if grant.start_at is not None:  # the job-wide rate limit: start on the slot, or get a new one
+            start_at(grant.start_at, reslot or (lambda: time.time()))
+        sent = time.monotonic()
+        try:
+            labels = client.labels(image)
+            status, error_text = "ok", None
+        except ApiError as error:
+            labels, status, error_text = [], classify(error), describe(error)
+            retry_after = error.retry_after_s if isinstance(error, ThrottledError) else None
+        except Exception as error:  # noqa: BLE001 - an unknown failure: retried as transient
+            labels, status, error_text = [], "error", describe(error)
+        outcome.latency_s = time.monotonic() - sent
+        outcome.status, outcome.error = status, error_text
+        best = top_label(labels) if status == "ok" else None
+        answered(grant.call, status, top_label=best, labels=[label.name for label in labels],
+                 scores=[label.score for label in labels], latency_s=outcome.latency_s, error=error_text)
+        if status == "ok":
+            outcome.state, outcome.labels, outcome.top_label = OK, labels, best
             break
-        if attempt + 1 < settings.max_attempts:
-            sleep(backoff_delay(attempt, settings, rng, retry_after))
+        if status in ("auth", "rejected"):
+            outcome.state, outcome.reason = FATAL, status
+            break
+        if attempt < settings.max_attempts:
+            sleep(backoff_delay(attempt - 1, settings, rng, retry_after))
     outcome.elapsed_s = time.monotonic() - started
     return outcome

@@ -1,60 +1,39 @@
 """Driver-side bookkeeping of an API certification (no Ray): which queries each image still
-needs, when an image is complete (its vote rows are then written at once), what was spent,
-and the end-of-run report."""
+needs, when an image is complete (its vote rows are then written at once), what the run has
+spent (from the call journal, every invocation and kill included), and the report."""
 
 from __future__ import annotations
 
-import fcntl
-import json
+import logging
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.apis.plan import Key, WorkUnit, needed_keys, plan_image
-from pipeline.apis.querylog import DONE_STATUSES, read_query_log, vote_rows, write_queries
-from pipeline.storage import completed_images, write_json_atomic, write_votes
+from pipeline.apis.querylog import OK, Spend, read_query_log, vote_rows
+from pipeline.fs import Location
+from pipeline.storage import completed_images, write_votes
 
-SPEND_FILE = "spend.json"
-LOCK_FILE = ".certify-api.lock"
-
-
-class RunLockedError(RuntimeError):
-    """Another certify-api job is writing this run directory."""
-
-
-@contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Exclusive lock on the run directory: two jobs would send duplicate (paid) queries."""
-    path = Path(run_dir) / LOCK_FILE
-    handle = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLockedError(f"another certify-api job is running on {run_dir}") from None
-        yield
-    finally:
-        handle.close()
+log = logging.getLogger("dsmooth")
 
 
 @dataclass
 class ImageState:
     image_id: int
     name: str
-    rows: dict[Key, dict[str, Any]] = field(default_factory=dict)  # done query rows
+    rows: dict[Key, dict[str, Any]] = field(default_factory=dict)  # answered (ok) queries
     voted: bool = False
+    failed: set[Key] = field(default_factory=set)  # queries that failed every retry this run
 
 
 class RunState:
-    """Tracks done queries per image and writes each image's vote rows when it completes."""
+    """Answered queries per image (from the query log), votes written as images complete."""
 
     def __init__(
-        self, run_dir: Path, record: Mapping[str, Any], images: Iterable[tuple[int, str]], worker: str = "certify-api"
+        self, run_dir: str | Location, record: Mapping[str, Any], images: Iterable[tuple[int, str]],
+        worker: str = "certify-api",
     ) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = Location.of(run_dir)
         self.identity = record["identity"]
         self.run_id = record["run_id"]
         self.n0, self.n = int(self.identity["n0"]), int(self.identity["n"])
@@ -64,40 +43,59 @@ class RunState:
         self.needed = set(needed_keys(self.n0, self.n))
         self.images = {image_id: ImageState(image_id, name) for image_id, name in images}
         voted = completed_images(self.run_dir, ["selection", "estimation"])
-        log = read_query_log(self.run_dir)
-        for row in log[log["status"].isin(DONE_STATUSES)].to_dict("records"):
+        log_frame = read_query_log(self.run_dir)
+        for row in log_frame[log_frame["status"] == OK].to_dict("records"):
             state = self.images.get(int(row["image_id"]))
             if state is not None:
                 state.rows[(str(row["phase"]), int(row["sample"]))] = row
         for state in self.images.values():
             state.voted = state.image_id in voted
+        lost = [s.image_id for s in self.images.values() if s.voted and not self.needed <= s.rows.keys()]
+        if lost:
+            # Votes stand (reduce uses them); only recomputing them from answers is impossible.
+            log.warning("%d image(s) have votes but their answers are missing from the query log (a lost or "
+                        "damaged log part); their certificates stand and nothing is asked again, but "
+                        "`votes_from_queries` cannot rebuild them", len(lost))
 
     def units(self, image_id: int) -> list[WorkUnit]:
         state = self.images[image_id]
+        if state.voted:
+            return []
         return plan_image(image_id, self.n0, self.n, self.chunk_size, self.seed, done=state.rows.keys())
 
     def pending_queries(self) -> int:
-        return sum(len(self.needed - state.rows.keys()) for state in self.images.values())
+        return sum(len(self.needed - s.rows.keys()) for s in self.images.values() if not s.voted)
 
     def complete(self) -> list[int]:
         return sorted(i for i, s in self.images.items() if s.voted)
+
+    def incomplete_after_retries(self) -> list[int]:
+        return sorted(i for i, s in self.images.items() if s.failed and not s.voted)
+
+    def answered_map(self) -> dict[tuple[int, str, int], dict[str, Any]]:
+        """(image, phase, sample) -> answer, for the ledger (never ask these again)."""
+        return {(i, phase, sample): {k: row.get(k) for k in ("top_label", "labels", "scores", "status")}
+                for i, s in self.images.items() for (phase, sample), row in s.rows.items()}
 
     def write_missing_votes(self) -> list[int]:
         """Images answered in full but without vote rows (a crash in between): write them."""
         return [i for i in self.images if self._maybe_vote(i)]
 
     def record(self, rows: list[dict[str, Any]]) -> list[int]:
-        """Log a returned unit's rows, then vote every image this completed; returns those ids."""
-        if not rows:
-            return []
-        rows = [{**row, "run_id": self.run_id} for row in rows]
-        write_queries(self.run_dir, rows, worker=self.worker)
+        """Take a returned unit's rows (its answers are in the journal already), then vote
+        every image this completed; returns those ids."""
         touched = set()
         for row in rows:
             state = self.images.get(int(row["image_id"]))
-            if state is not None and row["status"] in DONE_STATUSES:
-                state.rows.setdefault((row["phase"], int(row["sample"])), row)
+            if state is None:
+                continue
+            key = (row["phase"], int(row["sample"]))
+            if row["status"] == OK:
+                state.rows.setdefault(key, row)
+                state.failed.discard(key)
                 touched.add(state.image_id)
+            else:
+                state.failed.add(key)
         return [i for i in sorted(touched) if self._maybe_vote(i)]
 
     def _maybe_vote(self, image_id: int) -> bool:
@@ -114,92 +112,63 @@ class RunState:
 
 @dataclass
 class Summary:
-    """What one invocation did; printed at the end and returned to callers (tests)."""
+    """What one invocation did, and the run's totals; printed at the end, returned to callers."""
 
-    status: str  # complete | budget | failed | auth | rejected | error
+    status: str  # planned | complete | budget | failed | auth | rejected | error
     provider: str
-    attempts: int = 0  # calls sent this run, retries included (= budget spent)
-    cost: float = 0.0
-    answered: int = 0
-    malformed: int = 0
-    failed: int = 0  # queries left unanswered (given up after retries, or cut short)
+    attempts: int = 0  # calls sent by this invocation, retries included (what the budget counts)
+    billable: int = 0  # of those, what the provider bills
+    cost: float = 0.0  # attempts x price: what the budget holds against its limits
+    answered: int = 0  # queries answered now
+    retried: dict[str, int] = field(default_factory=dict)  # failed calls by status (all retried)
+    failed: int = 0  # queries with no valid answer after every retry
     images_total: int = 0
     images_complete: int = 0
+    images_incomplete: list[int] = field(default_factory=list)
     pending_queries: int = 0
     price_per_1000: float = 0.0
-    total_attempts: int = 0  # over every invocation on this run directory
-    total_cost: float = 0.0
-    max_queries: int | None = None
-    max_cost: float | None = None
+    run: Spend = field(default_factory=lambda: Spend(0, 0, 0))  # every invocation of the run
+    limits: str = ""
     message: str | None = None
+
+    @property
+    def run_cost(self) -> float:
+        return self.run.cost(self.price_per_1000)
 
     @property
     def estimated_cost_left(self) -> float:
         return self.pending_queries * self.price_per_1000 / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "estimated_cost_left": self.estimated_cost_left}
+        return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left}
 
 
-def spending_totals(run_dir: Path) -> tuple[int, float]:
-    """Calls and cost over every invocation, from the full (not deduplicated) query log."""
-    log = read_query_log(run_dir, dedup=False)
-    if log.empty:
-        return 0, 0.0
-    return int(log["attempts"].sum()), float(log["cost"].sum())
+HEADLINES = {
+    "planned": "dry run: nothing was sent",
+    "complete": "complete: every image is certified",
+    "budget": "stopped: the budget is spent",
+    "failed": "stopped: some queries got no valid answer after every retry (a rerun asks them again)",
+    "auth": "STOPPED: the provider refused the credentials",
+    "rejected": "STOPPED: the provider rejected the requests",
+    "error": "STOPPED: unexpected error",
+}
 
 
-def record_spending(run_dir: Path, summary: Summary, started_at: datetime) -> None:
-    """Append this invocation to RUN_DIR/spend.json (the ledger of what each run spent)."""
-    path = Path(run_dir) / SPEND_FILE
-    try:
-        ledger = json.loads(path.read_text()) if path.exists() else []
-    except ValueError:
-        ledger = []
-    ledger.append(
-        {
-            "started_at": started_at.isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "status": summary.status,
-            "attempts": summary.attempts,
-            "cost": round(summary.cost, 9),
-            "max_queries": summary.max_queries,
-            "max_cost": summary.max_cost,
-            "pending_queries": summary.pending_queries,
-        }
-    )
-    write_json_atomic(ledger, path)
-
-
-def format_summary(summary: Summary, run_dir: Path) -> str:
-    s = summary
-    limits = ", ".join(
-        part
-        for part in (
-            f"{s.max_queries} queries" if s.max_queries is not None else "",
-            f"${s.max_cost:.4f}" if s.max_cost is not None else "",
-        )
-        if part
-    )
-    headline = {
-        "planned": "dry run: nothing was sent",
-        "complete": "complete: every image is certified",
-        "budget": "stopped: the budget is spent",
-        "failed": "stopped: some queries failed after every retry (a rerun asks them again)",
-        "auth": "STOPPED: the provider refused the credentials",
-        "rejected": "STOPPED: the provider rejected the requests",
-        "error": "STOPPED: unexpected error",
-    }[s.status]
-    lines = [f"certify-api [{s.provider}]: {headline}"]
+def format_summary(s: Summary, run_dir: str | Location) -> str:
+    lines = [f"certify-api [{s.provider}]: {HEADLINES[s.status]}"]
     if s.message and s.status != "complete":
         lines.append(f"  reason: {s.message}")
+    retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
     lines.append(
-        f"  this run: {s.attempts} calls sent ({s.attempts - s.answered - s.malformed} retried or failed), "
-        f"{s.answered} answered, {s.malformed} malformed, {s.failed} unanswered; "
-        f"cost ${s.cost:.4f} (budget: {limits})"
+        f"  this invocation: {s.attempts} calls sent ({s.billable} billable), {s.answered} queries answered, "
+        f"calls retried: {retried}; cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
     )
-    lines.append(f"  run total (all invocations): {s.total_attempts} calls, ${s.total_cost:.4f}")
+    unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
+    lines.append(f"  run total: {s.run.calls} calls, ${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
     lines.append(f"  images: {s.images_complete}/{s.images_total} complete")
+    if s.images_incomplete:
+        lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
+                     f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")
     if s.pending_queries:
         lines.append(
             f"  left to do: {s.pending_queries} queries (about ${s.estimated_cost_left:.4f} at "

@@ -1,8 +1,10 @@
-"""Runs work units against one API client: noise, denoiser, PNG, query, query-log rows.
+"""Runs work units against one API client: noise, denoiser, PNG, query, one row per query.
 
 Plain Python (no Ray): `actors/api_actor.py` wraps one QueryWorker per Ray actor. Units
-may run in several threads at once; they share the client, the rate limiter and the
-stop flag, so one authentication failure stops every thread before its next call.
+may run in several threads at once; they share the client and the stop flag, so one
+authentication failure stops every thread before its next call. Every call is permitted,
+journaled and paced by the job's ledger (`permit` / `answered` callables), so limits and
+accounting hold across all actors of a job.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -22,21 +23,20 @@ from pipeline.apis.config import ApiSettings, RetrySettings
 from pipeline.apis.encoding import encode_png
 from pipeline.apis.errors import ApiError, FatalError
 from pipeline.apis.plan import CLEAN, WorkUnit
-from pipeline.apis.providers import LabelClient, make_client, top_label
-from pipeline.apis.querylog import FAILED
-from pipeline.apis.ratelimit import RateLimiter
-from pipeline.apis.retry import BUDGET, FATAL, query_with_retries
+from pipeline.apis.providers import LabelClient, make_client
+from pipeline.apis.retry import FATAL, OK, STOPPED, query_with_retries
 from pipeline.apis.sampling import noisy_images
 from pipeline.apis.secrets import describe
+
+Permit = Callable[..., Any]  # (image_id, image_name, phase, sample, attempt, worker) -> Permit
+Answered = Callable[..., Any]  # (call, image_id, phase, sample, status, **fields) -> record
 
 
 @dataclass
 class UnitResult:
-    """Query-log rows of a unit (answered or given up) and why it stopped early, if it did.
-
-    stop: None (every sample queried), "budget", or a fatal kind ("auth", "rejected",
-    "error"); `message` is already scrubbed of secrets.
-    """
+    """One row per query of the unit that reached a final state, and why the unit stopped
+    early, if it did: stop None (every query ran), "budget", or a fatal kind ("auth",
+    "rejected", "error"); `message` is already scrubbed of secrets."""
 
     unit: WorkUnit
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -49,16 +49,12 @@ class QueryWorker:
         self,
         api: ApiSettings,
         retry: RetrySettings,
-        qps: float,
         concurrency: int,
-        price_per_1000: float,
         sigma: float,
         denoiser: nn.Module | None = None,
         name: str = "api-0",
     ) -> None:
         self.api, self.retry = api, retry
-        self.limiter = RateLimiter(qps, concurrency)
-        self.price_per_call = price_per_1000 / 1000.0
         self.sigma = sigma
         self.denoiser = denoiser.eval() if denoiser is not None else None
         self.name = name
@@ -98,9 +94,8 @@ class QueryWorker:
             return [image]
         return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser))
 
-    def run_unit(
-        self, unit: WorkUnit, image: torch.Tensor, image_name: str, reserve: Callable[[], bool]
-    ) -> UnitResult:
+    def run_unit(self, unit: WorkUnit, image: torch.Tensor, image_name: str, permit: Permit,
+                 answered: Answered, reslot: Callable[[], float]) -> UnitResult:
         result = UnitResult(unit)
         problem = self.check()
         if problem is not None:
@@ -117,44 +112,40 @@ class QueryWorker:
         with self._lock:
             seeds = [self._rng.random() for _ in unit.samples]
 
-        def ask(noisy: torch.Tensor, seed: float) -> Any:
-            return query_with_retries(
-                client, encode_png(noisy), reserve, self.limiter, self.retry, random.Random(seed),
-                stopped=lambda: self._stopped is not None,
-            )
+        def ask(sample: int, noisy: torch.Tensor, seed: float) -> Any:
+            def grant(attempt: int) -> Any:
+                if self._stopped is not None:
+                    from pipeline.apis.ledger import Permit as Grant
+
+                    return Grant("stop", reason=self._stopped[0])
+                return permit(unit.image_id, image_name, unit.phase, sample, attempt, self.name)
+
+            def record(call: str, status: str, **fields: Any) -> Any:
+                return answered(call, unit.image_id, unit.phase, sample, status, **fields)
+
+            return query_with_retries(client, encode_png(noisy), grant, record, self.retry, random.Random(seed),
+                                      reslot=reslot)
 
         # The pool is shared by every unit of this worker and serves in submission order,
         # so the queries of earlier images go first and images complete early.
-        futures = [self._pool.submit(ask, noisy, seed) for noisy, seed in zip(images, seeds)]
+        futures = [self._pool.submit(ask, s, x, seed) for s, x, seed in zip(unit.samples, images, seeds)]
         for sample, future in zip(unit.samples, futures):
             outcome = future.result()
-            if outcome.attempts:
-                result.rows.append(self._row(unit, sample, image_name, outcome))
-            if outcome.status == FATAL:
-                self.stop(outcome.fatal_kind or "error", outcome.error or "")
-            if outcome.status in (BUDGET, FATAL) and result.stop is None:
-                result.stop, result.message = ("budget", "budget exhausted")
-        if self._stopped is not None and result.stop is not None:
+            if outcome.state == FATAL:
+                self.stop(outcome.reason or "error", outcome.error or "")
+            if outcome.state == STOPPED:
+                if result.stop is None:
+                    result.stop, result.message = outcome.reason or "budget", "budget exhausted"
+                continue
+            result.rows.append({
+                "image_id": unit.image_id, "image_name": image_name, "phase": unit.phase, "sample": sample,
+                "status": OK if outcome.state == OK else (outcome.status or "error"),
+                "top_label": outcome.top_label,
+                "labels": [label.name for label in outcome.labels],
+                "scores": [label.score for label in outcome.labels],
+                "attempts": outcome.attempts, "latency_s": outcome.latency_s, "error": outcome.error,
+                "reused": outcome.reused,
+            })
+        if self._stopped is not None:
             result.stop, result.message = self._stopped
         return result
-
-    def _row(self, unit: WorkUnit, sample: int, image_name: str, outcome: Any) -> dict[str, Any]:
-        status = outcome.status if outcome.status in ("ok", "malformed") else FAILED
-        return {
-            "provider": self.api.provider,
-            "image_id": unit.image_id,
-            "image_name": image_name,
-            "phase": unit.phase,
-            "sample": sample,
-            "status": status,
-            "top_label": top_label(outcome.labels) if status == "ok" else None,
-            "labels": [label.name for label in outcome.labels] if status == "ok" else [],
-            "scores": [label.score for label in outcome.labels] if status == "ok" else [],
-            "attempts": outcome.attempts,
-            "latency_s": outcome.latency_s,
-            "elapsed_s": outcome.elapsed_s,
-            "cost": outcome.attempts * self.price_per_call,
-            "error": outcome.error,
-            "worker": self.name,
-            "finished_at": datetime.now(timezone.utc),
-        }

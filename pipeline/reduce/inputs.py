@@ -8,7 +8,6 @@ stderr, not the whole table.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 import warnings
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput
 from pipeline.reduce.reference_logs import read_log
 from pipeline.reduce.votes import load_run
+from pipeline.fs import Location
 from pipeline.storage import RUN_FILE
 
 # Files that sit beside logs but are never logs (outputs, docs, checkpoints, archives).
@@ -27,39 +27,41 @@ NOT_LOGS = {
 }
 
 
-def is_run(path: Path) -> bool:
-    return path.is_dir() and (path / RUN_FILE).is_file()
+def is_run(path: str | Path | Location) -> bool:
+    return (Location.of(path) / RUN_FILE).is_file()
 
 
-def load_input(path: str | Path, alpha: float, name: str | None = None) -> Certificates:
+def load_input(path: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
     """One run directory (recomputed at `alpha`) or one reference log (alpha fixed when it
-    was written). Raises UnusableInput for an empty/truncated log or a run without votes."""
-    path = Path(path)
-    if is_run(path):
-        return load_run(path, alpha, name=name)
-    if path.is_dir():
+    was written), local or on object storage. Raises UnusableInput for an empty/truncated log
+    or a run without votes."""
+    location = Location.of(path)
+    if is_run(location):
+        return load_run(location, alpha, name=name)
+    if location.is_dir():
         raise UnusableInput(f"{path}: a directory without {RUN_FILE}; use load_inputs to search it")
-    if not path.exists():
+    if not location.exists():
         raise FileNotFoundError(f"no such run or log: {path}")
-    return read_log(path, name=name)
+    return read_log(location, name=name)
 
 
-def find_inputs(directory: str | Path) -> list[Path]:
+def find_inputs(directory: str | Path | Location) -> list[Location]:
     """Every run directory and candidate log under `directory`, in sorted order; a run's own
     files are not searched (its votes are the run)."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(directory):
-        root_path = Path(root)
-        if (root_path / RUN_FILE).is_file():
-            found.append(root_path)
-            dirs[:] = []
+    found: list[Location] = []
+    runs: list[str] = []
+    for folder, dirs, files in Location.of(directory).walk():
+        if any(folder.path == run or folder.path.startswith(run + "/") for run in runs):
             continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for file in sorted(files):
-            candidate = root_path / file
-            if not file.startswith(".") and candidate.suffix.lower() not in NOT_LOGS:
-                found.append(candidate)
-    return sorted(found)
+        if RUN_FILE in files:
+            found.append(folder)
+            runs.append(folder.path)
+            continue
+        for file in files:
+            if not file.startswith(".") and Path(file).suffix.lower() not in NOT_LOGS:
+                if not any(part.startswith(".") for part in folder.path.split("/")[-1:]):
+                    found.append(folder / file)
+    return sorted(found, key=lambda location: location.path)
 
 
 def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] | None = None) -> list[Certificates]:
@@ -70,36 +72,36 @@ def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] 
     directory argument it was found under)."""
     if names is not None and len(names) != len(paths):
         raise ValueError(f"--names gives {len(names)} name(s) for {len(paths)} input path(s)")
-    planned: list[tuple[Path, str]] = []
+    planned: list[tuple[Location, str]] = []
     for index, argument in enumerate(paths):
-        argument = Path(argument)
+        location = Location.of(argument)
         given = None if names is None else names[index]
-        if not argument.exists():
+        if not location.exists():
             raise FileNotFoundError(f"no such run, log or directory: {argument}")
-        if argument.is_dir() and not is_run(argument):
-            found = find_inputs(argument)
+        if location.is_dir() and not is_run(location):
+            found = find_inputs(location)
             if not found:
                 warnings.warn(f"{argument}: no runs or logs found under it", ReduceWarning, stacklevel=2)
-            for path in found:
-                relative = path.relative_to(argument).as_posix()
+            for item in found:
+                relative = item.path[len(location.path.rstrip("/")) + 1 :] or "."
                 if given is None:
                     label = relative if relative != "." else str(argument)
                 else:
                     label = given if len(found) == 1 else f"{given}/{relative}"
-                planned.append((path, label))
+                planned.append((item, label))
         else:
-            planned.append((argument, given if given is not None else str(argument)))
+            planned.append((location, given if given is not None else str(argument)))
     planned = _unique_names(planned)
     loaded = []
-    for path, label in planned:
+    for location, label in planned:
         try:
-            loaded.append(load_input(path, alpha, name=label))
+            loaded.append(load_input(location, alpha, name=label))
         except UnusableInput as error:
             warnings.warn(f"skipped {error}", ReduceWarning, stacklevel=2)
     return loaded
 
 
-def _unique_names(planned: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+def _unique_names(planned: list[tuple[Location, str]]) -> list[tuple[Location, str]]:
     """Two directory arguments can hold the same relative path; fall back to full paths."""
     counts = Counter(label for _, label in planned)
-    return [(path, str(path) if counts[label] > 1 else label) for path, label in planned]
+    return [(location, str(location) if counts[label] > 1 else label) for location, label in planned]

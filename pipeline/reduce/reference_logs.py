@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.fs import Location, StorageError
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 
 API_COLUMNS = ["idx", "correct", "radius", "label", "predict"]
@@ -45,10 +46,11 @@ def sigma_from_path(path: str | Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-def read_log(path: str | Path, name: str | None = None, sigma: float | None = None) -> Certificates:
-    """Certificates from one reference log; sigma from the path unless given."""
-    path = Path(path)
-    frame = _parse(path)
+def read_log(path: str | Path | Location, name: str | None = None, sigma: float | None = None) -> Certificates:
+    """Certificates from one reference log (local or object storage); sigma from the path
+    unless given."""
+    location = Location.of(path)
+    frame = _parse(location)
     duplicated = int(frame["image_id"].duplicated().sum())
     if duplicated:
         warnings.warn(
@@ -60,16 +62,16 @@ def read_log(path: str | Path, name: str | None = None, sigma: float | None = No
     return make_certificates(
         frame,
         name=str(path) if name is None else name,
-        sigma=sigma_from_path(path) if sigma is None else sigma,
+        sigma=sigma_from_path(location.path) if sigma is None else sigma,
         source=str(path),
     )
 
 
-def _parse(path: Path) -> pd.DataFrame:
+def _parse(path: Location) -> pd.DataFrame:
     try:
         raw = path.read_bytes()
-    except OSError as error:
-        raise UnusableInput(f"{path}: unreadable ({error.strerror or error})") from None
+    except (OSError, StorageError) as error:
+        raise UnusableInput(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
     if not raw.strip():
         raise UnusableInput(f"{path}: empty file")
     try:

@@ -8,7 +8,6 @@ are mapped onto columns by `smoothing.dense_counts`, whose column order is the t
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,25 @@ import pandas as pd
 
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 from pipeline.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
-from pipeline.storage import RUN_FILE, read_votes
+from pipeline.fs import Location
+from pipeline.storage import RUN_FILE, CorruptPartError, read_run_record, read_votes
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
 
 
-def load_run(run_dir: str | Path, alpha: float, name: str | None = None) -> Certificates:
-    """A run directory's certificates at `alpha`; sigma from run.json identity["sigma"]."""
-    run_dir = Path(run_dir)
+def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
+    """A run directory's certificates at `alpha` (local or object storage); sigma from run.json
+    identity["sigma"]."""
+    run_dir = Location.of(run_dir)
     try:
-        record = json.loads((run_dir / RUN_FILE).read_text())
+        record = read_run_record(run_dir)
         identity = record.get("identity") or {}
     except (OSError, ValueError, AttributeError) as error:
         raise UnusableInput(f"{run_dir}: unreadable {RUN_FILE} ({error})") from None
     try:
         votes = read_votes(run_dir)
+    except CorruptPartError as error:  # the message names the images and the recovery step
+        raise UnusableInput(str(error)) from None
     except Exception as error:  # a damaged part file must not stop the whole reduction
         raise UnusableInput(f"{run_dir}: unreadable votes ({type(error).__name__}: {error})") from None
     if votes.empty:

@@ -3,7 +3,7 @@ classifiers (standard or Gaussian-noise augmented), in plain PyTorch.
 
 Modules:
     config      the `dsmooth train` YAML config, its defaults and validation
-    sweep       the sweep's runs: names, deduplication, dependency order, finished runs
+    sweep       the sweep's runs: names, deduplication, dependency order and stages, finished runs
     data        uint8 training tensors and on-device augmentation
     loops       one run on one data-parallel worker (hooks for Ray Train or a local process)
     evaluation  test MSE / PSNR / accuracy under fixed noise; frozen-classifier digests

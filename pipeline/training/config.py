@@ -188,9 +188,10 @@ class TrainConfig(Settings):
     use_gpu: Annotated[UseGpu, BeforeValidator(_use_gpu)] = option(
         "auto", group=RUNS, help="a GPU per worker: auto = when the Ray cluster has GPUs")
     max_concurrent: NonNegativeInt = option(0, group=RUNS, metavar="N", help=(
-        "runs at once; 0 = as many as the cluster's CPUs (GPUs) fit"))
+        "runs at once (Ray Tune's max_concurrent_trials); 0 = as many as the cluster's CPUs (GPUs) fit"))
     max_failures: int = option(0, group=RUNS, ge=-1, strict=True, metavar="N", help=(
-        "restarts of a run's worker group from its last checkpoint (-1 = unlimited)"))
+        "restarts of a run from its last checkpoint when a worker (Ray Train) or the run's driver "
+        "(Ray Tune trial) fails (-1 = unlimited)"))
     stop_after_epochs: PositiveInt | None = option(None, group=RUNS, metavar="N", help=(
         "train each run at most this many epochs now (rerun to continue)"))
     output_dir: Path = option(Path("runs/train"), group=OUTPUTS, metavar="DIR", help=(

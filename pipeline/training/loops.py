@@ -41,6 +41,7 @@ from pipeline.training.grids import denoising_grid, save_grid
 from pipeline.training.sweep import GRID_FILE, METRICS_FILE, MODEL_FILE, json_safe
 
 STATE_FILE = "train_state.pt"
+REPLAYED = "replayed"  # key of a report that repeats the last epoch of a finished run
 
 
 def _no_report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -313,7 +314,10 @@ class RunState:
         return folder
 
 
-def _epoch_line(name: str, m: dict[str, Any], epochs: int) -> str:
+def epoch_line(name: str, m: dict[str, Any], epochs: int) -> str:
+    """`[run] epoch 3/10 | loss ... | test MSE ... | PSNR ... | acc under noise ...`: one epoch's
+    report (the worker's, or the same metrics as they reach the driver through Ray Tune)."""
+
     def pct(v: Any) -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
@@ -356,7 +360,7 @@ def train_run(spec: dict[str, Any], hooks: WorkerHooks | None = None) -> dict[st
             state.history.append(json_safe(metrics))
             classifiers = state.check_classifiers()
             folder = state.write_checkpoint(epoch, classifiers)
-            hooks.log(_epoch_line(state.name, metrics, epochs))
+            hooks.log(epoch_line(state.name, metrics, epochs))
         try:
             hooks.report(json_safe({k: v for k, v in metrics.items() if k != "session"}), folder)
         finally:
@@ -374,7 +378,9 @@ def _report_again(state: RunState) -> None:
         shutil.copytree(state.hooks.restore_dir, folder, dirs_exist_ok=True)
     try:
         last = state.history[-1] if state.history else {}
-        state.hooks.report(json_safe({k: v for k, v in last.items() if k != "session"}), folder)
+        metrics = {k: v for k, v in last.items() if k != "session"}
+        metrics[REPLAYED] = True  # no epoch was trained: the driver does not log it as one
+        state.hooks.report(json_safe(metrics), folder)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Expand a TrainConfig into runs ("combinations"), named, deduplicated and ordered.
+"""Expand a TrainConfig into runs ("combinations"), named, deduplicated, ordered and staged.
 
 A run's name ends in a hash of everything that changes what it learns (data, arch,
 objective, sigma, the *contents* of its classifiers, optimizer, batch size, seed), so a
@@ -170,6 +170,20 @@ def order(runs: list[Combination]) -> list[Combination]:
             done.add(run.name)
         pending = [r for r in pending if r.name not in done]
     return ordered
+
+
+def stages(runs: list[Combination]) -> list[list[Combination]]:
+    """The runs in dependency stages: stage 0 needs nothing from `runs`, stage k starts from
+    a run of stage k-1 (STAB+MSE from its MSE denoiser). Runs of one stage are independent,
+    so a stage can run all at once; a run whose dependency is not in `runs` (finished
+    before) is in stage 0."""
+    depth: dict[str, int] = {}
+    for run in order(runs):
+        depth[run.name] = depth[run.depends_on] + 1 if run.depends_on in depth else 0
+    grouped: list[list[Combination]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for run in runs:
+        grouped[depth[run.name]].append(run)
+    return grouped
 
 
 def worker_spec(config: TrainConfig, run: Combination) -> dict[str, Any]:

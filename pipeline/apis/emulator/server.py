@@ -6,7 +6,8 @@ same `http://127.0.0.1:PORT`. It never binds anything but 127.0.0.1. Control end
 under `/_emulator/` (not counted as calls) read the call counters and switch faults:
 
     GET  /_emulator/calls     {"aws": 12, "google": 0, ..., "total": 12}
-    GET  /_emulator/stats     calls, most requests in flight at once, fault settings
+    GET  /_emulator/stats     calls, most requests in flight at once, most calls in any second,
+                              calls repeating an earlier request, fault settings
     POST /_emulator/faults    {"provider": "aws", "throttle": 0.3, ...}  (provider optional)
     POST /_emulator/reset     zero the counters and clear every fault
 
@@ -15,6 +16,7 @@ Nothing a client sends is logged (headers carry keys).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -48,6 +50,8 @@ class EmulatorServer:
         self.verbose = verbose
         self._lock = threading.Lock()
         self._calls = {p.name: 0 for p in PROTOCOLS}
+        self._starts: dict[str, list[float]] = {p.name: [] for p in PROTOCOLS}  # arrival times (time.time)
+        self._bodies: dict[str, dict[str, int]] = {p.name: {} for p in PROTOCOLS}  # request digest -> count
         self._in_flight = {p.name: 0 for p in PROTOCOLS}
         self._max_in_flight = {p.name: 0 for p in PROTOCOLS}
         self._httpd = ThreadingHTTPServer((HOST, port), _handler_for(self))
@@ -94,12 +98,38 @@ class EmulatorServer:
         with self._lock:
             return dict(self._calls) if provider is None else self._calls[provider]
 
+    def starts(self, provider: str) -> list[float]:
+        """Arrival times (time.time()) of every call of `provider`, in order."""
+        with self._lock:
+            return list(self._starts[provider])
+
+    def max_in_window(self, provider: str, window_s: float = 1.0) -> int:
+        """The most calls of `provider` that arrived within any `window_s` seconds."""
+        starts = sorted(self.starts(provider))
+        best, first = 0, 0
+        for last, time_ in enumerate(starts):
+            while time_ - starts[first] >= window_s:
+                first += 1
+            best = max(best, last - first + 1)
+        return best
+
+    def repeated(self, provider: str) -> int:
+        """Calls whose request (the same encoded image) had been sent before: the same query
+        asked again (a retry after an error, or a repeat after a crash)."""
+        with self._lock:
+            return sum(n - 1 for n in self._bodies[provider].values())
+
     def stats(self) -> dict[str, Any]:
+        names = [p.name for p in PROTOCOLS]
+        windows = {name: self.max_in_window(name) for name in names}
+        repeats = {name: self.repeated(name) for name in names}
         with self._lock:
             calls = dict(self._calls)
             return {
                 "calls": {**calls, "total": sum(calls.values())},
                 "max_in_flight": dict(self._max_in_flight),
+                "max_calls_in_a_second": windows,
+                "repeated": repeats,
                 "faults": {p.name: self.faults.settings(p.name).to_dict() for p in PROTOCOLS},
             }
 
@@ -108,18 +138,24 @@ class EmulatorServer:
             for name in self._calls:
                 self._calls[name] = 0
                 self._max_in_flight[name] = 0
+                self._starts[name] = []
+                self._bodies[name] = {}
         self.faults.set(FaultSettings())
 
     # -- serving a provider call -----------------------------------------------------------
 
-    def handle(self, request: Request) -> Response:
+    def handle(self, request: Request, arrived: float | None = None) -> Response:
+        """Answer one request; `arrived` is when its first line came in (the metering time)."""
         if request.path.startswith(CONTROL_PREFIX):
             return self._control(request)
         protocol = next((p for p in PROTOCOLS if p.matches(request)), None)
         if protocol is None:
             return Response(404, b'{"error": "no emulated API at this path"}', {"Content-Type": "application/json"})
+        digest = hashlib.sha256(request.body).hexdigest()
         with self._lock:
             self._calls[protocol.name] += 1
+            self._starts[protocol.name].append(arrived if arrived is not None else time.time())
+            self._bodies[protocol.name][digest] = self._bodies[protocol.name].get(digest, 0) + 1
             self._in_flight[protocol.name] += 1
             self._max_in_flight[protocol.name] = max(self._max_in_flight[protocol.name], self._in_flight[protocol.name])
         try:
@@ -191,7 +227,12 @@ def _handler_for(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             self._serve()
 
+        def parse_request(self) -> bool:
+            self._arrived = time.time()  # as a provider meters: when the request line came in
+            return super().parse_request()
+
         def _serve(self) -> None:
+            arrived = getattr(self, "_arrived", time.time())
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 self.send_error(413)
@@ -206,7 +247,7 @@ def _handler_for(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
                 body=body,
             )
             try:
-                response = server.handle(request)
+                response = server.handle(request, arrived)
             except Exception as error:  # noqa: BLE001 - an emulator bug must not kill the thread
                 response = Response(500, json.dumps({"error": type(error).__name__}).encode(),
                                     {"Content-Type": "application/json"})
