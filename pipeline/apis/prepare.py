@@ -29,15 +29,18 @@ def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]
 
 
 def load_denoiser(path: Path, sigma: float, selected: ImageDataset) -> tuple[nn.Module, str, str]:
-    """(frozen denoiser, architecture, sha256), checked as the certify job checks it."""
-    from pipeline.model_pair import load_denoiser as load
-    from pipeline.models import CheckpointError, file_sha256, freeze
+    """(frozen denoiser, architecture, sha256), checked as the certify job checks it; a
+    diffusers folder or guided-diffusion file is converted as `dsmooth certify` converts it,
+    so its identity is the SHA-256 of the converted checkpoint."""
+    from pipeline.model_pair import ModelBytes, load_denoiser_bytes
+    from pipeline.models import CheckpointError, freeze
 
     try:
-        model, meta = load(Path(path), str(path), selected.describe(), sigma)
+        denoiser = ModelBytes.read_denoiser(path)
+        model, meta = load_denoiser_bytes(denoiser, selected.describe(), sigma)
     except CheckpointError as error:
         raise ConfigError("denoiser", str(error)) from None
-    return freeze(model), meta.arch, file_sha256(path)
+    return freeze(model), meta.arch, denoiser.sha256
 
 
 def api_identity(
