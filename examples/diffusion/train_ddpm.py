@@ -9,12 +9,15 @@ EMAModel, cosine LR schedule), on the project's CIFAR-10 loader, for a bounded t
 One-shot denoising at σ ≤ 0.5 only uses timesteps with ᾱ_t ≥ 0.5 (t ≲ 170 here), so
 timesteps are drawn from [0, --low-t-max) with probability --low-t-fraction and uniformly
 from [0, 1000) otherwise: the model stays a DDPM usable at any t, but spends most of a short
-CPU budget where denoised smoothing needs it.
+CPU budget where denoised smoothing needs it. For the same reason it trains on random 16×16
+patches (--crop): the UNet is convolutional, a step costs a quarter, and denoising at low
+noise is local. One torch thread: on a busy 2-core machine it does the most per CPU-second.
 
 The result is a diffusers folder (UNet config + safetensors, scheduler config, a model card
 whose `datasets:` names CIFAR-10) that `dsmooth certify --denoiser FOLDER` reads, plus
 `training.json` (settings, steps done, loss curve). Stopping at --steps (not --minutes)
-makes a run reproducible on the same machine and thread count.
+with the same --lr-horizon makes a run reproducible on the same machine and thread count:
+the shipped model's training.json says which, e.g. `--minutes 0 --steps N --lr-horizon H`.
 
   python examples/diffusion/train_ddpm.py --data-root ../shared/data/cifar10-jpeg.tar.gz \\
       --output pipeline/assets/models/cifar10/ddpm_small --minutes 40
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr-horizon", type=int, default=0,
+                   help="steps of the cosine LR decay (0: --steps, or the steps --minutes allows, "
+                   "estimated at step 50; recorded in training.json)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--channels", default="32,32,64", help="block_out_channels")
     p.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
@@ -157,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     planned = args.steps or 10**9
     # Cosine decay over the planned steps; with a time budget, over an estimate refined below.
-    estimate = args.steps or 2000
+    estimate = args.lr_horizon or args.steps or 2000
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, estimate)
     params = sum(p.numel() for p in unet.parameters())
     log.info("UNet2DModel %s params, %d training images", f"{params:,}", len(images))
-    record = {"settings": vars(args), "parameters": params, "steps_done": 0, "loss": [], "seconds": 0.0}
+    record = {"settings": vars(args), "parameters": params, "steps_done": 0, "lr_horizon": estimate,
+              "loss": [], "seconds": 0.0}
     output = Path(args.output)
     started = last_save = time.monotonic()
     running, step = 0.0, 0
@@ -186,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         ema.step(unet.parameters())
         step += 1
         running += loss.item()
-        if step == 50 and not args.steps and args.minutes:
+        if step == 50 and not (args.lr_horizon or args.steps) and args.minutes:
             # Steps the budget allows at the speed measured so far: the cosine ends there.
             rate = step / (time.monotonic() - started)
             estimate = max(args.warmup + 1, int(rate * args.minutes * 60))
             lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, estimate, last_epoch=step - 1)
             log.info("about %d steps fit in %.0f minutes", estimate, args.minutes)
+            record["lr_horizon"] = estimate
         if step % 50 == 0:
             record["loss"].append([step, running / 50])
             log.info("step %d loss %.4f lr %.2e", step, running / 50, lr_schedule.get_last_lr()[0])
