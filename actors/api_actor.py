@@ -78,7 +78,10 @@ class ApiActor:
             from pipeline.model_pair import ModelBytes, load_from_bytes
             from pipeline.models import freeze
 
-            model = freeze(load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))[0])
+            model, meta = load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))
+            if meta.sigma_independent:  # a diffusion model: the run's sigma picks its timestep
+                model.set_sigma(sigma)  # (checked when the job prepared the denoiser)
+            model = freeze(model)
         self._ledger = ray.get_actor(ledger)
         self._worker = QueryWorker(api, retry, concurrency, sigma, model, name)
 

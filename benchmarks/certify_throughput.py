@@ -14,12 +14,21 @@ engine     pipeline.engine.VoteCounter on pipeline.inference.optimize_for_infere
            buffer, votes are counted on the device, torch.inference_mode, BatchNorm folded
            into the convolutions, channels-last memory, and mixed precision with --amp (GPU).
 
+With --vs-denoiser NAME the two methods are both the engine, with the --model pair and
+with NAME in front of the same classifier instead: samples/s of each and the cost of one
+sample relative to NAME (e.g. a diffusion denoiser against DnCNN, as Carlini et al.'s
+one-shot denoising is priced against Salman et al.'s trained denoisers). A denoiser in
+--model may be a registry name or a path: a dsmooth checkpoint, a diffusers folder or an
+improved/guided-diffusion checkpoint (given --sigma, as `dsmooth certify` gives it).
+
 Imports only torch and pipeline.* (no Ray), so it runs on any machine with the project.
 
 examples:
   python benchmarks/certify_throughput.py                       # CPU, small models
   python benchmarks/certify_throughput.py --device cuda --model dncnn+cifar_resnet110 \\
       --n 10000 --images 8 --amp
+  python benchmarks/certify_throughput.py --model pipeline/assets/models/cifar10/ddpm_small+cifar_resnet20 \\
+      --vs-denoiser dncnn
 """
 
 from __future__ import annotations
@@ -94,7 +103,21 @@ class Engine:
 # --------------------------------------------------------------------------- worker processes
 
 
-def build_pair(spec: str):
+def build_denoiser(name: str, sigma: float, dataset: str | None, size: int):
+    """A registry name (seeded random weights: speed does not depend on them) or a path
+    (loaded as `dsmooth certify` loads it, σ given to a diffusion denoiser)."""
+    from pipeline.models import build_model
+
+    if not Path(name).exists():
+        return build_model(name)
+    from pipeline.data import DataDescription
+    from pipeline.model_pair import ModelBytes, load_denoiser_bytes
+
+    model, _ = load_denoiser_bytes(ModelBytes.read_denoiser(name), DataDescription(dataset, None, (size, size)), sigma)
+    return model
+
+
+def build_pair(spec: str, sigma: float = 0.25):
     """'denoiser+classifier' or 'classifier' -> (f∘D, classes, image size), seeded weights."""
     from pipeline.models import build_model, compose, model_info
 
@@ -105,13 +128,13 @@ def build_pair(spec: str):
     info = model_info(classifier_name)
     if info.kind != "classifier":
         raise SystemExit(f"--model: {classifier_name!r} is a {info.kind}, not a classifier")
-    torch.manual_seed(0)
-    denoiser = build_model(names[0]) if len(names) == 2 else None
-    classifier = build_model(classifier_name)
     from pipeline.data import dataset_spec
 
     spec = dataset_spec(info.dataset)
     size = spec.input_size if spec else 32
+    torch.manual_seed(0)
+    denoiser = build_denoiser(names[0], sigma, info.dataset, size) if len(names) == 2 else None
+    classifier = build_model(classifier_name)
     return compose(classifier, denoiser).eval(), info.num_classes or 1000, size
 
 
@@ -131,7 +154,8 @@ def worker(method: str, args: argparse.Namespace, connection) -> None:
     """Hold one method; answer 'run' with (seconds, peak bytes) until told to stop."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, num_classes, size = build_pair(args.model)
+    spec = f"{args.vs_denoiser}+{args.model.split('+')[-1]}" if method == "baseline" else args.model
+    model, num_classes, size = build_pair(spec, args.sigma)
     size = args.image_size or size
     images = torch.rand((args.images, 3, size, size), generator=torch.Generator().manual_seed(1)).to(device)
     if method == "reference":
@@ -174,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="engine without BatchNorm folding / channels-last (to see what the rewrite adds)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     parser.add_argument("--sigma", type=float, default=0.25, help="noise level (default 0.25)")
+    parser.add_argument("--vs-denoiser", metavar="NAME",
+                        help="compare the engine with --model against the engine with this denoiser (e.g. dncnn) "
+                        "in front of the same classifier, instead of the reference against the engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per method")
     parser.add_argument("--image-size", type=int, help="image side (default 32 for CIFAR models, 224 for ImageNet)")
     args = parser.parse_args(argv)
@@ -187,9 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    first = "baseline" if args.vs_denoiser else "reference"  # the method the engine is measured against
     context = mp.get_context("spawn")  # a fresh process per method: separate peak memory, no shared state
     pipes, processes, baselines = {}, {}, {}
-    for method in ("reference", "engine"):
+    for method in (first, "engine"):
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(method, args, child), daemon=True)
         process.start()
@@ -204,39 +232,43 @@ def main(argv: list[str] | None = None) -> int:
               f"per repetition | batch {args.batch} | engine amp {'on' if args.amp and device.type == 'cuda' else 'off'}"
               f"{' | engine not optimized' if args.no_optimize else ''}", flush=True)
         on_cpu = device.type != "cuda"
-        print(f"{'rep':>4} {'reference samples/s':>20} {'engine samples/s':>17} {'ratio':>7}"
-              + (f" {'ref samples/CPU-s':>18} {'engine samples/CPU-s':>21} {'ratio':>7}" if on_cpu else ""))
-        rates: dict[str, list[float]] = {"reference": [], "engine": []}
-        cpu_rates: dict[str, list[float]] = {"reference": [], "engine": []}
-        peaks = {"reference": 0, "engine": 0}
+        print(f"{'rep':>4} {first + ' samples/s':>20} {'engine samples/s':>17} {'ratio':>7}"
+              + (f" {first[:4] + ' samples/CPU-s':>18} {'engine samples/CPU-s':>21} {'ratio':>7}" if on_cpu else ""))
+        rates: dict[str, list[float]] = {first: [], "engine": []}
+        cpu_rates: dict[str, list[float]] = {first: [], "engine": []}
+        peaks = {first: 0, "engine": 0}
         for rep in range(1, args.reps + 1):
-            order = ("reference", "engine") if rep % 2 else ("engine", "reference")
+            order = (first, "engine") if rep % 2 else ("engine", first)
             for method in order:
                 pipes[method].send("run")
                 seconds, cpu_seconds, peak = pipes[method].recv()
                 rates[method].append(samples / seconds)
                 cpu_rates[method].append(samples / max(cpu_seconds, 1e-9))
                 peaks[method] = max(peaks[method], peak)
-            line = (f"{rep:>4} {rates['reference'][-1]:>20,.0f} {rates['engine'][-1]:>17,.0f} "
-                    f"{rates['engine'][-1] / rates['reference'][-1]:>6.2f}x")
+            line = (f"{rep:>4} {rates[first][-1]:>20,.0f} {rates['engine'][-1]:>17,.0f} "
+                    f"{rates['engine'][-1] / rates[first][-1]:>6.2f}x")
             if on_cpu:
-                line += (f" {cpu_rates['reference'][-1]:>18,.1f} {cpu_rates['engine'][-1]:>21,.1f} "
-                         f"{cpu_rates['engine'][-1] / cpu_rates['reference'][-1]:>6.2f}x")
+                line += (f" {cpu_rates[first][-1]:>18,.1f} {cpu_rates['engine'][-1]:>21,.1f} "
+                         f"{cpu_rates['engine'][-1] / cpu_rates[first][-1]:>6.2f}x")
             print(line, flush=True)
-        reference, engine = statistics.median(rates["reference"]), statistics.median(rates["engine"])
-        ratios = [e / r for e, r in zip(rates["engine"], rates["reference"])]
-        print(f"median wall-clock: reference {reference:,.0f} samples/s, engine {engine:,.0f} samples/s, "
+        reference, engine = statistics.median(rates[first]), statistics.median(rates["engine"])
+        ratios = [e / r for e, r in zip(rates["engine"], rates[first])]
+        print(f"median wall-clock: {first} {reference:,.0f} samples/s, engine {engine:,.0f} samples/s, "
               f"ratio {engine / reference:.2f}x (median of the per-repetition ratios {statistics.median(ratios):.2f}x)")
         if on_cpu:  # on a shared machine wall-clock swings with other load; CPU time much less so
-            reference, engine = statistics.median(cpu_rates["reference"]), statistics.median(cpu_rates["engine"])
-            print(f"median per CPU-second: reference {reference:,.1f}, engine {engine:,.1f} samples, "
+            reference, engine = statistics.median(cpu_rates[first]), statistics.median(cpu_rates["engine"])
+            print(f"median per CPU-second: {first} {reference:,.1f}, engine {engine:,.1f} samples, "
                   f"ratio {engine / reference:.2f}x")
+        if args.vs_denoiser:
+            name = args.model.split("+")[0]
+            print(f"cost per sample of {name} relative to {args.vs_denoiser}: {reference / engine:.1f}x "
+                  f"({'CPU time' if on_cpu else 'wall-clock'}, same classifier, same engine)")
         what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the method's process"
-        print(f"peak memory ({what}): reference {peaks['reference'] / 2**20:,.0f} MiB, "
+        print(f"peak memory ({what}): {first} {peaks[first] / 2**20:,.0f} MiB, "
               f"engine {peaks['engine'] / 2**20:,.0f} MiB")
         if device.type != "cuda":  # RSS includes the libraries each process imported
-            print(f"  of which above the process's peak after warm-up: reference "
-                  f"{(peaks['reference'] - baselines['reference']) / 2**20:,.0f} MiB, engine "
+            print(f"  of which above the process's peak after warm-up: {first} "
+                  f"{(peaks[first] - baselines[first]) / 2**20:,.0f} MiB, engine "
                   f"{(peaks['engine'] - baselines['engine']) / 2**20:,.0f} MiB")
     finally:
         for method, pipe in pipes.items():

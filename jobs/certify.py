@@ -120,7 +120,7 @@ def _check_models(config, selected):
     from pipeline.model_pair import ModelBytes, load_pair
 
     classifier = ModelBytes.read(config.classifier)
-    denoiser = ModelBytes.read(config.denoiser) if config.denoiser else None
+    denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
     _, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
                         config.allow_foreign_classifier, sigma=config.sigma)
     return classifier, denoiser, info

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the main job: certify the shipped CIFAR-10 sample with and without denoisers, in minutes"),
     "certify": ("jobs.certify", "certify (or predict) a data set with a denoiser-classifier pair across Ray actors"),
     "models": ("jobs.models_cmd", "list the denoiser and classifier architectures dsmooth can build"),
+    "convert-diffusion": ("jobs.convert_diffusion",
+                          "convert a diffusers folder or guided-diffusion checkpoint into a dsmooth denoiser"),
     "reduce": ("jobs.reduce", "turn vote counts and reference logs into certificates, tables and plots"),
     "train": ("jobs.train", "train denoisers (and classifiers) with Ray Train over a sweep of sigmas, objectives and surrogates"),
     "certify-api": ("jobs.certify_api", "certify a commercial vision API under query and cost budgets"),

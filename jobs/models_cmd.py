@@ -1,7 +1,9 @@
 """List the architectures in dsmooth's model registry.
 
-Denoisers (DnCNN, DnCNN-wide, MemNet, a small DnCNN for CPU demos) and classifiers (CIFAR
-ResNets, WRN-28-10, and any torchvision ImageNet model by name, weights from a local file)."""
+Denoisers (DnCNN, DnCNN-wide, MemNet, a small DnCNN for CPU demos; diffusers_unet and
+guided_unet are diffusion models, made by naming a diffusers folder or an improved/guided-
+diffusion checkpoint as the denoiser) and classifiers (CIFAR ResNets, WRN-28-10, and any
+torchvision ImageNet model by name, weights from a local file)."""
 
 from __future__ import annotations
 

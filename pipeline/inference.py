@@ -42,6 +42,19 @@ class ChannelsLastInput(nn.Module):
         return self.model(x)
 
 
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps modules marked `fx_leaf` (e.g. a diffusion denoiser, whose
+    UNet fx cannot trace) as single calls, so the rest of f∘D is still folded."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return bool(getattr(module, "fx_leaf", False)) or super().is_leaf_module(module, qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    root = copy.deepcopy(model)
+    return fx.GraphModule(root, _Tracer().trace(root), root.__class__.__name__)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` (eval) with every Conv2d -> BatchNorm2d pair folded into one Conv2d.
 
@@ -50,7 +63,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     model = model.eval()
     try:
-        graph_module = fx.symbolic_trace(copy.deepcopy(model))
+        graph_module = _trace(model)
     except Exception as error:  # noqa: BLE001 - untraceable models simply run unfused
         warnings.warn(f"BatchNorm folding skipped ({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
         return model

@@ -54,6 +54,20 @@ class ModelBytes:
             raise FileNotFoundError(f"checkpoint file not found: {location}")
         return cls(str(where), location.read_bytes())
 
+    @classmethod
+    def read_denoiser(cls, where: str | Path | Location) -> ModelBytes:
+        """A denoiser's checkpoint bytes; a local diffusers folder or improved/guided-diffusion
+        file is converted to a dsmooth checkpoint here, deterministically, so actors, identity
+        and weights_only loading are those of any other denoiser. On object storage only
+        dsmooth checkpoints are read (convert once with `dsmooth convert-diffusion`)."""
+        from pipeline.models.diffusion.convert import read_diffusion_source
+
+        location = Location.of(where)
+        if not location.is_local:
+            return cls.read(where)
+        converted = read_diffusion_source(location.local_path)
+        return cls.read(where) if converted is None else cls(str(where), converted)
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
@@ -107,14 +121,32 @@ def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Modu
 
 def load_denoiser(path: Path, source: str, data: DataDescription, sigma: float | None = None,
                   ) -> tuple[nn.Module, ModelMeta]:
-    """A denoiser checkpoint checked for its kind, its data set and its noise level."""
+    """A denoiser checkpoint checked for its kind, its data set and its noise level; a
+    sigma-independent one (diffusion) is given the run's sigma instead."""
     model, meta = load_checkpoint(path)
     if meta.kind != "denoiser":
         raise CheckpointMismatchError(f"{source}: holds a {meta.kind} ({meta.arch}), not a denoiser")
     check_fits_data(meta, data, source)
-    if sigma is not None:
+    if meta.sigma_independent:
+        if sigma is None:
+            raise CheckpointMismatchError(f"{source}: denoiser {meta.arch} serves any sigma and needs the run's")
+        try:
+            model.set_sigma(sigma)
+        except ValueError as error:
+            raise CheckpointMismatchError(f"{source}: {error}") from None
+    elif sigma is not None:
         check_denoiser_sigma(meta, sigma, source)
     return model, meta
+
+
+def load_denoiser_bytes(denoiser: ModelBytes, data: DataDescription, sigma: float | None = None,
+                        ) -> tuple[nn.Module, ModelMeta]:
+    """`load_denoiser` on shipped bytes (errors name the user's path, not a temporary file)."""
+    with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
+        path = Path(folder) / "denoiser.pt"
+        path.write_bytes(denoiser.data)
+        with _named(path, denoiser.source):
+            return load_denoiser(path, denoiser.source, data, sigma)
 
 
 def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str) -> int:
@@ -159,12 +191,7 @@ def load_pair(
         classifier_path.write_bytes(classifier.data)
         with _named(classifier_path, classifier.source):
             f, f_name, f_meta = _load_classifier(classifier_path, classifier.source, classifier_arch)
-        d, d_meta = None, None
-        if denoiser is not None:
-            denoiser_path = Path(folder) / "denoiser.pt"
-            denoiser_path.write_bytes(denoiser.data)
-            with _named(denoiser_path, denoiser.source):
-                d, d_meta = load_denoiser(denoiser_path, denoiser.source, data, sigma)
+    d, d_meta = load_denoiser_bytes(denoiser, data, sigma) if denoiser is not None else (None, None)
     pair = compose(f, d).eval()
     names = f_name if d_meta is None else f"{f_name} with denoiser {d_meta.arch}"
     image_shape = (3, *data.image_size)
@@ -197,7 +224,7 @@ class PairCounter:
         amp: bool = True,
         optimize: bool = True,
     ) -> None:
-        pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier)
+        pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier, sigma)
         if info != expected:
             # Another file than the driver checked (e.g. bytes corrupted in transit).
             raise CheckpointMismatchError(f"models loaded here ({info}) differ from the job's ({expected})")

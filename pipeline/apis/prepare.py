@@ -28,21 +28,17 @@ def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]
 
 def load_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any, str, str]:
     """(checkpoint bytes, architecture, sha256) of the denoiser, checked as the certify job
-    checks it (kind, data set, sigma); the API actors load it from the bytes."""
-    import tempfile
-
-    from pipeline.model_pair import ModelBytes
-    from pipeline.model_pair import load_denoiser as load
+    checks it (kind, data set, sigma); the API actors load it from the bytes. A diffusers
+    folder or guided-diffusion file is converted as `dsmooth certify` converts it, so its
+    identity is the SHA-256 of the converted checkpoint."""
+    from pipeline.model_pair import ModelBytes, load_denoiser_bytes
     from pipeline.models import CheckpointError
 
-    checkpoint = ModelBytes.read(where)
     try:
-        with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
-            path = Path(folder) / "denoiser.pt"
-            path.write_bytes(checkpoint.data)
-            _, meta = load(path, str(where), selected.describe(), sigma)
+        checkpoint = ModelBytes.read_denoiser(where)
+        _, meta = load_denoiser_bytes(checkpoint, selected.describe(), sigma)
     except CheckpointError as error:
-        raise ConfigError("denoiser", str(error).replace(str(path), str(where))) from None
+        raise ConfigError("denoiser", str(error)) from None
     return checkpoint, meta.arch, checkpoint.sha256
 
 

@@ -1,13 +1,14 @@
 """Models for denoised smoothing: denoisers D, classifiers f (normalisation inside), their
 composition f∘D, a name registry, and a safe (weights_only) checkpoint format."""
 
-from . import classifiers, denoisers  # noqa: F401  (their factories register themselves)
+from . import classifiers, denoisers, diffusion  # noqa: F401  (their factories register themselves)
 
 from .checkpoint import (
     FORMAT as CHECKPOINT_FORMAT,
     CheckpointError,
     CheckpointMismatchError,
     ModelMeta,
+    checkpoint_bytes,
     file_sha256,
     load_checkpoint,
     load_classifier,
@@ -56,6 +57,7 @@ __all__ = [
     "UnknownModelError",
     "WideResNet",
     "build_model",
+    "checkpoint_bytes",
     "check_denoiser_sigma",
     "check_fits_data",
     "compose",

@@ -8,6 +8,7 @@ the file hash (file_sha256) is a stable model identity for results downstream.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -52,6 +53,7 @@ class ModelMeta:
     input_size: int | None = None  # side of the (square) images a classifier was trained on
     normalization: dict[str, list[float]] | None = None  # {"mean": [...], "std": [...]}
     sigma: float | None = None  # noise level a denoiser/classifier was trained for
+    sigma_independent: bool = False  # a denoiser that serves every sigma (diffusion): given the run's at load
     objective: str | None = None  # e.g. "mse", "stab", "clf"
     config: dict[str, Any] = field(default_factory=dict)  # training config (JSON-able)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # build_model(arch, **arch_kwargs)
@@ -152,11 +154,27 @@ def save_checkpoint(path: PathLike, model: nn.Module, meta: ModelMeta) -> str:
         model_info(meta.arch)  # raises UnknownModelError naming close matches
     meta = _complete_meta(model, meta)
     state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-    payload = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}
-
     with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+        torch.save(_payload(meta, state), handle)
     return file_sha256(path)
+
+
+def _payload(meta: ModelMeta, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {"format": FORMAT, "meta": meta.to_dict(), "state_dict": dict(state)}
+
+
+def checkpoint_bytes(meta: ModelMeta, state: Mapping[str, torch.Tensor]) -> bytes:
+    """A checkpoint's bytes built in memory from complete metadata and a state dict.
+
+    For models converted from other formats on the fly: the same inputs give the same bytes
+    (torch's zip writer stores no time stamps or paths), so the SHA-256 identity of a run is
+    stable across conversions, machines and working directories.
+    """
+    if not is_known_model(meta.arch):
+        model_info(meta.arch)
+    buffer = io.BytesIO()
+    torch.save(_payload(meta, {k: v.detach().cpu().contiguous() for k, v in state.items()}), buffer)
+    return buffer.getvalue()
 
 
 def _safe_load(path: Path, map_location: Any) -> Any:

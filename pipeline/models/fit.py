@@ -23,7 +23,10 @@ class DataMismatchError(CheckpointMismatchError):
 def check_denoiser_sigma(meta: ModelMeta, sigma: float, source: str) -> None:
     """Denoisers are trained per noise level (Salman et al. train one per sigma): at another
     sigma the certificates stay valid but are needlessly weak, and for an API every one of
-    those queries is paid, so a mismatch is refused."""
+    those queries is paid, so a mismatch is refused. A sigma-independent denoiser (one step of
+    a diffusion model) is told the run's sigma instead, so there is nothing to refuse."""
+    if meta.sigma_independent:
+        return
     if meta.sigma is not None and abs(float(meta.sigma) - float(sigma)) > 1e-9:
         raise DataMismatchError(
             f"{source}: denoiser {meta.arch} was trained for sigma={meta.sigma} but the run uses "
