@@ -3,14 +3,17 @@ file is one input, and any other directory stands for every run and log found un
 
 Unusable inputs (empty or truncated logs, runs without votes) are skipped with a
 ReduceWarning that names them, so one dead run in a collection of hundreds costs a line on
-stderr, not the whole table.
+stderr, not the whole table. Files that are plainly not logs (a table, a plot, a config: see
+NOT_LOGS) are passed over silently, whether found in a directory or named on the command
+line -- `dsmooth reduce runs/demo/*` expands to the runs *and* the demo's PNG, CSV and MD.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import Counter
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +30,16 @@ NOT_LOGS = {
 }
 
 
+logger = logging.getLogger(__name__)
+
+
 def is_run(path: Path) -> bool:
     return path.is_dir() and (path / RUN_FILE).is_file()
+
+
+def is_not_a_log(path: Path) -> bool:
+    """A file whose suffix says it is an output, document or checkpoint, never a log."""
+    return path.suffix.lower() in NOT_LOGS and not path.is_dir()
 
 
 def load_input(path: str | Path, alpha: float, name: str | None = None) -> Certificates:
@@ -57,13 +68,14 @@ def find_inputs(directory: str | Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file in sorted(files):
             candidate = root_path / file
-            if not file.startswith(".") and candidate.suffix.lower() not in NOT_LOGS:
+            if not file.startswith(".") and not is_not_a_log(candidate):
                 found.append(candidate)
     return sorted(found)
 
 
 def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] | None = None) -> list[Certificates]:
-    """Load every input the paths stand for, skipping unusable ones with a warning.
+    """Load every input the paths stand for, skipping unusable ones with a warning and files
+    that are not logs (`is_not_a_log`, e.g. a shell glob's PNG) with one info log line.
 
     `names` label the paths one for one; a directory's inputs are then named
     `NAME/relative path`. Without names an input is named by its path (relative to the
@@ -71,11 +83,15 @@ def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] 
     if names is not None and len(names) != len(paths):
         raise ValueError(f"--names gives {len(names)} name(s) for {len(paths)} input path(s)")
     planned: list[tuple[Path, str]] = []
+    passed_over: list[str] = []
     for index, argument in enumerate(paths):
         argument = Path(argument)
         given = None if names is None else names[index]
         if not argument.exists():
             raise FileNotFoundError(f"no such run, log or directory: {argument}")
+        if is_not_a_log(argument):
+            passed_over.append(argument.name)
+            continue
         if argument.is_dir() and not is_run(argument):
             found = find_inputs(argument)
             if not found:
@@ -89,6 +105,8 @@ def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] 
                 planned.append((path, label))
         else:
             planned.append((argument, given if given is not None else str(argument)))
+    if passed_over:
+        logger.info("passed over %d file(s) that are not runs or logs: %s", len(passed_over), ", ".join(passed_over))
     planned = _unique_names(planned)
     loaded = []
     for path, label in planned:
