@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n0", type=int, default=20, help="selection samples per image (default 20)")
     parser.add_argument("--n", type=int, default=400,
                         help="estimation samples per image (default 400; the paper uses 10,000-100,000). "
-                        "With alpha=0.001 the largest certifiable radius grows with n: "
-                        "0.25*Phi^-1(alpha^(1/n)), about 0.53 at n=400")
+                        "No radius above 0.25*Phi^-1(alpha^(1/n)) can be certified, so n caps the radii: "
+                        "the table leaves out the radii beyond it and says so, the plot marks it")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass (default 400)")
     parser.add_argument("--actors", type=int, default=None, help="certification actors (default: one per CPU)")
@@ -108,7 +108,8 @@ def _certify(setting: Setting, args: argparse.Namespace, skip: int) -> int:
 
 
 def _report(args: argparse.Namespace):
-    """Print the paper-style table; write it as markdown and CSV, and the accuracy plot."""
+    """Print the table (clean accuracy, then certified accuracy per certifiable radius);
+    write it as markdown and CSV, and the accuracy plot titled from the runs' records."""
     from pipeline.reduce import accuracy_table, load_run, plot_certified_accuracy, render
 
     inputs = [load_run(args.output / s.slug, args.alpha, name=s.label) for s in SETTINGS]
@@ -120,28 +121,37 @@ def _report(args: argparse.Namespace):
     (args.output / "table.md").write_text(markdown + "\n")
     (args.output / "table.csv").write_text(render(table, "csv"))
     plot_certified_accuracy(inputs, args.output / "certified_accuracy.png",
-                            title=f"CIFAR-10, ResNet-20, sigma={SIGMA}, n={args.n}")
+                            title="CIFAR-10 sample: ResNet-20 trained without noise, alone and behind each denoiser")
     return table
 
 
-def _denoising_grid(sample, path: Path, count: int = 8) -> Path:
-    """Rows: clean, noisy, then each denoiser's output (as the paper's Figure 5)."""
+def _denoising_grid(sample, path: Path, count: int = 8):
+    """Rows: clean, noisy, then each denoiser's output (as the paper's Figure 5), each row
+    labelled, so a reader can tell the noisy input from each denoiser. Returns the figure
+    it wrote."""
     import torch
-    from torchvision.utils import make_grid, save_image
 
+    from pipeline.figures import image_grid, save_png
     from pipeline.models import load_checkpoint
     from pipeline.noise import Chunk, chunk_noise
 
     positions = range(0, len(sample), max(1, len(sample) // count))[:count]
     clean = torch.stack([sample[i][1] for i in positions])
     noisy = clean + chunk_noise(Chunk(0, 0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA)
-    rows = [clean, noisy.clamp(0, 1)]
+    rows = [("clean", clean), (f"noisy σ={SIGMA:g}", noisy.clamp(0, 1))]
+    archs, sigmas = [], []
     with torch.inference_mode():
         for setting in SETTINGS[1:]:
-            denoiser, _ = load_checkpoint(MODELS / setting.denoiser)
-            rows.append(denoiser.eval()(noisy).clamp(0, 1))
-    grid = make_grid(torch.cat(rows), nrow=len(clean), padding=2, pad_value=1.0)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
+            denoiser, meta = load_checkpoint(MODELS / setting.denoiser)
+            rows.append((setting.label, denoiser.eval()(noisy).clamp(0, 1)))
+            archs.append(meta.arch)
+            sigmas.append(f"{meta.sigma:g}")
+    _, classifier = load_checkpoint(MODELS / "classifier.pt")
+    figure = image_grid(
+        [(label, images.numpy()) for label, images in rows],
+        f"CIFAR-10 test images under Gaussian noise σ = {SIGMA:g}, and each denoiser's output",
+        f"denoisers: {', '.join(dict.fromkeys(archs))}, trained at σ = {', '.join(dict.fromkeys(sigmas))}; "
+        f"the {classifier.arch} classifier sees the denoised rows",
+    )
+    save_png(figure, path)
+    return figure

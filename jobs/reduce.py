@@ -4,11 +4,18 @@ Each RUN is a run directory (has run.json: certificates are recomputed from its 
 votes at --alpha, any alpha, no new samples), a per-image log written by the reference
 implementations (Cohen et al.'s or the Denoised Smoothing authors' TSV logs, or the
 vision-API `log.txt`; their alpha was fixed when they were written), or a directory: every
-run and log under it is one input. Empty or truncated logs are skipped with a warning.
+run and log under it is one input. Empty or truncated logs are skipped with a warning;
+files that are not runs or logs (.png, .csv, .md, ... as a shell glob picks them up) are
+passed over silently.
 
-Cells read "(clean accuracy) certified accuracy" in percent, as in the papers; --envelope
-adds, per radius, the best input (ties to the higher clean accuracy), the way Salman et
-al. build Tables 1 and 2.
+Each row shows an input's clean accuracy once, then its certified accuracy (%) per radius.
+No radius above sigma*Phi^-1(alpha^(1/n)) can be certified with n samples: a radius above
+every input's limit is left out (a note says so), a cell above its own input's limit reads
+"—". --envelope adds, per radius, the best input (ties to the higher clean accuracy), the
+way Salman et al. build Tables 1 and 2, in their "(clean accuracy) certified accuracy"
+cells. The CSV is long (a row per input and radius) and keeps every radius, with the
+columns run, sigma, radius, certified_accuracy, clean_accuracy, n, alpha, max_radius,
+capped (True where the radius lies above max_radius).
 
 examples:
   dsmooth reduce runs/cifar10-mse runs/cifar10-stab --names MSE STAB+MSE --plot acc.png
@@ -54,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown",
                         help="table format (default markdown)")
     parser.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    parser.add_argument("--plot", metavar="FILE.png", help="certified accuracy vs radius, one line per input")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="certified accuracy vs radius, one line per input, the largest certifiable radius marked")
     parser.add_argument("--per-image", metavar="FILE.csv", dest="per_image",
                         help="every input's per-image certificates")
 
@@ -68,13 +76,16 @@ def run(args: argparse.Namespace) -> int:
         plot_certified_accuracy,
         render,
     )
+    from pipeline.reduce.inputs import is_not_a_log
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ReduceWarning)
         warnings.showwarning = _print_warning
         inputs = load_inputs(args.inputs, args.alpha, names=args.names)
     if not inputs:
-        raise ValueError("no usable runs or logs among the inputs (see the warnings above)")
+        passed_over = sum(is_not_a_log(Path(path)) for path in args.inputs)
+        why = f"; {passed_over} of them are not runs or logs by their suffix" if passed_over else ""
+        raise ValueError(f"no usable runs or logs among the inputs (see the warnings above{why})")
 
     table = accuracy_table(inputs, args.radii, envelope=args.envelope)
     text = render(table, args.format)

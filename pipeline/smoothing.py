@@ -98,6 +98,29 @@ def certified_radii(p_a_lower: np.ndarray, sigma: float | np.ndarray) -> np.ndar
         return np.where(above, sigma * norm.ppf(np.where(above, p, 0.75)), 0.0)
 
 
+def max_certifiable_radius(
+    n: int | np.ndarray, alpha: float | np.ndarray, sigma: float | np.ndarray
+) -> float | np.ndarray:
+    """The largest radius CERTIFY can return with `n` estimation samples at `alpha`.
+
+    Even when all n votes go to c_A, the one-sided Clopper-Pearson bound is only
+    alpha^(1/n), so no image can be certified beyond sigma * Phi^-1(alpha^(1/n)) (0 when
+    that bound is not above 1/2: n too small to certify anything). A table column or a plot
+    region above it is empty because of n, not because of the model -- which is why tables
+    drop such columns and plots mark this radius. Vectorised (arguments broadcast); a float
+    when every argument is a scalar.
+    """
+    n_array, alphas, sigmas = np.broadcast_arrays(np.asarray(n), np.asarray(alpha, dtype=np.float64),
+                                                  np.asarray(sigma, dtype=np.float64))
+    if not (np.issubdtype(n_array.dtype, np.integer) or np.all(np.mod(n_array, 1) == 0)) or np.any(n_array <= 0):
+        raise ValueError(f"n must be a positive whole number of samples, got {n!r}")
+    for value in np.unique(alphas):
+        _check_alpha(float(value))
+    best_bound = np.exp(np.log(alphas) / n_array.astype(np.float64))  # alpha^(1/n): all n votes for c_A
+    radius = certified_radii(best_bound, sigmas)
+    return float(radius) if radius.ndim == 0 else radius
+
+
 # -- the decisions, a row per image ------------------------------------------------------------
 
 

@@ -88,6 +88,9 @@ def test_each_provider_certifies_through_its_real_client(runs, oracle, provider)
     certificates = load_run(run_dir, alpha=0.01)
     assert set(certificates.image_id) == set(IDS)
     assert (certificates.radius > 0).any(), "nothing certified: the emulator's answers should be stable"
+    # What a table or plot of this run says: the provider as the model, n = 20 bounding the radii.
+    assert f"{provider} API" in certificates.model and certificates.n == 20 and certificates.alpha == 0.01
+    assert certificates.radius.max() <= certificates.max_radius + 1e-12
 
 
 def test_grayscale_images_are_sent_as_rgb_and_answered(runs, oracle):

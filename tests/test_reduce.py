@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from scipy.stats import beta, binomtest, norm
 
 from jobs.cli import main
@@ -31,13 +32,14 @@ from pipeline.reduce import (
     render,
     sigma_from_path,
 )
+from pipeline.reduce.plots import MARKER_GID, certified_accuracy_figure
 from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
 from pipeline.storage import open_run, write_votes
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT.parent / "shared" / "data" / "reference-logs"
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-CSV_HEADER = "run,sigma,radius,certified_accuracy,clean_accuracy"
+CSV_HEADER = "run,sigma,radius,certified_accuracy,clean_accuracy,n,alpha,max_radius,capped"
 
 COHEN_CIFAR = REF / "cohen2019/certify/cifar10/resnet110/noise_0.25/test/sigma_0.25"  # time in seconds
 COHEN_IMAGENET = REF / "cohen2019/certify/imagenet/resnet50/noise_0.25/test/sigma_0.25"  # H:MM:SS, 427 rows
@@ -381,6 +383,16 @@ def test_ten_thousand_images_reduce_in_seconds(tmp_path):
 # ---------------------------------------------------------------- rendering and plot
 
 
+def markdown_rows(markdown: str) -> dict[str, list[str]]:
+    """The markdown table as {first cell: cells}, the header under "input"."""
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
 def test_markdown_latex_and_plot(tmp_path):
     paths = synthetic_group(tmp_path)
     inputs = load_inputs(paths, 0.001, names=["no_denoiser", "MSE", "STAB+MSE", "Gaussian"])
@@ -388,19 +400,30 @@ def test_markdown_latex_and_plot(tmp_path):
     table = accuracy_table(inputs, [0.0, 0.25, 0.5], envelope=True)
 
     markdown = render(table, "markdown")
-    lines = markdown.splitlines()
-    assert lines[0].startswith("| input | sigma | r = 0 | r = 0.25 | r = 0.5 |")
-    assert "| no_denoiser | 0.12 | (80.0) 80.0 | (80.0) 0.0 | (80.0) 0.0 |" in markdown
-    assert "| envelope |  | (80.0) 80.0 | (70.0) 60.0 | (70.0) 20.0 |" in markdown
+    rows = markdown_rows(markdown)
+    # Clean accuracy once per row, plain certified accuracy per radius; n unknown: no n column.
+    assert rows["input"] == ["input", "sigma", "clean", "r = 0.25", "r = 0.5", "ACR"]
+    assert rows["no_denoiser"][:5] == ["no_denoiser", "0.12", "80.0", "0.0", "0.0"]
+    assert rows["STAB+MSE"][:5] == ["STAB+MSE", "0.5", "70.0", "60.0", "20.0"]
+    # The envelope keeps the papers' "(clean) certified": its winner changes with the radius.
+    assert rows["envelope"][:5] == ["envelope", "", "80.0", "(70.0) 60.0", "(70.0) 20.0"]
+    assert all(len(cells) == len(rows["input"]) for cells in rows.values())
+    assert "—" not in markdown and "capped" not in markdown  # no n known: nothing is capped
 
     latex = render(table, "latex")
     assert "\\begin{tabular}" in latex and "\\end{tabular}" in latex
-    assert "no\\_denoiser & 0.12 & (80.0) 80.0 & (80.0) 0.0 & (80.0) 0.0" in latex
-    assert "envelope &  & (80.0) 80.0 & (70.0) 60.0 & (70.0) 20.0" in latex
+    assert "no\\_denoiser & 0.12 & 80.0 & 0.0 & 0.0" in latex
+    assert "envelope &  & 80.0 & (70.0) 60.0 & (70.0) 20.0" in latex
 
     csv_lines = render(table, "csv").splitlines()
     assert csv_lines[0] == CSV_HEADER and len(csv_lines) == 1 + 4 * 3 + 3
 
+    figure = certified_accuracy_figure(inputs, envelope=True)
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert labels[:4] == [f"{c.name} (σ={c.sigma:g})" for c in inputs] and labels[4] == "envelope"
+    assert not [line for line in figure.axes[0].lines if line.get_gid() == MARKER_GID]  # n unknown: no marker
+    title = figure.get_suptitle()
+    assert "n not recorded" in title and "10 images each" in title
     png = plot_certified_accuracy(inputs, tmp_path / "plots/acc.png", envelope=True)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -413,10 +436,142 @@ def test_cli_writes_output_and_plot_files(tmp_path, capsys):
     args = ["reduce", *map(str, paths[:2]), "--format", "latex", "--output", str(output), "--plot", str(plot)]
     assert main(args) == 0
     assert capsys.readouterr().out == ""
-    assert "(80.0) 80.0" in output.read_text()
+    assert " & 0.12 & 80.0 & 0.0 & 0.0" in output.read_text()  # sigma, clean, r = 0.25, r = 0.5
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["reduce", *map(str, paths[:2]), "--names", "only-one"]) == 2
     assert "--names" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- what n allows: capped radii, titles
+
+
+SIGMA_RUNS, ALPHA = 0.25, 0.001
+
+
+def r_max(n: int, alpha: float = ALPHA, sigma: float = SIGMA_RUNS) -> float:
+    """The largest certifiable radius from scipy alone: all n votes for c_A."""
+    return sigma * float(norm.ppf(beta.ppf(alpha, n, 1)))
+
+
+def run_with_n(tmp_path: Path, slug: str, n: int, unanimous: int, strong: int, abstain: int) -> tuple[Path, list[float]]:
+    """A certify run (as `dsmooth certify` records it) of images with all n votes for the
+    label, 90 % of them, or a split that abstains; returns the directory and the radii."""
+    run = tmp_path / slug
+    open_run(run, {"job": "certify", "mode": "certify", "dataset": "cifar10/test", "data": "cifar10-sample",
+                   "sigma": SIGMA_RUNS, "n0": 10, "n": n, "classifier": "cifar_resnet20",
+                   "denoiser": None if slug == "alone" else "dncnn_small"})
+    rows, radii = [], []
+    counts = [[0, n]] * unanimous + [[n // 10, n - n // 10]] * strong + [[n // 2, n - n // 2]] * abstain
+    for image_id, estimation in enumerate(counts):
+        rows += [vote(image_id, "selection", [0, 10], label=1), vote(image_id, "estimation", estimation, label=1)]
+        bound = cp_lower(estimation[1], n, ALPHA)
+        radii.append(SIGMA_RUNS * float(norm.ppf(bound)) if bound > 0.5 else 0.0)
+    write_votes(run, rows)
+    return run, radii
+
+
+def test_radius_columns_are_capped_by_n(tmp_path, capsys):
+    """n = 100 cannot certify r = 0.5 (its limit is below), n = 1000 can: that cell alone
+    reads "—"; r = 0.75 is above both limits and is left out with a note naming it."""
+    small, small_radii = run_with_n(tmp_path, "alone", 100, unanimous=4, strong=3, abstain=3)
+    large, large_radii = run_with_n(tmp_path, "denoised", 1000, unanimous=5, strong=3, abstain=2)
+    assert r_max(100) < 0.5 < r_max(1000) < 0.75
+    assert max(small_radii) == pytest.approx(r_max(100)) and max(large_radii) == pytest.approx(r_max(1000))
+    radii = ["0", "0.25", "0.5", "0.75"]
+
+    assert main(["reduce", str(small), str(large), "--names", "alone", "denoised", "--radii", *radii]) == 0
+    markdown = capsys.readouterr().out
+    rows = markdown_rows(markdown)
+    assert rows["input"] == ["input", "sigma", "n", "clean", "r = 0.25", "r = 0.5", "ACR"]
+    for name, n, found in (("alone", 100, small_radii), ("denoised", 1000, large_radii)):
+        expected = {r: sum(x >= r and x > 0 for x in found) / len(found) for r in (0.0, 0.25, 0.5)}
+        assert rows[name][2:5] == [str(n), f"{100 * expected[0.0]:.1f}", f"{100 * expected[0.25]:.1f}"]
+        assert rows[name][5] == ("—" if r_max(n) < 0.5 else f"{100 * expected[0.5]:.1f}")
+    note = next(line for line in markdown.splitlines() if line.startswith("Not shown"))
+    assert "r = 0.75" in note and "capped by n" in note and f"{r_max(1000):.3g}" in note
+    assert any(line.startswith("—:") and "capped by n" in line for line in markdown.splitlines())
+
+    assert main(["reduce", str(small), str(large), "--names", "alone", "denoised", "--radii", *radii,
+                 "--format", "csv"]) == 0
+    table = read_csv_table(capsys.readouterr().out)
+    assert len(table) == 2 * len(radii)  # the CSV keeps every radius, and says which are capped
+    for name, n in (("alone", 100), ("denoised", 1000)):
+        rows_n = table[table.run == name].set_index("radius")
+        assert (rows_n["n"] == n).all() and (rows_n["alpha"] == ALPHA).all()
+        assert rows_n["max_radius"].iloc[0] == pytest.approx(r_max(n))
+        assert rows_n["capped"].tolist() == [float(r) > r_max(n) for r in radii]
+        assert (rows_n.loc[rows_n["capped"], "certified_accuracy"] == 0).all()
+
+    assert main(["reduce", str(small), str(large), "--radii", *radii, "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    assert "$r=0.5$" in latex and "$r=0.75$" not in latex and " & --- & " in latex
+    assert "% Not shown: r = 0.75" in latex
+
+
+def test_plot_title_and_largest_certifiable_radius_markers(tmp_path):
+    small, _ = run_with_n(tmp_path, "alone", 100, unanimous=4, strong=3, abstain=3)
+    large, _ = run_with_n(tmp_path, "denoised", 1000, unanimous=5, strong=3, abstain=2)
+    inputs = load_inputs([small, large], ALPHA, names=["alone", "denoised"])
+    figure = certified_accuracy_figure(inputs)
+    axes = figure.axes[0]
+    markers = sorted(line.get_xdata()[0] for line in axes.lines if line.get_gid() == MARKER_GID)
+    assert markers == pytest.approx([r_max(100), r_max(1000)])
+    assert axes.get_xlim()[1] > r_max(1000)  # the limits are on the axis
+    title = figure.get_suptitle().replace("\n", " ")
+    for part in ("cifar10/test", "cifar10-sample", "cifar_resnet20", "dncnn_small", f"{SIGMA_RUNS:g}",
+                 f"{ALPHA:g}", "10 images", "α", "σ"):
+        assert part in title, (part, title)
+    assert "100" in title and "1,000" in title.replace("1000", "1,000")
+    legend = axes.get_legend_handles_labels()[1]
+    assert any("largest certifiable radius" in label for label in legend)
+
+    png = plot_certified_accuracy(inputs, tmp_path / "acc.png", title="my headline")
+    with Image.open(png) as image:
+        assert image.size[0] >= 800
+    assert "my headline" in certified_accuracy_figure(inputs, title="my headline").get_suptitle()
+
+
+def test_logs_get_n_dataset_and_model_from_documented_paths(tmp_path):
+    salman = load_input(SALMAN_CIFAR / "noise_0.25/test_N10000/sigma_0.25", ALPHA)
+    assert (salman.n, salman.alpha, salman.dataset) == (10_000, 0.001, "cifar10/test")  # as the data README says
+    assert "resnet110" in salman.model and "dncnn" in salman.model
+    radii = raw_log(SALMAN_CIFAR / "noise_0.25/test_N10000/sigma_0.25")[1]
+    assert salman.max_radius == pytest.approx(r_max(10_000, 0.001, 0.25))
+    assert radii.max() == pytest.approx(salman.max_radius, abs=5e-3)  # unanimous images reach the limit
+    api = load_input(API_LOG, ALPHA)
+    assert api.n == 100 and api.model.endswith("azure API") and raw_log(API_LOG)[1].max() <= api.max_radius + 5e-4
+    cohen = load_input(COHEN_CIFAR, ALPHA)  # n is not in the path: unknown, nothing capped
+    assert cohen.n is None and cohen.max_radius is None and cohen.dataset == "cifar10/test"
+    assert load_input(COHEN_PREDICT, ALPHA).max_radius is None  # PREDICT certifies no radius
+    # A path that names an n its radii contradict: the n is not believed.
+    fine = write_log(tmp_path / "x/test_N100/sigma_0.25", [(1, 0.3), (0, 0.0)])
+    contradicted = write_log(tmp_path / "y/test_N100/sigma_0.25", [(1, 0.9), (0, 0.0)])
+    assert load_input(fine, ALPHA).n == 100 and load_input(contradicted, ALPHA).n is None
+
+
+def test_glob_of_a_demo_folder_skips_outputs_silently(tmp_path, capsys):
+    """`dsmooth reduce runs/demo/*` gets the runs and the demo's own PNG, CSV and MD files:
+    only the runs are read and no warning is printed; a broken log still warns."""
+    folder = tmp_path / "demo"
+    run, _ = run_with_n(folder, "alone", 100, unanimous=4, strong=3, abstain=3)
+    inputs = load_inputs([run], ALPHA)
+    plot_certified_accuracy(inputs, folder / "certified_accuracy.png")
+    (folder / "table.md").write_text(render(accuracy_table(inputs), "markdown"))
+    (folder / "table.csv").write_text(render(accuracy_table(inputs), "csv"))
+    expanded = sorted(str(p) for p in folder.iterdir())  # what the shell's glob passes
+    assert len(expanded) == 4
+    assert main(["reduce", *expanded, "--alpha", "0.01", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and set(read_csv_table(out)["run"]) == {str(run)}
+
+    broken = folder / "half-written-log"
+    broken.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    assert main(["reduce", *expanded, str(broken), "--format", "csv"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and str(broken) in err
+
+    assert main(["reduce", str(folder / "table.md"), str(folder / "certified_accuracy.png")]) == 2
+    assert "not runs or logs" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- one CERTIFY / PREDICT everywhere

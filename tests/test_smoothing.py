@@ -13,6 +13,7 @@ from pipeline.smoothing import (
     certify_counts,
     lower_confidence_bound,
     lower_confidence_bounds,
+    max_certifiable_radius,
     predict_counts,
 )
 
@@ -82,6 +83,28 @@ def test_radius_formula():
     assert certified_radius(0.3, 1.0) == 0.0
     with pytest.raises(ValueError, match="sigma"):
         certified_radius(0.9, 0.0)
+
+
+def test_max_certifiable_radius_is_what_unanimous_votes_certify():
+    """sigma * Phi^-1(alpha^(1/n)), from scipy's beta quantile: the radius CERTIFY gives when
+    all n estimation votes go to c_A, and no count of n samples does better."""
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        n, alpha, sigma = int(rng.integers(10, 200_000)), float(10 ** rng.uniform(-5, -1)), float(rng.uniform(0.1, 1))
+        expected = sigma * norm.ppf(beta.ppf(alpha, n, 1))  # the one-sided Clopper-Pearson bound at n_a = n
+        assert max_certifiable_radius(n, alpha, sigma) == pytest.approx(expected, rel=1e-9)
+        assert certify_counts([0, 5], [0, n], sigma, alpha)[1] == pytest.approx(expected, rel=1e-9)
+        assert certify_counts([0, 5], [1, n - 1], sigma, alpha)[1] < expected
+    # Vectorised: n, alpha and sigma broadcast against each other.
+    n = np.array([100, 400, 10_000])
+    np.testing.assert_allclose(max_certifiable_radius(n, 0.001, 0.25), 0.25 * norm.ppf(beta.ppf(0.001, n, 1)))
+    sigmas = np.array([[0.12], [0.5]])
+    assert max_certifiable_radius(n, 0.001, sigmas).shape == (2, 3)
+    # Too few samples to certify anything: alpha^(1/n) <= 1/2 for n <= log(alpha)/log(1/2).
+    assert max_certifiable_radius(9, 0.001, 1.0) == 0.0 and max_certifiable_radius(10, 0.001, 1.0) > 0
+    for bad in ((0, 0.001, 0.25), (10.5, 0.001, 0.25), (100, 1.5, 0.25), (100, 0.001, 0.0)):
+        with pytest.raises(ValueError):
+            max_certifiable_radius(*bad)
 
 
 def test_certify_values_and_abstain_rules():

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -311,6 +312,33 @@ def test_run_local_resumes_without_ray(tmp_path):
     assert [s["start_epoch"] for s in record["sessions"]] == [1, 2]
 
 
+def test_training_grid_is_labelled_and_readable(tmp_path):
+    """The grid a denoiser run writes names its rows (clean, noisy at its sigma, denoised)
+    and the run in its title, and draws the images large enough to see."""
+    from pipeline.training.grids import denoising_grid, grid_figure, grid_title
+
+    config = load_train_config(denoiser_config(
+        tmp_path / "out", dataset=dataset(max_train=64, max_test=16), epochs=1,
+        sweep={"sigmas": [0.5], "objectives": ["mse"], "archs": ["dncnn_small"]}))
+    spec = worker_spec(config, plan_sweep(config)[0])
+    images, _ = _test_images(16)
+    torch.manual_seed(0)
+    tiles = denoising_grid(build_model("dncnn_small"), images, 0.5, 0, 4, torch.device("cpu"))
+    headline, detail = grid_title(spec["run"], "cifar10", 1, 1)
+    figure = grid_figure(tiles, 4, spec["run"]["sigma"], headline, detail)
+    assert [axes.get_ylabel() for axes in figure.axes] == ["clean", "noisy σ=0.5", "denoised"]
+    title = figure.get_suptitle()
+    for part in (spec["run"]["name"], "mse", "dncnn_small", "σ = 0.5", "epoch 1/1"):
+        assert part in title, (part, title)
+    assert figure.get_figwidth() * figure.dpi >= 800
+    shown = np.asarray(figure.axes[1].images[0].get_array())[:, :32]  # the first noisy tile, as drawn
+    np.testing.assert_allclose(shown, tiles[4].permute(1, 2, 0).numpy(), atol=1e-6)
+
+    assert run_local(spec, tmp_path / "store")["epoch"] == 1  # and the training loop writes such a grid
+    with Image.open(tmp_path / "store" / "epoch_0001" / "grid.png") as grid:
+        assert grid.size[0] >= 800 and grid.size[1] >= 3 * 96
+
+
 # -- Ray Train runs ------------------------------------------------------------------------------
 
 
@@ -368,7 +396,7 @@ def test_stab_sweep_two_sigmas_two_surrogate_sets(classifiers, tmp_path):
         if row["sigma"] == 0.25:  # STAB from scratch is slow; 3 tiny epochs show it at 0.25
             assert row["acc_noisy_after"] > row["acc_noisy_before"] + 0.04, row
         with Image.open(Path(row["checkpoint"]).parent / "grid.png") as grid:
-            assert grid.size == (4 * 32 + 5 * 2, 3 * 32 + 4 * 2)  # clean / noisy / denoised rows
+            assert grid.size[0] >= 800 and grid.size[1] >= 3 * 96  # clean / noisy / denoised rows, readable
     assert sorted((r["sigma"], r["surrogates"].count("+")) for r in rows) == [(0.25, 0), (0.25, 1), (0.5, 0), (0.5, 1)]
     table = (tmp_path / "out" / "summary.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "noisy acc before" in table[0]

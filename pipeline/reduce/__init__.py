@@ -14,8 +14,8 @@ from pipeline.reduce.certificates import (
     clean_accuracy,
 )
 from pipeline.reduce.inputs import find_inputs, load_input, load_inputs
-from pipeline.reduce.plots import plot_certified_accuracy
-from pipeline.reduce.reference_logs import read_log, sigma_from_path
+from pipeline.reduce.plots import certified_accuracy_figure, plot_certified_accuracy
+from pipeline.reduce.reference_logs import describe_path, read_log, sigma_from_path
 from pipeline.reduce.tables import DEFAULT_RADII, accuracy_table, per_image_table, render
 from pipeline.reduce.votes import certificates_from_votes, load_run
 
@@ -28,7 +28,9 @@ __all__ = [
     "average_certified_radius",
     "certificates_from_votes",
     "certified_accuracy",
+    "certified_accuracy_figure",
     "clean_accuracy",
+    "describe_path",
     "find_inputs",
     "load_input",
     "load_inputs",

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from pipeline.smoothing import max_certifiable_radius
+
 COLUMNS = ["image_id", "label", "predict", "p_a_lower", "radius", "correct", "abstained", "time_s"]
 
 
@@ -25,22 +27,46 @@ class UnusableInput(ValueError):
 
 
 class Certificates(pd.DataFrame):
-    """One row per image, plus the input's `name`, `sigma` (None when unknown), `source`
-    path and the `alpha` the certificates were computed at (None for a log: fixed when written)."""
+    """One row per image, plus what a reader of its table or plot needs to know about it.
 
-    _metadata = ["name", "sigma", "source", "alpha"]
+    Metadata: the input's `name`, `sigma`, `source` path, the `alpha` the certificates were
+    computed at, the number `n` of CERTIFY estimation samples per image, the `dataset` and
+    the `model` (classifier, with its denoiser or API). Each is None when unknown -- a log
+    records none of them, so they come from its path when that follows a documented layout.
+    n and alpha decide the largest certifiable radius (`max_radius`), so they are only set
+    together, and only for CERTIFY results (PREDICT certifies no radius)."""
+
+    _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model"]
     name: str = ""
     sigma: float | None = None
     source: str = ""
     alpha: float | None = None
+    n: int | None = None
+    dataset: str | None = None
+    model: str | None = None
 
     @property
     def _constructor(self):  # keep the subclass (and its metadata) through pandas operations
         return Certificates
 
+    @property
+    def max_radius(self) -> float | None:
+        """sigma * Phi^-1(alpha^(1/n)): no image of this input can be certified beyond it
+        (None when sigma, n or alpha is unknown)."""
+        if self.sigma is None or self.n is None or self.alpha is None:
+            return None
+        return float(max_certifiable_radius(self.n, self.alpha, self.sigma))
+
 
 def make_certificates(
-    frame: pd.DataFrame, name: str = "", sigma: float | None = None, source: str = "", alpha: float | None = None
+    frame: pd.DataFrame,
+    name: str = "",
+    sigma: float | None = None,
+    source: str = "",
+    alpha: float | None = None,
+    n: int | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
 ) -> Certificates:
     """Normalise column order and types (correct/abstained as bool) and attach metadata."""
     frame = frame.copy()
@@ -57,7 +83,10 @@ def make_certificates(
     certs.name = name
     certs.sigma = None if sigma is None or pd.isna(sigma) else float(sigma)
     certs.source = source
-    certs.alpha = alpha
+    certs.alpha = None if alpha is None else float(alpha)
+    certs.n = None if n is None else int(n)
+    certs.dataset = dataset
+    certs.model = model
     return certs
 
 

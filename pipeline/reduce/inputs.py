@@ -3,13 +3,16 @@ file is one input, and any other directory stands for every run and log found un
 
 Unusable inputs (empty or truncated logs, runs without votes) are skipped with a
 ReduceWarning that names them, so one dead run in a collection of hundreds costs a line on
-stderr, not the whole table.
+stderr, not the whole table. Files that are plainly not logs (a table, a plot, a config: see
+NOT_LOGS) are passed over silently, whether found in a directory or named on the command
+line -- `dsmooth reduce runs/demo/*` expands to the runs *and* the demo's PNG, CSV and MD.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +30,17 @@ NOT_LOGS = {
 }
 
 
+logger = logging.getLogger(__name__)
+
+
 def is_run(path: str | Path | Location) -> bool:
     return (Location.of(path) / RUN_FILE).is_file()
+
+
+def is_not_a_log(path: str | Path | Location) -> bool:
+    """A file whose suffix says it is an output, document or checkpoint, never a log."""
+    location = Location.of(path)
+    return Path(location.name).suffix.lower() in NOT_LOGS and not location.is_dir()
 
 
 def load_input(path: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
@@ -57,15 +69,17 @@ def find_inputs(directory: str | Path | Location) -> list[Location]:
             found.append(folder)
             runs.append(folder.path)
             continue
-        for file in files:
+        if any(part.startswith(".") for part in folder.path.split("/")[-1:]):
+            continue
+        for file in sorted(files):
             if not file.startswith(".") and Path(file).suffix.lower() not in NOT_LOGS:
-                if not any(part.startswith(".") for part in folder.path.split("/")[-1:]):
-                    found.append(folder / file)
+                found.append(folder / file)
     return sorted(found, key=lambda location: location.path)
 
 
 def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] | None = None) -> list[Certificates]:
-    """Load every input the paths stand for, skipping unusable ones with a warning.
+    """Load every input the paths stand for, skipping unusable ones with a warning and files
+    that are not logs (`is_not_a_log`, e.g. a shell glob's PNG) with one info log line.
 
     `names` label the paths one for one; a directory's inputs are then named
     `NAME/relative path`. Without names an input is named by its path (relative to the
@@ -73,11 +87,15 @@ def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] 
     if names is not None and len(names) != len(paths):
         raise ValueError(f"--names gives {len(names)} name(s) for {len(paths)} input path(s)")
     planned: list[tuple[Location, str]] = []
+    passed_over: list[str] = []
     for index, argument in enumerate(paths):
         location = Location.of(argument)
         given = None if names is None else names[index]
         if not location.exists():
             raise FileNotFoundError(f"no such run, log or directory: {argument}")
+        if is_not_a_log(location):
+            passed_over.append(location.name)
+            continue
         if location.is_dir() and not is_run(location):
             found = find_inputs(location)
             if not found:
@@ -91,6 +109,8 @@ def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] 
                 planned.append((item, label))
         else:
             planned.append((location, given if given is not None else str(argument)))
+    if passed_over:
+        logger.info("passed over %d file(s) that are not runs or logs: %s", len(passed_over), ", ".join(passed_over))
     planned = _unique_names(planned)
     loaded = []
     for location, label in planned:

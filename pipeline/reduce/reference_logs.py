@@ -8,10 +8,15 @@ predict). Reading them lets published numbers sit in the same table as new runs.
 
 Real collections hold runs that never finished: a file that is empty, holds only its
 header, or stops mid-row raises UnusableInput so the caller can skip it by name.
+
+A log records neither its n, alpha, data set nor model; `describe_path` reads them from the
+path where it follows a documented layout (../shared/data/README.md), so a plot of published
+logs can still say what it shows and where n caps the radius.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +26,7 @@ import pandas as pd
 
 from pipeline.fs import Location, StorageError
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
+from pipeline.smoothing import max_certifiable_radius
 
 API_COLUMNS = ["idx", "correct", "radius", "label", "predict"]
 REQUIRED_TSV = {"idx", "label", "predict", "correct"}
@@ -28,6 +34,16 @@ REQUIRED_TSV = {"idx", "label", "predict", "correct"}
 _SIGMA = re.compile(r"sigma_(\d+(?:\.\d+)?)")
 _NOISE = re.compile(r"noise_(\d+(?:\.\d+)?)")
 _BARE = re.compile(r"^(\d*\.\d+)(?:_\w+)?$")  # vision_api/<api>/<denoiser>/0.25/ or 0.25_1k/
+_N = re.compile(r"(?:^|_)N_?(\d+)$")  # test_N10000 (Salman et al.), N_1000 (Cohen et al.'s predict)
+_SPLIT = re.compile(r"^(test|train|val)(?:_|$)")
+LOG_DATASETS = ("cifar10", "imagenet")  # the data-set folder names of the documented layouts
+VISION_API = "vision_api"  # vision_api/<api>/<denoiser>/<sigma>/log.txt: the paper's 100 ImageNet images
+VISION_API_N = 100  # documented n of that layout; a "<sigma>_<k>k" folder drew k thousand
+_THOUSANDS = re.compile(r"^\d*\.\d+_(\d+)k$")
+# The reference implementations' default --alpha, used by every documented collection. A log
+# does not record it, so it is assumed only where the path also gives n (a documented layout).
+LOG_ALPHA = 0.001
+RADIUS_DIGITS = 3  # the reference writers print radii to 3 significant digits ("{:.3}")
 
 
 def sigma_from_path(path: str | Path) -> float | None:
@@ -46,11 +62,51 @@ def sigma_from_path(path: str | Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def describe_path(path: str | Path) -> dict[str, str | int | None]:
+    """The `dataset` ("cifar10/test"), `model` ("denoiser → classifier") and estimation `n`
+    a log's path names in the documented layouts; None for what the path does not say.
+
+        cohen2019/certify/<dataset>/<model>/noise_S/<split>/sigma_S     (n not in the path)
+        cohen2019/predict/<dataset>/<model>/noise_S/<split>/N_<n>
+        salman2020/<dataset>/.../MODEL_<classifier>[_DENOISER_<denoiser>]/.../test_N<n>/sigma_S
+        salman2020/vision_api/<api>/<denoiser>/<sigma>[_<k>k]/log.txt   (ImageNet; n = 100, or k thousand)
+
+    `read_log` keeps n only if no radius in the file exceeds the bound it implies.
+    """
+    parts = Path(path).parts
+    lowered = [part.lower() for part in parts]
+    dataset = next((part for part in lowered if part in LOG_DATASETS), None)
+    model = None
+    numbers_in_layout: list[int] = []
+    if VISION_API in lowered:
+        dataset = "imagenet-val-100"
+        api = lowered.index(VISION_API)
+        if len(parts) > api + 2:
+            denoiser = parts[api + 2]
+            model = f"{parts[api + 1]} API" if denoiser == "no_denoiser" else f"{denoiser} → {parts[api + 1]} API"
+        thousands = [int(m.group(1)) * 1000 for m in map(_THOUSANDS.match, parts[api:]) if m]
+        numbers_in_layout = thousands or [VISION_API_N]
+    for part in parts:
+        if part.startswith("MODEL_"):
+            classifier, _, denoiser = part[len("MODEL_"):].partition("_DENOISER_")
+            model = f"{denoiser} → {classifier}" if denoiser else classifier
+    if model is None and dataset is not None:
+        after = lowered.index(dataset) + 1
+        if after < len(parts) and not re.match(r"(noise|sigma)_|MODEL_", parts[after]) and not _SPLIT.match(parts[after]):
+            model = parts[after]
+    split = next((m.group(1) for m in map(_SPLIT.match, lowered) if m), None)
+    if dataset is not None and split is not None:
+        dataset = f"{dataset}/{split}"
+    numbers = numbers_in_layout + [int(m.group(1)) for m in map(_N.search, parts) if m]
+    return {"dataset": dataset, "model": model, "n": numbers[-1] if numbers else None}
+
+
 def read_log(path: str | Path | Location, name: str | None = None, sigma: float | None = None) -> Certificates:
     """Certificates from one reference log (local or object storage); sigma from the path
-    unless given."""
+    unless given, and the data set, model and n (with the reference alpha) where the path
+    says (`describe_path`)."""
     location = Location.of(path)
-    frame = _parse(location)
+    frame, certify = _parse(location)
     duplicated = int(frame["image_id"].duplicated().sum())
     if duplicated:
         warnings.warn(
@@ -59,15 +115,34 @@ def read_log(path: str | Path | Location, name: str | None = None, sigma: float 
             ReduceWarning,
             stacklevel=2,
         )
+    sigma = sigma_from_path(location.path) if sigma is None else sigma
+    described = describe_path(location.path)
+    n = described["n"] if certify else None  # PREDICT logs (no radius column) certify no radius
+    if n is not None and not _within_bound(frame["radius"].to_numpy(), int(n), sigma):
+        n = None  # radii past the bound: the layout's n or alpha does not hold for this file
     return make_certificates(
         frame,
         name=str(path) if name is None else name,
-        sigma=sigma_from_path(location.path) if sigma is None else sigma,
+        sigma=sigma,
         source=str(path),
+        alpha=LOG_ALPHA if n is not None else None,
+        n=n,
+        dataset=described["dataset"],
+        model=described["model"],
     )
 
 
-def _parse(path: Location) -> pd.DataFrame:
+def _within_bound(radii: np.ndarray, n: int, sigma: float | None) -> bool:
+    """Every radius is at most sigma * Phi^-1(LOG_ALPHA^(1/n)), up to the log's rounding."""
+    if sigma is None or len(radii) == 0:
+        return sigma is not None
+    bound = max_certifiable_radius(n, LOG_ALPHA, sigma)
+    rounding = 0.5 * 10.0 ** (math.floor(math.log10(bound)) - RADIUS_DIGITS + 1) if bound > 0 else 0.0
+    return bool(radii.max() <= bound + rounding)
+
+
+def _parse(path: Location) -> tuple[pd.DataFrame, bool]:
+    """(certificates, whether the log is CERTIFY's: it has a radius column)."""
     try:
         raw = path.read_bytes()
     except (OSError, StorageError) as error:
@@ -103,7 +178,7 @@ def _parse(path: Location) -> pd.DataFrame:
             )
     columns = dict(zip(header, (list(column) for column in zip(*fields))))
     try:
-        return _convert(columns, api=api)
+        return _convert(columns, api=api), "radius" in columns
     except ValueError as error:
         raise UnusableInput(f"{path}: malformed value ({error})") from None
 

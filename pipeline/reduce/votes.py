@@ -24,8 +24,8 @@ ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention,
 
 
 def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
-    """A run directory's certificates at `alpha` (local or object storage); sigma from run.json
-    identity["sigma"]."""
+    """A run directory's certificates at `alpha` (local or object storage); sigma, n, data
+    set and model from the run.json identity (see `describe_identity`)."""
     run_dir = Location.of(run_dir)
     try:
         record = read_run_record(run_dir)
@@ -40,18 +40,45 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
         raise UnusableInput(f"{run_dir}: unreadable votes ({type(error).__name__}: {error})") from None
     if votes.empty:
         raise UnusableInput(f"{run_dir}: run has no votes yet")
-    sigma = identity.get("sigma")
     label = name if name is not None else str(run_dir)
-    return certificates_from_votes(votes, alpha, sigma=sigma, name=label, source=str(run_dir))
+    return certificates_from_votes(
+        votes, alpha, sigma=identity.get("sigma"), name=label, source=str(run_dir), **describe_identity(identity)
+    )
+
+
+def describe_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a table or plot says about a run, from its run.json identity
+    (`pipeline.run_identity`): the CERTIFY estimation count `n` (None for a PREDICT run,
+    which certifies no radius), the `dataset` ("cifar10/test (cifar10-sample)": the split
+    and the data's base name) and the `model` ("denoiser → classifier", or "→ aws API")."""
+    n = identity.get("n") if identity.get("mode", "certify") == "certify" else None
+    dataset = identity.get("dataset")
+    data = identity.get("data")
+    if dataset and data and data != str(dataset).split("/")[0]:
+        dataset = f"{dataset} ({data})"
+    target = identity.get("classifier") or (f"{identity['provider']} API" if identity.get("provider") else None)
+    denoiser = identity.get("denoiser")
+    model = f"{denoiser} → {target}" if denoiser and target else target
+    return {"n": None if n is None else int(n), "dataset": dataset, "model": model}
 
 
 def certificates_from_votes(
-    votes: pd.DataFrame, alpha: float, sigma: float | None = None, name: str = "", source: str = ""
+    votes: pd.DataFrame,
+    alpha: float,
+    sigma: float | None = None,
+    name: str = "",
+    source: str = "",
+    n: int | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
 ) -> Certificates:
     """Certify (selection + estimation rows) and predict (prediction rows) every image.
 
     `sigma` is the run's; a row's own sigma column wins where set. Images lacking one of
-    their CERTIFY rows are skipped with one ReduceWarning giving the count."""
+    their CERTIFY rows are skipped with one ReduceWarning giving the count. `dataset` and
+    `model` only label the result; `n`, the run's estimation count, bounds its radii
+    (`Certificates.max_radius`), so the rows' own n wins, and it is dropped when the rows
+    disagree or when some images were only PREDICT'ed (no radius at all)."""
     _check_alpha(alpha)
     where = name or source or "votes"
     votes = votes.drop_duplicates(["image_id", "phase"], keep="first")  # as storage.read_votes
@@ -68,7 +95,19 @@ def certificates_from_votes(
         raise UnusableInput(f"{where}: no complete images in the votes")
     frame = pd.concat(parts, ignore_index=True).sort_values("image_id", kind="stable")
     run_sigma = sigma if sigma is not None else _single_sigma(votes)
-    return make_certificates(frame, name=name, sigma=run_sigma, source=source, alpha=alpha)
+    n = None if predict is not None and len(predict) else _estimation_n(votes, n)
+    return make_certificates(
+        frame, name=name, sigma=run_sigma, source=source, alpha=alpha, n=n, dataset=dataset, model=model
+    )
+
+
+def _estimation_n(votes: pd.DataFrame, run_n: int | None) -> int | None:
+    """The one n every estimation row drew (`run_n` when the rows do not say); None when
+    the rows disagree, since then no single n bounds the radii."""
+    drawn = votes.loc[votes["phase"] == "estimation", "n"].astype("Float64").dropna().unique()
+    if len(drawn) > 1:
+        return None
+    return int(drawn[0]) if len(drawn) else run_n
 
 
 def _single_sigma(votes: pd.DataFrame) -> float | None:

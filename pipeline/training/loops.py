@@ -8,7 +8,7 @@ folder to resume from. Each epoch's checkpoint folder holds
     model.pt        the model in the foundation format (pipeline.models.save_checkpoint)
     train_state.pt  epoch, optimizer and LR-schedule state (loads with weights_only=True)
     metrics.json    history of every epoch so far, baseline, summary row, classifier digests
-    grid.png        clean / noisy / denoised test images (denoisers)
+    grid.png        labelled rows of clean / noisy / denoised test images (denoisers)
 
 so a run killed at any point resumes at the epoch after its last checkpoint with the
 same optimizer state, noise and data order (all seeded by (seed, epoch, rank)).
@@ -37,7 +37,7 @@ from pipeline.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, de
 from pipeline.progress import Progress
 from pipeline.training.data import CIFAR_CROP_PADDING, augment, load_split, to_float
 from pipeline.training.evaluation import evaluate_classifier, evaluate_denoiser, state_digest
-from pipeline.training.grids import denoising_grid, save_grid
+from pipeline.training.grids import denoising_grid, grid_title, save_grid
 from pipeline.training.sweep import GRID_FILE, METRICS_FILE, MODEL_FILE, json_safe
 
 STATE_FILE = "train_state.pt"
@@ -310,7 +310,8 @@ class RunState:
         count = min(int(self.spec.get("grid_images", 0)), len(self.test_x))
         if self.task == "denoiser" and count > 0:
             tiles = denoising_grid(_unwrap(self.net), self.test_x, self.sigma, self.seed, count, self.device)
-            save_grid(tiles, count, folder / GRID_FILE)
+            headline, detail = grid_title(self.run, self.spec["dataset"]["kind"], epoch, int(self.hp["epochs"]))
+            save_grid(tiles, count, folder / GRID_FILE, self.sigma, headline, detail)
         return folder
 
 
