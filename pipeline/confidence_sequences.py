@@ -106,9 +106,6 @@ def _log_evidence(s: np.ndarray, n: np.ndarray, q: float | np.ndarray, b: float)
         # only for s/n far below q, where E_n(q) <= 1 anyway: call it no evidence at all.
         tail = np.where(upper_tail > _TINY, np.log(upper_tail), -np.inf)
     value = np.log(b) + special.betaln(s_f + 1.0, f_f + b) + tail - s_f * np.log(q) - (f_f + b) * np.log1p(-q)
-    # For s <= q n every alternative pi > q is less likely than q itself (s/n maximises the
-    # likelihood), so E_n(q) <= 1 exactly; rounding must not say otherwise.
-    value = np.where(s_f <= q * n, np.minimum(value, 0.0), value)
     return np.where(n == 0, 0.0, value)
 
 

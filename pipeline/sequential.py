@@ -289,6 +289,8 @@ class SequentialCertifier:
 
     `labels` (class column per image; negative = no label, never certified) makes a labelled
     run; `labels=None` with `num_images` makes a deployment run that selects the class first.
+    The state arrays (`successes` and `samples` of the estimation phase, `selection_counts`,
+    `target`, `next_chunk`, ...) are for reading; only `decide` changes them.
     """
 
     def __init__(self, test: SequentialTest, labels: np.ndarray | None = None, num_images: int | None = None) -> None:
@@ -320,7 +322,9 @@ class SequentialCertifier:
         self._futile = _Thresholds(q, test.futility_alpha, test.shape, "failure", boundaries[ESTIMATION])
         self._select = _Thresholds(0.5, test.selection_alpha, test.shape, "success", boundaries[SELECTION])
         self._select_futile = _Thresholds(q, test.futility_alpha, test.shape, "failure", boundaries[SELECTION])
-        self._max_failures = test.n_max - int(self._certify(np.array([test.n_max]))[0])
+        # Votes against never decrease and n - k(n) never decreases (one more vote for the class
+        # cannot hurt), so more than n_max - k(n_max) votes against rule out any certificate.
+        self._max_failures = test.n_max - int(success_thresholds(test.n_max, q, test.alpha, test.shape))
         if self.labelled:
             no_label = self.target < 0
             self._stop(np.nonzero(no_label)[0], Status.NOT_CERTIFIED, Reason.NO_CLASS)
@@ -411,7 +415,7 @@ class SequentialCertifier:
         self.phase[img] = _DONE
 
     def _add_selection(self, img: np.ndarray, counts: np.ndarray, samples: np.ndarray) -> None:
-        width = max(self.selection_counts.shape[1], counts.shape[1])
+        width = max(self.selection_counts.shape[1], counts.shape[1], 1)
         if width > self.selection_counts.shape[1]:
             self.selection_counts = np.pad(self.selection_counts, ((0, 0), (0, width - self.selection_counts.shape[1])))
         self.selection_counts[img, : counts.shape[1]] += counts

@@ -77,16 +77,18 @@ def run_labelled(test: SequentialTest, p: float, trials: int, seed: int, peek: i
     return certifier.decisions()
 
 
-def run_deployment(test: SequentialTest, probabilities: list[float], trials: int, seed: int) -> SequentialDecisions:
+def run_deployment(test: SequentialTest, probabilities: list[float], trials: int, seed: int,
+                   matrix: bool = False) -> SequentialDecisions:
     """Images whose smoothed votes follow `probabilities`: adaptive selection on per-class
-    counts, then the test on fresh samples (votes for the selected class only)."""
+    counts, then the test on fresh samples, given as votes for the selected class only, or
+    (matrix=True) as per-class counts from which the certifier takes the selected column."""
     rng = np.random.default_rng(seed)
     probabilities = np.asarray(probabilities)
     certifier = SequentialCertifier(test, num_images=trials)
     while work := certifier.pending():
         for w in work:
             size = planned_sizes(test, w.phase, w.first_chunk)
-            if w.phase == SELECTION:
+            if w.phase == SELECTION or matrix:
                 counts = rng.multinomial(size, probabilities)
             else:
                 counts = rng.binomial(size, probabilities[certifier.target[w.image]])
@@ -113,7 +115,7 @@ def test_evidence_is_monotone_and_the_thresholds_and_bounds_are_the_same_decisio
     for q in (0.5, 0.6915, 0.977):
         need = success_thresholds(n, q, alpha, b)
         for size, k in zip(n, need):
-            s = np.unique(np.clip(np.r_[np.arange(0, size + 1, max(1, size // 200)), k - 3 + np.arange(7), size],
+            s = np.unique(np.clip(np.r_[np.arange(0, size + 1, max(1, size // 60)), k - 3 + np.arange(7), size],
                                   0, size))
             evidence = log_evidence_above(s, size, q, b)
             finite = np.isfinite(evidence)  # -inf only where E underflows, far below 1 (s/n < q)
@@ -129,6 +131,19 @@ def test_evidence_is_monotone_and_the_thresholds_and_bounds_are_the_same_decisio
             assert np.all(high >= s / size)
     grid = np.linspace(0.01, 0.99, 99)
     assert np.all(np.diff(log_evidence_above(30, 40, grid, b)) < 0)  # decreasing in q
+
+
+def test_no_evidence_without_a_majority_above_q():
+    """For s <= q n every alternative pi > q fits the votes worse than q (s/n is the maximum
+    likelihood), so E_n(q) <= 1 exactly: the computed value must not exceed it anywhere, in
+    particular where the incomplete beta is tiny."""
+    worst = -np.inf
+    for b in (0.5, 2.0, 16.0):
+        for q in (0.01, 0.5, 0.6915, 0.977, norm.cdf(4), norm.cdf(8)):
+            for n in np.unique(np.logspace(0, 6, 25).astype(np.int64)):
+                s = np.unique(np.linspace(0, np.floor(q * n), 60).astype(np.int64))
+                worst = max(worst, float(np.max(log_evidence_above(s, n, q, b))))
+    assert worst <= 0.0
 
 
 def test_bounds_at_the_edges():
@@ -241,39 +256,51 @@ def test_hopeless_images_stop_after_one_chunk():
 
 
 def test_curtailment_and_the_cap():
-    """With n_max = 100 at alpha = 0.001 and R = 0.125, an image stops as soon as its failures
-    make the threshold at n = 100 unreachable; one that stays undecided stops at n_max."""
-    test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=100, chunk_size=10, radius=0.125, futility_alpha=NEVER)
-    allowed = 100 - success_thresholds(100, test.threshold, 0.001, test.shape)
+    """n_max = 100, alpha = 0.001, R = 0.125, one sample per chunk: an image is given up at
+    the first failure that makes the threshold at n = 100 unreachable, not one earlier (with
+    one failure fewer, all-positive remaining votes still certify it by n = 100)."""
+    test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=100, chunk_size=1, radius=0.125, futility_alpha=NEVER)
+    allowed = 100 - int(success_thresholds(100, test.threshold, 0.001, test.shape))
+    assert 0 < allowed < 50
     certifier = SequentialCertifier(test, labels=np.zeros(2, dtype=np.int64))
-    # Image 0: exactly `allowed` failures in its first chunks is still alive, one more stops it.
-    votes = np.array([10 - min(10, allowed), 10])
-    certifier.decide(ChunkVotes(ESTIMATION, np.array([0, 1]), np.array([0, 0]), np.array([10, 10]), votes))
-    assert certifier.decisions().status[0] == (Status.UNDECIDED if allowed >= 10 else Status.NOT_CERTIFIED)
-    # Image 1 at the cap: nine more chunks of 8/10 votes.
-    rows = np.ones(9, dtype=np.int64)
-    certifier.decide(ChunkVotes(ESTIMATION, rows, np.arange(1, 10), np.full(9, 10), np.full(9, 8)))
+    one = np.ones(2, dtype=np.int64)
+    for k in range(allowed):  # both images: `allowed` failures in a row, still alive
+        certifier.decide(ChunkVotes(ESTIMATION, np.arange(2), np.full(2, k), one, np.zeros(2, dtype=np.int64)))
+    assert np.all(certifier.decisions().status == Status.UNDECIDED)
+    # Image 0: one more failure ends it; image 1: all successes from here certify it.
+    certifier.decide(ChunkVotes(ESTIMATION, np.arange(2), np.full(2, allowed), one, np.array([0, 1])))
     decisions = certifier.decisions()
-    assert decisions.estimation_samples[1] <= 100 and decisions.status[1] == Status.NOT_CERTIFIED
-    assert decisions.reason[1] in (Reason.CANNOT_REACH, Reason.N_MAX)
+    assert decisions.status[0] == Status.NOT_CERTIFIED and decisions.reason[0] == Reason.CANNOT_REACH
+    for k in range(allowed + 1, 100):
+        certifier.decide(ChunkVotes(ESTIMATION, np.array([1]), np.array([k]), np.array([1]), np.array([1])))
+    decisions = certifier.decisions()
+    assert decisions.status[1] == Status.CERTIFIED  # at n <= 100 (n - k(n) never decreases)
+    # At n = n_max "not certified" and "cannot reach" coincide; N_MAX is for a plan whose
+    # chunks run out first (here chunks of 5 samples where 10 were planned, 4 votes each).
+    short = SequentialCertifier(test.__class__(**{**test.__dict__, "chunk_size": 10}), labels=np.zeros(1, np.int64))
+    for k in range(10):
+        short.decide(ChunkVotes(ESTIMATION, np.array([0]), np.array([k]), np.array([5]), np.array([4])))
+    decisions = short.decisions()
+    assert decisions.status[0] == Status.NOT_CERTIFIED and decisions.reason[0] == Reason.N_MAX
+    assert decisions.estimation_samples[0] == 50 and not short.pending()
 
 
 # -- deployment (G2) and largest radius (G3) --------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "name,radius,probabilities",
+    "name,radius,probabilities,matrix",
     [
-        ("top class at the threshold", 0.125, [0.6915, 0.2085, 0.1]),
-        ("two classes tied below 1/2", 0.0, [0.45, 0.45, 0.1]),
+        ("top class at the threshold", 0.125, [0.6915, 0.2085, 0.1], False),
+        ("two classes tied below 1/2, per-class counts", 0.0, [0.45, 0.45, 0.1], True),
     ],
 )
-def test_deployment_total_error_at_most_alpha(name, radius, probabilities):
+def test_deployment_total_error_at_most_alpha(name, radius, probabilities, matrix):
     """No class is certifiable at R: any certificate is wrong; over selection and test <= alpha."""
     test = SequentialTest(sigma=SIGMA, alpha=0.05, n_max=1600, chunk_size=16, radius=radius,
                           futility_alpha=NEVER, selection_alpha=0.05, selection_max=256)
     assert probabilities[0] <= test.threshold + 1e-4
-    decisions = run_deployment(test, probabilities, TRIALS, seed=7)
+    decisions = run_deployment(test, probabilities, TRIALS, seed=7, matrix=matrix)
     wrong = int(decisions.certified.sum())
     assert within_alpha(wrong, TRIALS, 0.05), f"{name}: {wrong} wrong certificates"
     assert np.all(decisions.status != Status.UNDECIDED)
