@@ -44,18 +44,27 @@ exactly (chunks drawn after an image was decided are ignored and reported as unu
 
 Driving it from an engine (many images at once):
 
-    cert = SequentialCertifier(test, labels=labels)          # labels=None: deployment
-    while work := cert.pending(growth=0.5):
-        for w in work:                                          # one entry per phase
-            for row, first, count in zip(w.image, w.first_chunk, w.num_chunks):
-                SampleRequest(seed, image_ids[row], w.phase, w.total, test.chunk_size,
-                              first_chunk=first, stop_chunk=first + count)
-        ...                                                     # sample, store per-chunk counts
-        cert.decide(ChunkVotes(phase, image=rows, chunk=chunks, samples=sizes, counts=counts))
-    result = cert.decisions()                                   # and result.as_decisions()
+    test = SequentialTest.from_settings(settings)
+    cert = SequentialCertifier(test, labels=label_columns)   # deployment: num_images=len(ids)
+    while work := cert.pending(growth=0.5):                   # [] once every image is decided
+        for w in work:                                        # one entry per phase with work
+            requests = [SampleRequest(seed, image_ids[row], w.phase, w.total, test.chunk_size,
+                                      first_chunk=first, stop_chunk=first + count)
+                        for row, first, count in zip(w.image, w.first_chunk, w.num_chunks)]
+            ...                 # sample them; store one row per (image, phase, chunk)
+            cert.decide(ChunkVotes(w.phase, image=rows, chunk=chunks, samples=sizes, counts=votes))
+    result = cert.decisions()                                 # result.as_decisions() for reduce
 
-Resume / reduce: `replay(test, stored_chunk_votes, num_images, labels)` returns the certifier
-in the state the run had reached; keep driving it to resume, or read `.decisions()`.
+`decide` may be called with any part of the returned chunks as they come back, provided
+each image's chunks of a phase arrive in order (rows within one call may be in any order;
+buffer a chunk that comes back before its predecessor).
+
+Resume / reduce: `replay(test, stored_chunk_votes, labels=...)` (or `num_images=...` for a
+deployment run) returns the certifier in the state the run had reached; keep driving it to
+resume, or read `.decisions()`. Since alpha decides when sampling stops, it belongs to the
+run's identity. Replaying at another alpha (`dsmooth reduce --alpha`) is still valid (Ville's
+inequality holds up to any stopping time, the run's included) but can only use the samples
+that were drawn: an image the replay leaves undecided is not certified.
 """
 
 from __future__ import annotations
