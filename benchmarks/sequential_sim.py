@@ -218,7 +218,8 @@ def fixed_radii(p: np.ndarray, n0: int, n: int, reps: int, rng: np.random.Genera
     return np.where(selected & (low > 0.5), SIGMA * norm.ppf(np.clip(low, 0.5, 1)), 0.0)
 
 
-def largest_radius(p: np.ndarray, test: SequentialTest, reps: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+def largest_radius(p: np.ndarray, test: SequentialTest, reps: int,
+                   rng: np.random.Generator) -> tuple[float, np.ndarray]:
     rows = np.repeat(p, reps)
     certifier = SequentialCertifier(test, labels=np.zeros(len(rows), dtype=np.int64))
     while work := certifier.pending():

@@ -237,9 +237,10 @@ class Work:
 @dataclass(frozen=True)
 class SequentialDecisions:
     """Per image: status (Status), reason (Reason), the class column tested (-1 none), the
-    certified radius (>= R when CERTIFIED at R; 0 unless CERTIFIED), the lower confidence
-    bound behind it (NaN when not computed), the estimation votes for the tested class, the
-    samples used per phase, and the samples drawn after the decision (ignored)."""
+    certified radius (>= R when CERTIFIED at R; 0 when NOT_CERTIFIED; the best so far while
+    a largest-radius image is UNDECIDED), the lower confidence bound behind it (NaN when not
+    computed), the estimation votes for the tested class, the samples used per phase, and
+    the samples drawn after the decision (ignored). Only CERTIFIED rows carry a claim."""
 
     status: np.ndarray
     reason: np.ndarray
@@ -434,7 +435,8 @@ class SequentialCertifier:
         top = votes.argmax(axis=1)  # ties -> lowest column, as CERTIFY's selection
         top_votes = votes[np.arange(len(img)), top]
         hopeless = top_votes <= self._select_futile(n)  # even the top class cannot reach q (at futility_alpha)
-        exhausted = (n >= self.test.selection_max) | (self.next_chunk[SELECTION][img] >= self.test.num_chunks(SELECTION))
+        exhausted = (n >= self.test.selection_max) | (
+            self.next_chunk[SELECTION][img] >= self.test.num_chunks(SELECTION))
         chosen = ~hopeless & ((top_votes >= self._select(n)) | (exhausted & (top_votes > 0)))
         given_up = ~chosen & (hopeless | exhausted)
         self._stop(img[given_up], Status.NOT_CERTIFIED, Reason.NO_CLASS)
@@ -492,8 +494,9 @@ class SequentialCertifier:
         best = np.maximum(self.radius[img], radius)
         self.radius[img] = best
         with np.errstate(divide="ignore"):
-            ceiling = self.test.sigma * norm.ppf(high)  # -inf below 0, +inf at 1
-        stalled = (self.checkpoint_samples[img] > 0) & (best > 0) & (best - self.checkpoint_radius[img] < self.test.tolerance)
+            ceiling = self.test.sigma * norm.ppf(high)  # -inf when U = 0, +inf when U = 1
+        gain = best - self.checkpoint_radius[img]
+        stalled = (self.checkpoint_samples[img] > 0) & (best > 0) & (gain < self.test.tolerance)
         capped = ceiling < best + self.test.tolerance  # the radius cannot grow by tolerance any more
         self.checkpoint_samples[img] = n
         self.checkpoint_radius[img] = best

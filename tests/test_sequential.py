@@ -468,6 +468,25 @@ def test_decisions_depend_on_the_running_totals_only():
     assert np.all(fine.estimation_samples[coarse.certified] <= coarse.estimation_samples[coarse.certified])
 
 
+def test_replay_at_another_alpha_stays_valid_on_the_stored_samples():
+    """`dsmooth reduce --alpha`: the run stopped by its own rule (alpha = 0.05); replaying its
+    stored chunks at alpha = 0.02 certifies wrongly at most 2 % of the time, and images whose
+    stored samples end before a decision count as not certified (ABSTAIN)."""
+    test = SequentialTest(sigma=SIGMA, alpha=0.05, n_max=640, chunk_size=32, radius=0.25, futility_alpha=NEVER)
+    rng = np.random.default_rng(14)
+    certifier, stored = SequentialCertifier(test, labels=np.zeros(TRIALS, dtype=np.int64)), []
+    while work := certifier.pending():
+        (w,) = work
+        size = planned_sizes(test, w.phase, w.first_chunk)
+        stored.append(ChunkVotes(w.phase, w.image, w.first_chunk, size, rng.binomial(size, test.threshold)))
+        certifier.decide(stored[-1])
+    stricter = SequentialTest(**{**test.__dict__, "alpha": 0.02})
+    decisions = replay(stricter, stored, labels=np.zeros(TRIALS, dtype=np.int64)).decisions()
+    assert within_alpha(int(decisions.certified.sum()), TRIALS, 0.02)
+    left = decisions.status == Status.UNDECIDED
+    assert left.any() and np.all(decisions.as_decisions().prediction[left] == ABSTAIN)
+
+
 def test_decide_refuses_gaps_and_repeats_without_changing_state():
     test = SequentialTest(sigma=SIGMA, alpha=0.01, n_max=1024, chunk_size=16, radius=0.25, futility_alpha=NEVER)
     certifier = SequentialCertifier(test, labels=np.array([0, 0, -1]))
