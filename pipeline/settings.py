@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from pipeline.config import (
     Alpha,
     ConfigError,
+    NonNegativeFloat,
     NonNegativeInt,
     OptionalWhere,
     PositiveFloat,
@@ -101,8 +102,9 @@ class SmoothingSettings(Settings):
     sigma: Sigma = option(..., group="smoothing", metavar="S",
                           help="Gaussian noise level sigma, in [0, 1] pixel units (required, > 0)")
     alpha: Alpha = option(0.001, group="smoothing", metavar="A", help=(
-        "failure probability of the certificates reported at the end (the votes do not depend on "
-        "it: `dsmooth reduce --alpha` recomputes them)"))
+        "failure probability of the certificates reported at the end (with fixed n the votes do not "
+        "depend on it: `dsmooth reduce --alpha` recomputes them; with --sequential it also decides "
+        "when each image stops)"))
     seed: Seed = option(0, group="smoothing", metavar="S", help="noise seed; same seed = same noise = same counts")
     denoiser: OptionalWhere = option(None, group="models", metavar="CKPT",
                                      help="denoiser D checkpoint (path or URI), or 'none' for the classifier alone")
@@ -121,4 +123,48 @@ class SmoothingSettings(Settings):
         n0, n = getattr(self, "n0", None), getattr(self, "n", None)
         if getattr(self, "mode", "certify") == "certify" and n0 is not None and n is not None and n0 > n:
             raise ConfigError("n0", f"n0={n0} must not exceed n={n} (selection uses fewer samples)")
+        return self
+
+
+SEQUENTIAL_GROUP = "sequential certification (anytime-valid; see pipeline/sequential.py)"
+
+
+class SequentialSettings(Settings):
+    """Sequential certification (`pipeline.sequential`): each image is sampled chunk by chunk
+    (`chunk_size`) and stops as soon as an anytime-valid test at level `alpha` decides it.
+
+    Mixed into a job's settings next to SmoothingSettings, whose `sigma`, `alpha`, `n0` (the
+    cap of the deployment mode's adaptive selection), `n` and `chunk_size` it uses. Every
+    field here changes which samples are drawn, so a job puts them all (and `alpha`) in its
+    run identity when `sequential` is on.
+    """
+
+    sequential: bool = option(False, group=SEQUENTIAL_GROUP, help=(
+        "stop sampling each image as soon as its certificate is decided, with the same (1 - alpha) "
+        "guarantee (a confidence sequence, valid under any stopping); n becomes a cap, see --n-max"))
+    radius: NonNegativeFloat | None = option(None, group=SEQUENTIAL_GROUP, metavar="R", help=(
+        "certify at this L2 radius: test p_A > Phi(R/sigma) and stop once decided; none = largest-radius "
+        "mode: sample until the certified radius grows by less than --tolerance per doubling"))
+    n_max: PositiveInt | None = option(None, group=SEQUENTIAL_GROUP, metavar="N", help=(
+        "at most N estimation samples per image; an image still undecided there is not certified "
+        "(default: n)"))
+    tolerance: PositiveFloat = option(0.01, group=SEQUENTIAL_GROUP, metavar="DR", help=(
+        "largest-radius mode: stop when the certified L2 radius grows by less than DR per doubling "
+        "of the samples"))
+    futility_alpha: Alpha = option(0.05, group=SEQUENTIAL_GROUP, metavar="B", help=(
+        "give up on an image once an upper confidence sequence at level B falls below Phi(R/sigma); "
+        "B bounds the chance of missing a certificate, never of a wrong one"))
+    selection_alpha: Alpha = option(0.01, group=SEQUENTIAL_GROUP, metavar="A0", help=(
+        "deployment mode: the adaptive selection stops once the top class's lower confidence sequence "
+        "at level A0 passes 1/2 (or at n0 samples); it spends none of alpha, its samples being separate"))
+    certify_class: Literal["label", "top"] = option("label", group=SEQUENTIAL_GROUP, help=(
+        "label: test the image's label (for APIs, the answer on the clean image); top: deployment, "
+        "select the top class adaptively, then test it on fresh samples"))
+
+    @model_validator(mode="after")
+    def _radius_within_reach(self) -> SequentialSettings:
+        sigma = getattr(self, "sigma", None)
+        if self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
+            raise ConfigError("radius", f"radius {self.radius} = {self.radius / sigma:.1f} sigma cannot be "
+                              "certified (Phi(R/sigma) rounds to 1); use R <= 8 sigma")
         return self
