@@ -164,6 +164,8 @@ def test_malformed_answers_are_retried_and_change_no_certificate(emulator, tmp_p
     summary = run(emulator, "google", tmp_path, **{"retry.max_attempts": 12})
     assert summary.status == "complete" and summary.images_complete == len(IDS)
     calls = emulator.calls("google")
+    print(f"[figures] malformed {rate:.0%}: {calls} calls for {NEEDED} needed, "
+          f"{summary.retried.get('malformed')} retried; votes compared with the fault-free oracle below")
     assert calls > NEEDED and summary.retried.get("malformed") == calls - NEEDED
     assert {k: normalise(v) for k, v in top_labels_in_log(tmp_path).items()} == {k: normalise(v) for k, v in oracle.items()}
     for row in read_votes(tmp_path).itertuples():

@@ -109,6 +109,8 @@ def test_sigkill_and_resume_pays_only_for_calls_in_flight(emulator, uninterrupte
     assert total.calls - total.unconfirmed <= provider <= total.calls
     assert total.unconfirmed == killed.unconfirmed <= CONCURRENCY
     assert repeated <= CONCURRENCY and provider - repeated == NEEDED
+    print(f"[figures] kill {point}: needed {NEEDED}, provider saw {seen_at_kill} before the kill and "
+          f"{provider} in all, repeated {repeated}, run total {total.calls} calls ({total.unconfirmed} unconfirmed)")
     assert f"run total: {total.calls} calls" in out
     assert seen_at_kill <= killed.calls
     # The same certificates as a run never interrupted.
@@ -131,6 +133,8 @@ def test_the_rate_limit_holds_in_every_second_across_actors(emulator, tmp_path):
         emulator.set_faults("aws")
     assert process.returncode == 0, err[-3000:]
     assert emulator.calls("aws") == NEEDED
+    print(f"[figures] rate: qps 10, worst 1-second window {emulator.max_in_window('aws', 1.0)} calls, "
+          f"{NEEDED} calls in {emulator.starts('aws')[-1] - emulator.starts('aws')[0]:.1f} s")
     assert emulator.max_in_window("aws", 1.0) <= 10
     starts = emulator.starts("aws")
     assert (len(starts) - 1) / (starts[-1] - starts[0]) > 6  # and it is not idle: close to the limit

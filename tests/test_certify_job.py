@@ -591,7 +591,7 @@ def test_killed_actor_and_stopped_job_resume_to_identical_counts(ray_cluster, un
     kill(restarted)  # restarts used up: the job's pool starts a replacement and resubmits the shards
     replacement = wait_for_part({first, restarted})
     assert first.split("@")[0] == restarted.split("@")[0] == replacement.split("@")[0] == "actor-0"
-    assert "starting a replacement, resubmitting" in client.get_job_logs(job_id)
+    assert "is gone for good" in client.get_job_logs(job_id)  # its shards go to the replacement
     client.stop_job(job_id)  # now kill the whole job mid-way
     assert wait_job(client, job_id).name == "STOPPED"
     partial = raw_rows(output).to_pandas()
