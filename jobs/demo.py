@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
              args.images, SIGMA, args.n0, args.n, args.alpha, len(SETTINGS), args.output)
     if args.fresh:
         _remove_runs(args.output)
-    started_here = connect(args.address)
+    # Ray only when some image lacks votes: a rerun with fewer images just reports.
+    started_here = connect(args.address) if args.fresh or any(p.pending() for p in plans) else False
     try:
         outcomes = []
         for setting, prepared in zip(SETTINGS, plans):
@@ -165,7 +166,7 @@ def _refuse_conflicts(args: argparse.Namespace, plans: list[Any]) -> None:
         differences.update(prepared.conflicts())
     if not differences:
         return
-    options = [(OPTION_OF[key], old, new) for key, (old, new) in differences.items() if key in OPTION_OF]
+    options = [(flag, *differences[key]) for key, flag in OPTION_OF.items() if key in differences]
     others = [key for key in differences if key not in OPTION_OF]
     fresh = f"add --fresh to start over, or use another --output than {args.output}"
     if options and not others:
