@@ -129,6 +129,11 @@ class Prepared:
 
         return certify_identity(self.config, self.split, self.info)
 
+    def pending(self) -> list[Any]:
+        """The selected images the run directory holds no votes for yet (all of them when
+        there is no run yet): what a `certify` call would sample now."""
+        return _pending(self.config, self.selected)
+
     def conflicts(self) -> dict[str, tuple[Any, Any]]:
         """setting -> (the existing run's value, this config's) that would refuse the resume."""
         from pipeline.storage import run_differences
@@ -173,16 +178,14 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
     from pipeline.config import to_dict
     from pipeline.fs import Location
     from pipeline.runlock import exclusive_run
-    from pipeline.storage import completed_images, open_run, update_run_record
+    from pipeline.storage import open_run, update_run_record
 
     output = Location.of(config.output)
     identity = certify_identity(config, split, info)
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     with exclusive_run(output, "dsmooth certify") as lease:
         record = open_run(output, identity, extra=speed)
-        phases = [phase for phase, _ in config.phases()]
-        done = completed_images(output, phases)
-        todo = [r for r in selected.records if r.image_id not in done]
+        todo = _pending(config, selected)
         log.info("%d images selected from %s, %d already in %s, %d to do",
                  len(selected), selected.name, len(selected) - len(todo), output, len(todo))
         started = time.monotonic()
@@ -198,6 +201,14 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
                                       + [s for s in skipped if s["image_id"] not in known])
     return CertifyOutcome(str(output), [r.image_id for r in selected.records], len(todo) - len(skipped),
                           time.monotonic() - started, config.alpha, skipped)
+
+
+def _pending(config, selected) -> list[Any]:
+    """Records of `selected` without votes for every phase in the run at config.output."""
+    from pipeline.storage import completed_images
+
+    done = completed_images(config.output, [phase for phase, _ in config.phases()])
+    return [r for r in selected.records if r.image_id not in done]
 
 
 def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:

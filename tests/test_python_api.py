@@ -88,6 +88,10 @@ def test_smooth_is_the_engine_and_pipeline_smoothing(model, images):
     assert certified == certify_counts(selection, estimation, SIGMA, 0.001)
     assert predicted == predict_counts(prediction_counts, 0.001)
     assert certified == SmoothedClassifier(counter, seed=seed).certify(0, x, N0, N, 0.001)
+    third = smoothed.certify(x, N0, N, 0.001)  # the third call: address 2, fresh noise
+    selection, estimation = counter.count(
+        {2: x}, [SampleRequest(seed, 2, "selection", N0), SampleRequest(seed, 2, "estimation", N)])
+    assert third == certify_counts(selection, estimation, SIGMA, 0.001) != certified
 
     again = dsmooth.Smooth(model, 10, SIGMA, batch_size=400, seed=seed)  # new instance, other batch
     assert again.certify(x[None], N0, N, 0.001, batch_size=32) == certified  # Cohen passes batch_size
