@@ -8,8 +8,8 @@ trained only through a *different* surrogate classifier (black-box) -- on a loca
 certified-accuracy-vs-radius plot and a denoising example grid.
 
 Every run is an ordinary `dsmooth certify` run directory under --output: rerunning the
-demo resumes what is missing (more --images certify only the extra ones; --alpha, --batch
-and --actors may change freely), and `dsmooth reduce OUTPUT/* --alpha A` re-reduces the
+demo certifies only the selected images without votes there (--images may change; --alpha,
+--batch and --actors too), and `dsmooth reduce OUTPUT/* --alpha A` re-reduces the
 votes. Other --n0 or --n than the runs there are refused in one line, before Ray starts,
 naming the options; --fresh starts over.
 The models are reproduced by examples/demo/train_all.sh."""
@@ -57,8 +57,8 @@ OPTION_OF = {"n0": "--n0", "n": "--n", "alpha": "--alpha", "batch_size": "--batc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=100,
-                        help="test images to certify, the same number from each class in turn (max 500; default "
-                        "100); a rerun with more images certifies only the extra ones")
+                        help="test images to certify, spread over the 10 classes (max 500; default 100); a rerun "
+                        "certifies only those without votes under --output")
     parser.add_argument("--n0", type=int, default=20, help="selection samples per image (default 20)")
     parser.add_argument("--n", type=int, default=400,
                         help="estimation samples per image (default 400; the paper uses 10,000-100,000). "
@@ -108,15 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_ids(sample: Any, images: int) -> list[int]:
-    """The first `images` of the sample in class-interleaved order (one image of each class
-    in turn): every class is covered, and a larger --images extends a smaller one, so a rerun
-    certifies only the extra images."""
-    by_class: dict[int, list[int]] = {}
-    for record in sample.records:
-        by_class.setdefault(record.label, []).append(record.image_id)
-    order = [ids[k] for k in range(max(map(len, by_class.values()))) for _, ids in sorted(by_class.items())
-             if k < len(ids)]
-    return sorted(order[:images])
+    """Every k-th image of the class-sorted sample, k = len // images: each class covered.
+    A rerun with another --images certifies only the images of its selection that lack votes."""
+    skip = len(sample) // images
+    return [record.image_id for record in sample.subset(skip, skip * images).records]
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
