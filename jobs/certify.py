@@ -89,21 +89,60 @@ class CertifyOutcome:
         table = self.table()
         return "\n".join(lines) + (f"\n\n{table}" if table else "")
 
+    def certificates(self, alpha: float | None = None, name: str | None = None):
+        """The per-image certificates (`pipeline.reduce.Certificates`) of the images this call
+        selected, from the run's votes at `alpha` (default: the run's); the run may hold more.
+        `name` labels them (default: the run directory's name)."""
+        from pipeline.reduce import load_run
+
+        certificates = load_run(self.output, self.alpha if alpha is None else alpha,
+                                name=name or self.output.rstrip("/").rsplit("/", 1)[-1])
+        return certificates[certificates["image_id"].isin(set(self.selected))].reset_index(drop=True)
+
     def table(self) -> str:
         try:
-            from pipeline.reduce import DEFAULT_RADII, accuracy_table, load_run, render
+            from pipeline.reduce import DEFAULT_RADII, accuracy_table, render
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                certificates = load_run(self.output, self.alpha, name=self.output.rstrip("/").rsplit("/", 1)[-1])
-                certificates = certificates[certificates["image_id"].isin(set(self.selected))]
-                return render(accuracy_table([certificates], DEFAULT_RADII), "markdown").rstrip()
+                return render(accuracy_table([self.certificates()], DEFAULT_RADII), "markdown").rstrip()
         except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
             return f"  (no summary table: {error})"
 
 
-def certify(config: Any, address: str | None = None) -> CertifyOutcome:
-    """Certify (or resume) the images `config` selects; see the module doc."""
+@dataclass
+class Prepared:
+    """What `certify` checks and loads before Ray starts: the data, the images selected and
+    the models (checked against the data), hence the run's identity. A caller that runs
+    several jobs (the demo) prepares them all first, so a bad option fails in seconds."""
+
+    config: Any
+    split: Any
+    selected: Any
+    classifier: Any
+    denoiser: Any
+    info: Any
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        from pipeline.certify_plan import certify_identity
+
+        return certify_identity(self.config, self.split, self.info)
+
+    def pending(self) -> list[Any]:
+        """The selected images the run directory holds no votes for yet (all of them when
+        there is no run yet): what a `certify` call would sample now."""
+        return _pending(self.config, self.selected)
+
+    def conflicts(self) -> dict[str, tuple[Any, Any]]:
+        """setting -> (the existing run's value, this config's) that would refuse the resume."""
+        from pipeline.storage import run_differences
+
+        return run_differences(self.config.output, self.identity)
+
+
+def prepare(config: Any) -> Prepared:
+    """Open the data, select the images and check the models: no Ray, no sampling."""
     from pipeline.models import CheckpointError
 
     split = config.open_split()
@@ -112,7 +151,15 @@ def certify(config: Any, address: str | None = None) -> CertifyOutcome:
         classifier, denoiser, info = _check_models(config, selected)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
-    return _certify(config, address, split, selected, classifier, denoiser, info)
+    return Prepared(config, split, selected, classifier, denoiser, info)
+
+
+def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None) -> CertifyOutcome:
+    """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
+    `prepare(config)` done already."""
+    prepared = prepared if prepared is not None else prepare(config)
+    return _certify(config, address, prepared.split, prepared.selected, prepared.classifier, prepared.denoiser,
+                    prepared.info)
 
 
 def _check_models(config, selected):
@@ -131,16 +178,14 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
     from pipeline.config import to_dict
     from pipeline.fs import Location
     from pipeline.runlock import exclusive_run
-    from pipeline.storage import completed_images, open_run, update_run_record
+    from pipeline.storage import open_run, update_run_record
 
     output = Location.of(config.output)
     identity = certify_identity(config, split, info)
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     with exclusive_run(output, "dsmooth certify") as lease:
         record = open_run(output, identity, extra=speed)
-        phases = [phase for phase, _ in config.phases()]
-        done = completed_images(output, phases)
-        todo = [r for r in selected.records if r.image_id not in done]
+        todo = _pending(config, selected)
         log.info("%d images selected from %s, %d already in %s, %d to do",
                  len(selected), selected.name, len(selected) - len(todo), output, len(todo))
         started = time.monotonic()
@@ -156,6 +201,14 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
                                       + [s for s in skipped if s["image_id"] not in known])
     return CertifyOutcome(str(output), [r.image_id for r in selected.records], len(todo) - len(skipped),
                           time.monotonic() - started, config.alpha, skipped)
+
+
+def _pending(config, selected) -> list[Any]:
+    """Records of `selected` without votes for every phase in the run at config.output."""
+    from pipeline.storage import completed_images
+
+    done = completed_images(config.output, [phase for phase, _ in config.phases()])
+    return [r for r in selected.records if r.image_id not in done]
 
 
 def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:

@@ -8,19 +8,24 @@ trained only through a *different* surrogate classifier (black-box) -- on a loca
 certified-accuracy-vs-radius plot and a denoising example grid.
 
 Every run is an ordinary `dsmooth certify` run directory under --output: rerunning the
-demo resumes what is missing, and `dsmooth reduce OUTPUT/* --alpha A` re-reduces the votes.
+demo certifies only the selected images without votes there (--images may change; --alpha,
+--batch and --actors too), and `dsmooth reduce OUTPUT/* --alpha A` re-reduces the
+votes. Other --n0 or --n than the runs there are refused in one line, before Ray starts,
+naming the options; --fresh starts over.
 The models are reproduced by examples/demo/train_all.sh."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pipeline
 from jobs.ray_env import add_ray_arguments
+
+log = logging.getLogger("dsmooth")
 
 ASSETS = Path(pipeline.__file__).resolve().parent / "assets"
 SAMPLE = ASSETS / "cifar10-sample"
@@ -44,43 +49,56 @@ SETTINGS = [
 ]
 
 
+# Demo option -> the `dsmooth certify` setting it sets, so that a setting's error, or a
+# conflict with an earlier run, names the option the user typed.
+OPTION_OF = {"n0": "--n0", "n": "--n", "alpha": "--alpha", "batch_size": "--batch", "actors": "--actors",
+             "ids": "--images", "output": "--output"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=100,
-                        help="test images to certify, spread over the 10 classes (max 500; default 100)")
+                        help="test images to certify, spread over the 10 classes (max 500; default 100); a rerun "
+                        "certifies only those without votes under --output")
     parser.add_argument("--n0", type=int, default=20, help="selection samples per image (default 20)")
     parser.add_argument("--n", type=int, default=400,
                         help="estimation samples per image (default 400; the paper uses 10,000-100,000). "
                         "No radius above 0.25*Phi^-1(alpha^(1/n)) can be certified, so n caps the radii: "
                         "the table leaves out the radii beyond it and says so, the plot marks it")
-    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    parser.add_argument("--alpha", type=float, default=0.001,
+                        help="failure probability (default 0.001; the votes do not depend on it)")
     parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass (default 400)")
     parser.add_argument("--actors", type=int, default=None, help="certification actors (default: one per CPU)")
-    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="where runs, table and plots go")
+    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help=(
+        "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the demo's runs under --output first (to change --n0 or --n there)")
     add_ray_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs import certify
     from jobs.ray_env import connect
-    from pipeline.data import open_dataset
 
-    sample = open_dataset("cifar10", SAMPLE, "test")
-    if not 1 <= args.images <= len(sample):
-        raise ValueError(f"--images must lie in [1, {len(sample)}], got {args.images}")
-    skip = len(sample) // args.images  # class-sorted listing: a stride covers every class
-    missing = [s.denoiser for s in SETTINGS if s.denoiser and not (MODELS / s.denoiser).is_file()]
-    if not (MODELS / "classifier.pt").is_file() or missing:
-        raise FileNotFoundError(f"demo models missing in {MODELS} ({missing or 'classifier.pt'}); "
-                                "run examples/demo/train_all.sh to make them")
-    print(f"dsmooth demo: {args.images} CIFAR-10 test images, sigma={SIGMA}, n0={args.n0}, n={args.n}, "
-          f"alpha={args.alpha}; {len(SETTINGS)} settings; output in {args.output}", file=sys.stderr)
-    connect(args.address)
-    for setting in SETTINGS:
-        print(f"\n== {setting.label} ==", file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):  # stdout keeps only the final table
-            status = _certify(setting, args, skip)
-        if status != 0:
-            return status
-    table = _report(args)
+    sample, plans = _prepare(args)  # every option checked, models loaded: no Ray yet
+    log.info("dsmooth demo: %d CIFAR-10 test images, sigma=%g, n0=%d, n=%d, alpha=%g; %d settings; output in %s",
+             args.images, SIGMA, args.n0, args.n, args.alpha, len(SETTINGS), args.output)
+    if args.fresh:
+        _remove_runs(args.output)
+    # Ray only when some image lacks votes: a rerun with fewer images just reports.
+    started_here = connect(args.address) if args.fresh or any(p.pending() for p in plans) else False
+    try:
+        outcomes = []
+        for setting, prepared in zip(SETTINGS, plans):
+            log.info("== %s ==", setting.label)
+            outcome = certify.certify(prepared.config, args.address, prepared=prepared)
+            log.info("%s", outcome.report())
+            outcomes.append(outcome)
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    table = _report(args, outcomes)
     _denoising_grid(sample, args.output / "denoising.png")
     print(f"\nvotes (Parquet): {args.output}/<setting>/votes/   plot: {args.output}/certified_accuracy.png   "
           f"denoising examples: {args.output}/denoising.png")
@@ -89,30 +107,92 @@ def run(args: argparse.Namespace) -> int:
     return 0 if len(table) else 1
 
 
-def _certify(setting: Setting, args: argparse.Namespace, skip: int) -> int:
+def demo_ids(sample: Any, images: int) -> list[int]:
+    """Every k-th image of the class-sorted sample, k = len // images: each class covered.
+    A rerun with another --images certifies only the images of its selection that lack votes."""
+    skip = len(sample) // images
+    return [record.image_id for record in sample.subset(skip, skip * images).records]
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """Check every option and each run's fit with what --output already holds, and load
+    the models -- all before Ray starts, so a bad or conflicting option costs seconds."""
     from jobs import certify
+    from pipeline.certify_plan import CertifyConfig
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.data import open_dataset
+    from pipeline.fs import Location
+    from pipeline.storage import check_writable
 
-    parser = argparse.ArgumentParser(prog="dsmooth certify")
-    certify.add_arguments(parser)
-    argv = [
-        "--dataset", "cifar10", "--data-root", str(SAMPLE), "--split", "test",
-        "--skip", str(skip), "--max", str(skip * args.images),
-        "--classifier", str(MODELS / "classifier.pt"),
-        "--denoiser", str(MODELS / setting.denoiser) if setting.denoiser else "none",
-        "--sigma", str(SIGMA), "--n0", str(args.n0), "--n", str(args.n), "--alpha", str(args.alpha),
-        "--batch", str(args.batch), "--output", str(args.output / setting.slug),
-    ]
-    if args.actors:
-        argv += ["--actors", str(args.actors)]
-    return certify.run(parser.parse_args(argv))
+    sample = open_dataset("cifar10", SAMPLE, "test")
+    if not 1 <= args.images <= len(sample):
+        raise ValueError(f"--images must lie in [1, {len(sample)}], got {args.images}")
+    missing = [s.denoiser for s in SETTINGS if s.denoiser and not (MODELS / s.denoiser).is_file()]
+    if not (MODELS / "classifier.pt").is_file() or missing:
+        raise FileNotFoundError(f"demo models missing in {MODELS} ({missing or 'classifier.pt'}); "
+                                "run examples/demo/train_all.sh to make them")
+    ids = demo_ids(sample, args.images)
+    plans = []
+    for setting in SETTINGS:
+        values = {
+            "dataset": "cifar10", "data_root": str(SAMPLE), "split": "test", "ids": ids,
+            "classifier": str(MODELS / "classifier.pt"),
+            "denoiser": str(MODELS / setting.denoiser) if setting.denoiser else None,
+            "sigma": SIGMA, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch,
+            "actors": args.actors, "output": str(args.output / setting.slug),
+        }
+        try:
+            config = parse_config(CertifyConfig, values)
+        except ConfigError as error:
+            raise error.with_flag(OPTION_OF.get(error.field.split("[")[0])) from None
+        check_writable(Location.of(config.output))
+        plans.append(certify.prepare(config))
+    if not args.fresh:
+        _refuse_conflicts(args, plans)
+    return sample, plans
 
 
-def _report(args: argparse.Namespace):
-    """Print the table (clean accuracy, then certified accuracy per certifiable radius);
-    write it as markdown and CSV, and the accuracy plot titled from the runs' records."""
-    from pipeline.reduce import accuracy_table, load_run, plot_certified_accuracy, render
+def _refuse_conflicts(args: argparse.Namespace, plans: list[Any]) -> None:
+    """One line naming the options that differ from the runs under --output, and the way out."""
+    from pipeline.errors import Refused
 
-    inputs = [load_run(args.output / s.slug, args.alpha, name=s.label) for s in SETTINGS]
+    differences: dict[str, tuple[Any, Any]] = {}
+    for prepared in plans:
+        differences.update(prepared.conflicts())
+    if not differences:
+        return
+    options = [(flag, *differences[key]) for key, flag in OPTION_OF.items() if key in differences]
+    others = [key for key in differences if key not in OPTION_OF]
+    fresh = f"add --fresh to start over, or use another --output than {args.output}"
+    if options and not others:
+        made = " ".join(f"{flag} {old}" for flag, old, _ in options)
+        now = " ".join(f"{flag} {new}" for flag, _, new in options)
+        raise Refused(f"{args.output} holds demo runs made with {made} (now {now}): rerun with {made} to reuse "
+                      f"their votes, or {fresh}")
+    raise Refused(f"{args.output} holds demo runs made with other models or data ({', '.join(sorted(differences))} "
+                  f"differ): {fresh}")
+
+
+def _remove_runs(output: Path) -> None:
+    """--fresh: delete the demo's own run directories (a folder without a run record is kept)."""
+    import shutil
+
+    from pipeline.storage import RUN_FILE
+
+    for setting in SETTINGS:
+        folder = output / setting.slug
+        if (folder / RUN_FILE).is_file():
+            log.info("--fresh: removing %s", folder)
+            shutil.rmtree(folder)
+
+
+def _report(args: argparse.Namespace, outcomes: list[Any]):
+    """Print the table (clean accuracy, then certified accuracy per certifiable radius) of the
+    images this run selected (the runs may hold more, from earlier runs); write it as
+    markdown and CSV, and the accuracy plot titled from the runs' records."""
+    from pipeline.reduce import accuracy_table, plot_certified_accuracy, render
+
+    inputs = [outcome.certificates(args.alpha, name=s.label) for s, outcome in zip(SETTINGS, outcomes)]
     table = accuracy_table(inputs, RADII)
     markdown = render(table, "markdown")
     print(f"\nCertified accuracy on {args.images} CIFAR-10 test images, sigma={SIGMA}, n={args.n}, "

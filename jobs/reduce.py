@@ -67,25 +67,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every input's per-image certificates")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.reduce import (
-        ReduceWarning,
-        accuracy_table,
-        load_inputs,
-        per_image_table,
-        plot_certified_accuracy,
-        render,
-    )
+def load(paths: list[str | Path], alpha: float, names: list[str] | None = None) -> list:
+    """Every usable input the paths stand for (`pipeline.reduce.load_inputs`); ValueError when
+    none is left, since a table of nothing is never what was meant (the CLI and
+    `dsmooth.reduce` both start here)."""
+    from pipeline.reduce import load_inputs
     from pipeline.reduce.inputs import is_not_a_log
+
+    inputs = load_inputs(paths, alpha, names=names)
+    if not inputs:
+        passed_over = sum(is_not_a_log(Path(path)) for path in paths)
+        why = f"; {passed_over} of them are not runs or logs by their suffix" if passed_over else ""
+        raise ValueError(f"no usable runs or logs among the inputs (see the warnings{why})")
+    return inputs
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.reduce import ReduceWarning, accuracy_table, per_image_table, plot_certified_accuracy, render
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ReduceWarning)
         warnings.showwarning = _print_warning
-        inputs = load_inputs(args.inputs, args.alpha, names=args.names)
-    if not inputs:
-        passed_over = sum(is_not_a_log(Path(path)) for path in args.inputs)
-        why = f"; {passed_over} of them are not runs or logs by their suffix" if passed_over else ""
-        raise ValueError(f"no usable runs or logs among the inputs (see the warnings above{why})")
+        inputs = load(args.inputs, args.alpha, names=args.names)
 
     table = accuracy_table(inputs, args.radii, envelope=args.envelope)
     text = render(table, args.format)

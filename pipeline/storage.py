@@ -98,24 +98,36 @@ def open_run(run: str | Location, identity: Mapping[str, Any], extra: Mapping[st
     """
     run = Location.of(run)
     check_writable(run)
-    identity = json.loads(json.dumps(dict(identity), default=str))  # normalise types as JSON does
+    identity = _normalised(identity)
+    differences = run_differences(run, identity)
+    if differences:
+        lines = ", ".join(f"{k}: run has {old!r}, now {new!r}" for k, (old, new) in differences.items())
+        raise RunMismatchError(
+            f"{run} holds a run with other settings ({lines}); use another output directory "
+            "or the original settings"
+        )
     if (run / RUN_FILE).exists():
-        existing = read_run_record(run)
-        differences = {
-            key: (existing["identity"].get(key), identity.get(key))
-            for key in sorted(set(existing["identity"]) | set(identity))
-            if existing["identity"].get(key) != identity.get(key)
-        }
-        if differences:
-            lines = ", ".join(f"{k}: run has {old!r}, now {new!r}" for k, (old, new) in differences.items())
-            raise RunMismatchError(
-                f"{run} holds a run with other settings ({lines}); use another output directory "
-                "or the original settings"
-            )
-        return existing
+        return read_run_record(run)
     record = {"run_id": uuid.uuid4().hex[:12], "identity": identity, "extra": dict(extra or {})}
     write_json(record, run / RUN_FILE)
     return record
+
+
+def _normalised(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(identity), default=str))  # types as JSON stores them
+
+
+def run_differences(run: str | Location, identity: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """setting -> (the run's value, `identity`'s) for each setting that keeps `run` from being
+    resumed with `identity`; empty when there is no run yet or it matches. What `open_run`
+    refuses on, readable before any work starts (the demo checks its options with it)."""
+    run = Location.of(run)
+    if not (run / RUN_FILE).exists():
+        return {}
+    existing = read_run_record(run)["identity"]
+    identity = _normalised(identity)
+    return {key: (existing.get(key), identity.get(key)) for key in sorted(set(existing) | set(identity))
+            if existing.get(key) != identity.get(key)}
 
 
 def update_run_record(run: str | Location, **fields: Any) -> dict:

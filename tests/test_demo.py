@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from PIL import Image
 from scipy.stats import beta, norm
 
 from jobs.cli import main as dsmooth
+from jobs import demo
 from jobs.demo import MODELS, SAMPLE, SETTINGS, SIGMA, _denoising_grid
 
 
@@ -99,3 +105,154 @@ def test_denoisers_beat_the_no_denoiser_baseline(demo_table):
     for setting in SETTINGS[1:]:
         assert at[(setting.label, 0.25)] > at[(baseline, 0.25)], rows
         assert at[(setting.label, 0.0)] > at[(baseline, 0.0)], rows
+
+
+# -- changing options between runs, checked before Ray ------------------------------------------
+
+
+def ray_processes() -> list[str]:
+    """Command lines of this process's descendants that are Ray's (raylet, GCS, workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        for pid in frontier:
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "ray" in command:
+                found.append(command)
+    return found
+
+
+def refused_before_ray(argv: list[str], capsys) -> str:
+    """Run `dsmooth demo argv`, expect exit 2 within seconds and no Ray; the one error line."""
+    import ray
+
+    assert not ray.is_initialized()
+    started = time.monotonic()
+    status = dsmooth(["demo", *argv])
+    seconds = time.monotonic() - started
+    assert status == 2
+    assert not ray.is_initialized() and not ray_processes()
+    assert seconds < 60, seconds  # a Ray start alone takes ~30 s on 2 loaded cores
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsmooth demo: error")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--images", "0"], "--images"),
+    (["--images", "501"], "--images"),
+    (["--n0", "50", "--n", "20"], "--n0"),
+    (["--n", "0"], "--n"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--batch", "0"], "--batch"),
+    (["--actors", "0"], "--actors"),
+])
+def test_demo_checks_every_option_before_ray(argv, flag, tmp_path, capsys):
+    line = refused_before_ray([*argv, "--output", str(tmp_path / "demo")], capsys)
+    assert flag in line, line
+
+
+def _previous_run(output: Path, argv: list[str]) -> None:
+    """What an earlier `dsmooth demo argv` leaves behind before its first vote: the run
+    records, written by the function `dsmooth certify` writes them with."""
+    from pipeline.storage import open_run
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    _, plans = demo._prepare(parser.parse_args([*argv, "--output", str(output)]))
+    for prepared in plans:
+        open_run(prepared.config.output, prepared.identity)
+
+
+def test_demo_conflicting_option_is_one_line_before_ray_and_fresh_starts_over(tmp_path, capsys):
+    output = tmp_path / "demo"
+    _previous_run(output, ["--n0", "10", "--n", "100"])
+    line = refused_before_ray(["--images", "2", "--n0", "10", "--n", "50", "--output", str(output)], capsys)
+    assert "--n 100" in line and "--n 50" in line and "--fresh" in line and "--n0" not in line, line
+    line = refused_before_ray(["--images", "2", "--n0", "5", "--n", "50", "--output", str(output)], capsys)
+    assert "--n0 10 --n 100" in line and "--n0 5 --n 50" in line, line
+
+    import ray
+
+    try:
+        status = dsmooth(["demo", "--images", "2", "--n0", "5", "--n", "50", "--fresh", "--output", str(output)])
+    finally:
+        ray.shutdown()
+    assert status == 0
+    for setting in SETTINGS:
+        record = json.loads((output / setting.slug / "run.json").read_text())
+        assert (record["identity"]["n0"], record["identity"]["n"]) == (5, 50)
+    from pipeline.data import open_dataset
+    from pipeline.storage import read_votes
+
+    fresh = set(demo.demo_ids(open_dataset("cifar10", SAMPLE, "test"), 2))
+    for setting in SETTINGS:
+        assert set(read_votes(output / setting.slug)["image_id"]) == fresh, setting.slug
+
+
+def test_demo_selection_covers_every_class():
+    from pipeline.data import open_dataset
+
+    sample = open_dataset("cifar10", SAMPLE, "test")
+    labels = {r.image_id: r.label for r in sample.records}
+    for images in (10, 30, 100, 500):
+        ids = demo.demo_ids(sample, images)
+        assert len(ids) == len(set(ids)) == images
+        assert {labels[i] for i in ids} == set(range(10))
+
+
+def test_demo_reruns_with_more_or_fewer_images_reuse_the_votes(demo_table, tmp_path, capsys):
+    """--images 30 then 31 certifies only the selected images without votes; then a
+    selection that has votes (--images 1) reuses them without starting Ray, and the table
+    reports the image asked for, not all the runs hold."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.data import open_dataset
+
+    output = tmp_path / "demo"
+    shutil.copytree(demo_table[0], output)
+    before = {s.slug: set((output / s.slug / "votes").glob("part-*.parquet")) for s in SETTINGS}
+    sample = open_dataset("cifar10", SAMPLE, "test")
+    extra = set(demo.demo_ids(sample, 31)) - set(demo.demo_ids(sample, 30))
+    assert len(extra) == 1  # the same stride, one more image
+    try:
+        status = dsmooth(["demo", "--images", "31", "--n0", "10", "--n", "100", "--output", str(output)])
+    finally:
+        ray.shutdown()
+    assert status == 0
+    for setting in SETTINGS:
+        new = set((output / setting.slug / "votes").glob("part-*.parquet")) - before[setting.slug]
+        assert new, setting.slug
+        ids = {int(i) for part in new for i in pq.read_table(part, columns=["image_id"])["image_id"].to_pylist()}
+        assert ids == extra, (setting.slug, ids, extra)
+
+    capsys.readouterr()
+    status = dsmooth(["demo", "--images", "1", "--n0", "10", "--n", "100", "--alpha", "0.01",
+                      "--output", str(output)])
+    assert status == 0 and not ray.is_initialized() and not ray_processes()
+    with open(output / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["alpha"] for row in rows} == {"0.01"}
+    assert "1 CIFAR-10 test images" in capsys.readouterr().out
+    # the table is that of the image asked for, not of all the runs now hold
+    from pipeline.reduce import clean_accuracy, load_run
+
+    asked, held, differs = set(demo.demo_ids(sample, 1)), len(set(demo.demo_ids(sample, 30)) | extra), False
+    for setting, row in zip(SETTINGS, rows[::4]):
+        certificates = load_run(output / setting.slug, 0.01)
+        assert len(certificates) == held
+        expected = clean_accuracy(certificates[certificates["image_id"].isin(asked)])
+        assert float(row["clean_accuracy"]) == pytest.approx(expected), setting.slug
+        differs |= expected != clean_accuracy(certificates)
+    assert differs, "the image asked for and all held score alike: this check would prove nothing"

@@ -39,6 +39,12 @@ class DatasetSpec:
     def normalization(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
 
+    def describe(self, side: int | None = None) -> DataDescription:
+        """What a model must fit to take this data set's images (`side` px square, default
+        the classifiers' input size) -- for checks made without the images at hand."""
+        side = side or self.input_size
+        return DataDescription(self.name, self.num_classes, (side, side))
+
 
 CIFAR10 = DatasetSpec(
     "cifar10", 10, 32,

@@ -316,11 +316,10 @@ def resolve_paths(config: TrainConfig, base: Path | None = None) -> TrainConfig:
 def describe_data(dataset: DatasetConfig) -> DataDescription:
     """What a classifier used in training must fit: the training split's data set, classes
     and image size (CIFAR-10 from its spec, without decoding; others from the opened split)."""
-    from pipeline.data import CIFAR10, DataDescription, open_dataset
+    from pipeline.data import CIFAR10, open_dataset
 
     if dataset.kind == "cifar10":
-        side = dataset.image_size or CIFAR10.input_size
-        return DataDescription(CIFAR10.name, CIFAR10.num_classes, (side, side))
+        return CIFAR10.describe(dataset.image_size)
     opened = open_dataset(dataset.kind, dataset.root, dataset.train_split, image_size=dataset.image_size,
                           cache_dir=dataset.cache_dir)
     if not opened.classes:

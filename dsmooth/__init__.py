@@ -1,0 +1,155 @@
+"""dsmooth's Python API: certified robustness by (denoised) randomized smoothing.
+
+A thin front over the library and the jobs, so that a notebook and the `dsmooth` command
+line run the very same code -- the same model checks, the same settings validation, the
+same CERTIFY / PREDICT (`pipeline.smoothing`) and the same reducer:
+
+    import dsmooth
+
+    model = dsmooth.load_model("classifier.pt", "denoiser.pt", dataset="cifar10", sigma=0.25)
+    smoothed = dsmooth.Smooth(model, num_classes=10, sigma=0.25, seed=0)
+    prediction, radius = smoothed.certify(x, n0=100, n=10_000, alpha=0.001)
+
+    certificates = dsmooth.certify(dataset="cifar10", data_root="data/", classifier="classifier.pt",
+                                   denoiser="denoiser.pt", sigma=0.25, n=10_000, output="runs/x")
+    reduced = dsmooth.reduce(["runs/x"], alpha=0.01)   # .certificates, .table
+
+`dsmooth.certify` runs the `dsmooth certify` job on Ray (a local Ray is started for the call
+unless one is running or `address` is given); everything else runs in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine import Smooth
+from pipeline.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
+
+__all__ = [
+    "ABSTAIN",
+    "Reduced",
+    "Smooth",
+    "__version__",
+    "certify",
+    "certify_counts",
+    "load_model",
+    "lower_confidence_bound",
+    "predict_counts",
+    "reduce",
+]
+
+
+def _version() -> str:
+    from jobs.cli import version
+
+    return version()
+
+
+__version__ = _version()
+
+
+def load_model(
+    classifier: str | Path,
+    denoiser: str | Path | None = None,
+    *,
+    dataset: str,
+    sigma: float | None = None,
+    image_size: int | None = None,
+    classifier_arch: str | None = None,
+    allow_foreign_classifier: bool = False,
+) -> Any:
+    """f∘D (eval mode, CPU) as an `nn.Module` taking images in [0, 1], checked the way
+    `dsmooth certify` checks it: each file's kind, that the classifier was trained on
+    `dataset` ("cifar10", "imagenet") and that the denoiser was trained for `sigma` (a
+    diffusion denoiser, a diffusers folder included, is set to it). Paths may be s3:// or
+    gs:// URIs. Raises CheckpointError / CheckpointMismatchError / DataMismatchError."""
+    from pipeline.config import Sigma, check_value
+    from pipeline.data import dataset_spec
+    from pipeline.model_pair import ModelBytes, load_pair
+
+    spec = dataset_spec(dataset)
+    if spec is None or spec.name != dataset:
+        raise ValueError(f"dataset must name a known data set (cifar10, imagenet), got {dataset!r}")
+    if denoiser is not None and sigma is None:
+        raise ValueError("sigma is required with a denoiser: the denoiser is checked against it (or set to it)")
+    if sigma is not None:
+        sigma = float(check_value(Sigma, sigma, "sigma"))
+    pair, _ = load_pair(
+        ModelBytes.read(classifier),
+        ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,
+        spec.describe(image_size),
+        classifier_arch,
+        allow_foreign_classifier,
+        sigma=sigma,
+    )
+    return pair
+
+
+def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: str | None = None,
+            **settings: Any) -> Any:
+    """Run `dsmooth certify` and return the per-image certificates of the images it selected
+    (a `pipeline.reduce.Certificates` DataFrame: image_id, label, predict, p_a_lower, radius,
+    correct, abstained, time_s; with .sigma, .n, .alpha, .dataset, .model).
+
+    `settings` are the job's settings by field name -- the command-line flags with '_' for
+    '-' (`data_root`, `n0`, `batch_size` for --batch, ...), listed below -- validated by the
+    same fields: a bad value raises ConfigError naming it. `config` is a YAML file (or a
+    mapping) the keywords override, as flags override --config. The run directory `output`
+    resumes like the command's: images already there are not sampled again.
+    """
+    from jobs.certify import certify as run_job
+    from pipeline.certify_plan import CertifyConfig
+    from pipeline.config import load_config
+
+    outcome = run_job(load_config(CertifyConfig, config, settings), address=address)
+    return outcome.certificates()
+
+
+def _settings_help() -> str:
+    """certify()'s settings, from the fields that declare them (never a second list)."""
+    from pipeline.certify_plan import CertifyConfig
+
+    lines = []
+    for name, field in CertifyConfig.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"    {name} ({default}): {field.description or ''}")
+    return "\n\nSettings:\n" + "\n".join(lines)
+
+
+certify.__doc__ = (certify.__doc__ or "") + _settings_help()
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """What `reduce` returns: `inputs` (one `Certificates` per run or log), `certificates`
+    (all of them in one frame, with columns run and sigma) and `table` (certified and clean
+    accuracy per input and radius, as `dsmooth reduce --format csv` writes it)."""
+
+    inputs: list[Any]
+    certificates: Any
+    table: Any
+
+
+def reduce(
+    paths: str | Path | Sequence[str | Path],
+    alpha: float = 0.001,
+    *,
+    radii: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    envelope: bool = False,
+) -> Reduced:
+    """`dsmooth reduce` as DataFrames: certificates recomputed from runs' votes at `alpha`
+    (no new samples), reference logs read as they are. Unusable inputs are skipped with a
+    ReduceWarning; ValueError when none is usable."""
+    from jobs.reduce import load
+    from pipeline.config import Alpha, check_value
+    from pipeline.reduce import DEFAULT_RADII, accuracy_table, per_image_table
+
+    alpha = float(check_value(Alpha, alpha, "alpha"))
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    inputs = load(paths, alpha, names=None if names is None else list(names))
+    table = accuracy_table(inputs, DEFAULT_RADII if radii is None else radii, envelope=envelope)
+    return Reduced(inputs, per_image_table(inputs), table)
