@@ -5,7 +5,9 @@ with the shipped standard-trained ResNet-20 four ways -- no denoiser, an MSE den
 STAB+MSE denoiser trained through the classifier (white-box), and a STAB+MSE denoiser
 trained only through a *different* surrogate classifier (black-box) -- on a local Ray (or
 --address), then prints the certified-accuracy table in the paper's style and writes a
-certified-accuracy-vs-radius plot and a denoising example grid.
+certified-accuracy-vs-radius plot and a denoising example grid. `--diffusion` adds a fifth
+way: the shipped small DDPM as a one-shot diffusion denoiser (Carlini et al., 2023), one model
+for every sigma, trained for neither this classifier nor this sigma.
 
 Every run is an ordinary `dsmooth certify` run directory under --output: rerunning the
 demo certifies only the selected images without votes there (--images may change; --alpha,
@@ -47,6 +49,13 @@ SETTINGS = [
     Setting("stab_mse_whitebox", "STAB+MSE (white-box)", "denoiser_stab_mse_s0.25.pt"),
     Setting("stab_mse_blackbox", "STAB+MSE (black-box, surrogate)", "denoiser_blackbox_s0.25.pt"),
 ]
+# --diffusion: diffusion denoised smoothing (Carlini et al., 2023) with the shipped small DDPM,
+# one-shot: one model for every sigma, never trained for this classifier or this sigma.
+DIFFUSION = Setting("ddpm_one_shot", "small DDPM, one-shot (off the shelf)", "ddpm_small")
+
+
+def demo_settings(args: argparse.Namespace) -> list[Setting]:
+    return SETTINGS + ([DIFFUSION] if getattr(args, "diffusion", False) else [])
 
 
 # Demo option -> the `dsmooth certify` setting it sets, so that a setting's error, or a
@@ -70,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=None, help="certification actors (default: one per CPU)")
     parser.add_argument("--output", type=Path, default=Path("runs/demo"), help=(
         "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))
+    parser.add_argument("--diffusion", action="store_true", help=(
+        "add a fifth row: the shipped small DDPM as a one-shot diffusion denoiser (off the shelf, "
+        "one model for every sigma); about a quarter more time"))
     parser.add_argument("--fresh", action="store_true",
                         help="delete the demo's runs under --output first (to change --n0 or --n there)")
     add_ray_arguments(parser)
@@ -81,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
 
     sample, plans = _prepare(args)  # every option checked, models loaded: no Ray yet
     log.info("dsmooth demo: %d CIFAR-10 test images, sigma=%g, n0=%d, n=%d, alpha=%g; %d settings; output in %s",
-             args.images, SIGMA, args.n0, args.n, args.alpha, len(SETTINGS), args.output)
+             args.images, SIGMA, args.n0, args.n, args.alpha, len(demo_settings(args)), args.output)
     if args.fresh:
         _remove_runs(args.output)
     # Ray only when some image lacks votes: a rerun with fewer images just reports.
     started_here = connect(args.address) if args.fresh or any(p.pending() for p in plans) else False
     try:
         outcomes = []
-        for setting, prepared in zip(SETTINGS, plans):
+        for setting, prepared in zip(demo_settings(args), plans):
             log.info("== %s ==", setting.label)
             outcome = certify.certify(prepared.config, args.address, prepared=prepared)
             log.info("%s", outcome.report())
@@ -99,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
             ray.shutdown()
     table = _report(args, outcomes)
-    _denoising_grid(sample, args.output / "denoising.png")
+    _denoising_grid(sample, args.output / "denoising.png", demo_settings(args))
     print(f"\nvotes (Parquet): {args.output}/<setting>/votes/   plot: {args.output}/certified_accuracy.png   "
           f"denoising examples: {args.output}/denoising.png")
     print(f"resume: rerun this command with the same --output; re-reduce at another alpha: "
@@ -127,13 +139,13 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     sample = open_dataset("cifar10", SAMPLE, "test")
     if not 1 <= args.images <= len(sample):
         raise ValueError(f"--images must lie in [1, {len(sample)}], got {args.images}")
-    missing = [s.denoiser for s in SETTINGS if s.denoiser and not (MODELS / s.denoiser).is_file()]
+    missing = [s.denoiser for s in demo_settings(args) if s.denoiser and not (MODELS / s.denoiser).exists()]
     if not (MODELS / "classifier.pt").is_file() or missing:
         raise FileNotFoundError(f"demo models missing in {MODELS} ({missing or 'classifier.pt'}); "
                                 "run examples/demo/train_all.sh to make them")
     ids = demo_ids(sample, args.images)
     plans = []
-    for setting in SETTINGS:
+    for setting in demo_settings(args):
         values = {
             "dataset": "cifar10", "data_root": str(SAMPLE), "split": "test", "ids": ids,
             "classifier": str(MODELS / "classifier.pt"),
@@ -179,7 +191,7 @@ def _remove_runs(output: Path) -> None:
 
     from pipeline.storage import RUN_FILE
 
-    for setting in SETTINGS:
+    for setting in SETTINGS + [DIFFUSION]:
         folder = output / setting.slug
         if (folder / RUN_FILE).is_file():
             log.info("--fresh: removing %s", folder)
@@ -192,7 +204,7 @@ def _report(args: argparse.Namespace, outcomes: list[Any]):
     markdown and CSV, and the accuracy plot titled from the runs' records."""
     from pipeline.reduce import accuracy_table, plot_certified_accuracy, render
 
-    inputs = [outcome.certificates(args.alpha, name=s.label) for s, outcome in zip(SETTINGS, outcomes)]
+    inputs = [outcome.certificates(args.alpha, name=s.label) for s, outcome in zip(demo_settings(args), outcomes)]
     table = accuracy_table(inputs, RADII)
     markdown = render(table, "markdown")
     print(f"\nCertified accuracy on {args.images} CIFAR-10 test images, sigma={SIGMA}, n={args.n}, "
@@ -205,13 +217,14 @@ def _report(args: argparse.Namespace, outcomes: list[Any]):
     return table
 
 
-def _denoising_grid(sample, path: Path, count: int = 8):
+def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, count: int = 8):
     """Rows: clean, noisy, then each denoiser's output (as the paper's Figure 5), each row
     labelled, so a reader can tell the noisy input from each denoiser. Returns the figure
     it wrote."""
     import torch
 
     from pipeline.figures import image_grid, save_png
+    from pipeline.model_pair import ModelBytes, load_from_bytes
     from pipeline.models import load_checkpoint
     from pipeline.noise import Chunk, chunk_noise
 
@@ -221,11 +234,13 @@ def _denoising_grid(sample, path: Path, count: int = 8):
     rows = [("clean", clean), (f"noisy σ={SIGMA:g}", noisy.clamp(0, 1))]
     archs, sigmas = [], []
     with torch.inference_mode():
-        for setting in SETTINGS[1:]:
-            denoiser, meta = load_checkpoint(MODELS / setting.denoiser)
+        for setting in settings[1:]:
+            denoiser, meta = load_from_bytes(ModelBytes.read_denoiser(MODELS / setting.denoiser))
+            if meta.sigma_independent:  # a diffusion model: sigma picks its timestep
+                denoiser.set_sigma(SIGMA)
             rows.append((setting.label, denoiser.eval()(noisy).clamp(0, 1)))
             archs.append(meta.arch)
-            sigmas.append(f"{meta.sigma:g}")
+            sigmas.append("any σ (diffusion)" if meta.sigma_independent else f"{meta.sigma:g}")
     _, classifier = load_checkpoint(MODELS / "classifier.pt")
     figure = image_grid(
         [(label, images.numpy()) for label, images in rows],

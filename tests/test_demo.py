@@ -256,3 +256,32 @@ def test_demo_reruns_with_more_or_fewer_images_reuse_the_votes(demo_table, tmp_p
         assert float(row["clean_accuracy"]) == pytest.approx(expected), setting.slug
         differs |= expected != clean_accuracy(certificates)
     assert differs, "the image asked for and all held score alike: this check would prove nothing"
+
+
+def test_demo_with_diffusion_adds_the_one_shot_ddpm_row(tmp_path):
+    """--diffusion: a fifth run certified through the shipped small DDPM (a diffusers folder,
+    sigma-independent) and a fifth, labelled row in the denoising figure, closer to the clean
+    images than the noisy input is."""
+    import ray
+
+    from pipeline.data import open_dataset
+
+    output = tmp_path / "demo"
+    try:
+        status = dsmooth(["demo", "--images", "2", "--n0", "5", "--n", "20", "--diffusion", "--output", str(output)])
+    finally:
+        ray.shutdown()
+    assert status == 0
+    with open(output / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    settings = [*SETTINGS, demo.DIFFUSION]
+    assert list(dict.fromkeys(r["run"] for r in rows)) == [s.label for s in settings]
+    assert list((output / demo.DIFFUSION.slug / "votes").glob("part-*.parquet"))
+    run = json.loads((output / demo.DIFFUSION.slug / "run.json").read_text())
+    assert "diffusers_unet" in json.dumps(run)
+
+    figure = _denoising_grid(open_dataset("cifar10", SAMPLE, "test"), tmp_path / "grid.png", settings, count=4)
+    labels = [axes.get_ylabel().replace("\n", " ") for axes in figure.axes]
+    assert labels[-1] == demo.DIFFUSION.label and "diffusers_unet" in figure.get_suptitle()
+    rows = [np.asarray(axes.images[0].get_array()) for axes in figure.axes]
+    assert np.abs(rows[-1] - rows[0]).mean() < np.abs(rows[1] - rows[0]).mean()
