@@ -75,6 +75,7 @@ class CertifyOutcome:
     alpha: float
     skipped: list[dict[str, Any]] = field(default_factory=list)
     sequential: SequentialSummary | None = None
+    decisions: Any = None  # a sequential run's pipeline.sequential.SequentialDecisions, rows = `selected`
 
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
@@ -318,7 +319,7 @@ def _certify_sequential(config, address, selected, classifier, denoiser, info, r
     decisions = certifier.decisions()
     summary = SequentialSummary.of(decisions, np.arange(len(records)), test.radius, config.n0 + config.n)
     return CertifyOutcome(str(output), [r.image_id for r in records], undecided - len(skipped),
-                          time.monotonic() - started, config.alpha, skipped, sequential=summary)
+                          time.monotonic() - started, config.alpha, skipped, sequential=summary, decisions=decisions)
 
 
 class _SequentialDriver:
