@@ -120,6 +120,7 @@ class SequentialSummary:
     samples_drawn: float  # mean per image: also those drawn after a decision (in flight then)
     fixed_n: int  # n0 + n, what a fixed-n run draws per image
     mean_radius: float
+    drawn_now: int = 0  # samples this invocation drew (a resumed run draws only what is missing)
 
     @classmethod
     def of(cls, decisions: Any, rows: Any, radius: float | None, fixed_n: int) -> SequentialSummary:
@@ -318,6 +319,7 @@ def _certify_sequential(config, address, selected, classifier, denoiser, info, r
                                   + [s for s in skipped if s["image_id"] not in known])
     decisions = certifier.decisions()
     summary = SequentialSummary.of(decisions, np.arange(len(records)), test.radius, config.n0 + config.n)
+    summary.drawn_now = driver.samples if undecided else 0
     return CertifyOutcome(str(output), [r.image_id for r in records], undecided - len(skipped),
                           time.monotonic() - started, config.alpha, skipped, sequential=summary, decisions=decisions)
 

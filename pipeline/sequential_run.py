@@ -52,10 +52,17 @@ class ChunkScheduler:
         self.ahead = max(1, ahead)
         self.requested = {phase: certifier.next_chunk[phase].copy() for phase in PHASE_ORDER}
         self._early: dict[tuple[str, int], dict[int, tuple[int, np.ndarray]]] = {}
+        self.held = np.zeros(len(certifier), dtype=bool)
 
     @property
     def finished(self) -> bool:
-        return not bool(np.any(self.cert.status == Status.UNDECIDED))
+        """No undecided image left to sample (held ones wait for the next invocation)."""
+        return not bool(np.any((self.cert.status == Status.UNDECIDED) & ~self.held))
+
+    def hold(self, rows: Sequence[int]) -> None:
+        """Hand out no more chunks of these images in this run (a chunk of theirs could not be
+        completed: an API query without an answer). They stay undecided; a rerun resumes them."""
+        self.held[np.asarray(rows, dtype=np.int64)] = True
 
     def next_chunks(self, max_samples: int) -> list[ChunkTask]:
         """Chunks for one work item of about `max_samples` samples (at least one chunk when
@@ -74,7 +81,7 @@ class ChunkScheduler:
             limit = np.minimum(first + stretch * count, test.num_chunks(work.phase))
             start = np.maximum(self.requested[work.phase][work.image], first)
             for row, begin, stop in zip(work.image.tolist(), start.tolist(), limit.tolist()):
-                if begin < stop:
+                if begin < stop and not self.held[row]:
                     offers.append((begin - int(self.cert.next_chunk[work.phase][row]), row, work.phase, begin, stop))
         offers.sort()  # least in flight first, then by row
         tasks: list[ChunkTask] = []
@@ -156,21 +163,32 @@ def _chunk_votes(phase: str, taken: list[tuple[int, int, int, np.ndarray]]) -> C
                       np.array([t[2] for t in taken]), matrix)
 
 
+def is_label_row(classes: object) -> bool:
+    """An API row: its counts are per label string (`classes`), not per class index."""
+    return classes is not None and not (np.isscalar(classes) and pd.isna(classes))
+
+
 def chunk_votes_from_rows(votes: pd.DataFrame, rows_of: dict[int, int]) -> list[ChunkVotes]:
-    """Stored chunk rows (columns image_id, phase, chunk, n, counts) -> ChunkVotes for
-    `replay`, images mapped to certifier rows by `rows_of` (rows of other images ignored).
-    Counts are class-index columns (models; an API run maps its label strings to columns
-    before calling this)."""
+    """Stored chunk rows (columns image_id, phase, chunk, n, counts, classes, label_name) ->
+    ChunkVotes for `replay`, images mapped to certifier rows by `rows_of` (rows of other
+    images ignored). Model rows give per-class-index counts; API rows (label strings) give
+    the votes for the image's clean answer `label_name`, tested as column 0
+    (`pipeline.apis.sequential`)."""
     out = []
     chunked = votes[votes["chunk"].notna() & votes["image_id"].isin(list(rows_of))]
     for phase in PHASE_ORDER:
         part = chunked[chunked["phase"] == phase]
         if part.empty:
             continue
-        width = max(1, max(len(c) for c in part["counts"]))
-        counts = np.zeros((len(part), width), dtype=np.int64)
-        for i, c in enumerate(part["counts"]):
-            counts[i, : len(c)] = np.asarray(c, dtype=np.int64)
+        if "classes" in part and any(is_label_row(c) for c in part["classes"]):
+            counts = np.array([dict(zip(classes, c)).get(name, 0) if name is not None else 0
+                               for classes, c, name in zip(part["classes"], part["counts"], part["label_name"])],
+                              dtype=np.int64)
+        else:
+            width = max(1, max(len(c) for c in part["counts"]))
+            counts = np.zeros((len(part), width), dtype=np.int64)
+            for i, c in enumerate(part["counts"]):
+                counts[i, : len(c)] = np.asarray(c, dtype=np.int64)
         out.append(ChunkVotes(phase, np.array([rows_of[int(i)] for i in part["image_id"]], dtype=np.int64),
                               part["chunk"].astype(np.int64).to_numpy(), part["n"].astype(np.int64).to_numpy(),
                               counts))

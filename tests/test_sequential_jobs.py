@@ -50,6 +50,9 @@ def cifar_root(tmp_path_factory) -> Path:
 def local_ray():
     import ray
 
+    from api_support import install_fake_credentials
+
+    install_fake_credentials()  # before ray.init: the API actors inherit them, as on a real machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -196,6 +199,8 @@ def test_old_fixed_n_parts_without_chunk_column_still_read(tmp_path):
 def test_sequential_run_stores_chunks_and_its_decisions_are_their_replay(uninterrupted):
     output, outcome = uninterrupted
     frame = read_votes(output)
+    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    assert len(frame) == len(raw.drop_duplicates(["image_id", "phase", "chunk"]))  # one row per chunk
     assert frame["chunk"].notna().all() and set(frame["phase"]) == {ESTIMATION}  # labelled: no selection
     assert (frame["n"] == CHUNK).all() and (frame["counts"].map(sum) <= frame["n"]).all()
     assert set(frame["image_id"]) == set(IDS)
@@ -235,10 +240,12 @@ def test_resume_after_lost_votes_gives_identical_decisions(local_ray, uninterrup
     # Other speed settings: they never change a decision.
     outcome = run_certify(**settings(cifar_root, output, batch_size=32, actors=2))
     assert same_decisions(outcome.decisions, reference.decisions)
+    assert 0 < outcome.sequential.drawn_now < reference.sequential.drawn_now  # only what was lost
     assert same_decisions(stored_replay(output)[1], reference.decisions)
     before = sorted(p.name for p in vote_parts(output))
     again = run_certify(**settings(cifar_root, output))
     assert same_decisions(again.decisions, reference.decisions) and sorted(p.name for p in vote_parts(output)) == before
+    assert again.sequential.drawn_now == 0
 
 
 def test_reduce_recomputes_a_sequential_run(capsys, uninterrupted, tmp_path):
@@ -270,3 +277,89 @@ def test_reduce_recomputes_a_sequential_run(capsys, uninterrupted, tmp_path):
     _, replayed = stored_replay(output, alpha=1e-6)
     assert (strict["abstained"].to_numpy() == ~replayed.certified).all()
     assert not (replayed.certified & ~certified).any()
+
+
+# --------------------------------------------------------------------------- certify-api
+
+
+API_IDS = [0, 3, 11, 74]  # RGB and grayscale images of ../shared/data/imagenet-val-100
+API_RADIUS = 0.125
+
+
+@pytest.fixture()
+def emulator():
+    from pipeline.apis.emulator import EmulatorServer
+
+    with EmulatorServer(seed=1) as server:
+        yield server
+
+
+def run_api(emulator, output: Path, **overrides):
+    from api_support import job_config
+    from jobs.certify_api import certify_api
+    from pipeline.apis.prepare import load_job_config
+
+    values = {"n0": 20, "n": 100, "alpha": 0.001, "budget.max_queries": 10_000, **overrides}
+    config = job_config("aws", emulator.url, output, API_IDS, **values)
+    if "chunk_size" not in overrides:
+        config.pop("chunk_size")  # the job's own default (8 for a sequential API run)
+    return certify_api(load_job_config(config))
+
+
+def per_image(output: Path, alpha: float = 0.001) -> pd.DataFrame:
+    from pipeline.reduce import load_run
+
+    return pd.DataFrame(load_run(output, alpha)).set_index("image_id").sort_index()
+
+
+def test_certify_api_sequential_fewer_queries_same_certificates_budget_and_resume(local_ray, emulator, tmp_path):
+    """The paper's API setting (n0 = 20, n = 100: 121 queries per image with the clean one)
+    against sequential at R = 0.125 with the API defaults (chunks of 8, n_max 240): at least
+    3x fewer queries, no fewer certificates at R. A run stopped by its query budget stops at
+    exactly that many calls and resumes, asking no query twice, to identical decisions."""
+    fixed = run_api(emulator, tmp_path / "fixed")
+    fixed_calls = emulator.calls("aws")
+    assert fixed.status == "complete" and fixed_calls == len(API_IDS) * 121
+    fixed = per_image(tmp_path / "fixed")  # certified accuracy: the clean answer certified at R
+    fixed_certified = int((fixed["correct"] & (fixed["radius"] >= API_RADIUS)).sum())
+
+    seq = run_api(emulator, tmp_path / "seq", sequential=True, radius=API_RADIUS)
+    seq_calls = emulator.calls("aws") - fixed_calls
+    assert seq.status == "complete" and seq.undecided == 0 and seq.images_complete == len(API_IDS)
+    assert seq_calls * 3 <= fixed_calls, (seq_calls, fixed_calls)
+    assert seq.certified >= fixed_certified and seq.certified > 0
+    assert seq.queries_per_image == pytest.approx(seq_calls / len(API_IDS))
+    assert seq.certificates_per_dollar == pytest.approx(seq.certified / (seq_calls / 1000))
+    certs = per_image(tmp_path / "seq")  # replay of the stored chunk rows
+    assert int((certs["correct"] & (certs["radius"] >= API_RADIUS)).sum()) == seq.certified
+    assert (certs["samples"] + 1).sum() <= seq_calls  # every used sample was asked (plus the clean query)
+
+    # Stopped by the budget, then resumed: exactly the budget, nothing asked twice, same decisions.
+    budget = 30
+    before = emulator.calls("aws")
+    first = run_api(emulator, tmp_path / "cut", sequential=True, radius=API_RADIUS, **{"budget.max_queries": budget})
+    assert first.status == "budget" and emulator.calls("aws") - before == budget == first.attempts
+    second = run_api(emulator, tmp_path / "cut", sequential=True, radius=API_RADIUS)
+    # One chunk at a time per image: no query for a decided image, so the interrupted run asked
+    # exactly what the uninterrupted one did -- none twice (the answered ones are reused).
+    assert second.status == "complete" and emulator.calls("aws") - before == seq_calls
+    assert second.run.calls == seq_calls
+    resumed = per_image(tmp_path / "cut")
+    assert resumed[["predict", "radius", "samples", "abstained"]].equals(certs[["predict", "radius", "samples", "abstained"]])
+    assert second.certified == seq.certified
+
+
+def test_certify_api_sequential_flags_are_checked(capsys, tmp_path):
+    from api_support import job_config
+    from pipeline.apis.prepare import load_job_config
+    from pipeline.config import ConfigError
+
+    config = job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, sequential=True, radius=API_RADIUS)
+    config.pop("chunk_size")
+    loaded = load_job_config(config)
+    assert (loaded.chunk_size, loaded.n_max) == (8, 240)  # the API defaults
+    with pytest.raises(ConfigError, match="radius only applies with sequential"):
+        load_job_config(job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, radius=API_RADIUS))
+    with pytest.raises(ConfigError, match="certify_class"):
+        load_job_config(job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, sequential=True,
+                                   certify_class="top"))

@@ -293,7 +293,7 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     import dataclasses
 
     from pipeline.sequential import SequentialTest, replay
-    from pipeline.sequential_run import chunk_votes_from_rows
+    from pipeline.sequential_run import chunk_votes_from_rows, is_label_row
 
     _check_alpha(alpha)
     where = name or source or "votes"
@@ -306,7 +306,12 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     first = chunked.drop_duplicates("image_id")
     ids = first["image_id"].astype(np.int64).to_numpy()
     rows_of = {int(i): row for row, i in enumerate(ids)}
-    labels = first["label"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
+    api = bool(any(is_label_row(c) for c in first["classes"]))
+    if api:  # the clean answer is the label, tested as column 0 (pipeline.apis.sequential)
+        names = first["label_name"].to_numpy(dtype=object)
+        labels = np.array([0 if name is not None and not pd.isna(name) else -1 for name in names], dtype=np.int64)
+    else:
+        labels = first["label"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
     stored = chunk_votes_from_rows(chunked, rows_of)
     labelled = settings.get("certify_class", "label") == "label"
 
@@ -322,11 +327,17 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
                       "skipped", ReduceWarning, stacklevel=2)
     result = decisions.as_decisions()
     certified = decisions.certified
+    correct = certified & (decisions.target == labels) & (labels >= 0)
+    label_out: np.ndarray = labels
+    predict: np.ndarray = result.prediction
+    if api:  # as fixed-n API rows: label strings, abstentions as ABSTAIN_LABEL
+        label_out = np.array([None if pd.isna(n) else str(n) for n in names], dtype=object)
+        predict = np.where(certified, label_out, ABSTAIN_LABEL).astype(object)
     elapsed = chunked.groupby("image_id")["elapsed_s"].sum().reindex(ids).to_numpy(dtype=np.float64)
     frame = pd.DataFrame({
-        "image_id": ids, "label": labels, "predict": result.prediction, "p_a_lower": result.p_a_lower,
-        "radius": result.radius, "correct": certified & (decisions.target == labels) & (labels >= 0),
-        "abstained": ~certified, "time_s": elapsed, "samples": decisions.samples,
+        "image_id": ids, "label": label_out, "predict": predict, "p_a_lower": result.p_a_lower,
+        "radius": result.radius, "correct": correct, "abstained": ~certified, "time_s": elapsed,
+        "samples": decisions.samples,
     })[complete]
     meaning = describe_identity(identity)
     return make_certificates(frame, name=name, sigma=run_test.sigma, source=source, alpha=alpha, n=run_test.n_max,
