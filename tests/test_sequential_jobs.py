@@ -222,19 +222,26 @@ def test_sequential_run_stores_chunks_and_its_decisions_are_their_replay(uninter
 
 
 def test_resume_after_lost_votes_gives_identical_decisions(local_ray, uninterrupted, cifar_root, tmp_path):
-    """A kill loses the parts not yet written: here every other part of a finished run is
-    deleted (gaps in the chunk sequences included); the rerun draws what is missing with the
-    same noise and reaches exactly the same decisions, and a finished run is left as it is."""
+    """A kill loses the parts not yet written: here each image keeps only the first half of
+    its chunks, and the longest one also loses its chunk 1 (a gap: the chunks after it are
+    drawn again). The rerun draws what is missing with the same noise and reaches exactly
+    the same decisions, and a finished run is left as it is."""
     import shutil
+
+    from pipeline.storage import write_votes
 
     reference_dir, reference = uninterrupted
     output = tmp_path / "run"
     shutil.copytree(reference_dir, output)
-    parts = sorted(vote_parts(output), key=lambda p: p.name)
-    assert len(parts) >= 3
-    for part in parts[::2]:
+    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    chunks = raw.groupby("image_id")["chunk"].transform("max") + 1
+    longest = raw.loc[chunks.idxmax(), "image_id"]
+    keep = (raw["chunk"] < (chunks + 1) // 2) & ~((raw["image_id"] == longest) & (raw["chunk"] == 1))
+    keep |= (raw["image_id"] == longest) & (raw["chunk"] == 2)
+    for part in vote_parts(output):
         part.delete()
         (output / "votes" / (part.name + ".json")).unlink()
+    write_votes(output, raw[keep].to_dict("records"))
     _, partial = stored_replay(output)
     assert (partial.status == Status.UNDECIDED).any(), "nothing left to resume"
     # Other speed settings: they never change a decision.
