@@ -306,7 +306,6 @@ def _certify_sequential(config, address, selected, classifier, denoiser, info, r
         driver = _SequentialDriver(config, selected, info, record["run_id"], lease, scheduler, undecided, skipped)
         try:
             with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, _):
-                pool.on_requeue = driver.requeued
                 try:
                     error = drive(pool, driver.items(), driver.write, on_lost=driver.lost, tick=driver.tick)
                 finally:
@@ -403,9 +402,6 @@ class _SequentialDriver:
             self.pixels.pop(row, None)
         self.samples += sum(r.num_samples for r in requests)
         self.progress.set(self.decided, self.samples)
-
-    def requeued(self, key: Any) -> None:
-        """An item lost with its actor goes back to the pool's queue as it is: nothing to do."""
 
     def lost(self, key: Any) -> None:
         """An item that failed for good: its chunks may be handed out again."""

@@ -22,7 +22,7 @@ import pytest
 
 from jobs.cli import main as cli_main
 from pipeline.certify_plan import CertifyConfig, certify_identity
-from pipeline.sequential import ESTIMATION, SELECTION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
+from pipeline.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
 from pipeline.sequential_run import ChunkScheduler, chunk_votes_from_rows
 from pipeline.storage import VOTE_SCHEMA, RunMismatchError, open_run, read_votes, vote_parts
 
@@ -165,6 +165,8 @@ def test_chunks_coming_back_out_of_order_are_decided_in_order():
     reordered = 0
     while not scheduler.finished:
         tasks = scheduler.next_chunks(48)
+        # Work goes to undecided images only: a decided image frees its share at once.
+        assert all(scheduler.cert.status[t.row] == Status.UNDECIDED for t in tasks)
         in_flight += tasks
         if not tasks or rng.random() < 0.5:
             rng.shuffle(in_flight)  # answer a random half, in random order
