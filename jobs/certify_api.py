@@ -9,6 +9,11 @@ counts to RUN_DIR/votes/, so `dsmooth reduce RUN_DIR` gives certificates at any 
 a rerun of the same command resumes exactly where the last one stopped (even after a kill):
 answered queries are never asked again, only calls that were in flight are repeated.
 
+Sequential (--sequential --radius R, or `sequential: true` in the YAML): after the clean query,
+each image is asked estimation chunks (8 queries by default) one at a time, only while it is
+undecided, and stops as soon as an anytime-valid test decides whether its clean answer is
+certified at R (README, "Sequential certification"); n_max (default 240) caps the queries.
+
 Budget: budget.max_queries / max_cost bound what ONE invocation may send, run_max_queries /
 run_max_cost the whole run; every call attempt (retries included) is reserved before it is
 sent, so no limit can be passed. The rate limit holds job-wide (never more than rate.qps
@@ -276,9 +281,7 @@ class _SequentialWork:
     that got no answer after every retry waits for the next invocation."""
 
     def __init__(self, config: Any, dataset: Any, state: Any, record: dict) -> None:
-        from pipeline.apis.sequential import api_certifier
         from pipeline.sequential import SequentialTest
-        from pipeline.sequential_run import ChunkScheduler
 
         self.config, self.dataset, self.state, self.record = config, dataset, state, record
         self.test = SequentialTest.from_settings(config)
@@ -287,10 +290,18 @@ class _SequentialWork:
         self.total = len(self.image_ids)
         self.clean_in_flight = 0
         self.failed: set[int] = set()  # rows whose queries failed every retry (this invocation)
-        self.scheduler: Any = None
-        self.certifier = api_certifier(self.test, [state.images[i].rows for i in self.image_ids])
-        self.scheduler = ChunkScheduler(self.certifier, growth=0.0, ahead=1)
+        self._restart()
         self._write_missing_rows()
+
+    def _restart(self) -> None:
+        """The certifier from every answer so far (`replay`), and its scheduler: one chunk in
+        flight per undecided image (growth 0, nothing ahead), so no query is paid after a
+        decision."""
+        from pipeline.apis.sequential import api_certifier
+        from pipeline.sequential_run import ChunkScheduler
+
+        self.certifier = api_certifier(self.test, [self._answers(row) for row in range(self.total)])
+        self.scheduler = ChunkScheduler(self.certifier, growth=0.0, ahead=1)
 
     def _answers(self, row: int) -> dict:
         return self.state.images[self.image_ids[row]].rows
@@ -333,7 +344,7 @@ class _SequentialWork:
         import ray
 
         from pipeline.apis.plan import CLEAN, WorkUnit
-        from pipeline.apis.sequential import api_certifier, chunk_unit
+        from pipeline.apis.sequential import chunk_unit
 
         refs: dict[int, Any] = {}
 
@@ -351,10 +362,7 @@ class _SequentialWork:
         while self.clean_in_flight:
             yield None
         if clean:  # the new labels: the certifier starts again from every answer (no chunk is new yet)
-            from pipeline.sequential_run import ChunkScheduler
-
-            self.certifier = api_certifier(self.test, [self._answers(r) for r in range(self.total)])
-            self.scheduler = ChunkScheduler(self.certifier, growth=0.0, ahead=1)
+            self._restart()
         while not self.scheduler.finished:
             tasks = self.scheduler.next_chunks(1)
             if not tasks:
