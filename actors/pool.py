@@ -315,13 +315,14 @@ class WorkPool:
 
 def drive(
     pool: WorkPool,
-    items: Iterator[tuple[Any, Submit]],
+    items: Iterator[tuple[Any, Submit] | None],
     on_result: Callable[[Any, Any], bool | None],
     on_lost: Callable[[Any], None] | None = None,
     tick: Callable[[], None] | None = None,
 ) -> BaseException | None:
     """Feed `items` to the pool as it has room and hand each result to `on_result` (which may
-    return False to stop feeding new items); drain what is in flight, then return the first
+    return False to stop feeding new items); an item of None means "nothing to send now":
+    the next one is asked for after the next result; drain what is in flight, then return the first
     error (an item's own exception, or a failure to produce the next item), if any.
     `tick()` runs about once a second (progress displays)."""
     error: BaseException | None = None
@@ -332,13 +333,16 @@ def drive(
             tick()
         while feeding and error is None and pool.has_capacity():
             try:
-                key, submit = next(items)
+                item = next(items)
             except StopIteration:
                 feeding = False
                 break
             except Exception as failure:  # noqa: BLE001 - stop feeding, keep what is in flight
                 error = failure
                 break
+            if item is None:  # nothing to send until a result comes back (sequential runs)
+                break
+            key, submit = item
             pool.submit(key, submit)
         if not pool.busy():
             if feeding and error is None:

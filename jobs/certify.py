@@ -28,6 +28,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -40,10 +41,11 @@ log = logging.getLogger("dsmooth")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.options import add_settings_arguments
     from pipeline.certify_plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
+    from pipeline.settings import SEQUENTIAL_GROUP
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
     add_settings_arguments(parser, CertifyConfig, groups={
-        "data": None, "models": None, "smoothing": None, SPEED_GROUP: SPEED_NOTE, "cluster": None,
+        "data": None, "models": None, "smoothing": None, SEQUENTIAL_GROUP: None, SPEED_GROUP: SPEED_NOTE, "cluster": None,
     })
     add_ray_arguments(parser)
 
@@ -72,6 +74,8 @@ class CertifyOutcome:
     seconds: float
     alpha: float
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    sequential: SequentialSummary | None = None
+    decisions: Any = None  # a sequential run's pipeline.sequential.SequentialDecisions, rows = `selected`
 
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
@@ -83,6 +87,8 @@ class CertifyOutcome:
             "  resume: rerun this same command; images already in the votes are skipped",
             f"  reduce: dsmooth reduce {self.output} --alpha {self.alpha:g}",
         ]
+        if self.sequential is not None:
+            lines.append(self.sequential.line())
         if self.skipped:
             names = ", ".join(s["name"] for s in self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
             lines.append(f"  skipped {len(self.skipped)} unreadable image(s) (listed in run.json): {names}")
@@ -108,6 +114,45 @@ class CertifyOutcome:
                 return render(accuracy_table([self.certificates()], DEFAULT_RADII), "markdown").rstrip()
         except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
             return f"  (no summary table: {error})"
+
+
+@dataclass
+class SequentialSummary:
+    """What a sequential run decided for the selected images, and what it cost."""
+
+    radius: float | None
+    images: int
+    certified: int
+    undecided: int
+    samples_used: float  # mean per image: samples the decisions rest on
+    samples_drawn: float  # mean per image: also those drawn after a decision (in flight then)
+    fixed_n: int  # n0 + n, what a fixed-n run draws per image
+    mean_radius: float
+    drawn_now: int = 0  # samples this invocation drew (a resumed run draws only what is missing)
+
+    @classmethod
+    def of(cls, decisions: Any, rows: Any, radius: float | None, fixed_n: int) -> SequentialSummary:
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        used = decisions.samples[rows]
+        drawn = used + decisions.unused_samples[rows]
+        certified = decisions.certified[rows]
+        return cls(radius, len(rows), int(certified.sum()), int(decisions.needs_samples[rows].sum()),
+                   float(used.mean()) if len(rows) else 0.0, float(drawn.mean()) if len(rows) else 0.0, fixed_n,
+                   float(decisions.radius[rows][certified].mean()) if certified.any() else 0.0)
+
+    def line(self) -> str:
+        where = (f"at R = {self.radius:g}" if self.radius is not None
+                 else f"(largest-radius mode, mean radius reached {self.mean_radius:.3f})")
+        ratio = self.fixed_n / self.samples_drawn if self.samples_drawn else float("inf")
+        text = (f"  sequential: {self.certified} of {self.images} images certified {where}; "
+                f"{self.samples_drawn:,.0f} samples per image drawn ({self.samples_used:,.0f} used by the decisions) "
+                f"vs fixed n0 + n = {self.fixed_n:,}: {ratio:.1f}x fewer")
+        if self.undecided:
+            text += f"; {self.undecided} image(s) still undecided: rerun to resume"
+        return text
+
 
 
 @dataclass
@@ -185,6 +230,8 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     with exclusive_run(output, "dsmooth certify") as lease:
         record = open_run(output, identity, extra=speed)
+        if config.sequential:
+            return _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease)
         todo = _pending(config, selected)
         log.info("%d images selected from %s, %d already in %s, %d to do",
                  len(selected), selected.name, len(selected) - len(todo), output, len(todo))
@@ -212,15 +259,42 @@ def _pending(config, selected) -> list[Any]:
 
 
 def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:
+    from actors.pool import drive
+    from pipeline.certify_plan import default_shard_size, plan_shards
+
+    with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, counter):
+        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), pool.demand.actors)
+        shards = plan_shards(todo, shard_size)
+        log.info("%s, %d shards of <= %d images, %s samples per image", pool.demand, len(shards), shard_size,
+                 f"{config.samples_per_image():,}")
+        writer = _ShardWriter(config, selected, info, run_id, lease, counter, len(todo))
+        pool.on_requeue = writer.forget
+        try:
+            error = drive(pool, writer.items(shards, skipped), writer.write, on_lost=writer.forget, tick=writer.tick)
+        finally:
+            writer.progress.close()
+        _raise(error)
+
+
+def _raise(error: BaseException | None) -> None:
+    """A job's own errors as they are (one-line exit 2), anything else as a failed run."""
+    if error is not None:
+        if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
+            raise error
+        raise RuntimeError(f"certification failed: {error}") from error
+
+
+@contextmanager
+def _model_pool(config, address, selected, classifier, denoiser, info) -> Iterator[tuple[Any, Any]]:
+    """Ray, the checkpoints in a blob store, and a WorkPool of model actors (with a progress
+    counter): what fixed-n and sequential runs share. Everything is stopped on exit."""
     import ray
 
     from actors.blob_store import put_blob, start_blob_store
     from actors.model_actor import start_model_actor
-    from actors.pool import Demand, PlacementError, WorkPool, drive, placement_problem
+    from actors.pool import PlacementError, WorkPool, placement_problem
     from actors.progress_counter import start_progress_counter
     from jobs.ray_env import connect
-    from pipeline.certify_plan import default_shard_size, plan_shards
-    from pipeline.progress import Progress
 
     started_here = connect(address)
     try:
@@ -228,10 +302,6 @@ def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_i
         problem, autoscaling = placement_problem(demand)
         if problem and started_here:
             raise PlacementError(f"{problem} (set --gpus-per-actor / --cpus-per-actor, or give --address of a cluster)")
-        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), demand.actors)
-        shards = plan_shards(todo, shard_size)
-        log.info("%s, %d shards of <= %d images, %s samples per image", demand, len(shards), shard_size,
-                 f"{config.samples_per_image():,}")
         store, store_name = start_blob_store()
         classifier_key = put_blob(store, classifier.data, classifier.source)
         denoiser_key = put_blob(store, denoiser.data, denoiser.source) if denoiser else None
@@ -250,22 +320,150 @@ def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_i
             demand,
             wait_timeout_s=config.wait_timeout,
         )
-        writer = _ShardWriter(config, selected, info, run_id, lease, counter, len(todo))
-        pool.on_requeue = writer.forget
         try:
-            error = drive(pool, writer.items(shards, skipped), writer.write, on_lost=writer.forget, tick=writer.tick)
+            yield pool, counter
         finally:
-            writer.progress.close()
             pool.shutdown()
             for actor in (store, counter):
                 ray.kill(actor)
-        if error is not None:
-            if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
-                raise error
-            raise RuntimeError(f"certification failed: {error}") from error
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease) -> CertifyOutcome:
+    """A sequential run (`pipeline.sequential`): replay the stored chunk votes, then sample the
+    undecided images chunk by chunk until each is decided (see `_SequentialDriver`)."""
+    import numpy as np
+
+    from actors.pool import drive
+    from pipeline.fs import Location
+    from pipeline.sequential import SequentialTest, replay
+    from pipeline.sequential_run import ChunkScheduler, chunk_votes_from_rows
+    from pipeline.storage import read_votes, update_run_record
+
+    output = Location.of(config.output)
+    records = selected.records
+    test = SequentialTest.from_settings(config)
+    rows_of = {r.image_id: row for row, r in enumerate(records)}
+    labels = np.array([r.label for r in records], dtype=np.int64) if config.certify_class == "label" else None
+    certifier = replay(test, chunk_votes_from_rows(read_votes(output), rows_of), labels=labels,
+                       num_images=len(records))
+    scheduler = ChunkScheduler(certifier)
+    undecided = int(certifier.decisions().needs_samples.sum())
+    log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
+             len(records), selected.name, len(records) - undecided, output, undecided, test)
+    started = time.monotonic()
+    skipped: list[dict[str, Any]] = []
+    if undecided:
+        _warn_relative_output(config.output)
+        driver = _SequentialDriver(config, selected, info, record["run_id"], lease, scheduler, undecided, skipped)
+        try:
+            with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, _):
+                try:
+                    error = drive(pool, driver.items(), driver.write, on_lost=driver.lost, tick=driver.tick)
+                finally:
+                    driver.progress.close()
+                _raise(error)
+        finally:
+            if skipped:
+                known = {s["image_id"] for s in record.get("skipped_images", [])}
+                update_run_record(output, skipped_images=record.get("skipped_images", [])
+                                  + [s for s in skipped if s["image_id"] not in known])
+    decisions = certifier.decisions()
+    summary = SequentialSummary.of(decisions, np.arange(len(records)), test.radius, config.n0 + config.n)
+    summary.drawn_now = driver.samples if undecided else 0
+    return CertifyOutcome(str(output), [r.image_id for r in records], undecided - len(skipped),
+                          time.monotonic() - started, config.alpha, skipped, sequential=summary, decisions=decisions)
+
+
+class _SequentialDriver:
+    """The driver's side of a sequential run: work items of chunks of undecided images out,
+    chunk votes in (to Parquet first, then to the scheduler, which decides in chunk order)."""
+
+    def __init__(self, config, selected, info, run_id, lease, scheduler, undecided: int, skipped) -> None:
+        from pipeline.progress import Progress
+
+        self.config, self.selected, self.info, self.run_id = config, selected, info, run_id
+        self.lease, self.scheduler, self.skipped = lease, scheduler, skipped
+        self.image_ids = [r.image_id for r in selected.records]
+        self.pending: dict[int, tuple[list, list]] = {}
+        self.pixels: dict[int, Any] = {}  # uint8 images of undecided rows, read once
+        # Several forward batches per actor call: the device stays busy between round trips.
+        self.item_samples = max(config.batch_size * 4, config.chunk_size)
+        self.progress = Progress("certify", total=undecided)
+        self.decided = self.samples = 0
+
+    def items(self) -> Iterator[tuple[int, Any] | None]:
+        import ray
+
+        from pipeline.certify_plan import chunk_requests
+
+        key = 0
+        while not self.scheduler.finished:
+            tasks = [t for t in self.scheduler.next_chunks(self.item_samples) if self._readable(t.row)]
+            if not tasks:
+                yield None  # every undecided image has chunks in flight: wait for a result
+                continue
+            requests = chunk_requests(self.config.seed, self.image_ids, tasks, self.config.chunk_size)
+            images = ray.put({self.image_ids[t.row]: self.pixels[t.row] for t in tasks})
+            self.pending[key] = (tasks, requests)
+            yield key, lambda actor, r=requests, ref=images: actor.count.remote(r, ref)
+            key += 1
+
+    def _readable(self, row: int) -> bool:
+        """Read an image the first time it is sampled; an unreadable one stops the run (after
+        what was written) or, with on_bad_image: skip, is withdrawn without a certificate."""
+        from pipeline.data import DatasetError
+
+        if row in self.pixels:
+            return True
+        record = self.selected.records[row]
+        try:
+            self.pixels[row] = self.selected.by_ids([record.image_id]).as_uint8()[0]
+            return True
+        except DatasetError as error:
+            if self.config.on_bad_image == "fail":
+                raise
+            log.warning("skipping %s: %s", record.name, error)
+            self.skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
+            self.scheduler.cert.withdraw([row])
+            self.progress.total -= 1
+            return False
+
+    def write(self, key: int, result: Any) -> None:
+        import numpy as np
+
+        from pipeline.certify_plan import vote_rows
+        from pipeline.storage import write_votes
+
+        counts, compute_s, worker = result
+        tasks, requests = self.pending.pop(key)
+        rows = vote_rows(
+            run_id=self.run_id, config=self.config, records=self.selected.records, requests=requests, counts=counts,
+            compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
+            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
+            per_chunk=True,
+        )
+        self.lease.check()
+        write_votes(self.config.output, rows, worker=worker.split("@")[0])  # durable before it counts
+        for phase in dict.fromkeys(t.phase for t in tasks):
+            mine = [i for i, t in enumerate(tasks) if t.phase == phase]
+            self.decided += self.scheduler.accept(
+                phase, [tasks[i].row for i in mine], [tasks[i].chunk for i in mine],
+                [requests[i].num_samples for i in mine], counts[mine])
+        for row in np.nonzero(~self.scheduler.cert.decisions().needs_samples)[0].tolist():
+            self.pixels.pop(row, None)
+        self.samples += sum(r.num_samples for r in requests)
+        self.progress.set(self.decided, self.samples)
+
+    def lost(self, key: Any) -> None:
+        """An item that failed for good: its chunks may be handed out again."""
+        tasks, _ = self.pending.pop(key, ([], []))
+        self.scheduler.forget(tasks)
+
+    def tick(self) -> None:
+        self.progress.set(self.decided, self.samples)
 
 
 def _demand(config) -> Any:

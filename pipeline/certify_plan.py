@@ -27,6 +27,7 @@ from pipeline.settings import (
     EstimationSamples,
     PoolSettings,
     SelectionSamples,
+    SequentialSettings,
     SmoothingSettings,
 )
 
@@ -46,7 +47,7 @@ SPEED_NOTE = (
 )
 
 
-class CertifyConfig(DataSelection, SmoothingSettings, PoolSettings):
+class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
     """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
 
     classifier: Where = option(..., group="models", metavar="CKPT", help=(
@@ -144,8 +145,12 @@ def vote_rows(
     classifier: ModelIdentity,
     denoiser: ModelIdentity | None,
     class_names: Sequence[str] | None,
+    per_chunk: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> requests[i]).
+
+    `per_chunk` (sequential runs): every request is one noise chunk, and its row records the
+    chunk's index, so the run can be replayed chunk by chunk (`pipeline.sequential_run`).
 
     `elapsed_s` is the row's share of the shard's compute time, split by samples drawn, so
     summing it over a run gives the actors' busy time.
@@ -156,6 +161,8 @@ def vote_rows(
     total_samples = max(1, sum(request.num_samples for request in requests))
     rows = []
     for request, row in zip(requests, counts):
+        if per_chunk and len(request.chunks()) != 1:
+            raise ValueError(f"a per-chunk row needs a one-chunk request, got {request}")
         record = by_id[request.image_id]
         label_name = (
             class_names[record.label] if class_names is not None and 0 <= record.label < len(class_names) else None
@@ -181,6 +188,14 @@ def vote_rows(
                 "worker": worker,
                 "elapsed_s": compute_s * request.num_samples / total_samples,
                 "finished_at": finished_at,
+                "chunk": request.first_chunk if per_chunk else None,
             }
         )
     return rows
+
+
+def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int) -> list[SampleRequest]:
+    """One one-chunk SampleRequest per `pipeline.sequential_run.ChunkTask` (image row ->
+    `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
+    return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
+                          stop_chunk=t.chunk + 1) for t in tasks]

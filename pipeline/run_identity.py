@@ -13,6 +13,7 @@ resume from another working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -54,5 +55,19 @@ def run_identity(job: str, settings: SmoothingSettings, selection: DataSelection
         "n": phases.get("estimation", phases.get("prediction")),
         "seed": settings.seed,
         "chunk_size": settings.chunk_size,  # type: ignore[attr-defined]
+        **sequential_identity(settings),
         **meaning,
     }
+
+
+def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
+    """{"sequential": the test's every field, alpha included, and the class rule} for a
+    sequential run: they decide which samples are drawn. {} for a fixed-n run, whose votes
+    do not depend on alpha -- so the identities of runs made before sequential existed (and
+    their resumption) do not change."""
+    if not getattr(settings, "sequential", False):
+        return {}
+    from pipeline.sequential import SequentialTest
+
+    test = SequentialTest.from_settings(settings)
+    return {"sequential": {**dataclasses.asdict(test), "certify_class": settings.certify_class}}  # type: ignore[attr-defined]

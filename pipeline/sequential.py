@@ -417,6 +417,13 @@ class SequentialCertifier:
             selection_samples=self.selection_samples.copy(), estimation_samples=self.samples.copy(),
             unused_samples=self.unused.copy())
 
+    def withdraw(self, rows: np.ndarray) -> None:
+        """Stop sampling these undecided images without a certificate (e.g. an image that
+        cannot be read): fewer certificates, never a wrong one."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[self.status[rows] == Status.UNDECIDED]
+        self._stop(rows, Status.NOT_CERTIFIED, Reason.NO_CLASS)
+
     # -- the rules ----------------------------------------------------------------------
 
     def _stop(self, img: np.ndarray, status: Status, reason: Reason | np.ndarray) -> None:

@@ -127,6 +127,8 @@ class SmoothingSettings(Settings):
 
 
 SEQUENTIAL_GROUP = "sequential certification (anytime-valid; see pipeline/sequential.py)"
+# Settings that mean nothing without `sequential`: giving one alone is a mistake, not a no-op.
+SEQUENTIAL_ONLY = ("radius", "n_max", "tolerance", "futility_alpha", "selection_alpha", "certify_class")
 
 
 class SequentialSettings(Settings):
@@ -163,6 +165,13 @@ class SequentialSettings(Settings):
 
     @model_validator(mode="after")
     def _radius_within_reach(self) -> SequentialSettings:
+        if not self.sequential:
+            given = [name for name in SEQUENTIAL_ONLY if name in self.model_fields_set]
+            if given:
+                raise ConfigError(given[0], f"{given[0]} only applies with sequential: true (--sequential)")
+            return self
+        if getattr(self, "mode", "certify") != "certify":
+            raise ConfigError("sequential", "sequential certification needs mode certify (PREDICT has no radius)")
         sigma = getattr(self, "sigma", None)
         if self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
             raise ConfigError("radius", f"radius {self.radius} = {self.radius / sigma:.1f} sigma cannot be "

@@ -31,7 +31,7 @@ RUN_FILE = "run.json"
 VOTES_DIR = "votes"
 MANIFEST_SUFFIX = ".json"
 
-# One row per (image, phase). `counts` is dense over class indices for local models; for
+# One row per (image, phase), or per (image, phase, chunk) in a sequential run. `counts` is dense over class indices for local models; for
 # APIs, `classes` names the label string of each entry of `counts` (null for local models).
 VOTE_SCHEMA = pa.schema(
     [
@@ -54,8 +54,13 @@ VOTE_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("elapsed_s", pa.float64()),
         ("finished_at", pa.timestamp("ms", tz="UTC")),
+        # Sequential runs (`pipeline.sequential`) store one row per noise chunk: its index in
+        # the phase (n = its samples). Null for a fixed-n row, which holds the whole phase;
+        # parts written before this column existed read it as null.
+        ("chunk", pa.int64()),
     ]
 )
+VOTE_KEY = ["image_id", "phase", "chunk"]  # one row per key; a repeated key is a rewritten copy
 
 
 class RunMismatchError(ValueError):
@@ -233,12 +238,13 @@ def vote_parts(run: str | Location) -> list[Location]:
 
 
 def read_votes(run: str | Location) -> pd.DataFrame:
-    """All vote rows of a run, one per (image_id, phase); later duplicates are dropped."""
+    """All vote rows of a run, one per VOTE_KEY (image_id, phase[, chunk]); later duplicates
+    are dropped."""
     frame = VOTES.read(run)
     if frame.empty:
         return frame
-    frame = frame.sort_values(["image_id", "phase", "finished_at"], kind="stable")
-    return frame.drop_duplicates(["image_id", "phase"], keep="first").reset_index(drop=True)
+    frame = frame.sort_values(["image_id", "phase", "chunk", "finished_at"], kind="stable")
+    return frame.drop_duplicates(VOTE_KEY, keep="first").reset_index(drop=True)
 
 
 def completed_images(run: str | Location, phases: Iterable[str]) -> set[int]:

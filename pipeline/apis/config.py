@@ -27,6 +27,7 @@ from pipeline.settings import (
     EstimationSamples,
     PoolSettings,
     SelectionSamples,
+    SequentialSettings,
     SmoothingSettings,
 )
 
@@ -127,7 +128,13 @@ class RetrySettings(Settings):
     timeout_s: PositiveFloat = option(30.0, help="seconds to wait for one answer")
 
 
-class CertifyApiConfig(DataSelection, SmoothingSettings, PoolSettings):
+# Sequential API runs (issue 12): small chunks, since each sample is a paid query and a chunk
+# is the least an image is asked for at a time; a cap of 240 queries per image.
+SEQUENTIAL_API_CHUNK = 8
+SEQUENTIAL_API_N_MAX = 240
+
+
+class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
     """Everything `dsmooth certify-api` needs; see examples/certify_api_emulated.yaml."""
 
     api: ApiSettings = option(..., help="the provider and how to reach it")
@@ -140,3 +147,18 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, PoolSettings):
     chunk_size: ChunkSize = option(16, group="smoothing", metavar="N")
     rate: RateSettings = Field(default_factory=RateSettings, description="client-side rate limits")
     retry: RetrySettings = Field(default_factory=RetrySettings, description="retries and back-off")
+
+    @model_validator(mode="after")
+    def _sequential_api(self) -> CertifyApiConfig:
+        """An API's own sequential defaults (chunk 8, n_max 240) where the user set none; the
+        label is the API's answer on the clean image, so only `certify_class: label`."""
+        if not self.sequential:
+            return self
+        if self.certify_class != "label":
+            raise ConfigError("certify_class", "certify-api certifies the API's answer on the clean image: "
+                              "use certify_class label")
+        if "chunk_size" not in self.model_fields_set:
+            self.__dict__["chunk_size"] = SEQUENTIAL_API_CHUNK  # not setattr: that would validate again
+        if "n_max" not in self.model_fields_set:
+            self.__dict__["n_max"] = SEQUENTIAL_API_N_MAX
+        return self

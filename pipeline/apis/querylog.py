@@ -205,32 +205,39 @@ def vote_rows(
         chosen = [by_key.get((phase, k)) for k in range(size)]
         if any(q is None for q in chosen):
             return None
-        votes = Counter(q["top_label"] for q in chosen if _present(q.get("top_label")))
-        classes = sorted(votes)
-        rows.append(
-            {
-                "run_id": run_id,
-                "image_id": int(clean["image_id"]),
-                "image_name": clean.get("image_name"),
-                "label": -1,
-                "label_name": clean["top_label"] if _present(clean.get("top_label")) else None,
-                "phase": phase,
-                "n": size,
-                "classes": classes,
-                "counts": [votes[c] for c in classes],
-                "sigma": float(identity["sigma"]),
-                "seed": int(identity["seed"]),
-                "chunk_size": int(identity["chunk_size"]),
-                "model": _model_name(identity),
-                "model_sha256": None,
-                "denoiser": identity.get("denoiser"),
-                "denoiser_sha256": identity.get("denoiser_sha256"),
-                "worker": "certify-api",
-                "elapsed_s": float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
-                "finished_at": max(_timestamp(q.get("answered_at")) for q in chosen),
-            }
-        )
+        rows.append(vote_row(clean, chosen, phase, identity, run_id))
     return rows
+
+
+def vote_row(clean: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], phase: str,
+             identity: Mapping[str, Any], run_id: str, chunk: int | None = None) -> dict[str, Any]:
+    """One storage.VOTE_SCHEMA row from answered queries `chosen` of one image and phase (a
+    whole phase, or one noise chunk of a sequential run); label_name is the clean answer.
+    Every query counts in `n`, so an answer without a label counts against every class."""
+    votes = Counter(q["top_label"] for q in chosen if _present(q.get("top_label")))
+    classes = sorted(votes)
+    return {
+        "run_id": run_id,
+        "image_id": int(clean["image_id"]),
+        "image_name": clean.get("image_name"),
+        "label": -1,
+        "label_name": clean["top_label"] if _present(clean.get("top_label")) else None,
+        "phase": phase,
+        "n": len(chosen),
+        "classes": classes,
+        "counts": [votes[c] for c in classes],
+        "sigma": float(identity["sigma"]),
+        "seed": int(identity["seed"]),
+        "chunk_size": int(identity["chunk_size"]),
+        "model": _model_name(identity),
+        "model_sha256": None,
+        "denoiser": identity.get("denoiser"),
+        "denoiser_sha256": identity.get("denoiser_sha256"),
+        "worker": "certify-api",
+        "elapsed_s": float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
+        "finished_at": max(_timestamp(q.get("answered_at")) for q in chosen),
+        "chunk": chunk,
+    }
 
 
 def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[dict[str, Any]]:

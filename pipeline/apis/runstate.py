@@ -130,6 +130,20 @@ class Summary:
     run: Spend = field(default_factory=lambda: Spend(0, 0, 0))  # every invocation of the run
     limits: str = ""
     message: str | None = None
+    # Sequential runs (certified None otherwise): images decided / certified at `radius`, and
+    # the queries per decided image (clean query included) against a fixed-n run's n0 + n + 1.
+    certified: int | None = None
+    undecided: int = 0
+    radius: float | None = None
+    queries_per_image: float = 0.0
+    fixed_queries: int = 0
+
+    @property
+    def certificates_per_dollar(self) -> float | None:
+        """Certificates of the run per dollar the run spent (None before anything was paid)."""
+        if self.certified is None or self.run_cost <= 0:
+            return None
+        return self.certified / self.run_cost
 
     @property
     def run_cost(self) -> float:
@@ -140,7 +154,8 @@ class Summary:
         return self.pending_queries * self.price_per_1000 / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left}
+        return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left,
+                "certificates_per_dollar": self.certificates_per_dollar}
 
 
 HEADLINES = {
@@ -166,6 +181,17 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
     unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
     lines.append(f"  run total: {s.run.calls} calls, ${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
     lines.append(f"  images: {s.images_complete}/{s.images_total} complete")
+    if s.certified is not None:
+        where = f"at R = {s.radius:g}" if s.radius is not None else "(largest-radius mode)"
+        ratio = s.fixed_queries / s.queries_per_image if s.queries_per_image else float("inf")
+        per_dollar = s.certificates_per_dollar
+        lines.append(
+            f"  sequential: {s.certified} of {s.images_complete} decided images certified {where}; "
+            f"{s.queries_per_image:.1f} queries per image (clean query included) vs {s.fixed_queries} with fixed "
+            f"n0 + n: {ratio:.1f}x fewer; "
+            + (f"{per_dollar:.1f} certificates per dollar" if per_dollar is not None else "nothing paid yet"))
+        if s.undecided:
+            lines.append(f"  undecided: {s.undecided} image(s); rerun the same command to resume")
     if s.images_incomplete:
         lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
                      f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")

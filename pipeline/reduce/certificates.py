@@ -16,6 +16,8 @@ import pandas as pd
 from pipeline.smoothing import max_certifiable_radius
 
 COLUMNS = ["image_id", "label", "predict", "p_a_lower", "radius", "correct", "abstained", "time_s"]
+# Kept when an input has them: `samples`, the samples per image a sequential run's decision used.
+OPTIONAL_COLUMNS = ["samples"]
 
 
 class ReduceWarning(UserWarning):
@@ -79,7 +81,7 @@ def make_certificates(
     frame["correct"] = frame["correct"].astype(bool)
     frame["abstained"] = frame["abstained"].astype(bool)
     frame["radius"] = frame["radius"].astype(np.float64)
-    certs = Certificates(frame[COLUMNS].reset_index(drop=True))
+    certs = Certificates(frame[COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame]].reset_index(drop=True))
     certs.name = name
     certs.sigma = None if sigma is None or pd.isna(sigma) else float(sigma)
     certs.source = source

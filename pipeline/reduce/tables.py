@@ -33,7 +33,9 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 CSV_COLUMNS = [
     "run", "sigma", "radius", "certified_accuracy", "clean_accuracy", "n", "alpha", "max_radius", "capped",
 ]
-TABLE_COLUMNS = CSV_COLUMNS + ["acr", "images", "input", "winner"]
+TABLE_COLUMNS = CSV_COLUMNS + ["acr", "images", "input", "winner", "samples_per_image"]
+# Added to the CSV (last) only when some input is a sequential run, whose samples vary by image.
+SAMPLES_COLUMN = "samples_per_image"
 ENVELOPE = "envelope"
 FORMATS = ("markdown", "csv", "latex")
 CAPPED = "—"  # a cell above its input's largest certifiable radius
@@ -59,6 +61,7 @@ def accuracy_table(
     rows = []
     for position, certs in enumerate(inputs):
         clean, acr, limit = clean_accuracy(certs), average_certified_radius(certs), certs.max_radius
+        samples = float(certs["samples"].mean()) if "samples" in certs and len(certs) else math.nan
         for radius, accuracy in certified_accuracy(certs, radii).items():
             rows.append(
                 {
@@ -67,6 +70,7 @@ def accuracy_table(
                     "n": _float(certs.n), "alpha": _float(certs.alpha), "max_radius": _float(limit),
                     "capped": limit is not None and radius > limit,
                     "acr": acr, "images": len(certs), "input": position, "winner": None,
+                    SAMPLES_COLUMN: samples,
                 }
             )
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -98,6 +102,7 @@ def envelope_rows(table: pd.DataFrame, radii: Iterable[float]) -> pd.DataFrame:
                 "certified_accuracy": best.certified_accuracy, "clean_accuracy": best.clean_accuracy,
                 "n": best.n, "alpha": best.alpha, "max_radius": limit, "capped": bool(candidates["capped"].all()),
                 "acr": math.nan, "images": best.images, "input": -1, "winner": best.run,
+                SAMPLES_COLUMN: math.nan,
             }
         )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -108,13 +113,18 @@ def render(table: pd.DataFrame, format: str = "markdown") -> str:
     n/alpha/max_radius empty when unknown), `markdown` or `latex` (one row per input: sigma,
     n, clean accuracy, certified accuracy per certifiable radius in percent, ACR; notes)."""
     if format == "csv":
-        return table[CSV_COLUMNS].to_csv(index=False, float_format="%.10g", na_rep="", lineterminator="\n")
+        columns = CSV_COLUMNS + ([SAMPLES_COLUMN] if _has_samples(table) else [])
+        return table[columns].to_csv(index=False, float_format="%.10g", na_rep="", lineterminator="\n")
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     wide = _wide(table)
     if format == "markdown":
         return _markdown(wide)
     return _latex(wide)
+
+
+def _has_samples(table: pd.DataFrame) -> bool:
+    return SAMPLES_COLUMN in table and bool(table[SAMPLES_COLUMN].notna().any())
 
 
 def paper_cell(certified: float, clean: float) -> str:
@@ -135,6 +145,7 @@ class Wide:
     rows: list[dict]
     with_n: bool
     notes: list[str] = field(default_factory=list)
+    with_samples: bool = False
 
 
 def _wide(table: pd.DataFrame) -> Wide:
@@ -166,6 +177,7 @@ def _wide(table: pd.DataFrame) -> Wide:
                 "clean": "" if pd.isna(clean) else percent(clean),
                 "cells": cells,
                 "acr": "" if pd.isna(first["acr"]) else f"{first['acr']:.3f}",
+                "samples": "" if pd.isna(first.get(SAMPLES_COLUMN)) else f"{first[SAMPLES_COLUMN]:,.0f}",
             }
         )
     notes = [CELLS_NOTE]
@@ -182,15 +194,21 @@ def _wide(table: pd.DataFrame) -> Wide:
         )
     if any(cell == CAPPED for row in rows for cell in row["cells"]):
         notes.append(CAPPED_NOTE)
-    return Wide(shown, rows, with_n=bool(inputs["n"].notna().any()), notes=notes)
+    with_samples = _has_samples(inputs)
+    if with_samples:
+        notes.append("samples/image: mean samples a sequential run drew per image before deciding it "
+                     "(its n is the cap n_max).")
+    return Wide(shown, rows, with_n=bool(inputs["n"].notna().any()), notes=notes, with_samples=with_samples)
 
 
 def _columns(wide: Wide) -> list[str]:
-    return ["input", "sigma"] + (["n"] if wide.with_n else []) + ["clean"]
+    return ["input", "sigma"] + (["n"] if wide.with_n else []) + (["samples/image"] if wide.with_samples else []) \
+        + ["clean"]
 
 
 def _row_cells(wide: Wide, row: dict) -> list[str]:
-    return [row["run"], row["sigma"]] + ([row["n"]] if wide.with_n else []) + [row["clean"], *row["cells"], row["acr"]]
+    return ([row["run"], row["sigma"]] + ([row["n"]] if wide.with_n else [])
+            + ([row["samples"]] if wide.with_samples else []) + [row["clean"], *row["cells"], row["acr"]])
 
 
 def _markdown(wide: Wide) -> str:
@@ -221,7 +239,7 @@ def latex_escape(text: str) -> str:
 def _latex(wide: Wide) -> str:
     head = _columns(wide)
     spec = "l" + "r" * (len(head) - 1 + len(wide.radii) + 1)
-    names = {"input": "Input", "sigma": "$\\sigma$", "n": "$n$", "clean": "clean"}
+    names = {"input": "Input", "sigma": "$\\sigma$", "n": "$n$", "samples/image": "samples/image", "clean": "clean"}
     out = [f"% {note}" for note in wide.notes] + [
         f"\\begin{{tabular}}{{{spec}}}",
         "\\hline",

@@ -18,7 +18,7 @@ import pandas as pd
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 from pipeline.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
 from pipeline.fs import Location
-from pipeline.storage import RUN_FILE, CorruptPartError, read_run_record, read_votes
+from pipeline.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_run_record, read_votes
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
 
@@ -41,6 +41,8 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
     if votes.empty:
         raise UnusableInput(f"{run_dir}: run has no votes yet")
     label = name if name is not None else str(run_dir)
+    if identity.get("sequential"):
+        return sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
     return certificates_from_votes(
         votes, alpha, sigma=identity.get("sigma"), name=label, source=str(run_dir), **describe_identity(identity)
     )
@@ -81,7 +83,7 @@ def certificates_from_votes(
     disagree or when some images were only PREDICT'ed (no radius at all)."""
     _check_alpha(alpha)
     where = name or source or "votes"
-    votes = votes.drop_duplicates(["image_id", "phase"], keep="first")  # as storage.read_votes
+    votes = votes.drop_duplicates([c for c in VOTE_KEY if c in votes], keep="first")  # as storage.read_votes
     parts = []
     certify = _certify(votes, alpha, sigma, where)
     if certify is not None:
@@ -276,3 +278,67 @@ def _predict(votes: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
             "time_s": _elapsed(rows),
         }
     )
+
+
+def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha: float, name: str = "",
+                            source: str = "") -> Certificates:
+    """A sequential run's certificates: every decision recomputed by `replay` of the stored
+    chunk votes (`pipeline.sequential`), one row per image that has votes, with the samples
+    its decision used (column `samples`).
+
+    At the run's alpha this is exactly what the run decided. At another alpha the replay is
+    still valid but only has the chunks the run drew: an image it leaves undecided is not
+    certified. Images still undecided at the run's own alpha were in flight when the job
+    stopped: skipped with a ReduceWarning (a rerun of the job resumes them)."""
+    import dataclasses
+
+    from pipeline.sequential import SequentialTest, replay
+    from pipeline.sequential_run import chunk_votes_from_rows, is_label_row
+
+    _check_alpha(alpha)
+    where = name or source or "votes"
+    fields = {f.name for f in dataclasses.fields(SequentialTest)}
+    settings = identity["sequential"]
+    run_test = SequentialTest(**{k: v for k, v in settings.items() if k in fields})
+    chunked = votes[votes["chunk"].notna()].sort_values("image_id", kind="stable")
+    if chunked.empty:
+        raise UnusableInput(f"{where}: no chunk votes in this sequential run yet")
+    first = chunked.drop_duplicates("image_id")
+    ids = first["image_id"].astype(np.int64).to_numpy()
+    rows_of = {int(i): row for row, i in enumerate(ids)}
+    api = bool(any(is_label_row(c) for c in first["classes"]))
+    if api:  # the clean answer is the label, tested as column 0 (pipeline.apis.sequential)
+        names = first["label_name"].to_numpy(dtype=object)
+        labels = np.array([0 if name is not None and not pd.isna(name) else -1 for name in names], dtype=np.int64)
+    else:
+        labels = first["label"].astype("Int64").fillna(-1).astype(np.int64).to_numpy()
+    stored = chunk_votes_from_rows(chunked, rows_of)
+    labelled = settings.get("certify_class", "label") == "label"
+
+    def decide(test: SequentialTest) -> Any:
+        certifier = replay(test, stored, labels=labels if labelled else None, num_images=len(ids))
+        return certifier.decisions()
+
+    at_run = decide(run_test)
+    decisions = at_run if alpha == run_test.alpha else decide(dataclasses.replace(run_test, alpha=alpha))
+    complete = ~at_run.needs_samples
+    if not complete.all():
+        warnings.warn(f"{where}: {int((~complete).sum())} image(s) undecided (in flight when the job stopped); "
+                      "skipped", ReduceWarning, stacklevel=2)
+    result = decisions.as_decisions()
+    certified = decisions.certified
+    correct = certified & (decisions.target == labels) & (labels >= 0)
+    label_out: np.ndarray = labels
+    predict: np.ndarray = result.prediction
+    if api:  # as fixed-n API rows: label strings, abstentions as ABSTAIN_LABEL
+        label_out = np.array([None if pd.isna(n) else str(n) for n in names], dtype=object)
+        predict = np.where(certified, label_out, ABSTAIN_LABEL).astype(object)
+    elapsed = chunked.groupby("image_id")["elapsed_s"].sum().reindex(ids).to_numpy(dtype=np.float64)
+    frame = pd.DataFrame({
+        "image_id": ids, "label": label_out, "predict": predict, "p_a_lower": result.p_a_lower,
+        "radius": result.radius, "correct": correct, "abstained": ~certified, "time_s": elapsed,
+        "samples": decisions.samples,
+    })[complete]
+    meaning = describe_identity(identity)
+    return make_certificates(frame, name=name, sigma=run_test.sigma, source=source, alpha=alpha, n=run_test.n_max,
+                             dataset=meaning["dataset"], model=meaning["model"])

@@ -1,0 +1,195 @@
+"""Driving a sequential certifier from a job: which chunks to sample next, and the votes that
+come back, fed to `pipeline.sequential` in chunk order. Plain Python, shared by `certify`
+(model actors) and `certify-api` (API actors).
+
+Why a layer between the certifier and the jobs: the jobs keep many work items in flight
+across actors, and items come back in any order (a lost actor's items are redone later,
+a fast actor overtakes a slow one). The certifier must see each image's chunks in order,
+so `ChunkScheduler` keeps the chunks that came back early until their predecessors arrive,
+and hands out new chunks only to undecided images -- an image decided frees its share of
+the next work items at once. The stored votes are one row per (image, phase, chunk), so a
+run is resumed, and `dsmooth reduce` recomputes it, by `replay` of those rows
+(`chunk_votes_from_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.sequential import ESTIMATION, SELECTION, ChunkVotes, SequentialCertifier, Status
+
+PHASE_ORDER = (SELECTION, ESTIMATION)
+DEFAULT_GROWTH = 0.5  # pending(growth): at most ~50% of an image's samples drawn after its decision
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One chunk to sample: chunk `chunk` of image row `row`'s `phase`, whose plan holds
+    `total` samples (that fixes the chunk's size and noise, see `pipeline.noise`)."""
+
+    row: int
+    phase: str
+    chunk: int
+    total: int
+
+
+class ChunkScheduler:
+    """Hands out chunks of undecided images; feeds returned chunks to the certifier in order.
+
+    `growth` is `SequentialCertifier.pending`'s: an image gets up to max(1, growth * chunks
+    decided) chunks in flight. When that leaves no work while actors are idle (few undecided
+    images), an image may run up to `ahead` times as many chunks ahead: samples possibly
+    wasted on an image decided meanwhile, never a different decision.
+    """
+
+    def __init__(self, certifier: SequentialCertifier, growth: float = DEFAULT_GROWTH, ahead: int = 2) -> None:
+        self.cert = certifier
+        self.growth = growth
+        self.ahead = max(1, ahead)
+        self.requested = {phase: certifier.next_chunk[phase].copy() for phase in PHASE_ORDER}
+        self._early: dict[tuple[str, int], dict[int, tuple[int, np.ndarray]]] = {}
+        self.held = np.zeros(len(certifier), dtype=bool)
+
+    @property
+    def finished(self) -> bool:
+        """No undecided image left to sample (held ones wait for the next invocation)."""
+        return not bool(np.any((self.cert.status == Status.UNDECIDED) & ~self.held))
+
+    def hold(self, rows: Sequence[int]) -> None:
+        """Hand out no more chunks of these images in this run (a chunk of theirs could not be
+        completed: an API query without an answer). They stay undecided; a rerun resumes them."""
+        self.held[np.asarray(rows, dtype=np.int64)] = True
+
+    def next_chunks(self, max_samples: int) -> list[ChunkTask]:
+        """Chunks for one work item of about `max_samples` samples (at least one chunk when
+        there is work): images with nothing in flight first. [] = nothing to send now."""
+        for stretch in (1, self.ahead):
+            tasks = self._plan(max_samples, stretch)
+            if tasks:
+                return tasks
+        return []
+
+    def _plan(self, max_samples: int, stretch: int) -> list[ChunkTask]:
+        test = self.cert.test
+        offers = []
+        for work in self.cert.pending(self.growth):
+            first, count = work.first_chunk, work.num_chunks
+            limit = np.minimum(first + stretch * count, test.num_chunks(work.phase))
+            start = np.maximum(self.requested[work.phase][work.image], first)
+            for row, begin, stop in zip(work.image.tolist(), start.tolist(), limit.tolist()):
+                if begin < stop and not self.held[row]:
+                    offers.append((begin - int(self.cert.next_chunk[work.phase][row]), row, work.phase, begin, stop))
+        offers.sort()  # least in flight first, then by row
+        tasks: list[ChunkTask] = []
+        samples = 0
+        for _, row, phase, begin, stop in offers:
+            total = test.total(phase)
+            for chunk in range(begin, stop):
+                if tasks and samples >= max_samples:
+                    return tasks
+                tasks.append(ChunkTask(row, phase, chunk, total))
+                samples += min(test.chunk_size, total - chunk * test.chunk_size)
+                self.requested[phase][row] = chunk + 1
+        return tasks
+
+    def forget(self, tasks: Sequence[ChunkTask]) -> None:
+        """Chunks handed out that will not come back (their item failed): offer them again."""
+        for task in tasks:
+            self.requested[task.phase][task.row] = min(self.requested[task.phase][task.row], task.chunk)
+
+    def accept(self, phase: str, rows: Sequence[int], chunks: Sequence[int], samples: Sequence[int],
+               counts: np.ndarray) -> int:
+        """Votes of chunks that came back (counts [rows] for the tested class, or [rows,
+        classes]); each image's chunks reach the certifier in chunk order, early ones wait.
+        Returns how many images this decided."""
+        undecided = int(np.count_nonzero(self.cert.status == Status.UNDECIDED))
+        for row, chunk, size, count in zip(rows, chunks, samples, np.asarray(counts)):
+            self._early.setdefault((phase, int(row)), {}).setdefault(int(chunk), (int(size), np.asarray(count)))
+        while self._drain():
+            pass
+        return undecided - int(np.count_nonzero(self.cert.status == Status.UNDECIDED))
+
+    def _drain(self) -> bool:
+        """Hand the certifier every waiting chunk it can take now; True when it took some."""
+        moved = False
+        for phase in PHASE_ORDER:
+            code_live = _live(self.cert, phase)
+            taken: list[tuple[int, int, int, np.ndarray]] = []
+            for (chunk_phase, row), waiting in list(self._early.items()):
+                if chunk_phase != phase:
+                    continue
+                if code_live[row]:
+                    chunk = int(self.cert.next_chunk[phase][row])
+                    while chunk in waiting:
+                        taken.append((row, chunk, *waiting.pop(chunk)))
+                        chunk += 1
+                    waiting_done = [c for c in waiting if c < chunk]  # repeats of decided chunks
+                    for c in waiting_done:
+                        del waiting[c]
+                elif _past(self.cert, phase, row):  # decided, or moved on: the certifier ignores them
+                    taken += [(row, c, *waiting.pop(c)) for c in sorted(waiting)]
+                if not waiting:
+                    del self._early[(chunk_phase, row)]
+            if taken:
+                moved = True
+                self.cert.decide(_chunk_votes(phase, taken))
+        return moved
+
+
+def _live(cert: SequentialCertifier, phase: str) -> np.ndarray:
+    code = {SELECTION: 0, ESTIMATION: 1}[phase]
+    return (cert.phase == code) & (cert.status == Status.UNDECIDED)
+
+
+def _past(cert: SequentialCertifier, phase: str, row: int) -> bool:
+    """The image will take no more chunks of `phase` (decided, or selection done)."""
+    return cert.status[row] != Status.UNDECIDED or (phase == SELECTION and cert.phase[row] != 0)
+
+
+def _chunk_votes(phase: str, taken: list[tuple[int, int, int, np.ndarray]]) -> ChunkVotes:
+    counts = [c for *_, c in taken]
+    if counts[0].ndim == 0:
+        matrix = np.array([int(c) for c in counts], dtype=np.int64)
+    else:
+        width = max(len(c) for c in counts)
+        matrix = np.zeros((len(counts), width), dtype=np.int64)
+        for i, c in enumerate(counts):
+            matrix[i, : len(c)] = c
+    return ChunkVotes(phase, np.array([t[0] for t in taken]), np.array([t[1] for t in taken]),
+                      np.array([t[2] for t in taken]), matrix)
+
+
+def is_label_row(classes: object) -> bool:
+    """An API row: its counts are per label string (`classes`), not per class index."""
+    return classes is not None and not (np.isscalar(classes) and pd.isna(classes))
+
+
+def chunk_votes_from_rows(votes: pd.DataFrame, rows_of: dict[int, int]) -> list[ChunkVotes]:
+    """Stored chunk rows (columns image_id, phase, chunk, n, counts, classes, label_name) ->
+    ChunkVotes for `replay`, images mapped to certifier rows by `rows_of` (rows of other
+    images ignored). Model rows give per-class-index counts; API rows (label strings) give
+    the votes for the image's clean answer `label_name`, tested as column 0
+    (`pipeline.apis.sequential`)."""
+    out = []
+    chunked = votes[votes["chunk"].notna() & votes["image_id"].isin(list(rows_of))]
+    for phase in PHASE_ORDER:
+        part = chunked[chunked["phase"] == phase]
+        if part.empty:
+            continue
+        if "classes" in part and any(is_label_row(c) for c in part["classes"]):
+            counts = np.array([dict(zip(classes, c)).get(name, 0) if name is not None else 0
+                               for classes, c, name in zip(part["classes"], part["counts"], part["label_name"])],
+                              dtype=np.int64)
+        else:
+            width = max(1, max(len(c) for c in part["counts"]))
+            counts = np.zeros((len(part), width), dtype=np.int64)
+            for i, c in enumerate(part["counts"]):
+                counts[i, : len(c)] = np.asarray(c, dtype=np.int64)
+        out.append(ChunkVotes(phase, np.array([rows_of[int(i)] for i in part["image_id"]], dtype=np.int64),
+                              part["chunk"].astype(np.int64).to_numpy(), part["n"].astype(np.int64).to_numpy(),
+                              counts))
+    return out
