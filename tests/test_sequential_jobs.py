@@ -372,3 +372,21 @@ def test_certify_api_sequential_flags_are_checked(capsys, tmp_path):
     with pytest.raises(ConfigError, match="certify_class"):
         load_job_config(job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, sequential=True,
                                    certify_class="top"))
+
+
+def test_sequential_run_with_a_diffusion_denoiser(local_ray, cifar_root, tmp_path):
+    """A sigma-independent diffusion denoiser (the shipped small DDPM, a diffusers folder)
+    works in a sequential run like any denoiser: the run's sigma picks its timestep, chunks
+    are stored and the decisions are their replay."""
+    pytest.importorskip("diffusers")
+    output = tmp_path / "run"
+    outcome = run_certify(**settings(cifar_root, output, denoiser=str(MODELS / "ddpm_small"), ids=IDS[:3]))
+    frame = read_votes(output)
+    assert set(frame["denoiser"]) == {"diffusers_unet"} and frame["chunk"].notna().all()
+    frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    test_fields = {k: v for k, v in _identity(output)["sequential"].items() if k != "certify_class"}
+    rows_of = {image_id: row for row, image_id in enumerate(IDS[:3])}
+    labels = frame.drop_duplicates("image_id").set_index("image_id").loc[IDS[:3], "label"].to_numpy()
+    replayed = replay(SequentialTest(**test_fields), chunk_votes_from_rows(frame, rows_of), labels=labels).decisions()
+    assert same_decisions(outcome.decisions, replayed)
+    assert (outcome.decisions.status != Status.UNDECIDED).all()
