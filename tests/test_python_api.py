@@ -88,10 +88,20 @@ def test_smooth_is_the_engine_and_pipeline_smoothing(model, images):
     assert certified == certify_counts(selection, estimation, SIGMA, 0.001)
     assert predicted == predict_counts(prediction_counts, 0.001)
     assert certified == SmoothedClassifier(counter, seed=seed).certify(0, x, N0, N, 0.001)
-    third = smoothed.certify(x, N0, N, 0.001)  # the third call: address 2, fresh noise
-    selection, estimation = counter.count(
-        {2: x}, [SampleRequest(seed, 2, "selection", N0), SampleRequest(seed, 2, "estimation", N)])
-    assert third == certify_counts(selection, estimation, SIGMA, 0.001) != certified
+
+    # The k-th call draws the noise of address k: on an image whose certificate differs
+    # between addresses 0 and 2, a fresh Smooth's third call gives address 2's, not 0's.
+    def at(address: int, image) -> tuple[int, float]:
+        sel, est = counter.count({address: image}, [SampleRequest(seed, address, "selection", N0),
+                                                    SampleRequest(seed, address, "estimation", N)])
+        return certify_counts(sel, est, SIGMA, 0.001)
+
+    image = next(image for image in images if at(0, image) != at(2, image))
+    fresh = dsmooth.Smooth(model, 10, SIGMA, batch_size=64, seed=seed)
+    first = fresh.certify(image, N0, N, 0.001)
+    fresh.predict(image, N, 0.001)
+    third = fresh.certify(image, N0, N, 0.001)  # the third call: address 2, fresh noise
+    assert first == at(0, image) and third == at(2, image) != first
 
     again = dsmooth.Smooth(model, 10, SIGMA, batch_size=400, seed=seed)  # new instance, other batch
     assert again.certify(x[None], N0, N, 0.001, batch_size=32) == certified  # Cohen passes batch_size
