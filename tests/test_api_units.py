@@ -20,6 +20,7 @@ import torch
 from scipy import stats
 
 from api_support import IMAGES, RGB_IDS, job_config
+from pipeline.apis.emulator.server import max_in_window
 from pipeline.apis.budget import Budget
 from pipeline.apis.config import RetrySettings
 from pipeline.apis.encoding import decode_png, encode_png, to_uint8
@@ -87,14 +88,6 @@ class FakeClock:
         self.now += seconds
 
 
-def max_in_any_window(starts: list[float], window: float = 1.0) -> int:
-    starts = sorted(starts)
-    best, first = 0, 0
-    for last, start in enumerate(starts):
-        while start - starts[first] >= window:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
 
 
 @pytest.mark.parametrize("qps", [10, 2.5, 0.5])
@@ -127,7 +120,7 @@ def test_starts_hold_the_rate_in_every_window_whatever_the_delays(qps):
             clock.now += rng.uniform(0, 3)  # a stall: demand then comes back in a burst
         limiter.feedback(throttled=rng.random() < 0.1)
     assert reslots[0] > 0  # late workers were really sent back for a new slot
-    assert max_in_any_window(sends, max(1.0, 1.0 / qps)) <= max(1, int(qps))
+    assert max_in_window(sends, max(1.0, 1.0 / qps)) <= max(1, int(qps))
 
 
 def test_rate_limiter_slows_down_on_throttling_and_recovers():
@@ -162,7 +155,7 @@ def test_rate_limiter_is_thread_safe():
         t.start()
     for t in threads:
         t.join()
-    assert max_in_any_window(slots, 1.0 + LATE_S) <= 40 and len(slots) == 60
+    assert max_in_window(slots, 1.0 + LATE_S) <= 40 and len(slots) == 60
 
 
 def test_backoff_is_full_jitter_within_its_ceiling():

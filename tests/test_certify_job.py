@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,11 +47,10 @@ from pipeline.noise import SampleRequest
 from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
 from pipeline.storage import VOTE_SCHEMA, read_votes, vote_parts
 
+from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
 from noise_support import direct_counts
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
 SIGMA = 0.25
 N0, N = 20, 200  # small, but enough votes to split between classes and to certify some images
 
@@ -65,13 +63,7 @@ needs_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"{CIFAR_AR
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
     """20 CIFAR-10 test images (2 per class) in the class-folder layout."""
-    if not CIFAR_ARCHIVE.is_file():
-        pytest.skip(f"{CIFAR_ARCHIVE} not found")
-    root = tmp_path_factory.mktemp("cifar")
-    wanted = re.compile(r"test/[a-z]+/000[01]\.jpg")
-    with tarfile.open(CIFAR_ARCHIVE) as archive:
-        members = [m for m in archive if wanted.fullmatch(m.name)]
-        archive.extractall(root, members=members, filter="data")
+    root = extract_two_per_class(tmp_path_factory.mktemp("cifar"))
     assert len(list(root.glob("test/*/*.jpg"))) == 20
     return root
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -17,11 +16,10 @@ import pytest
 import ray
 import torch
 
+from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
 from log_support import dsmooth_records
 from pipeline.config import parse_config
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="no CIFAR-10 archive")]
 
@@ -44,11 +42,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cifar")
-    wanted = re.compile(r"test/[a-z]+/000[01]\.jpg")
-    with tarfile.open(CIFAR_ARCHIVE) as archive:
-        archive.extractall(root, members=[m for m in archive if wanted.fullmatch(m.name)], filter="data")
-    return root
+    return extract_two_per_class(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ out of order are decided in order; bad flags are one-line errors.
 
 from __future__ import annotations
 
-import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cifar_support import extract_two_per_class
 from jobs.cli import main as cli_main
 from pipeline.certify_plan import CertifyConfig, certify_identity
 from pipeline.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
@@ -28,7 +27,6 @@ from pipeline.storage import VOTE_SCHEMA, RunMismatchError, open_run, read_votes
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
-CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SIGMA, RADIUS, N_MAX, CHUNK = 0.25, 0.25, 600, 32
 # Images of the 20 below with every kind of outcome for the shipped pair at R = 0.25:
 # certified early (11, 14, 18), given up early (0, 6), sampled long (16).
@@ -37,13 +35,7 @@ IDS = [0, 6, 11, 14, 16, 18]
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
-    if not CIFAR_ARCHIVE.is_file():
-        pytest.skip(f"{CIFAR_ARCHIVE} not found")
-    root = tmp_path_factory.mktemp("cifar")
-    wanted = re.compile(r"test/[a-z]+/000[01]\.jpg")
-    with tarfile.open(CIFAR_ARCHIVE) as archive:
-        archive.extractall(root, members=[m for m in archive if wanted.fullmatch(m.name)], filter="data")
-    return root
+    return extract_two_per_class(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="module")

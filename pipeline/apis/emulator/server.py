@@ -105,13 +105,7 @@ class EmulatorServer:
 
     def max_in_window(self, provider: str, window_s: float = 1.0) -> int:
         """The most calls of `provider` that arrived within any `window_s` seconds."""
-        starts = sorted(self.starts(provider))
-        best, first = 0, 0
-        for last, time_ in enumerate(starts):
-            while time_ - starts[first] >= window_s:
-                first += 1
-            best = max(best, last - first + 1)
-        return best
+        return max_in_window(self.starts(provider), window_s)
 
     def repeated(self, provider: str) -> int:
         """Calls whose request (the same encoded image) had been sent before: the same query
@@ -214,6 +208,18 @@ class EmulatorServer:
         except (ValueError, TypeError) as error:
             return Response(400, json.dumps({"error": str(error)}).encode(), {"Content-Type": "application/json"})
         return Response(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+
+def max_in_window(times: list[float], window_s: float = 1.0) -> int:
+    """The most of `times` (seconds) within any `window_s` seconds: a rate limit holds when
+    this is at most its calls per window."""
+    times = sorted(times)
+    best, first = 0, 0
+    for last, time_ in enumerate(times):
+        while time_ - times[first] >= window_s:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
 
 
 def _handler_for(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
