@@ -75,7 +75,7 @@ class ApiActor:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
         model = None
         if denoiser is not None:
-            from pipeline.model_pair import ModelBytes, load_from_bytes
+            from pipeline.certify.pair import ModelBytes, load_from_bytes
             from pipeline.models import freeze
 
             model, meta = load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))

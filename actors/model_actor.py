@@ -1,6 +1,6 @@
 """The Ray actor that holds one denoiser-classifier pair and counts votes for batches of images.
 
-All the work is `pipeline.model_pair.PairCounter` (the batched, buffer-reusing,
+All the work is `pipeline.certify.pair.PairCounter` (the batched, buffer-reusing,
 inference-mode engine, mixed precision on GPU); the actor only decides the device and holds
 the model between calls. Ray restarts a crashed actor process (`max_restarts`); its
 constructor takes only small plain arguments (the name of the job's `BlobStore` among them)
@@ -22,8 +22,8 @@ import ray
 from actors.blob_store import BlobKey, fetch_blob
 from actors.progress_counter import Reporter
 from pipeline.data.specs import DataDescription
-from pipeline.model_pair import ModelBytes, PairCounter, PairInfo
-from pipeline.noise import SampleRequest
+from pipeline.certify.pair import ModelBytes, PairCounter, PairInfo
+from pipeline.sampling.noise import SampleRequest
 
 
 @ray.remote

@@ -60,10 +60,10 @@ def scaling_config(settings: dict[str, Any]) -> Any:
 def ray_storage(storage: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray's RunConfigs: a local folder as it is; an
     object store (s3://, gs://) through the project's own pyarrow file system
-    (`pipeline.fs`: the endpoint of AWS_ENDPOINT_URL_S3, and small files written in one
+    (`pipeline.runs.fs`: the endpoint of AWS_ENDPOINT_URL_S3, and small files written in one
     request, which S3-compatible servers need; pyarrow's default, which Ray would build from
     the URI, sends even Ray's empty marker files as multipart uploads)."""
-    from pipeline.fs import Location, is_uri
+    from pipeline.runs.fs import Location, is_uri
 
     if not is_uri(storage):
         return storage, None

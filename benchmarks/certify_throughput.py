@@ -9,7 +9,7 @@ reference  Cohen et al.'s core.py `Smooth._sample_noise`, verbatim in substance:
            repeated `batch` times per forward pass (so every image ends on a short batch),
            `torch.randn_like(batch) * sigma`, fp32, `torch.no_grad`, predictions
            `.argmax(1)` moved to the CPU and counted with numpy per batch (`_count_arr`).
-engine     pipeline.engine.VoteCounter on pipeline.inference.optimize_for_inference(model):
+engine     pipeline.sampling.engine.VoteCounter on pipeline.sampling.inference.optimize_for_inference(model):
            samples of several images share forward batches, noise is written into a reused
            buffer, votes are counted on the device, torch.inference_mode, BatchNorm folded
            into the convolutions, channels-last memory, and mixed precision with --amp (GPU).
@@ -86,14 +86,14 @@ class Reference:
 class Engine:
     def __init__(self, model, sigma: float, num_classes: int, batch: int, device: torch.device, amp: bool,
                  optimize: bool) -> None:
-        from pipeline.engine import VoteCounter
-        from pipeline.inference import optimize_for_inference
+        from pipeline.sampling.engine import VoteCounter
+        from pipeline.sampling.inference import optimize_for_inference
 
         model = optimize_for_inference(model, device) if optimize else model.to(device).eval()
         self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp)
 
     def certify_all(self, images: torch.Tensor, n0: int, n: int) -> None:
-        from pipeline.noise import SampleRequest
+        from pipeline.sampling.noise import SampleRequest
 
         requests = [SampleRequest(0, i, phase, num) for i in range(len(images))
                     for phase, num in (("selection", n0), ("estimation", n))]
@@ -111,7 +111,7 @@ def build_denoiser(name: str, sigma: float, dataset: str | None, size: int):
     if not Path(name).exists():
         return build_model(name)
     from pipeline.data import DataDescription
-    from pipeline.model_pair import ModelBytes, load_denoiser_bytes
+    from pipeline.certify.pair import ModelBytes, load_denoiser_bytes
 
     model, _ = load_denoiser_bytes(ModelBytes.read_denoiser(name), DataDescription(dataset, None, (size, size)), sigma)
     return model

@@ -30,7 +30,7 @@ MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
 
 
 def config(output: Path, images: int, actors: int):
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
     from pipeline.config import parse_config
 
     return parse_config(CertifyConfig, {
@@ -56,13 +56,13 @@ class Counting:
     def __init__(self, classifier: bytes, denoiser: bytes, info, data, settings) -> None:
         import torch
 
-        from pipeline.model_pair import ModelBytes, PairCounter
+        from pipeline.certify.pair import ModelBytes, PairCounter
 
         torch.set_num_threads(1)
         self.counter = PairCounter(ModelBytes("f", classifier), ModelBytes("d", denoiser), info, data, **settings)
 
     def __call__(self, batch: dict) -> dict:
-        from pipeline.noise import SampleRequest
+        from pipeline.sampling.noise import SampleRequest
 
         rows = []
         for image_id, image, seed, n0, n, chunk in zip(batch["image_id"], batch["image"], batch["seed"],
@@ -76,8 +76,8 @@ class Counting:
 
 def run_ray_data(images: int, actors: int) -> float:
     """Certify the same images with Ray Data; parts are written as batches come back."""
-    from pipeline.model_pair import ModelBytes, load_pair
-    from pipeline.storage import write_votes
+    from pipeline.certify.pair import ModelBytes, load_pair
+    from pipeline.runs.storage import write_votes
 
     cfg = config(Path("unused"), images, actors)
     split = cfg.open_split()

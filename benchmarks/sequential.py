@@ -98,7 +98,7 @@ def certified_at(certs, r: float) -> set[int]:
 
 def run_cifar(args, ledger: Ledger) -> tuple[list[dict], dict]:
     from jobs.certify import certify
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
 
     ids = cifar_ids(args.images)
     classifier, denoiser = args.models / "classifier.pt", args.models / args.denoiser

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binom, norm
 
-from pipeline.sequential import SELECTION, ChunkVotes, SequentialCertifier, SequentialTest
-from pipeline.smoothing import lower_confidence_bounds
+from pipeline.stats.sequential import SELECTION, ChunkVotes, SequentialCertifier, SequentialTest
+from pipeline.stats.smoothing import lower_confidence_bounds
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference-logs"
 COHEN = REF / "cohen2019/certify/cifar10/resnet110/noise_0.25/test/sigma_0.25"

@@ -2,7 +2,7 @@
 
 A thin front over the library and the jobs, so that a notebook and the `dsmooth` command
 line run the very same code -- the same model checks, the same settings validation, the
-same CERTIFY / PREDICT (`pipeline.smoothing`) and the same reducer:
+same CERTIFY / PREDICT (`pipeline.stats.smoothing`) and the same reducer:
 
     import dsmooth
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.engine import Smooth
-from pipeline.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
+from pipeline.sampling.engine import Smooth
+from pipeline.stats.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
 
 __all__ = [
     "ABSTAIN",
@@ -68,7 +68,7 @@ def load_model(
     gs:// URIs. Raises CheckpointError / CheckpointMismatchError / DataMismatchError."""
     from pipeline.config import Sigma, check_value
     from pipeline.data import dataset_spec
-    from pipeline.model_pair import ModelBytes, load_pair
+    from pipeline.certify.pair import ModelBytes, load_pair
 
     spec = dataset_spec(dataset)
     if spec is None or spec.name != dataset:
@@ -101,7 +101,7 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
     resumes like the command's: images already there are not sampled again.
     """
     from jobs.certify import certify as run_job
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
     from pipeline.config import load_config
 
     outcome = run_job(load_config(CertifyConfig, config, settings), address=address)
@@ -110,7 +110,7 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
 
 def _settings_help() -> str:
     """certify()'s settings, from the fields that declare them (never a second list)."""
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
 
     lines = []
     for name, field in CertifyConfig.model_fields.items():

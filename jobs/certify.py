@@ -40,7 +40,7 @@ log = logging.getLogger("dsmooth")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.options import add_settings_arguments
-    from pipeline.certify_plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
+    from pipeline.certify.plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
     from pipeline.settings import SEQUENTIAL_GROUP
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_settings(args: argparse.Namespace):
     """CertifyConfig from --config plus flags; errors name the field and its flag."""
     from jobs.options import load_settings as load
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
 
     return load(CertifyConfig, args)
 
@@ -75,7 +75,7 @@ class CertifyOutcome:
     alpha: float
     skipped: list[dict[str, Any]] = field(default_factory=list)
     sequential: SequentialSummary | None = None
-    decisions: Any = None  # a sequential run's pipeline.sequential.SequentialDecisions, rows = `selected`
+    decisions: Any = None  # a sequential run's pipeline.stats.sequential.SequentialDecisions, rows = `selected`
 
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
@@ -170,7 +170,7 @@ class Prepared:
 
     @property
     def identity(self) -> dict[str, Any]:
-        from pipeline.certify_plan import certify_identity
+        from pipeline.certify.plan import certify_identity
 
         return certify_identity(self.config, self.split, self.info)
 
@@ -181,7 +181,7 @@ class Prepared:
 
     def conflicts(self) -> dict[str, tuple[Any, Any]]:
         """setting -> (the existing run's value, this config's) that would refuse the resume."""
-        from pipeline.storage import run_differences
+        from pipeline.runs.storage import run_differences
 
         return run_differences(self.config.output, self.identity)
 
@@ -209,7 +209,7 @@ def certify(config: Any, address: str | None = None, *, prepared: Prepared | Non
 
 def _check_models(config, selected):
     """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
-    from pipeline.model_pair import ModelBytes, load_pair
+    from pipeline.certify.pair import ModelBytes, load_pair
 
     classifier = ModelBytes.read(config.classifier)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
@@ -219,11 +219,11 @@ def _check_models(config, selected):
 
 
 def _certify(config, address, split, selected, classifier, denoiser, info) -> CertifyOutcome:
-    from pipeline.certify_plan import certify_identity
+    from pipeline.certify.plan import certify_identity
     from pipeline.config import to_dict
-    from pipeline.fs import Location
-    from pipeline.runlock import exclusive_run
-    from pipeline.storage import open_run, update_run_record
+    from pipeline.runs.fs import Location
+    from pipeline.runs.lock import exclusive_run
+    from pipeline.runs.storage import open_run, update_run_record
 
     output = Location.of(config.output)
     identity = certify_identity(config, split, info)
@@ -252,7 +252,7 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
 
 def _pending(config, selected) -> list[Any]:
     """Records of `selected` without votes for every phase in the run at config.output."""
-    from pipeline.storage import completed_images
+    from pipeline.runs.storage import completed_images
 
     done = completed_images(config.output, [phase for phase, _ in config.phases()])
     return [r for r in selected.records if r.image_id not in done]
@@ -260,7 +260,7 @@ def _pending(config, selected) -> list[Any]:
 
 def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:
     from actors.pool import drive
-    from pipeline.certify_plan import default_shard_size, plan_shards
+    from pipeline.certify.plan import default_shard_size, plan_shards
 
     with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, counter):
         shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), pool.demand.actors)
@@ -332,15 +332,15 @@ def _model_pool(config, address, selected, classifier, denoiser, info) -> Iterat
 
 
 def _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease) -> CertifyOutcome:
-    """A sequential run (`pipeline.sequential`): replay the stored chunk votes, then sample the
+    """A sequential run (`pipeline.stats.sequential`): replay the stored chunk votes, then sample the
     undecided images chunk by chunk until each is decided (see `_SequentialDriver`)."""
     import numpy as np
 
     from actors.pool import drive
-    from pipeline.fs import Location
-    from pipeline.sequential import SequentialTest, replay
-    from pipeline.sequential_run import ChunkScheduler, chunk_votes_from_rows
-    from pipeline.storage import read_votes, update_run_record
+    from pipeline.runs.fs import Location
+    from pipeline.stats.sequential import SequentialTest, replay
+    from pipeline.certify.schedule import ChunkScheduler, chunk_votes_from_rows
+    from pipeline.runs.storage import read_votes, update_run_record
 
     output = Location.of(config.output)
     records = selected.records
@@ -397,7 +397,7 @@ class _SequentialDriver:
     def items(self) -> Iterator[tuple[int, Any] | None]:
         import ray
 
-        from pipeline.certify_plan import chunk_requests
+        from pipeline.certify.plan import chunk_requests
 
         key = 0
         while not self.scheduler.finished:
@@ -434,8 +434,8 @@ class _SequentialDriver:
     def write(self, key: int, result: Any) -> None:
         import numpy as np
 
-        from pipeline.certify_plan import vote_rows
-        from pipeline.storage import write_votes
+        from pipeline.certify.plan import vote_rows
+        from pipeline.runs.storage import write_votes
 
         counts, compute_s, worker = result
         tasks, requests = self.pending.pop(key)
@@ -501,7 +501,7 @@ class _ShardWriter:
     def items(self, shards, skipped: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
         import ray
 
-        from pipeline.certify_plan import Shard, shard_requests
+        from pipeline.certify.plan import Shard, shard_requests
         from pipeline.data import DatasetError
 
         for shard in shards:
@@ -525,7 +525,7 @@ class _ShardWriter:
     def _submit(self, shard, images) -> Iterator[tuple[int, Any]]:
         import ray
 
-        from pipeline.certify_plan import shard_requests
+        from pipeline.certify.plan import shard_requests
 
         requests = shard_requests(shard, self.config)
         images_ref = ray.put(images)
@@ -534,8 +534,8 @@ class _ShardWriter:
         yield key, lambda actor, r=requests, ref=images_ref: actor.count.remote(r, ref, counter, key)
 
     def write(self, key: int, result: Any) -> None:
-        from pipeline.certify_plan import vote_rows
-        from pipeline.storage import write_votes
+        from pipeline.certify.plan import vote_rows
+        from pipeline.runs.storage import write_votes
 
         counts, compute_s, worker = result
         shard, requests = self.pending.pop(key)
@@ -570,7 +570,7 @@ class _ShardWriter:
 
 def _warn_relative_output(output: str) -> None:
     """Inside `ray job submit --working-dir`, a relative path lands in a temporary folder."""
-    from pipeline.fs import is_uri
+    from pipeline.runs.fs import is_uri
 
     in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor
     if in_submitted_job and not is_uri(output) and not os.path.isabs(output):

@@ -74,9 +74,9 @@ def certify_api(config: Any, address: str | None = None, dry_run: bool = False, 
     from pipeline.apis.prepare import api_identity, load_denoiser, select_images
     from pipeline.apis.querylog import compact
     from pipeline.apis.runstate import RunState, Summary, format_summary
-    from pipeline.fs import Location
-    from pipeline.runlock import exclusive_run
-    from pipeline.storage import open_run
+    from pipeline.runs.fs import Location
+    from pipeline.runs.lock import exclusive_run
+    from pipeline.runs.storage import open_run
 
     out = out or sys.stdout
     split, dataset = select_images(config)
@@ -149,7 +149,7 @@ def _write_spend_record(run_dir: Any, price: float) -> None:
     """RUN/spend.json: what each invocation sent and owes, recomputed from the journal (so an
     invocation that was killed appears too)."""
     from pipeline.apis.querylog import read_calls
-    from pipeline.storage import write_json
+    from pipeline.runs.storage import write_json
 
     calls = read_calls(run_dir)
     invocations = []
@@ -281,7 +281,7 @@ class _SequentialWork:
     that got no answer after every retry waits for the next invocation."""
 
     def __init__(self, config: Any, dataset: Any, state: Any, record: dict) -> None:
-        from pipeline.sequential import SequentialTest
+        from pipeline.stats.sequential import SequentialTest
 
         self.config, self.dataset, self.state, self.record = config, dataset, state, record
         self.test = SequentialTest.from_settings(config)
@@ -298,7 +298,7 @@ class _SequentialWork:
         flight per undecided image (growth 0, nothing ahead), so no query is paid after a
         decision."""
         from pipeline.apis.sequential import api_certifier
-        from pipeline.sequential_run import ChunkScheduler
+        from pipeline.certify.schedule import ChunkScheduler
 
         self.certifier = api_certifier(self.test, [self._answers(row) for row in range(self.total)])
         self.scheduler = ChunkScheduler(self.certifier, growth=0.0, ahead=1)
@@ -324,7 +324,7 @@ class _SequentialWork:
     def _write_missing_rows(self) -> None:
         """Chunks answered in full whose vote rows are missing (a kill in between): write them."""
         from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label
-        from pipeline.storage import read_votes, write_votes
+        from pipeline.runs.storage import read_votes, write_votes
 
         stored = read_votes(self.state.run_dir)
         have = set(zip(stored["image_id"], stored["chunk"])) if not stored.empty else set()
@@ -404,7 +404,7 @@ class _SequentialWork:
     def _accept(self, row: int, chunk: int) -> int:
         """An answered chunk: its vote row to Parquet, then its votes to the certifier."""
         from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label, label_votes
-        from pipeline.storage import write_votes
+        from pipeline.runs.storage import write_votes
 
         answers = self._answers(row)
         complete = chunk_answers(self.test, answers, chunk)

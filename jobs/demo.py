@@ -130,11 +130,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """Check every option and each run's fit with what --output already holds, and load
     the models -- all before Ray starts, so a bad or conflicting option costs seconds."""
     from jobs import certify
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
     from pipeline.config import ConfigError, parse_config
     from pipeline.data import open_dataset
-    from pipeline.fs import Location
-    from pipeline.storage import check_writable
+    from pipeline.runs.fs import Location
+    from pipeline.runs.storage import check_writable
 
     sample = open_dataset("cifar10", SAMPLE, "test")
     if not 1 <= args.images <= len(sample):
@@ -189,7 +189,7 @@ def _remove_runs(output: Path) -> None:
     """--fresh: delete the demo's own run directories (a folder without a run record is kept)."""
     import shutil
 
-    from pipeline.storage import RUN_FILE
+    from pipeline.runs.storage import RUN_FILE
 
     for setting in SETTINGS + [DIFFUSION]:
         folder = output / setting.slug
@@ -224,9 +224,9 @@ def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, coun
     import torch
 
     from pipeline.figures import image_grid, save_png
-    from pipeline.model_pair import ModelBytes, load_from_bytes
+    from pipeline.certify.pair import ModelBytes, load_from_bytes
     from pipeline.models import load_checkpoint
-    from pipeline.noise import Chunk, chunk_noise
+    from pipeline.sampling.noise import Chunk, chunk_noise
 
     positions = range(0, len(sample), max(1, len(sample) // count))[:count]
     clean = torch.stack([sample[i][1] for i in positions])

@@ -72,7 +72,7 @@ def _path_text(value: Any) -> Any:
 
 
 def _known_scheme(value: str) -> str:
-    from pipeline.fs import Location
+    from pipeline.runs.fs import Location
 
     Location.of(value)  # an unknown scheme (ftp://...) is refused here, before any work
     return value

@@ -26,7 +26,7 @@ from pipeline.config import (
     Where,
     option,
 )
-from pipeline.fs import Location
+from pipeline.runs.fs import Location
 from pipeline.data.core import ImageDataset
 from pipeline.data.sources import DatasetKind, open_dataset
 
@@ -126,13 +126,13 @@ class SmoothingSettings(Settings):
         return self
 
 
-SEQUENTIAL_GROUP = "sequential certification (anytime-valid; see pipeline/sequential.py)"
+SEQUENTIAL_GROUP = "sequential certification (anytime-valid; see pipeline/stats/sequential.py)"
 # Settings that mean nothing without `sequential`: giving one alone is a mistake, not a no-op.
 SEQUENTIAL_ONLY = ("radius", "n_max", "tolerance", "futility_alpha", "selection_alpha", "certify_class")
 
 
 class SequentialSettings(Settings):
-    """Sequential certification (`pipeline.sequential`): each image is sampled chunk by chunk
+    """Sequential certification (`pipeline.stats.sequential`): each image is sampled chunk by chunk
     (`chunk_size`) and stops as soon as an anytime-valid test at level `alpha` decides it.
 
     Mixed into a job's settings next to SmoothingSettings, whose `sigma`, `alpha`, `n0` (the

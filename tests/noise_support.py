@@ -1,6 +1,6 @@
 """Noise and counts computed from first principles, to check the samplers against.
 
-Deliberately not through `pipeline.noise`: a sample's noise is defined as N(0, sigma^2 I)
+Deliberately not through `pipeline.sampling.noise`: a sample's noise is defined as N(0, sigma^2 I)
 drawn by a torch CPU generator seeded with SeedSequence([seed, image, phase, chunk]) >> 1,
 chunk k holding samples [k * chunk_size, (k + 1) * chunk_size) of the phase.
 """

@@ -29,7 +29,7 @@ from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
 from pipeline.apis.prepare import load_job_config
 from pipeline.apis.querylog import read_query_log
-from pipeline.storage import read_votes
+from pipeline.runs.storage import read_votes
 
 IDS = [RGB_IDS[0], GRAY_IDS[1]]
 NEEDED = len(IDS) * (1 + 5 + 20)

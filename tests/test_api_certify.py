@@ -25,8 +25,8 @@ from pipeline.apis.prepare import load_job_config
 from pipeline.apis.querylog import read_query_log, votes_from_queries
 from pipeline.config import ConfigError
 from pipeline.reduce.votes import load_run
-from pipeline.smoothing import ABSTAIN, certify_counts
-from pipeline.storage import read_votes
+from pipeline.stats.smoothing import ABSTAIN, certify_counts
+from pipeline.runs.storage import read_votes
 
 IDS = [RGB_IDS[0], GRAY_IDS[0], RGB_IDS[1]]
 QUERIES_PER_IMAGE = 1 + 5 + 20  # clean + n0 + n

@@ -21,7 +21,7 @@ from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
 from pipeline.apis.journal import segments
 from pipeline.apis.querylog import CALLS, read_calls, spend
-from pipeline.storage import read_votes
+from pipeline.runs.storage import read_votes
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = [RGB_IDS[0], GRAY_IDS[1], RGB_IDS[1]]
@@ -141,7 +141,7 @@ def test_the_rate_limit_holds_in_every_second_across_actors(emulator, tmp_path):
 
 
 def test_a_run_held_by_another_job_is_refused_in_one_line(emulator, tmp_path, capsys):
-    from pipeline.runlock import exclusive_run
+    from pipeline.runs.lock import exclusive_run
 
     config = write_config(tmp_path / "c.yaml", emulator.url, tmp_path / "run")
     with exclusive_run(tmp_path / "run", "the other job"):

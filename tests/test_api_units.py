@@ -44,14 +44,14 @@ from pipeline.apis.querylog import (
 )
 from pipeline.apis.ratelimit import LATE_S, RateLimiter, start_at
 from pipeline.apis.retry import backoff_delay
-from pipeline.runlock import RunLockedError, exclusive_run
+from pipeline.runs.lock import RunLockedError, exclusive_run
 from pipeline.apis.sampling import noisy_images
 from pipeline.apis.secrets import describe, scrub
 from pipeline.config import ConfigError
-from pipeline.noise import SampleRequest
+from pipeline.sampling.noise import SampleRequest
 
 from noise_support import direct_noise
-from pipeline.storage import RunMismatchError
+from pipeline.runs.storage import RunMismatchError
 
 # -- secrets ---------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import yaml
 
 from jobs.cli import main as cli_main
 from jobs.options import flags
-from pipeline.certify_plan import (
+from pipeline.certify.plan import (
     CertifyConfig,
     Shard,
     certify_identity,
@@ -40,12 +40,12 @@ from pipeline.certify_plan import (
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
 from pipeline.data.core import ImageRecord
-from pipeline.inference import optimize_for_inference
-from pipeline.model_pair import ModelBytes, ModelIdentity, PairCounter, PairInfo, load_pair
+from pipeline.sampling.inference import optimize_for_inference
+from pipeline.certify.pair import ModelBytes, ModelIdentity, PairCounter, PairInfo, load_pair
 from pipeline.models import DataMismatchError, ModelMeta, build_model, compose, file_sha256, save_checkpoint
-from pipeline.noise import SampleRequest
-from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
-from pipeline.storage import VOTE_SCHEMA, read_votes, vote_parts
+from pipeline.sampling.noise import SampleRequest
+from pipeline.stats.smoothing import ABSTAIN, certify_counts, predict_counts
+from pipeline.runs.storage import VOTE_SCHEMA, read_votes, vote_parts
 
 from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
 from noise_support import direct_counts
@@ -339,7 +339,7 @@ def test_optimized_model_gives_the_same_predictions():
 
 
 def test_pipeline_does_not_import_ray():
-    code = ("import sys, pipeline.certify_plan, pipeline.model_pair, pipeline.inference, pipeline.engine; "
+    code = ("import sys, pipeline.certify.plan, pipeline.certify.pair, pipeline.sampling.inference, pipeline.sampling.engine; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
@@ -506,7 +506,7 @@ def test_job_submission_writes_complete_recomputable_votes(uninterrupted, cifar_
     for part in vote_parts(output):
         rows = pq.read_table(part).to_pandas()
         assert (rows.groupby("image_id").phase.nunique() == 2).all()
-    # Certificates from the Parquet counts agree with pipeline.smoothing, and make sense.
+    # Certificates from the Parquet counts agree with pipeline.stats.smoothing, and make sense.
     votes = read_votes(output)
     certificates = {}
     for image_id, rows in votes.groupby("image_id"):
@@ -670,7 +670,7 @@ def test_object_storage_run_resumes_and_reduces(capsys, monkeypatch, ray_cluster
                                                 checkpoints, tmp_path):
     """Data, checkpoints and votes on S3 (moto's server on 127.0.0.1): the run resumes there
     with the same counts as a local run, and `dsmooth reduce s3://...` reads it."""
-    from pipeline.fs import Location
+    from pipeline.runs.fs import Location
     from s3_support import new_bucket
 
     bucket = new_bucket()
@@ -701,7 +701,7 @@ def test_object_storage_run_resumes_and_reduces(capsys, monkeypatch, ray_cluster
 def test_bad_images_can_be_skipped_and_are_listed(capsys, ray_cluster, cifar_root, checkpoints, tmp_path):
     """--on-bad-image skip: the unreadable file is named in the summary and run.json, the
     others are certified; the default (fail) stops with the file named."""
-    from pipeline.storage import read_run_record
+    from pipeline.runs.storage import read_run_record
 
     folder = tmp_path / "images"
     folder.mkdir()

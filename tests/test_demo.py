@@ -174,7 +174,7 @@ def test_demo_checks_every_option_before_ray(argv, flag, tmp_path, capsys):
 def _previous_run(output: Path, argv: list[str]) -> None:
     """What an earlier `dsmooth demo argv` leaves behind before its first vote: the run
     records, written by the function `dsmooth certify` writes them with."""
-    from pipeline.storage import open_run
+    from pipeline.runs.storage import open_run
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
@@ -202,7 +202,7 @@ def test_demo_conflicting_option_is_one_line_before_ray_and_fresh_starts_over(tm
         record = json.loads((output / setting.slug / "run.json").read_text())
         assert (record["identity"]["n0"], record["identity"]["n"]) == (5, 50)
     from pipeline.data import open_dataset
-    from pipeline.storage import read_votes
+    from pipeline.runs.storage import read_votes
 
     fresh = set(demo.demo_ids(open_dataset("cifar10", SAMPLE, "test"), 2))
     for setting in SETTINGS:

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from pipeline.data import open_dataset
-from pipeline.model_pair import ModelBytes, load_denoiser_bytes, load_pair
+from pipeline.certify.pair import ModelBytes, load_denoiser_bytes, load_pair
 from pipeline.models import (
     CheckpointError,
     DataMismatchError,
@@ -254,7 +254,7 @@ def test_not_a_diffusers_folder_is_named(tmp_path):
 
 
 def test_batchnorm_folding_traces_around_the_diffusion_denoiser(tmp_path):
-    from pipeline.inference import optimize_for_inference
+    from pipeline.sampling.inference import optimize_for_inference
 
     save_tiny_diffusers(tmp_path / "m")
     pair, _ = load_pair(ModelBytes.read(ASSETS / "classifier.pt"), ModelBytes.read_denoiser(tmp_path / "m"),

@@ -15,8 +15,8 @@ import torch
 
 from api_support import GRAY_IDS, install_fake_credentials, job_config, normalise, oracle_labels, top_labels_in_log
 from jobs.cli import main as cli_main
-from pipeline.model_pair import ModelBytes, load_denoiser_bytes
-from pipeline.storage import read_votes
+from pipeline.certify.pair import ModelBytes, load_denoiser_bytes
+from pipeline.runs.storage import read_votes
 
 pytest.importorskip("diffusers")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine import SmoothedClassifier, VoteCounter
-from pipeline.noise import Chunk, SampleRequest, chunk_noise, chunk_seed
-from pipeline.smoothing import ABSTAIN, certify_matrix
+from pipeline.sampling.engine import SmoothedClassifier, VoteCounter
+from pipeline.sampling.noise import Chunk, SampleRequest, chunk_noise, chunk_seed
+from pipeline.stats.smoothing import ABSTAIN, certify_matrix
 
 from noise_support import direct_counts
 

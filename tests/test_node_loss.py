@@ -61,7 +61,7 @@ def classifier(tmp_path_factory) -> Path:
 
 
 def certify_config(cifar: Path, classifier: Path, output: Path):
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
 
     return parse_config(CertifyConfig, {
         "dataset": "cifar10", "data_root": str(cifar), "classifier": str(classifier), "sigma": 0.25,
@@ -131,7 +131,7 @@ def test_certify_api_survives_the_loss_of_a_worker_node(cluster, tmp_path):
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
     from pipeline.apis.prepare import load_job_config
-    from pipeline.storage import read_votes
+    from pipeline.runs.storage import read_votes
 
     head, workers = cluster
     while len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]) < 2:

@@ -1,7 +1,7 @@
 """`import dsmooth`: the documented Python API, on the shipped models, real Ray and real Parquet.
 
 The API is a front over the library and the jobs, so each test checks it against the code it
-must call: `Smooth` against the engine's counts and `pipeline.smoothing`'s CERTIFY/PREDICT,
+must call: `Smooth` against the engine's counts and `pipeline.stats.smoothing`'s CERTIFY/PREDICT,
 `dsmooth.certify` against the run directory it wrote (reduced by `dsmooth.reduce`) and
 against `Smooth` at the same noise addresses; and the README's example is executed.
 """
@@ -21,10 +21,10 @@ import dsmooth
 from jobs.demo import MODELS, SAMPLE
 from pipeline.config import ConfigError
 from pipeline.data import open_dataset
-from pipeline.engine import SmoothedClassifier, VoteCounter
+from pipeline.sampling.engine import SmoothedClassifier, VoteCounter
 from pipeline.models import CheckpointMismatchError, DataMismatchError
-from pipeline.noise import SampleRequest
-from pipeline.smoothing import certify_counts, predict_counts
+from pipeline.sampling.noise import SampleRequest
+from pipeline.stats.smoothing import certify_counts, predict_counts
 
 from test_certify_job import cifar_root  # noqa: F401 - fixture: 20 CIFAR-10 test images from ../shared/data
 
@@ -51,9 +51,9 @@ def test_package_surface():
     assert dsmooth.ABSTAIN == -1 == dsmooth.Smooth.ABSTAIN
     for name in dsmooth.__all__:
         assert hasattr(dsmooth, name), name
-    # the statistics are pipeline.smoothing's, not a second copy
+    # the statistics are pipeline.stats.smoothing's, not a second copy
     assert dsmooth.certify_counts is certify_counts and dsmooth.predict_counts is predict_counts
-    assert dsmooth.Smooth.__module__ == "pipeline.engine"
+    assert dsmooth.Smooth.__module__ == "pipeline.sampling.engine"
 
 
 def test_load_model_checks_what_the_cli_checks(model):
@@ -74,7 +74,7 @@ def test_load_model_checks_what_the_cli_checks(model):
 
 def test_smooth_is_the_engine_and_pipeline_smoothing(model, images):
     """Cohen's calls on the batched engine: the k-th call samples image address k; the
-    decision is pipeline.smoothing's on the engine's counts; batch size changes nothing."""
+    decision is pipeline.stats.smoothing's on the engine's counts; batch size changes nothing."""
     seed = 3
     smoothed = dsmooth.Smooth(model, 10, SIGMA, batch_size=64, seed=seed)
     x = images[0]

@@ -33,8 +33,8 @@ from pipeline.reduce import (
     sigma_from_path,
 )
 from pipeline.reduce.plots import MARKER_GID, certified_accuracy_figure
-from pipeline.smoothing import ABSTAIN, certify_counts, predict_counts
-from pipeline.storage import open_run, write_votes
+from pipeline.stats.smoothing import ABSTAIN, certify_counts, predict_counts
+from pipeline.runs.storage import open_run, write_votes
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT.parent / "shared" / "data" / "reference-logs"

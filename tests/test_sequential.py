@@ -19,7 +19,7 @@ import pytest
 from scipy import integrate
 from scipy.stats import norm
 
-from pipeline.confidence_sequences import (
+from pipeline.stats.confidence_sequences import (
     failure_thresholds,
     log_evidence_above,
     log_evidence_below,
@@ -28,7 +28,7 @@ from pipeline.confidence_sequences import (
     upper_confidence_sequence,
 )
 from pipeline.config import ConfigError, option, parse_config
-from pipeline.sequential import (
+from pipeline.stats.sequential import (
     ESTIMATION,
     SELECTION,
     ChunkVotes,
@@ -40,7 +40,7 @@ from pipeline.sequential import (
     replay,
 )
 from pipeline.settings import ChunkSize, EstimationSamples, SelectionSamples, SequentialSettings, SmoothingSettings
-from pipeline.smoothing import ABSTAIN, lower_confidence_bounds
+from pipeline.stats.smoothing import ABSTAIN, lower_confidence_bounds
 
 TRIALS = 20_000
 SIGMA = 0.25

@@ -20,10 +20,10 @@ import pytest
 
 from cifar_support import extract_two_per_class
 from jobs.cli import main as cli_main
-from pipeline.certify_plan import CertifyConfig, certify_identity
-from pipeline.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
-from pipeline.sequential_run import ChunkScheduler, chunk_votes_from_rows
-from pipeline.storage import VOTE_SCHEMA, RunMismatchError, open_run, read_votes, vote_parts
+from pipeline.certify.plan import CertifyConfig, certify_identity
+from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
+from pipeline.certify.schedule import ChunkScheduler, chunk_votes_from_rows
+from pipeline.runs.storage import VOTE_SCHEMA, RunMismatchError, open_run, read_votes, vote_parts
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
@@ -115,7 +115,7 @@ def test_flags_without_sequential_or_out_of_reach_are_one_line_errors(capsys, tm
 
 def test_identity_holds_sequential_settings_and_alpha_only_when_sequential(tmp_path, cifar_root):
     from pipeline.data import open_dataset
-    from pipeline.model_pair import ModelBytes, load_pair
+    from pipeline.certify.pair import ModelBytes, load_pair
 
     split = open_dataset("cifar10", cifar_root, "test")
     _, info = load_pair(ModelBytes.read(MODELS / "classifier.pt"), ModelBytes.read(MODELS / "denoiser_mse_s0.25.pt"),
@@ -222,7 +222,7 @@ def test_resume_after_lost_votes_gives_identical_decisions(local_ray, uninterrup
     the same decisions, and a finished run is left as it is."""
     import shutil
 
-    from pipeline.storage import write_votes
+    from pipeline.runs.storage import write_votes
 
     reference_dir, reference = uninterrupted
     output = tmp_path / "run"

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import beta, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from pipeline.smoothing import (
+from pipeline.stats.smoothing import (
     ABSTAIN,
     certified_radius,
     certify_counts,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fs import Location, StorageError
+from pipeline.runs.fs import Location, StorageError
 from pipeline.progress import Progress, format_duration
-from pipeline.runlock import LeaseLost, RunLease, RunLockedError, exclusive_run
-from pipeline.storage import (
+from pipeline.runs.lock import LeaseLost, RunLease, RunLockedError, exclusive_run
+from pipeline.runs.storage import (
     CorruptPartError,
     RunMismatchError,
     completed_images,
@@ -111,7 +111,7 @@ def test_resume_refuses_other_settings(run_dir):
 def test_unknown_schemes_are_refused():
     with pytest.raises(StorageError, match="unknown storage scheme 'ftp'"):
         Location.of("ftp://host/runs/x")
-    from pipeline.certify_plan import CertifyConfig
+    from pipeline.certify.plan import CertifyConfig
     from pipeline.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="'output': unknown storage scheme 'hdfs'"):
@@ -148,7 +148,7 @@ def test_run_files_respect_the_umask(tmp_path):
     """Files of a run on shared storage are as readable as the umask allows (not 0600)."""
     code = (
         "import os, sys; os.umask(0o002); sys.path.insert(0, sys.argv[2]);"
-        "from pipeline.storage import open_run, write_votes;"
+        "from pipeline.runs.storage import open_run, write_votes;"
         "open_run(sys.argv[1], {'sigma': 0.25});"
         "write_votes(sys.argv[1], [{'image_id': 0, 'phase': 'selection', 'counts': [1], 'n': 1}])"
     )
@@ -163,7 +163,7 @@ def test_run_files_respect_the_umask(tmp_path):
 HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from pipeline.runlock import exclusive_run
+from pipeline.runs.lock import exclusive_run
 with exclusive_run(sys.argv[1], "holder", lease_s=float(sys.argv[3])):
     print("held", flush=True)
     time.sleep(float(sys.argv[4]))

@@ -43,7 +43,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.data import open_dataset
-    from pipeline.model_pair import ModelBytes, load_pair
+    from pipeline.certify.pair import ModelBytes, load_pair
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

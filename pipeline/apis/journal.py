@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pipeline.fs import Location, StorageError
+from pipeline.runs.fs import Location, StorageError
 
 log = logging.getLogger("dsmooth")
 

@@ -25,7 +25,7 @@ from pipeline.apis.budget import Budget, BudgetSnapshot
 from pipeline.apis.journal import Journal
 from pipeline.apis.querylog import OK, answer_record, sent_record
 from pipeline.apis.ratelimit import RateLimiter
-from pipeline.fs import Location
+from pipeline.runs.fs import Location
 
 QueryKey = tuple[int, str, int]  # (image id, phase, sample)
 

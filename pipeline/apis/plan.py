@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from pipeline.noise import Chunk, SampleRequest
+from pipeline.sampling.noise import Chunk, SampleRequest
 
 CLEAN = "clean"
 PHASES: tuple[str, ...] = (CLEAN, "selection", "estimation")

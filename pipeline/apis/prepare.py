@@ -10,7 +10,7 @@ from pipeline.apis.config import CertifyApiConfig
 from pipeline.apis.secrets import scrub
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import ImageDataset
-from pipeline.run_identity import run_identity
+from pipeline.runs.identity import run_identity
 
 ENCODING = "png-uint8"
 
@@ -31,7 +31,7 @@ def load_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any
     checks it (kind, data set, sigma); the API actors load it from the bytes. A diffusers
     folder or guided-diffusion file is converted as `dsmooth certify` converts it, so its
     identity is the SHA-256 of the converted checkpoint."""
-    from pipeline.model_pair import ModelBytes, load_denoiser_bytes
+    from pipeline.certify.pair import ModelBytes, load_denoiser_bytes
     from pipeline.models import CheckpointError
 
     try:
@@ -47,7 +47,7 @@ def api_identity(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(identity, extra) for storage.open_run.
 
-    The identity (`pipeline.run_identity`) holds what changes the answers: provider and model,
+    The identity (`pipeline.runs.identity`) holds what changes the answers: provider and model,
     data set, noise, n0/n, denoiser, encoding. The endpoint, limits and image selection only
     change how or how much, so a rerun may raise the budget, certify more images or move the
     endpoint.

@@ -28,8 +28,8 @@ import pyarrow as pa
 from pipeline.apis import journal
 from pipeline.apis.billing import billable
 from pipeline.apis.plan import CLEAN, Key, phase_sizes
-from pipeline.fs import Location
-from pipeline.storage import PartStream, read_run_record
+from pipeline.runs.fs import Location
+from pipeline.runs.storage import PartStream, read_run_record
 
 QUERIES_DIR = "queries"
 OK = "ok"

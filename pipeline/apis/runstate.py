@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.apis.plan import Key, WorkUnit, needed_keys, plan_image
 from pipeline.apis.querylog import OK, Spend, read_query_log, vote_rows
-from pipeline.fs import Location
-from pipeline.storage import completed_images, write_votes
+from pipeline.runs.fs import Location
+from pipeline.runs.storage import completed_images, write_votes
 
 log = logging.getLogger("dsmooth")
 

@@ -1,7 +1,7 @@
 """The images queried for an image's samples: x + delta, optionally denoised.
 
 Sample k of a phase takes row k % chunk_size of noise chunk k // chunk_size, drawn by
-`pipeline.noise` from its address (seed, image id, phase, chunk) exactly as the local engine
+`pipeline.sampling.noise` from its address (seed, image id, phase, chunk) exactly as the local engine
 draws it (`SampleRequest.chunk_of` finds the chunk of any sample): so a resumed run
 re-creates the very same noisy images, and any sample can be (re)queried alone.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.noise import Chunk, chunk_noise
+from pipeline.sampling.noise import Chunk, chunk_noise
 
 
 @torch.inference_mode()

@@ -16,8 +16,8 @@ import numpy as np
 
 from pipeline.apis.plan import CLEAN, WorkUnit
 from pipeline.apis.querylog import OK, vote_row
-from pipeline.noise import SampleRequest
-from pipeline.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, replay
+from pipeline.sampling.noise import SampleRequest
+from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, replay
 
 LABEL_COLUMN = 0  # the certifier tests column 0 of an image: "the clean answer"
 

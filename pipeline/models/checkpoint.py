@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline.atomic import atomic_open
+from pipeline.runs.atomic import atomic_open
 from pipeline.data.specs import dataset_spec
 
 from .classifiers import NormalizeLayer

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline.smoothing import max_certifiable_radius
+from pipeline.stats.smoothing import max_certifiable_radius
 
 COLUMNS = ["image_id", "label", "predict", "p_a_lower", "radius", "correct", "abstained", "time_s"]
 # Kept when an input has them: `samples`, the samples per image a sequential run's decision used.

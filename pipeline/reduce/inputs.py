@@ -19,8 +19,8 @@ from pathlib import Path
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput
 from pipeline.reduce.reference_logs import read_log
 from pipeline.reduce.votes import load_run
-from pipeline.fs import Location
-from pipeline.storage import RUN_FILE
+from pipeline.runs.fs import Location
+from pipeline.runs.storage import RUN_FILE
 
 # Files that sit beside logs but are never logs (outputs, docs, checkpoints, archives).
 NOT_LOGS = {

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.fs import Location, StorageError
+from pipeline.runs.fs import Location, StorageError
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
-from pipeline.smoothing import max_certifiable_radius
+from pipeline.stats.smoothing import max_certifiable_radius
 
 API_COLUMNS = ["idx", "correct", "radius", "label", "predict"]
 REQUIRED_TSV = {"idx", "label", "predict", "correct"}

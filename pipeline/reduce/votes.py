@@ -1,6 +1,6 @@
 """Certificates recomputed from a run's Parquet vote rows at any alpha.
 
-The decisions are `pipeline.smoothing.certify_matrix` / `predict_matrix`, the one
+The decisions are `pipeline.stats.smoothing.certify_matrix` / `predict_matrix`, the one
 implementation of CERTIFY and PREDICT, applied to every image of a run at once. Rows of
 class-index counts (models) become count matrices directly; rows of label strings (APIs)
 are mapped onto columns by `smoothing.dense_counts`, whose column order is the tie rule.
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
-from pipeline.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
-from pipeline.fs import Location
-from pipeline.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_run_record, read_votes
+from pipeline.stats.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
+from pipeline.runs.fs import Location
+from pipeline.runs.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_run_record, read_votes
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
 
@@ -50,7 +50,7 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
 
 def describe_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """What a table or plot says about a run, from its run.json identity
-    (`pipeline.run_identity`): the CERTIFY estimation count `n` (None for a PREDICT run,
+    (`pipeline.runs.identity`): the CERTIFY estimation count `n` (None for a PREDICT run,
     which certifies no radius), the `dataset` ("cifar10/test (cifar10-sample)": the split
     and the data's base name) and the `model` ("denoiser → classifier", or "→ aws API")."""
     n = identity.get("n") if identity.get("mode", "certify") == "certify" else None
@@ -283,7 +283,7 @@ def _predict(votes: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
 def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha: float, name: str = "",
                             source: str = "") -> Certificates:
     """A sequential run's certificates: every decision recomputed by `replay` of the stored
-    chunk votes (`pipeline.sequential`), one row per image that has votes, with the samples
+    chunk votes (`pipeline.stats.sequential`), one row per image that has votes, with the samples
     its decision used (column `samples`).
 
     At the run's alpha this is exactly what the run decided. At another alpha the replay is
@@ -292,8 +292,8 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     stopped: skipped with a ReduceWarning (a rerun of the job resumes them)."""
     import dataclasses
 
-    from pipeline.sequential import SequentialTest, replay
-    from pipeline.sequential_run import chunk_votes_from_rows, is_label_row
+    from pipeline.stats.sequential import SequentialTest, replay
+    from pipeline.certify.schedule import chunk_votes_from_rows, is_label_row
 
     _check_alpha(alpha)
     where = name or source or "votes"

@@ -18,9 +18,9 @@ import numpy as np
 from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
-from pipeline.model_pair import ModelIdentity, PairInfo
-from pipeline.run_identity import run_identity
-from pipeline.noise import SampleRequest
+from pipeline.certify.pair import ModelIdentity, PairInfo
+from pipeline.runs.identity import run_identity
+from pipeline.sampling.noise import SampleRequest
 from pipeline.settings import (
     ChunkSize,
     DataSelection,
@@ -81,7 +81,7 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
-    """The run identity (`pipeline.run_identity`) of a certify run with these models."""
+    """The run identity (`pipeline.runs.identity`) of a certify run with these models."""
     return run_identity(
         "certify", config, config, split,
         classifier=info.classifier.name,
@@ -150,7 +150,7 @@ def vote_rows(
     """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> requests[i]).
 
     `per_chunk` (sequential runs): every request is one noise chunk, and its row records the
-    chunk's index, so the run can be replayed chunk by chunk (`pipeline.sequential_run`).
+    chunk's index, so the run can be replayed chunk by chunk (`pipeline.certify.schedule`).
 
     `elapsed_s` is the row's share of the shard's compute time, split by samples drawn, so
     summing it over a run gives the actors' busy time.
@@ -195,7 +195,7 @@ def vote_rows(
 
 
 def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int) -> list[SampleRequest]:
-    """One one-chunk SampleRequest per `pipeline.sequential_run.ChunkTask` (image row ->
+    """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
     `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
     return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
                           stop_chunk=t.chunk + 1) for t in tasks]

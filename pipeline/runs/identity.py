@@ -67,7 +67,7 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     their resumption) do not change."""
     if not getattr(settings, "sequential", False):
         return {}
-    from pipeline.sequential import SequentialTest
+    from pipeline.stats.sequential import SequentialTest
 
     test = SequentialTest.from_settings(settings)
     return {"sequential": {**dataclasses.asdict(test), "certify_class": settings.certify_class}}  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ The reference implementation repeats *one* image `batch` times per forward pass,
 last batch of every image is short and the device idles between images. Here a forward
 batch is filled with noisy samples of *several* images back to back, votes are counted on
 the device with one `bincount`, the input buffer is reused, and mixed precision can be
-switched on for GPUs. Noise comes from `pipeline.noise`, addressed per (seed, image, phase,
+switched on for GPUs. Noise comes from `pipeline.sampling.noise`, addressed per (seed, image, phase,
 chunk) by each `SampleRequest`, so the counts do not depend on the batch size or on how
 images are grouped.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import smoothing
+from pipeline.stats import smoothing
 from pipeline.config import Sigma, check_value
-from pipeline.noise import DEFAULT_CHUNK_SIZE, SampleRequest, chunk_noise
+from pipeline.sampling.noise import DEFAULT_CHUNK_SIZE, SampleRequest, chunk_noise
 
 
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -160,7 +160,7 @@ class SmoothedClassifier:
 class Smooth:
     """Cohen et al.'s `Smooth` interface -- `certify(x, n0, n, alpha)`, `predict(x, n, alpha)`
     -- over `SmoothedClassifier`, so code written for the reference implementation runs on
-    the batched engine and the one CERTIFY / PREDICT of `pipeline.smoothing`.
+    the batched engine and the one CERTIFY / PREDICT of `pipeline.stats.smoothing`.
 
     Cohen's calls take no image id; here the k-th call (from 0) draws the noise of image
     address k, so every call gets fresh noise and a new `Smooth` with the same `seed` repeats

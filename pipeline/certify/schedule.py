@@ -1,5 +1,5 @@
 """Driving a sequential certifier from a job: which chunks to sample next, and the votes that
-come back, fed to `pipeline.sequential` in chunk order. Plain Python, shared by `certify`
+come back, fed to `pipeline.stats.sequential` in chunk order. Plain Python, shared by `certify`
 (model actors) and `certify-api` (API actors).
 
 Why a layer between the certifier and the jobs: the jobs keep many work items in flight
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.sequential import ESTIMATION, SELECTION, ChunkVotes, SequentialCertifier, Status
+from pipeline.stats.sequential import ESTIMATION, SELECTION, ChunkVotes, SequentialCertifier, Status
 
 PHASE_ORDER = (SELECTION, ESTIMATION)
 DEFAULT_GROWTH = 0.5  # pending(growth): at most ~50% of an image's samples drawn after its decision
@@ -29,7 +29,7 @@ DEFAULT_GROWTH = 0.5  # pending(growth): at most ~50% of an image's samples draw
 @dataclass(frozen=True)
 class ChunkTask:
     """One chunk to sample: chunk `chunk` of image row `row`'s `phase`, whose plan holds
-    `total` samples (that fixes the chunk's size and noise, see `pipeline.noise`)."""
+    `total` samples (that fixes the chunk's size and noise, see `pipeline.sampling.noise`)."""
 
     row: int
     phase: str

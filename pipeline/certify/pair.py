@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from pipeline.data.core import to_tensor
-from pipeline.fs import Location
+from pipeline.runs.fs import Location
 from pipeline.data.specs import DataDescription
-from pipeline.engine import VoteCounter
-from pipeline.inference import optimize_for_inference
+from pipeline.sampling.engine import VoteCounter
+from pipeline.sampling.inference import optimize_for_inference
 from pipeline.models import (
     CheckpointError,
     CheckpointMismatchError,
@@ -36,7 +36,7 @@ from pipeline.models import (
     load_checkpoint,
     load_classifier,
 )
-from pipeline.noise import SampleRequest
+from pipeline.sampling.noise import SampleRequest
 
 
 @dataclass(frozen=True)

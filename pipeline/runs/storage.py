@@ -9,7 +9,7 @@ the way to recover them. Each vote row holds everything a certificate needs offl
 phase, per-class counts, n, sigma, seed, chunk size and model identity, so `dsmooth reduce`
 recomputes at any alpha without new samples.
 
-All paths are `pipeline.fs.Location`s: `runs/x`, `s3://bucket/runs/x`, `gs://bucket/runs/x`.
+All paths are `pipeline.runs.fs.Location`s: `runs/x`, `s3://bucket/runs/x`, `gs://bucket/runs/x`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fs import Location, StorageError
+from pipeline.runs.fs import Location, StorageError
 
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
@@ -54,7 +54,7 @@ VOTE_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("elapsed_s", pa.float64()),
         ("finished_at", pa.timestamp("ms", tz="UTC")),
-        # Sequential runs (`pipeline.sequential`) store one row per noise chunk: its index in
+        # Sequential runs (`pipeline.stats.sequential`) store one row per noise chunk: its index in
         # the phase (n = its samples). Null for a fixed-n row, which holds the whole phase;
         # parts written before this column existed read it as null.
         ("chunk", pa.int64()),
@@ -98,7 +98,7 @@ def open_run(run: str | Location, identity: Mapping[str, Any], extra: Mapping[st
     """Create a run directory, or reopen one made with the same `identity` (resume).
 
     `identity` holds every setting that changes what the results mean (see
-    pipeline.run_identity); speed settings belong in `extra` and may differ between
+    pipeline.runs.identity); speed settings belong in `extra` and may differ between
     resumptions. Raises RunMismatchError naming each differing setting.
     """
     run = Location.of(run)

@@ -3,7 +3,7 @@
 Why: a fixed n (100,000 per image for models, 100 for APIs) is spent on every image, but most
 images are decided after a few hundred votes (p_A near 1, or a wrong label). Here each image
 is sampled chunk by chunk and leaves the pool as soon as an anytime-valid test
-(`pipeline.confidence_sequences`) decides it, with the same (1 - alpha) guarantee as CERTIFY.
+(`pipeline.stats.confidence_sequences`) decides it, with the same (1 - alpha) guarantee as CERTIFY.
 
 Three modes, one state machine (`SequentialCertifier`, vectorised over images):
 
@@ -36,7 +36,7 @@ estimation samples):
   the largest over the checkpoints looked at.
 
 Determinism (for `dsmooth reduce` and resume). Votes arrive as per-chunk counts (chunk k of a
-phase = samples [k*chunk_size, (k+1)*chunk_size) of `pipeline.noise.SampleRequest`); every
+phase = samples [k*chunk_size, (k+1)*chunk_size) of `pipeline.sampling.noise.SampleRequest`); every
 rule is evaluated after each chunk, in chunk order, on the running totals only. So the
 decisions are a pure function of each image's sequence of chunk counts: the same whatever
 the grouping of chunks into `decide` calls, and `replay` of the stored chunks reproduces them
@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
-from pipeline.confidence_sequences import (
+from pipeline.stats.confidence_sequences import (
     DEFAULT_SHAPE,
     MAX_SHAPE,
     failure_thresholds,
@@ -85,7 +85,7 @@ from pipeline.confidence_sequences import (
     success_thresholds,
     upper_confidence_sequence,
 )
-from pipeline.smoothing import ABSTAIN, Decisions
+from pipeline.stats.smoothing import ABSTAIN, Decisions
 
 SELECTION = "selection"
 ESTIMATION = "estimation"
@@ -124,7 +124,7 @@ class SequentialTest:
     futility_alpha: level of the upper sequence that gives up on an image (power only).
     tolerance: largest-radius mode, the radius gain per doubling below which sampling stops.
     selection_alpha, selection_max: deployment mode, the selection's stopping level and cap.
-    shape: the mixture's prior shape (`pipeline.confidence_sequences`).
+    shape: the mixture's prior shape (`pipeline.stats.confidence_sequences`).
     """
 
     sigma: float
@@ -265,7 +265,7 @@ class SequentialDecisions:
         return self.selection_samples + self.estimation_samples
 
     def as_decisions(self) -> Decisions:
-        """The project's CERTIFY output (`pipeline.smoothing.Decisions`): the class column when
+        """The project's CERTIFY output (`pipeline.stats.smoothing.Decisions`): the class column when
         certified, else ABSTAIN, with its radius; what `dsmooth reduce` tabulates."""
         prediction = np.where(self.certified, self.target, ABSTAIN).astype(np.int64)
         return Decisions(prediction, np.where(self.certified, self.radius, 0.0), self.p_lower.copy())

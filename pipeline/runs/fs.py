@@ -7,7 +7,7 @@ here is atomic either way: local files go through a temporary file, fsync and re
 objects are sent in one request. The standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 variables (and the other `AWS_*` ones) point S3 access at any compatible server.
 
-Local files are written by `pipeline.atomic.atomic_open` (temporary file, fsync, rename,
+Local files are written by `pipeline.runs.atomic.atomic_open` (temporary file, fsync, rename,
 permissions from the umask).
 """
 
@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline.atomic import atomic_open
+from pipeline.runs.atomic import atomic_open
 
 SCHEMES = ("s3", "gs", "gcs")
 

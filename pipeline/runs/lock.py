@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from pipeline.errors import Refused
-from pipeline.fs import Location
+from pipeline.runs.fs import Location
 
 log = logging.getLogger("dsmooth")
 
@@ -88,7 +88,7 @@ class RunLease:
             raise LeaseLost(f"{self.run}: {self._lost}; this job stopped writing to it")
 
     def acquire(self) -> RunLease:
-        from pipeline.storage import check_writable
+        from pipeline.runs.storage import check_writable
 
         check_writable(self.run)  # "not writable" before anything else
         if self.run.is_local:
