@@ -96,8 +96,59 @@ def test_a_corrupt_part_names_its_images_and_the_recovery(run_dir):
     assert "rerun the same command" in message
     # Following the advice recovers: the other part is intact, images 3 and 8 are to be redone.
     bad.delete()
-    Location.of(str(bad) + ".json").delete()
     assert completed_images(run_dir, ["selection", "estimation"]) == {9}
+
+
+def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
+    """pandas, pyarrow.dataset and DuckDB read a run's votes/ (and an API run's queries/)
+    directory as it is: nothing but parts lies there (the manifests are in RUN/manifests/)."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from pipeline.apis.querylog import CALLS, compact
+    from pipeline.apis.journal import Journal
+    from pipeline.apis.querylog import answer_record, sent_record
+
+    run = tmp_path / "run"
+    open_run(run, {"sigma": 0.25})
+    write_votes(run, [vote(0, "selection", [1, 99]), vote(0, "estimation", [10, 990])], worker="actor/0")
+    write_votes(run, [vote(5, "selection", [50, 50]), vote(5, "estimation", [3, 7])])
+    journal = Journal(run, invocation="inv1")
+    for sample in range(3):
+        journal.append(sent_record(f"c{sample}", "inv1", "google", 4, "img4", "selection", sample, 1, "w"))
+        journal.append(answer_record(f"c{sample}", "google", "ok", top_label="cat", labels=["cat"], scores=[0.9]))
+    journal.close()
+    assert compact(run) == 3 and len(CALLS.parts(run)) == 1
+    for folder, rows, ids in (("votes", 4, {0, 5}), ("queries", 3, {4})):
+        directory = str(run / folder)
+        frame = pd.read_parquet(directory)
+        assert len(frame) == rows and set(frame.image_id) == ids
+        assert ds.dataset(directory, format="parquet").count_rows() == rows
+        with duckdb.connect() as db:
+            for pattern in (directory, f"{directory}/**"):
+                assert db.execute(f"select count(*) from read_parquet('{pattern}')").fetchall() == [(rows,)]
+    assert sorted(p.name for p in (run / "manifests" / "votes").iterdir()) == sorted(
+        p.name + ".json" for p in (run / "votes").iterdir())
+
+
+def test_runs_with_manifests_beside_their_parts_are_read_as_before(tmp_path):
+    """A run written before the manifests folder: its parts read, a damaged one is named with
+    its images from the old manifest, and deleting a part deletes that manifest too."""
+    run = tmp_path / "run"
+    old = write_votes(run, [vote(3, "selection", [1, 2]), vote(3, "estimation", [4, 5])])
+    new_place = Path(str(old).replace("/votes/", "/manifests/votes/") + ".json")
+    old_place = Path(str(old) + ".json")
+    new_place.rename(old_place)  # the old layout
+    write_votes(run, [vote(9, "selection", [1, 2]), vote(9, "estimation", [4, 5])])  # a resume
+    assert completed_images(run, ["selection", "estimation"]) == {3, 9}
+    old.write_bytes(old.read_bytes()[:40])
+    with pytest.raises(CorruptPartError, match="it held images 3"):
+        read_votes(run)
+    from pipeline.runs.storage import VOTES
+
+    VOTES.delete_part(old)
+    assert not old_place.exists() and completed_images(run, ["selection", "estimation"]) == {9}
 
 
 def test_resume_refuses_other_settings(run_dir):

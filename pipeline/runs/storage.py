@@ -3,9 +3,12 @@
 A run directory holds `run.json` (the settings that define the run: change one of them and
 the old results no longer mean the same thing) and part streams such as `votes/part-*.parquet`
 (and an API run's `queries/`). Every part is written atomically, so a reader never sees half
-a file and a crash loses at most the parts not yet written; a small manifest beside each part
-says which images it holds, so that a part damaged later can be named with its images and
-the way to recover them. Each vote row holds everything a certificate needs offline: image,
+a file and a crash loses at most the parts not yet written; a small manifest per part, in
+`RUN/manifests/<stream>/`, says which images it holds, so that a part damaged later can be
+named with its images and the way to recover them. The manifests live outside the stream's
+folder so that `votes/` is a plain Parquet dataset: pandas, pyarrow.dataset, DuckDB, Polars
+and Spark read the directory as it is. Runs written before kept each manifest beside its part
+(`votes/part-*.parquet.json`); those are still found, and deleted with their part. Each vote row holds everything a certificate needs offline: image,
 phase, per-class counts, n, sigma, seed, chunk size and model identity, so `dsmooth reduce`
 recomputes at any alpha without new samples.
 
@@ -30,6 +33,7 @@ from pipeline.runs.fs import Location, StorageError
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
 MANIFEST_SUFFIX = ".json"
+MANIFESTS_DIR = "manifests"  # RUN/manifests/<stream folder>/<part name>.json
 
 # One row per (image, phase), or per (image, phase, chunk) in a sequential run. `counts` is dense over class indices for local models; for
 # APIs, `classes` names the label string of each entry of `counts` (null for local models).
@@ -162,8 +166,9 @@ def check_writable(run: Location) -> None:
 class PartStream:
     """Rows of one `schema` written as atomic Parquet parts into `folder` of a run.
 
-    Each part `part-<worker>-<uuid>.parquet` gets a manifest `<part>.json` written first,
-    listing the images it holds; a manifest without its part (a crash in between) is ignored.
+    Each part `part-<worker>-<uuid>.parquet` gets a manifest `manifests/<folder>/<part>.json`
+    written first, listing the images it holds; a manifest without its part (a crash in
+    between) is ignored.
     """
 
     folder: str
@@ -206,23 +211,44 @@ class PartStream:
 
     def delete_part(self, part: Location) -> None:
         part.delete()
-        _manifest(part).delete()
+        for manifest in _manifests(part):
+            manifest.delete()
 
 
 def _manifest(part: Location) -> Location:
-    return part.parent / (part.name + MANIFEST_SUFFIX)
+    """Where a new part's manifest goes: RUN/manifests/<stream folder>/<part>.json."""
+    stream = part.parent
+    return stream.parent / MANIFESTS_DIR / stream.name / (part.name + MANIFEST_SUFFIX)
+
+
+def _manifests(part: Location) -> list[Location]:
+    """Every place a part's manifest may be: the manifests folder, then beside the part
+    (runs written before the manifests folder)."""
+    return [_manifest(part), part.parent / (part.name + MANIFEST_SUFFIX)]
+
+
+def read_manifest(part: Location) -> dict[str, Any] | None:
+    """A part's manifest ({"images": [...], "rows": n}); None when it is missing or unreadable."""
+    for manifest in _manifests(part):
+        try:
+            return json.loads(manifest.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, StorageError):
+            return None
+    return None
 
 
 def _corruption_message(part: Location, error: BaseException) -> str:
-    try:
-        images = json.loads(_manifest(part).read_text()).get("images", [])
+    manifest = read_manifest(part)
+    if manifest is not None:
+        images = manifest.get("images", [])
         held = f"it held images {', '.join(map(str, images[:20]))}{' ...' if len(images) > 20 else ''}"
-    except (OSError, ValueError, StorageError):
+    else:
         held = "its manifest is missing too, so which images it held is unknown"
     return (
         f"{part} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); {held}. "
-        f"To recover: delete it (and {part.name}{MANIFEST_SUFFIX}) and rerun the same command, which "
-        "certifies those images again"
+        f"To recover: delete it and rerun the same command, which certifies those images again"
     )
 
 
