@@ -288,6 +288,67 @@ def test_a_lease_taken_over_stops_the_old_holder():
             old.check()
 
 
+def test_a_holder_that_slept_past_its_lease_learns_it_before_writing():
+    """The heartbeat has not run since the lease ran out (a paused process): check() alone,
+    from the lease's own expiry, renews it when nobody took it and raises when someone did."""
+    run = Location.of(f"s3://{new_bucket()}/runs/slept")
+    lease = RunLease(run, "sleeper", lease_s=1.5).acquire()
+    lease._stop.set()
+    lease._thread.join()  # no heartbeat from now on
+    written = json.loads(Location.of(f"{run}/.lock.json").read_text())["expires_at"]
+    time.sleep(2.0)
+    lease.check()  # nobody took it: renewed on the spot, writing may go on
+    assert json.loads(Location.of(f"{run}/.lock.json").read_text())["expires_at"] >= written + 2.0
+    time.sleep(2.0)
+    other = RunLease(run, "taker", lease_s=30).acquire()
+    try:
+        with pytest.raises(LeaseLost, match="another job took over"):
+            lease.check()
+    finally:
+        other.release()
+
+
+PAUSED_WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from datetime import datetime, timezone
+from pipeline.runs.lock import exclusive_run
+from pipeline.runs.storage import write_votes
+with exclusive_run(sys.argv[1], "paused", lease_s=2.0):
+    for image in range(10_000):  # no explicit lease check: the storage layer checks every write
+        write_votes(sys.argv[1], [{"image_id": image, "phase": "selection", "counts": [1], "n": 1,
+                                   "finished_at": datetime.now(timezone.utc)}])
+        print("wrote", flush=True)
+        time.sleep(0.5)
+"""
+
+
+def test_a_paused_s3_writer_writes_nothing_after_losing_its_lease():
+    """The reproduction of issue 21: SIGSTOP a writer past its lease, let another job take the
+    run, SIGCONT it: it stops with LeaseLost and no part appears after the takeover."""
+    import signal
+
+    run = f"s3://{new_bucket()}/runs/paused"
+    writer = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, run, str(REPO)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "wrote"
+        writer.send_signal(signal.SIGSTOP)  # asleep between two writes
+        time.sleep(3.0)
+        with exclusive_run(run, "new", lease_s=30):
+            parts = set(vote_parts(run))
+            writer.send_signal(signal.SIGCONT)
+            try:
+                writer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            assert set(vote_parts(run)) == parts
+    finally:
+        writer.kill()
+        _, stderr = writer.communicate(timeout=30)
+    assert "LeaseLost" in stderr and "another job took over" in stderr, stderr[-2000:]
+
+
 # -- progress ---------------------------------------------------------------------------------
 
 

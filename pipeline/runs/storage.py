@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.runs.fs import Location, StorageError
+from pipeline.runs.lock import check_held
 
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
@@ -81,6 +82,7 @@ class CorruptPartError(ValueError):
 def write_json(data: Any, where: str | Location) -> Location:
     """Write JSON atomically (sorted keys, so equal data gives equal bytes)."""
     location = Location.of(where)
+    check_held(location)  # never into a run whose lease this job lost
     location.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     return location
 
@@ -190,6 +192,7 @@ class PartStream:
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in worker)[:40] or "worker"
         part = self.location(run) / f"part-{safe}-{uuid.uuid4().hex}.parquet"
         images = sorted({int(row["image_id"]) for row in rows if row.get("image_id") is not None})
+        check_held(part)  # never into a run whose lease this job lost
         write_json({"images": images, "rows": len(rows)}, _manifest(part))
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
@@ -210,6 +213,7 @@ class PartStream:
         return pa.concat_tables(self.read_part(p) for p in parts).to_pandas()
 
     def delete_part(self, part: Location) -> None:
+        check_held(part)
         part.delete()
         for manifest in _manifests(part):
             manifest.delete()
