@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.runs.fs import Location, StorageError
@@ -149,6 +150,35 @@ def test_runs_with_manifests_beside_their_parts_are_read_as_before(tmp_path):
 
     VOTES.delete_part(old)
     assert not old_place.exists() and completed_images(run, ["selection", "estimation"]) == {9}
+
+
+def test_reduce_reports_intact_images_and_names_damaged_ones_while_resume_refuses(tmp_path, capsys):
+    """A damaged part costs `dsmooth reduce` only its images (named on stderr, left out of the
+    table, also their rows in intact parts); resume keeps refusing until the part is deleted."""
+    from jobs.cli import main
+    from pipeline.reduce import UnusableInput, load_input
+    from pipeline.runs.storage import read_intact_votes
+
+    run = tmp_path / "run"
+    open_run(run, {"sigma": 0.25, "n": 1000})
+    sure = [980, 20]
+    write_votes(run, [vote(0, "selection", [95, 5]), vote(0, "estimation", sure), vote(1, "selection", [95, 5])])
+    bad = write_votes(run, [vote(1, "estimation", sure), vote(2, "selection", [95, 5]), vote(2, "estimation", sure)])
+    write_votes(run, [vote(3, "selection", [5, 95]), vote(3, "estimation", sure[::-1])])
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(CorruptPartError, match="it held images 1, 2"):
+        completed_images(run, ["selection", "estimation"])  # what resume reads
+    frame, damaged = read_intact_votes(run)
+    assert set(frame.image_id) == {0, 3} and [(d.part, d.images) for d in damaged] == [(bad, (1, 2))]
+    assert main(["reduce", str(run), "--format", "csv", "--radii", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 image(s) left out" in err and bad.name in err and "it held images 1, 2" in err
+    table = pd.read_csv(io.StringIO(out))
+    assert table.certified_accuracy.item() == pytest.approx(0.5)  # image 3 right, image 0 wrong: of 2, not 4
+    # With its manifest gone too, which images are incomplete is unknown: the run is skipped.
+    Location.of(str(bad).replace("/votes/", "/manifests/votes/") + ".json").delete()
+    with pytest.raises(UnusableInput, match="its manifest is missing too"):
+        load_input(run, 0.001)
 
 
 def test_resume_refuses_other_settings(run_dir):

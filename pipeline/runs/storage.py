@@ -76,6 +76,15 @@ class CorruptPartError(ValueError):
     """A part file cannot be read; the message names its images and how to recover them."""
 
 
+@dataclass(frozen=True)
+class DamagedPart:
+    """An unreadable part, the images its manifest lists, and why it could not be read."""
+
+    part: Location
+    images: tuple[int, ...]
+    message: str
+
+
 # -- run records --------------------------------------------------------------------------------
 
 
@@ -212,6 +221,28 @@ class PartStream:
             return self.schema.empty_table().to_pandas()
         return pa.concat_tables(self.read_part(p) for p in parts).to_pandas()
 
+    def read_intact(self, run: str | Location) -> tuple[pd.DataFrame, list[DamagedPart]]:
+        """The rows of the images no damaged part holds, and the damaged parts. An image of a
+        damaged part loses its rows in intact parts too (a sequential image would otherwise be
+        replayed from some of its chunks). CorruptPartError when a damaged part's manifest is
+        gone as well: which images are incomplete is then unknown."""
+        tables, damaged = [], []
+        for part in self.parts(run):
+            try:
+                tables.append(self.read_part(part))
+            except CorruptPartError as error:
+                manifest = read_manifest(part)
+                if manifest is None:
+                    raise
+                damaged.append(DamagedPart(part, tuple(int(i) for i in manifest.get("images", [])), str(error)))
+        if not tables:
+            return self.schema.empty_table().to_pandas(), damaged
+        frame = pa.concat_tables(tables).to_pandas()
+        lost = {image for d in damaged for image in d.images}
+        if lost and "image_id" in frame:
+            frame = frame[~frame["image_id"].isin(lost)].reset_index(drop=True)
+        return frame, damaged
+
     def delete_part(self, part: Location) -> None:
         check_held(part)
         part.delete()
@@ -269,8 +300,18 @@ def vote_parts(run: str | Location) -> list[Location]:
 
 def read_votes(run: str | Location) -> pd.DataFrame:
     """All vote rows of a run, one per VOTE_KEY (image_id, phase[, chunk]); later duplicates
-    are dropped."""
-    frame = VOTES.read(run)
+    are dropped. CorruptPartError for a damaged part: resume must not redo work around it."""
+    return _unique_votes(VOTES.read(run))
+
+
+def read_intact_votes(run: str | Location) -> tuple[pd.DataFrame, list[DamagedPart]]:
+    """read_votes without the images of damaged parts, and those parts (what `dsmooth reduce`
+    reports, naming them); see PartStream.read_intact."""
+    frame, damaged = VOTES.read_intact(run)
+    return _unique_votes(frame), damaged
+
+
+def _unique_votes(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.sort_values(["image_id", "phase", "chunk", "finished_at"], kind="stable")
