@@ -258,7 +258,7 @@ class RunLease:
                 self._renew()
         except LeaseLost as error:
             self._lost = str(error)
-            log.error("%s: %s; stopping writes", self.run, error)
+            log.warning("%s: %s; this job writes nothing more and stops at its next write", self.run, error)
             return False
         except Exception as error:  # noqa: BLE001 - a network blip: retried at the next beat
             log.warning("%s: lease renewal failed (%s); retrying", self.run, error)
