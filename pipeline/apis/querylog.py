@@ -202,9 +202,10 @@ def invocation_spend(run_dir: str | Location) -> list[dict[str, Any]]:
     for old in _recorded_invocations(run_dir):
         now = entries.get(old["invocation"])
         if now is None or now["calls"] < int(old["calls"]):
-            kept = {key: old[key] for key in ("invocation", "first_call", "last_call", "calls", "billable", "unconfirmed")}
+            kept = {key: old.get(key) for key in ("invocation", "first_call", "last_call", "calls", "billable",
+                                                  "unconfirmed")}
             entries[old["invocation"]] = {**kept, "calls_not_in_log": int(old["calls"]) - (now["calls"] if now else 0)}
-    return sorted(entries.values(), key=lambda entry: entry["first_call"])
+    return sorted(entries.values(), key=lambda entry: str(entry["first_call"] or ""))
 
 
 def spend_record(run_dir: str | Location, price_per_1000: float) -> dict[str, Any]:

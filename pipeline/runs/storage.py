@@ -8,9 +8,11 @@ a file and a crash loses at most the parts not yet written; a small manifest per
 named with its images and the way to recover them. The manifests live outside the stream's
 folder so that `votes/` is a plain Parquet dataset: pandas, pyarrow.dataset, DuckDB, Polars
 and Spark read the directory as it is. Runs written before kept each manifest beside its part
-(`votes/part-*.parquet.json`); those are still found, and deleted with their part. Each vote row holds everything a certificate needs offline: image,
-phase, per-class counts, n, sigma, seed, chunk size and model identity, so `dsmooth reduce`
-recomputes at any alpha without new samples.
+(`votes/part-*.parquet.json`); those are still found, and deleted with their part. Each vote
+row holds everything a certificate needs offline: image, phase, per-class counts, n, sigma,
+seed, chunk size and model identity, so `dsmooth reduce` recomputes at any alpha without new
+samples; it reports the intact images of a run with a damaged part (`read_intact_votes`),
+while resume refuses it (`read_votes`).
 
 All paths are `pipeline.runs.fs.Location`s: `runs/x`, `s3://bucket/runs/x`, `gs://bucket/runs/x`.
 """
