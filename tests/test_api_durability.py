@@ -157,9 +157,8 @@ def test_a_paused_certify_api_on_s3_stops_in_one_line_after_losing_its_lease(emu
     with one error line (exit 2), no traceback."""
     from pipeline.runs.lock import exclusive_run
     from pipeline.runs.storage import vote_parts
-    from s3_support import new_bucket, s3_server
+    from s3_support import new_bucket
 
-    s3_server()
     output = f"s3://{new_bucket()}/runs/paused"
     config = write_config(tmp_path / "c.yaml", emulator.url, output, **{"rate.qps": 4})
     process = start(config, DSMOOTH_LEASE_S="3")
