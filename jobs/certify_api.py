@@ -45,7 +45,6 @@ from typing import Any, TextIO
 log = logging.getLogger("dsmooth")
 
 EXIT_CODES = {"planned": 0, "complete": 0, "budget": 3, "failed": 3, "auth": 4, "rejected": 4, "error": 4}
-SPEND_FILE = "spend.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,24 +146,10 @@ def _finish(summary: Any, state: Any, run_dir: Any, price: float, work: Any = No
 
 def _write_spend_record(run_dir: Any, price: float) -> None:
     """RUN/spend.json: what each invocation sent and owes, recomputed from the journal (so an
-    invocation that was killed appears too)."""
-    from pipeline.apis.querylog import read_calls
-    from pipeline.runs.storage import write_json
+    invocation that was killed appears too), never below what it recorded before."""
+    from pipeline.apis.querylog import write_spend_record
 
-    calls = read_calls(run_dir)
-    invocations = []
-    for invocation, group in calls.groupby("invocation", sort=False) if not calls.empty else []:
-        billable = int(group["billable"].fillna(True).sum())
-        invocations.append({
-            "invocation": invocation,
-            "first_call": str(group["sent_at"].min()), "last_call": str(group["sent_at"].max()),
-            "calls": len(group), "billable": billable, "unconfirmed": int(group["status"].isna().sum()),
-            "cost": round(billable * price / 1000, 9),
-        })
-    invocations.sort(key=lambda entry: entry["first_call"])
-    total = {key: sum(entry[key] for entry in invocations) for key in ("calls", "billable", "unconfirmed")}
-    write_json({"price_per_1000": price, "invocations": invocations,
-                "total": {**total, "cost": round(total["billable"] * price / 1000, 9)}}, run_dir / SPEND_FILE)
+    write_spend_record(run_dir, price)
 
 
 def _dispatch(config: Any, dataset: Any, state: Any, denoiser: Any, price: float, summary: Any,

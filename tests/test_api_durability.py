@@ -151,6 +151,34 @@ def test_a_run_held_by_another_job_is_refused_in_one_line(emulator, tmp_path, ca
     assert code == 2 and len(lines) == 1 and "being written by another job, the other job" in lines[0]
 
 
+def test_a_paused_certify_api_on_s3_stops_in_one_line_after_losing_its_lease(emulator, tmp_path):
+    """`kill -STOP` a certify-api writing to s3:// past its lease, let another job take the run,
+    `kill -CONT` it: no vote or query-log part is written after the takeover, and the job ends
+    with one error line (exit 2), no traceback."""
+    from pipeline.runs.lock import exclusive_run
+    from pipeline.runs.storage import vote_parts
+    from s3_support import new_bucket
+
+    output = f"s3://{new_bucket()}/runs/paused"
+    config = write_config(tmp_path / "c.yaml", emulator.url, output, **{"rate.qps": 4})
+    process = start(config, DSMOOTH_LEASE_S="3")
+    try:
+        wait_for(lambda: bool(vote_parts(output)), process, every_s=0.05)
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)  # past its 3 s lease
+        with exclusive_run(output, "intruder", lease_s=120):
+            parts = set(vote_parts(output)), set(CALLS.parts(output))
+            process.send_signal(signal.SIGCONT)
+            process.wait(timeout=300)
+            assert (set(vote_parts(output)), set(CALLS.parts(output))) == parts
+    finally:
+        process.kill()
+        _, err = process.communicate(timeout=60)
+    errors = [line for line in err.splitlines() if line.startswith("dsmooth certify-api: error:")]
+    assert process.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "another job took over this run's lease" in errors[0]
+
+
 def test_the_aws_path_against_motos_rekognition_server(tmp_path):
     """A second, independent implementation of Rekognition's DetectLabels (moto's server):
     the real boto3 client, the whole job, a certificate at the end."""

@@ -319,6 +319,44 @@ def test_a_crash_during_compaction_loses_and_doubles_nothing(tmp_path):
     assert len(read_calls(run)) == 4 and len(segments(run)) == 0
 
 
+def test_deleting_a_damaged_query_part_keeps_earlier_invocations_spend(tmp_path):
+    """A query-log part damaged after its invocation is refused (named) until deleted; once
+    deleted, its answers are gone but its calls stay in spend.json and in the run total."""
+    import json
+
+    from pipeline.apis.querylog import SPEND_FILE, write_spend_record
+    from pipeline.runs.storage import CorruptPartError
+
+    run = tmp_path / "run"
+    first = Journal(run)
+    for sample in range(3):
+        journal_call(first, 0, "selection", sample, "ok")
+    journal_call(first, 0, "selection", 3, "throttled")  # sent, not billed
+    first.close()
+    compact(run)
+    write_spend_record(run, 2.0)  # what certify-api writes as an invocation ends
+    damaged = CALLS.parts(run)[0]
+    second = Journal(run)
+    journal_call(second, 1, "selection", 0, "ok")
+    second.close()
+    compact(run)
+    write_spend_record(run, 2.0)
+    assert spend(run) == Spend(calls=5, unconfirmed=0, billable=4)
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    with pytest.raises(CorruptPartError, match="it held images 0"):
+        read_query_log(run)  # what a resume reads: refused until the part is deleted
+    CALLS.delete_part(damaged)
+    assert set(read_calls(run)["image_id"]) == {1}  # the answers are gone...
+    assert spend(run) == Spend(calls=5, unconfirmed=0, billable=4)  # ...not what they cost
+    write_spend_record(run, 2.0)
+    record = json.loads((run / SPEND_FILE).read_text())
+    entries = {e["invocation"]: e for e in record["invocations"]}
+    assert entries[first.invocation]["calls"] == 4 and entries[first.invocation]["calls_not_in_log"] == 4
+    assert entries[first.invocation]["cost"] == pytest.approx(3 * 2.0 / 1000)
+    assert entries[second.invocation]["calls"] == 1 and "calls_not_in_log" not in entries[second.invocation]
+    assert record["total"] == {"calls": 5, "billable": 4, "unconfirmed": 0, "cost": pytest.approx(4 * 2.0 / 1000)}
+
+
 def test_a_torn_last_record_is_ignored_and_durable_appends_are_on_disk(tmp_path):
     run = tmp_path / "run"
     journal = Journal(run)

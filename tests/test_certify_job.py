@@ -748,3 +748,39 @@ def test_quiet_default_and_verbose_output(tmp_path, cifar_root, checkpoints):
     errors = [line for line in gpus.stderr.splitlines() if "error:" in line]
     assert gpus.returncode == 2 and len(errors) == 1, gpus.stderr[-2000:]
     assert "asked 1 actor(s) x 1 CPU + 1 GPU" in errors[0] and "0 GPU in total" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_paused_certify_on_s3_stops_in_one_line_after_losing_its_lease(tmp_path, cifar_root, checkpoints):
+    """Issue 21's reproduction: `kill -STOP` a certify on s3:// past its lease, let another job
+    take the run, `kill -CONT` it: no part is written after the takeover and the job ends with
+    one error line (exit 2), no traceback."""
+    from pipeline.runs.lock import exclusive_run
+    from s3_support import new_bucket
+
+    output = f"s3://{new_bucket()}/runs/paused"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"DSMOOTH_LEASE_S": "3"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "certify", "--dataset", "cifar10", "--data-root", str(cifar_root),
+         "--classifier", str(checkpoints["classifier"]), "--denoiser", str(checkpoints["denoiser"]),
+         "--sigma", str(SIGMA), "--n0", "20", "--n", "3000", "--shard-size", "1", "--actors", "1",
+         "--output", output],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 400
+        while not vote_parts(output) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job.poll() is None and vote_parts(output), "no part was written while the job ran"
+        job.send_signal(signal.SIGSTOP)  # just after a part: waiting for the next one
+        time.sleep(5.0)  # past its 3 s lease
+        with exclusive_run(output, "intruder", lease_s=120):
+            parts = set(vote_parts(output))
+            job.send_signal(signal.SIGCONT)
+            job.wait(timeout=300)
+            assert set(vote_parts(output)) == parts
+    finally:
+        job.kill()
+        _, stderr = job.communicate(timeout=60)
+    errors = [line for line in stderr.splitlines() if line.startswith("dsmooth certify: error:")]
+    assert job.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "another job took over this run's lease" in errors[0] and output in errors[0]

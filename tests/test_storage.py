@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.runs.fs import Location, StorageError
@@ -96,8 +97,88 @@ def test_a_corrupt_part_names_its_images_and_the_recovery(run_dir):
     assert "rerun the same command" in message
     # Following the advice recovers: the other part is intact, images 3 and 8 are to be redone.
     bad.delete()
-    Location.of(str(bad) + ".json").delete()
     assert completed_images(run_dir, ["selection", "estimation"]) == {9}
+
+
+def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
+    """pandas, pyarrow.dataset and DuckDB read a run's votes/ (and an API run's queries/)
+    directory as it is: nothing but parts lies there (the manifests are in RUN/manifests/)."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from pipeline.apis.querylog import CALLS, compact
+    from pipeline.apis.journal import Journal
+    from pipeline.apis.querylog import answer_record, sent_record
+
+    run = tmp_path / "run"
+    open_run(run, {"sigma": 0.25})
+    write_votes(run, [vote(0, "selection", [1, 99]), vote(0, "estimation", [10, 990])], worker="actor/0")
+    write_votes(run, [vote(5, "selection", [50, 50]), vote(5, "estimation", [3, 7])])
+    journal = Journal(run, invocation="inv1")
+    for sample in range(3):
+        journal.append(sent_record(f"c{sample}", "inv1", "google", 4, "img4", "selection", sample, 1, "w"))
+        journal.append(answer_record(f"c{sample}", "google", "ok", top_label="cat", labels=["cat"], scores=[0.9]))
+    journal.close()
+    assert compact(run) == 3 and len(CALLS.parts(run)) == 1
+    for folder, rows, ids in (("votes", 4, {0, 5}), ("queries", 3, {4})):
+        directory = str(run / folder)
+        frame = pd.read_parquet(directory)
+        assert len(frame) == rows and set(frame.image_id) == ids
+        assert ds.dataset(directory, format="parquet").count_rows() == rows
+        with duckdb.connect() as db:
+            for pattern in (directory, f"{directory}/**"):
+                assert db.execute(f"select count(*) from read_parquet('{pattern}')").fetchall() == [(rows,)]
+    assert sorted(p.name for p in (run / "manifests" / "votes").iterdir()) == sorted(
+        p.name + ".json" for p in (run / "votes").iterdir())
+
+
+def test_runs_with_manifests_beside_their_parts_are_read_as_before(tmp_path):
+    """A run written before the manifests folder: its parts read, a damaged one is named with
+    its images from the old manifest, and deleting a part deletes that manifest too."""
+    run = tmp_path / "run"
+    old = write_votes(run, [vote(3, "selection", [1, 2]), vote(3, "estimation", [4, 5])])
+    new_place = Path(str(old).replace("/votes/", "/manifests/votes/") + ".json")
+    old_place = Path(str(old) + ".json")
+    new_place.rename(old_place)  # the old layout
+    write_votes(run, [vote(9, "selection", [1, 2]), vote(9, "estimation", [4, 5])])  # a resume
+    assert completed_images(run, ["selection", "estimation"]) == {3, 9}
+    old.write_bytes(old.read_bytes()[:40])
+    with pytest.raises(CorruptPartError, match="it held images 3"):
+        read_votes(run)
+    from pipeline.runs.storage import VOTES
+
+    VOTES.delete_part(old)
+    assert not old_place.exists() and completed_images(run, ["selection", "estimation"]) == {9}
+
+
+def test_reduce_reports_intact_images_and_names_damaged_ones_while_resume_refuses(tmp_path, capsys):
+    """A damaged part costs `dsmooth reduce` only its images (named on stderr, left out of the
+    table, also their rows in intact parts); resume keeps refusing until the part is deleted."""
+    from jobs.cli import main
+    from pipeline.reduce import UnusableInput, load_input
+    from pipeline.runs.storage import read_intact_votes
+
+    run = tmp_path / "run"
+    open_run(run, {"sigma": 0.25, "n": 1000})
+    sure = [980, 20]
+    write_votes(run, [vote(0, "selection", [95, 5]), vote(0, "estimation", sure), vote(1, "selection", [95, 5])])
+    bad = write_votes(run, [vote(1, "estimation", sure), vote(2, "selection", [95, 5]), vote(2, "estimation", sure)])
+    write_votes(run, [vote(3, "selection", [5, 95]), vote(3, "estimation", sure[::-1])])
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(CorruptPartError, match="it held images 1, 2"):
+        completed_images(run, ["selection", "estimation"])  # what resume reads
+    frame, damaged = read_intact_votes(run)
+    assert set(frame.image_id) == {0, 3} and [(d.part, d.images) for d in damaged] == [(bad, (1, 2))]
+    assert main(["reduce", str(run), "--format", "csv", "--radii", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 image(s) left out" in err and bad.name in err and "it held images 1, 2" in err
+    table = pd.read_csv(io.StringIO(out))
+    assert table.certified_accuracy.item() == pytest.approx(0.5)  # image 3 right, image 0 wrong: of 2, not 4
+    # With its manifest gone too, which images are incomplete is unknown: the run is skipped.
+    Location.of(str(bad).replace("/votes/", "/manifests/votes/") + ".json").delete()
+    with pytest.raises(UnusableInput, match="its manifest is missing too"):
+        load_input(run, 0.001)
 
 
 def test_resume_refuses_other_settings(run_dir):
@@ -235,6 +316,67 @@ def test_a_lease_taken_over_stops_the_old_holder():
         assert old.beat() is False
         with pytest.raises(LeaseLost, match="another job took over"):
             old.check()
+
+
+def test_a_holder_that_slept_past_its_lease_learns_it_before_writing():
+    """The heartbeat has not run since the lease ran out (a paused process): check() alone,
+    from the lease's own expiry, renews it when nobody took it and raises when someone did."""
+    run = Location.of(f"s3://{new_bucket()}/runs/slept")
+    lease = RunLease(run, "sleeper", lease_s=1.5).acquire()
+    lease._stop.set()
+    lease._thread.join()  # no heartbeat from now on
+    written = json.loads(Location.of(f"{run}/.lock.json").read_text())["expires_at"]
+    time.sleep(2.0)
+    lease.check()  # nobody took it: renewed on the spot, writing may go on
+    assert json.loads(Location.of(f"{run}/.lock.json").read_text())["expires_at"] >= written + 2.0
+    time.sleep(2.0)
+    other = RunLease(run, "taker", lease_s=30).acquire()
+    try:
+        with pytest.raises(LeaseLost, match="another job took over"):
+            lease.check()
+    finally:
+        other.release()
+
+
+PAUSED_WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from datetime import datetime, timezone
+from pipeline.runs.lock import exclusive_run
+from pipeline.runs.storage import write_votes
+with exclusive_run(sys.argv[1], "paused", lease_s=2.0):
+    for image in range(10_000):  # no explicit lease check: the storage layer checks every write
+        write_votes(sys.argv[1], [{"image_id": image, "phase": "selection", "counts": [1], "n": 1,
+                                   "finished_at": datetime.now(timezone.utc)}])
+        print("wrote", flush=True)
+        time.sleep(0.5)
+"""
+
+
+def test_a_paused_s3_writer_writes_nothing_after_losing_its_lease():
+    """The reproduction of issue 21: SIGSTOP a writer past its lease, let another job take the
+    run, SIGCONT it: it stops with LeaseLost and no part appears after the takeover."""
+    import signal
+
+    run = f"s3://{new_bucket()}/runs/paused"
+    writer = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, run, str(REPO)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "wrote"
+        writer.send_signal(signal.SIGSTOP)  # asleep between two writes
+        time.sleep(3.0)
+        with exclusive_run(run, "new", lease_s=30):
+            parts = set(vote_parts(run))
+            writer.send_signal(signal.SIGCONT)
+            try:
+                writer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            assert set(vote_parts(run)) == parts
+    finally:
+        writer.kill()
+        _, stderr = writer.communicate(timeout=30)
+    assert "LeaseLost" in stderr and "another job took over" in stderr, stderr[-2000:]
 
 
 # -- progress ---------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ included, after every retry) is asked again by a later run.
 Calls live first in the call journal (pipeline.apis.journal), then, once their invocation
 has ended, in `RUN/queries/part-*.parquet` parts of at most PART_CALLS calls each, each
 with a manifest of its images: a damaged part costs those images' answers, named in the
-error, never the whole log.
+error, never the whole log -- and never the record of what was spent: `RUN/spend.json` keeps
+each invocation's calls, and a figure recomputed from the log never goes below it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,10 +31,13 @@ import pyarrow as pa
 from pipeline.apis import journal
 from pipeline.apis.billing import billable
 from pipeline.apis.plan import CLEAN, Key, phase_sizes
-from pipeline.runs.fs import Location
-from pipeline.runs.storage import PartStream, read_run_record
+from pipeline.runs.fs import Location, StorageError
+from pipeline.runs.storage import PartStream, read_run_record, write_json
+
+log = logging.getLogger("dsmooth")
 
 QUERIES_DIR = "queries"
+SPEND_FILE = "spend.json"  # what each invocation sent and owes (spend_record)
 OK = "ok"
 # Calls per compacted part: bounds what one damaged file can cost. DSMOOTH_QUERY_PART_CALLS
 # changes it (the durability tests use small parts to stretch compaction out).
@@ -175,10 +181,57 @@ class Spend:
 
 
 def spend(run_dir: str | Location) -> Spend:
-    frame = read_calls(run_dir)
-    if frame.empty:
-        return Spend(0, 0, 0)
-    return Spend(len(frame), int(frame["status"].isna().sum()), int(frame["billable"].fillna(True).sum()))
+    """What the run has sent and owes over every invocation (see invocation_spend)."""
+    entries = invocation_spend(run_dir)
+    return Spend(*(sum(int(e[key]) for e in entries) for key in ("calls", "unconfirmed", "billable")))
+
+
+def invocation_spend(run_dir: str | Location) -> list[dict[str, Any]]:
+    """Per invocation (by its first call): calls sent, billable, unconfirmed, first and last
+    call, from the call log -- or from RUN/spend.json where that recorded more calls: a query
+    part deleted after it was damaged loses its answers, not the money they cost."""
+    calls = read_calls(run_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    for invocation, group in calls.groupby("invocation", sort=False) if not calls.empty else []:
+        entries[str(invocation)] = {
+            "invocation": str(invocation),
+            "first_call": str(group["sent_at"].min()), "last_call": str(group["sent_at"].max()),
+            "calls": len(group), "billable": int(group["billable"].fillna(True).sum()),
+            "unconfirmed": int(group["status"].isna().sum()),
+        }
+    for old in _recorded_invocations(run_dir):
+        now = entries.get(old["invocation"])
+        if now is None or now["calls"] < int(old["calls"]):
+            kept = {key: old.get(key) for key in ("invocation", "first_call", "last_call", "calls", "billable",
+                                                  "unconfirmed")}
+            entries[old["invocation"]] = {**kept, "calls_not_in_log": int(old["calls"]) - (now["calls"] if now else 0)}
+    return sorted(entries.values(), key=lambda entry: str(entry["first_call"] or ""))
+
+
+def spend_record(run_dir: str | Location, price_per_1000: float) -> dict[str, Any]:
+    """RUN/spend.json: each invocation's calls and cost at `price_per_1000`, and the total."""
+    invocations = [{**entry, "cost": round(int(entry["billable"]) * price_per_1000 / 1000, 9)}
+                   for entry in invocation_spend(run_dir)]
+    total = {key: sum(int(entry[key]) for entry in invocations) for key in ("calls", "billable", "unconfirmed")}
+    return {"price_per_1000": price_per_1000, "invocations": invocations,
+            "total": {**total, "cost": round(total["billable"] * price_per_1000 / 1000, 9)}}
+
+
+def write_spend_record(run_dir: str | Location, price_per_1000: float) -> None:
+    write_json(spend_record(run_dir, price_per_1000), Location.of(run_dir) / SPEND_FILE)
+
+
+def _recorded_invocations(run_dir: str | Location) -> list[dict[str, Any]]:
+    """The invocations RUN/spend.json lists (none when there is no readable one)."""
+    try:
+        record = json.loads((Location.of(run_dir) / SPEND_FILE).read_text())
+        return [entry for entry in record.get("invocations", [])
+                if isinstance(entry, dict) and {"invocation", "calls", "billable", "unconfirmed"} <= entry.keys()]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, AttributeError, StorageError) as error:
+        log.warning("%s/%s is unreadable (%s): spend is recomputed from the call log alone", run_dir, SPEND_FILE, error)
+        return []
 
 
 def vote_rows(

@@ -18,7 +18,7 @@ import pandas as pd
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 from pipeline.stats.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
 from pipeline.runs.fs import Location
-from pipeline.runs.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_run_record, read_votes
+from pipeline.runs.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_intact_votes, read_run_record
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
 
@@ -33,13 +33,15 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
     except (OSError, ValueError, AttributeError) as error:
         raise UnusableInput(f"{run_dir}: unreadable {RUN_FILE} ({error})") from None
     try:
-        votes = read_votes(run_dir)
-    except CorruptPartError as error:  # the message names the images and the recovery step
+        votes, damaged = read_intact_votes(run_dir)
+    except CorruptPartError as error:  # a damaged part whose images are unknown: nothing is sure
         raise UnusableInput(str(error)) from None
     except Exception as error:  # a damaged part file must not stop the whole reduction
         raise UnusableInput(f"{run_dir}: unreadable votes ({type(error).__name__}: {error})") from None
+    for part in damaged:  # the rest of the run is reported; resume keeps refusing until it is deleted
+        warnings.warn(f"{run_dir}: {len(part.images)} image(s) left out, {part.message}", ReduceWarning, stacklevel=2)
     if votes.empty:
-        raise UnusableInput(f"{run_dir}: run has no votes yet")
+        raise UnusableInput(f"{run_dir}: " + ("no intact votes (damaged parts above)" if damaged else "run has no votes yet"))
     label = name if name is not None else str(run_dir)
     if identity.get("sequential"):
         return sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))

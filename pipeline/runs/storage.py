@@ -3,11 +3,16 @@
 A run directory holds `run.json` (the settings that define the run: change one of them and
 the old results no longer mean the same thing) and part streams such as `votes/part-*.parquet`
 (and an API run's `queries/`). Every part is written atomically, so a reader never sees half
-a file and a crash loses at most the parts not yet written; a small manifest beside each part
-says which images it holds, so that a part damaged later can be named with its images and
-the way to recover them. Each vote row holds everything a certificate needs offline: image,
-phase, per-class counts, n, sigma, seed, chunk size and model identity, so `dsmooth reduce`
-recomputes at any alpha without new samples.
+a file and a crash loses at most the parts not yet written; a small manifest per part, in
+`RUN/manifests/<stream>/`, says which images it holds, so that a part damaged later can be
+named with its images and the way to recover them. The manifests live outside the stream's
+folder so that `votes/` is a plain Parquet dataset: pandas, pyarrow.dataset, DuckDB, Polars
+and Spark read the directory as it is. Runs written before kept each manifest beside its part
+(`votes/part-*.parquet.json`); those are still found, and deleted with their part. Each vote
+row holds everything a certificate needs offline: image, phase, per-class counts, n, sigma,
+seed, chunk size and model identity, so `dsmooth reduce` recomputes at any alpha without new
+samples; it reports the intact images of a run with a damaged part (`read_intact_votes`),
+while resume refuses it (`read_votes`).
 
 All paths are `pipeline.runs.fs.Location`s: `runs/x`, `s3://bucket/runs/x`, `gs://bucket/runs/x`.
 """
@@ -26,10 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.runs.fs import Location, StorageError
+from pipeline.runs.lock import check_held
 
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
 MANIFEST_SUFFIX = ".json"
+MANIFESTS_DIR = "manifests"  # RUN/manifests/<stream folder>/<part name>.json
 
 # One row per (image, phase), or per (image, phase, chunk) in a sequential run. `counts` is dense over class indices for local models; for
 # APIs, `classes` names the label string of each entry of `counts` (null for local models).
@@ -71,12 +78,22 @@ class CorruptPartError(ValueError):
     """A part file cannot be read; the message names its images and how to recover them."""
 
 
+@dataclass(frozen=True)
+class DamagedPart:
+    """An unreadable part, the images its manifest lists, and why it could not be read."""
+
+    part: Location
+    images: tuple[int, ...]
+    message: str
+
+
 # -- run records --------------------------------------------------------------------------------
 
 
 def write_json(data: Any, where: str | Location) -> Location:
     """Write JSON atomically (sorted keys, so equal data gives equal bytes)."""
     location = Location.of(where)
+    check_held(location)  # never into a run whose lease this job lost
     location.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     return location
 
@@ -162,8 +179,9 @@ def check_writable(run: Location) -> None:
 class PartStream:
     """Rows of one `schema` written as atomic Parquet parts into `folder` of a run.
 
-    Each part `part-<worker>-<uuid>.parquet` gets a manifest `<part>.json` written first,
-    listing the images it holds; a manifest without its part (a crash in between) is ignored.
+    Each part `part-<worker>-<uuid>.parquet` gets a manifest `manifests/<folder>/<part>.json`
+    written first, listing the images it holds; a manifest without its part (a crash in
+    between) is ignored.
     """
 
     folder: str
@@ -185,6 +203,7 @@ class PartStream:
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in worker)[:40] or "worker"
         part = self.location(run) / f"part-{safe}-{uuid.uuid4().hex}.parquet"
         images = sorted({int(row["image_id"]) for row in rows if row.get("image_id") is not None})
+        check_held(part)  # never into a run whose lease this job lost
         write_json({"images": images, "rows": len(rows)}, _manifest(part))
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
@@ -204,25 +223,69 @@ class PartStream:
             return self.schema.empty_table().to_pandas()
         return pa.concat_tables(self.read_part(p) for p in parts).to_pandas()
 
+    def read_intact(self, run: str | Location) -> tuple[pd.DataFrame, list[DamagedPart]]:
+        """The rows of the images no damaged part holds, and the damaged parts. An image of a
+        damaged part loses its rows in intact parts too (a sequential image would otherwise be
+        replayed from some of its chunks). CorruptPartError when a damaged part's manifest is
+        gone as well: which images are incomplete is then unknown."""
+        tables, damaged = [], []
+        for part in self.parts(run):
+            try:
+                tables.append(self.read_part(part))
+            except CorruptPartError as error:
+                manifest = read_manifest(part)
+                if manifest is None:
+                    raise
+                damaged.append(DamagedPart(part, tuple(int(i) for i in manifest.get("images", [])), str(error)))
+        if not tables:
+            return self.schema.empty_table().to_pandas(), damaged
+        frame = pa.concat_tables(tables).to_pandas()
+        lost = {image for d in damaged for image in d.images}
+        if lost and "image_id" in frame:
+            frame = frame[~frame["image_id"].isin(lost)].reset_index(drop=True)
+        return frame, damaged
+
     def delete_part(self, part: Location) -> None:
+        check_held(part)
         part.delete()
-        _manifest(part).delete()
+        for manifest in _manifests(part):
+            manifest.delete()
 
 
 def _manifest(part: Location) -> Location:
-    return part.parent / (part.name + MANIFEST_SUFFIX)
+    """Where a new part's manifest goes: RUN/manifests/<stream folder>/<part>.json."""
+    stream = part.parent
+    return stream.parent / MANIFESTS_DIR / stream.name / (part.name + MANIFEST_SUFFIX)
+
+
+def _manifests(part: Location) -> list[Location]:
+    """Every place a part's manifest may be: the manifests folder, then beside the part
+    (runs written before the manifests folder)."""
+    return [_manifest(part), part.parent / (part.name + MANIFEST_SUFFIX)]
+
+
+def read_manifest(part: Location) -> dict[str, Any] | None:
+    """A part's manifest ({"images": [...], "rows": n}); None when it is missing or unreadable."""
+    for manifest in _manifests(part):
+        try:
+            return json.loads(manifest.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, StorageError):
+            return None
+    return None
 
 
 def _corruption_message(part: Location, error: BaseException) -> str:
-    try:
-        images = json.loads(_manifest(part).read_text()).get("images", [])
+    manifest = read_manifest(part)
+    if manifest is not None:
+        images = manifest.get("images", [])
         held = f"it held images {', '.join(map(str, images[:20]))}{' ...' if len(images) > 20 else ''}"
-    except (OSError, ValueError, StorageError):
+    else:
         held = "its manifest is missing too, so which images it held is unknown"
     return (
         f"{part} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); {held}. "
-        f"To recover: delete it (and {part.name}{MANIFEST_SUFFIX}) and rerun the same command, which "
-        "certifies those images again"
+        f"To recover: delete it and rerun the same command, which certifies those images again"
     )
 
 
@@ -239,8 +302,18 @@ def vote_parts(run: str | Location) -> list[Location]:
 
 def read_votes(run: str | Location) -> pd.DataFrame:
     """All vote rows of a run, one per VOTE_KEY (image_id, phase[, chunk]); later duplicates
-    are dropped."""
-    frame = VOTES.read(run)
+    are dropped. CorruptPartError for a damaged part: resume must not redo work around it."""
+    return _unique_votes(VOTES.read(run))
+
+
+def read_intact_votes(run: str | Location) -> tuple[pd.DataFrame, list[DamagedPart]]:
+    """read_votes without the images of damaged parts, and those parts (what `dsmooth reduce`
+    reports, naming them); see PartStream.read_intact."""
+    frame, damaged = VOTES.read_intact(run)
+    return _unique_votes(frame), damaged
+
+
+def _unique_votes(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.sort_values(["image_id", "phase", "chunk", "finished_at"], kind="stable")
