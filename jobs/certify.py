@@ -186,36 +186,47 @@ class Prepared:
         return run_differences(self.config.output, self.identity)
 
 
-def prepare(config: Any) -> Prepared:
-    """Open the data, select the images and check the models: no Ray, no sampling."""
+def prepare(config: Any, classifier: Any = None) -> Prepared:
+    """Open the data, select the images and check the models: no Ray, no sampling.
+    `classifier`: an nn.Module object standing for config.classifier (Python API).
+    Unlabelled images are labelled with the classifier's clean-image prediction."""
+    from pipeline.certify.clean_labels import label_by_classifier
     from pipeline.models import CheckpointError
 
     split = config.open_split()
     selected = config.select(split)
     try:
-        classifier, denoiser, info = _check_models(config, selected)
+        f, denoiser, info, pair = _check_models(config, selected, classifier)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
-    return Prepared(config, split, selected, classifier, denoiser, info)
+    selected = label_by_classifier(selected, pair.classifier, info.num_classes)
+    return Prepared(config, split, selected, f, denoiser, info)
 
 
-def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None) -> CertifyOutcome:
+def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
+            classifier: Any = None) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
-    `prepare(config)` done already."""
-    prepared = prepared if prepared is not None else prepare(config)
+    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier."""
+    prepared = prepared if prepared is not None else prepare(config, classifier)
     return _certify(config, address, prepared.split, prepared.selected, prepared.classifier, prepared.denoiser,
                     prepared.info)
 
 
-def _check_models(config, selected):
+def _check_models(config, selected, classifier_object=None):
     """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
     from pipeline.certify.pair import ModelBytes, load_pair
 
-    classifier = ModelBytes.read(config.classifier)
+    from pipeline.models.sources import ClassifierSpec
+
+    spec = ClassifierSpec.of(config)
+    if classifier_object is not None:
+        spec = ClassifierSpec(classifier_object, *[getattr(spec, k) for k in ("weights", "arch", "input_size",
+                                                                            "resize", "mean", "std")])
+    classifier = ModelBytes.classifier(spec)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
-    _, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
-                        config.allow_foreign_classifier, sigma=config.sigma)
-    return classifier, denoiser, info
+    pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
+                           config.allow_foreign_classifier, sigma=config.sigma)
+    return classifier, denoiser, info, pair
 
 
 def _certify(config, address, split, selected, classifier, denoiser, info) -> CertifyOutcome:
@@ -229,7 +240,8 @@ def _certify(config, address, split, selected, classifier, denoiser, info) -> Ce
     identity = certify_identity(config, split, info)
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     with exclusive_run(output, "dsmooth certify") as lease:
-        record = open_run(output, identity, extra=speed)
+        labels_from = getattr(selected, "labels_from", None)
+        record = open_run(output, identity, extra={**speed, **({"labels_from": labels_from} if labels_from else {})})
         if config.sequential:
             return _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease)
         todo = _pending(config, selected)
@@ -307,7 +319,7 @@ def _model_pool(config, address, selected, classifier, denoiser, info) -> Iterat
         denoiser_key = put_blob(store, denoiser.data, denoiser.source) if denoiser else None
         counter = start_progress_counter()
         settings = {
-            "sigma": config.sigma, "classifier_arch": config.classifier_arch, "batch_size": config.batch_size,
+            "sigma": config.sigma, "classifier_arch": classifier.arch or config.classifier_arch, "batch_size": config.batch_size,
             "allow_foreign_classifier": config.allow_foreign_classifier, "amp": config.amp,
             "optimize": config.optimize,
         }

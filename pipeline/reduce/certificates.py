@@ -38,7 +38,7 @@ class Certificates(pd.DataFrame):
     n and alpha decide the largest certifiable radius (`max_radius`), so they are only set
     together, and only for CERTIFY results (PREDICT certifies no radius)."""
 
-    _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model"]
+    _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model", "labels_from"]
     name: str = ""
     sigma: float | None = None
     source: str = ""
@@ -46,6 +46,7 @@ class Certificates(pd.DataFrame):
     n: int | None = None
     dataset: str | None = None
     model: str | None = None
+    labels_from: str | None = None  # set when the labels are not the data's (unlabelled data)
 
     @property
     def _constructor(self):  # keep the subclass (and its metadata) through pandas operations

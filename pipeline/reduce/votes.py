@@ -44,10 +44,14 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
         raise UnusableInput(f"{run_dir}: " + ("no intact votes (damaged parts above)" if damaged else "run has no votes yet"))
     label = name if name is not None else str(run_dir)
     if identity.get("sequential"):
-        return sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
-    return certificates_from_votes(
+        certs = sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
+        certs.labels_from = (record.get("extra") or {}).get("labels_from")
+        return certs
+    certs = certificates_from_votes(
         votes, alpha, sigma=identity.get("sigma"), name=label, source=str(run_dir), **describe_identity(identity)
     )
+    certs.labels_from = (record.get("extra") or {}).get("labels_from")
+    return certs
 
 
 def describe_identity(identity: dict[str, Any]) -> dict[str, Any]:
