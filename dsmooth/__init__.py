@@ -65,6 +65,7 @@ def load_model(
     classifier_resize: int | None = None,
     classifier_mean: Sequence[float] | None = None,
     classifier_std: Sequence[float] | None = None,
+    classifier_interpolation: str | None = None,
 ) -> Any:
     """f∘D (eval mode, CPU) as an `nn.Module` taking images in [0, 1], checked the way
     `dsmooth certify` checks it: each file's kind, that the classifier was trained on
@@ -89,7 +90,8 @@ def load_model(
     from pipeline.models.sources import ClassifierSpec
 
     spec = ClassifierSpec(classifier, None if classifier_weights is None else str(classifier_weights),
-                          classifier_arch, classifier_input_size, classifier_resize, classifier_mean, classifier_std)
+                          classifier_arch, classifier_input_size, classifier_resize, classifier_mean, classifier_std,
+                          classifier_interpolation)
     pair, _ = load_pair(
         ModelBytes.classifier(spec),
         ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,

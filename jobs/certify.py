@@ -216,12 +216,13 @@ def _check_models(config, selected, classifier_object=None):
     """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
     from pipeline.certify.pair import ModelBytes, load_pair
 
+    import dataclasses
+
     from pipeline.models.sources import ClassifierSpec
 
     spec = ClassifierSpec.of(config)
     if classifier_object is not None:
-        spec = ClassifierSpec(classifier_object, *[getattr(spec, k) for k in ("weights", "arch", "input_size",
-                                                                            "resize", "mean", "std")])
+        spec = dataclasses.replace(spec, classifier=classifier_object)
     classifier = ModelBytes.classifier(spec)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
     pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,

@@ -68,6 +68,8 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "per-channel mean the classifier subtracts (default: the model's own config)"))
     classifier_std: list[float] | None = option(None, group="models", metavar="S", help=(
         "per-channel std the classifier divides by (default: the model's own config)"))
+    classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
+        None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
     classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
         "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
     allow_foreign_classifier: bool = option(False, group="models", help=(

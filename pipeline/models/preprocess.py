@@ -77,7 +77,8 @@ class Preprocessing:
         )
 
     def override(self, *, input_size: int | None = None, resize: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Preprocessing:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 interpolation: str | None = None) -> Preprocessing:
         """The user's flags over the model's own config: `input_size` is the crop (and the
         resize too unless `resize` is given)."""
         changes: dict[str, Any] = {}
@@ -89,6 +90,8 @@ class Preprocessing:
             changes["mean"] = tuple(float(v) for v in mean)
         if std is not None:
             changes["std"] = tuple(float(v) for v in std)
+        if interpolation is not None:
+            changes["interpolation"] = interpolation
         return Preprocessing(**{**asdict(self), **changes})
 
     def module(self) -> Preprocess:

@@ -72,6 +72,7 @@ class ClassifierSpec:
     resize: int | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    interpolation: str | None = None
 
     @classmethod
     def of(cls, settings: Any) -> ClassifierSpec:
@@ -79,11 +80,11 @@ class ClassifierSpec:
         get = lambda name: getattr(settings, name, None)  # noqa: E731
         return cls(get("classifier"), get("classifier_weights"), get("classifier_arch"),
                    get("classifier_input_size"), get("classifier_resize"), get("classifier_mean"),
-                   get("classifier_std"))
+                   get("classifier_std"), get("classifier_interpolation"))
 
     @property
     def has_preprocessing_flags(self) -> bool:
-        return any(v is not None for v in (self.input_size, self.resize, self.mean, self.std))
+        return any(v is not None for v in (self.input_size, self.resize, self.mean, self.std, self.interpolation))
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def resolve_classifier(spec: ClassifierSpec) -> Source:
         return resolved
     try:
         preprocessing = resolved.preprocessing.override(
-            input_size=spec.input_size, resize=spec.resize, mean=spec.mean, std=spec.std)
+            input_size=spec.input_size, resize=spec.resize, mean=spec.mean, std=spec.std,
+            interpolation=spec.interpolation)
     except ValueError as error:
         raise ClassifierSourceError(str(error)) from None
     source = spec.classifier if isinstance(spec.classifier, (str, Path)) else resolved.name
