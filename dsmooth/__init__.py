@@ -89,11 +89,11 @@ def load_model(
         sigma = float(check_value(Sigma, sigma, "sigma"))
     from pipeline.models.sources import ClassifierSpec
 
-    spec = ClassifierSpec(classifier, None if classifier_weights is None else str(classifier_weights),
+    classifier_spec = ClassifierSpec(classifier, None if classifier_weights is None else str(classifier_weights),
                           classifier_arch, classifier_input_size, classifier_resize, classifier_mean, classifier_std,
                           classifier_interpolation)
     pair, _ = load_pair(
-        ModelBytes.classifier(spec),
+        ModelBytes.classifier(classifier_spec),
         ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,
         spec.describe(image_size),
         classifier_arch,
