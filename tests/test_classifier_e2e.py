@@ -129,7 +129,7 @@ def test_python_api_every_form(models, tmp_path, monkeypatch):
     for name, certificates in results.items():
         assert sorted(certificates.image_id) == IDS, name
         record = json.loads((tmp_path / name / "run.json").read_text())
-        assert record["identity"]["classifier_pipeline"]["kind"] == ("module" if name == "object" else name)
+        assert record["identity"]["classifier_pipeline"]["kind"] == {"object": "module", "pt2": "export"}.get(name, name)
         counts[name] = np.stack(votes(tmp_path / name).sort_values(["image_id", "phase"]).counts.to_list())
     assert np.array_equal(counts["object"], counts["factory"])
     for name in ("pt2", "torchscript"):
@@ -189,3 +189,37 @@ def test_multi_node_cluster_certifies_an_archive(models, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_diffusion_beit_recipe(models, tmp_path):
+    """examples/certify_imagenet_diffusion_beit.yaml as shipped, with tiny random stand-ins in
+    its formats: a guided-diffusion checkpoint (+ its flags .yaml) as the denoiser and a timm
+    folder as the classifier, on ImageNet images; only paths and sizes are overridden."""
+    import ray
+    import yaml
+
+    from pipeline.models.diffusion.convert import guided_unet_kwargs
+    from pipeline.models.diffusion.guided_unet import GuidedUNet
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "certify_imagenet_diffusion_beit.yaml"
+    config = yaml.safe_load(recipe.read_text())
+    assert config["classifier"].endswith("beit_large_patch16_512") and config["denoiser"].endswith(
+        "256x256_diffusion_uncond.pt")
+    flags = {"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+             "attention_resolutions": "16", "num_heads": 2, "learn_sigma": True, "diffusion_steps": 1000,
+             "noise_schedule": "linear", "rescale_timesteps": False}
+    torch.manual_seed(0)
+    unet = GuidedUNet(**guided_unet_kwargs(flags)).eval()
+    torch.save({k: torch.randn_like(v) * 0.02 for k, v in unet.state_dict().items()}, tmp_path / "guided.pt")
+    (tmp_path / "guided.yaml").write_text(yaml.safe_dump(flags))
+    try:
+        certificates = dsmooth.certify(
+            recipe, dataset="folder", data_root=str(IMAGENET_100), split="test", skip=1, ids=[0], image_size=64,
+            denoiser=str(tmp_path / "guided.pt"), classifier=str(models["folder"]), n0=2, n=4, batch_size=8,
+            actors=1, output=str(tmp_path / "recipe"))
+    finally:
+        ray.shutdown()
+    assert list(certificates.image_id) == [0]
+    identity = json.loads((tmp_path / "recipe" / "run.json").read_text())["identity"]
+    assert identity["denoiser"] == "guided_unet" and identity["classifier_pipeline"]["kind"] == "timm"
+    assert identity["sigma"] == config["sigma"] and identity["n0"] == 2
