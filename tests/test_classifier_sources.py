@@ -313,14 +313,17 @@ def test_bad_specs_are_one_line_errors(tmp_path, timm_1k, factories, monkeypatch
 
 def test_weights_are_never_unpickled(tmp_path):
     """A .pth holding a pickled object (code) is refused by the weights_only load."""
+    marker = tmp_path / "code-ran"
+
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pth"
     torch.save({"fc.weight": Evil()}, path)
     with pytest.raises(ClassifierSourceError, match="cannot read weights"):
         resolve_classifier(ClassifierSpec("timm:test_resnet", str(path)))
+    assert not marker.exists()
 
 
 def test_bundle_holds_what_the_form_needs(timm_1k):
