@@ -147,8 +147,6 @@ def _resolve_new(spec: ClassifierSpec) -> Resolved | Source:
         return _folder(path, spec)
     if path.is_file():
         data = path.read_bytes()
-        if is_bundle(data):
-            raise ClassifierSourceError(f"{text}: not a classifier file (dsmooth makes bundles in memory only)")
         kind = archive_form.archive_kind(path, data)
         if kind is not None:
             if spec.weights is not None:
