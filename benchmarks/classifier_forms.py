@@ -56,9 +56,11 @@ def run(args) -> int:
         counters = {}
         for name, spec in _files(Path(tmp), size).items():
             source = ModelBytes.classifier(ClassifierSpec(**spec))
-            _, info = load_pair(source, None, data)
+            _, info = load_pair(source, None, data, allow_foreign_classifier=True)  # a raw state dict
             counters[name] = PairCounter(source, None, info, data, sigma=args.sigma, batch_size=args.batch,
-                                         device=args.device, amp=args.amp, optimize=not args.no_optimize)
+                                         allow_foreign_classifier=True,
+                                         device=args.device, amp=args.amp,
+                                         optimize=not args.no_optimize)
             counters[name].count(requests[:1], images)  # warm-up
         device = torch.device(args.device)
         print(f"device {device.type}{'' if device.type == 'cuda' else f' ({args.threads} threads)'} | ResNet-50 "
