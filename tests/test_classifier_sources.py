@@ -330,3 +330,22 @@ def test_bundle_holds_what_the_form_needs(timm_1k):
     manifest, files = read_bundle(resolve_classifier(ClassifierSpec(str(timm_1k["folder"]))).data)
     assert manifest["kind"] == "timm" and manifest["num_classes"] == 1000
     assert set(files) == {"weights.safetensors"}
+
+
+def test_exported_program_gets_its_batchnorm_folded(timm_1k):
+    """An archive is kept whole when f∘D is traced, so its BatchNorm is folded at the aten
+    level (what keeps a .pt2 as fast as the eager forms); the function does not change."""
+    from pipeline.sampling.inference import optimize_for_inference
+
+    pair, _ = _pair(ClassifierSpec(str(timm_1k["pt2"]), **timm_flags()), DataDescription(None, None, (224, 224)))
+
+    def batchnorms(model) -> int:
+        return sum(1 for m in model.modules() if isinstance(m, torch.fx.GraphModule)
+                   for n in m.graph.nodes if n.target == torch.ops.aten.batch_norm.default)
+
+    assert batchnorms(pair) > 0
+    optimized = optimize_for_inference(pair)
+    assert batchnorms(optimized) == 0 and batchnorms(pair) > 0  # folded in a copy
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(optimized(x), pair(x), rtol=1e-4, atol=1e-4)
