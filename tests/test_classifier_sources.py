@@ -349,3 +349,14 @@ def test_exported_program_gets_its_batchnorm_folded(timm_1k):
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(optimized(x), pair(x), rtol=1e-4, atol=1e-4)
+
+
+def test_models_command_lists_the_forms(capsys):
+    from jobs.cli import main as cli_main
+    from pipeline.models.sources import FORMS
+
+    assert cli_main(["models", "--kind", "classifier"]) == 0
+    out = capsys.readouterr().out
+    for name, usage, _ in FORMS:
+        assert f"  {name}" in out and usage in out
+    assert "timm:NAME" in out and "trusted files only" in out
