@@ -8,7 +8,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -159,6 +159,9 @@ class SequentialSettings(Settings):
     selection_alpha: Alpha = option(0.01, group=SEQUENTIAL_GROUP, metavar="A0", help=(
         "deployment mode: the adaptive selection stops once the top class's lower confidence sequence "
         "at level A0 passes 1/2 (or at n0 samples); it spends none of alpha, its samples being separate"))
+    # A job's own cap when the user sets no n_max (None: n); applied here, before the reach check.
+    default_n_max: ClassVar[int | None] = None
+
     certify_class: Literal["label", "top"] = option("label", group=SEQUENTIAL_GROUP, help=(
         "label: test the image's label (for APIs, the answer on the clean image); top: deployment, "
         "select the top class adaptively, then test it on fresh samples"))
@@ -176,4 +179,16 @@ class SequentialSettings(Settings):
         if self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
             raise ConfigError("radius", f"radius {self.radius} = {self.radius / sigma:.1f} sigma cannot be "
                               "certified (Phi(R/sigma) rounds to 1); use R <= 8 sigma")
+        if self.n_max is None and self.default_n_max is not None:
+            self.__dict__["n_max"] = self.default_n_max  # not setattr: that would validate again
+        n_max = self.n_max if self.n_max is not None else getattr(self, "n", None)
+        alpha = getattr(self, "alpha", None)
+        if sigma is not None and n_max is not None and alpha is not None:
+            from pipeline.stats.reach import check_reach  # scipy: not for every --help
+
+            # Refused before any sample or query: every image would spend a chunk and stop
+            # unreachable (largest-radius mode: nothing at all, R = 0, can be certified).
+            reach = check_reach(self.radius or 0.0, sigma, alpha, n_max, sequential=True)
+            if not reach.within:
+                raise ConfigError("radius" if self.radius is not None else "n_max", reach.message())
         return self
