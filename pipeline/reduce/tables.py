@@ -53,7 +53,7 @@ ENVELOPE_NOTE = (
     "envelope: per radius the best input (ties to the higher clean accuracy); its cells read "
     "(clean accuracy of that input) certified accuracy, as in the papers' tables."
 )
-BOUNDS = "σ·Φ⁻¹(α^(1/n)); a sequential run: its confidence sequence's ceiling at n_max"
+BOUNDS = "fixed n: σ·Φ⁻¹(α^(1/n)); sequential: the confidence sequence's ceiling at n_max"
 CAPPED_NOTE = f"{CAPPED}: above that input's largest certifiable radius ({BOUNDS}): capped by n."
 AT_RADIUS = "certified at R"  # the first column's header when every input is a sequential run at R
 AT_RADIUS_NOTE = (

@@ -18,23 +18,10 @@ import pandas as pd
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 from pipeline.stats.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
 from pipeline.runs.fs import Location
+from pipeline.runs.identity import recorded_alpha
 from pipeline.runs.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_run_record, read_votes
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
-
-
-# The alpha of a run whose run.json records none (runs older than the record of it).
-DEFAULT_ALPHA = 0.001
-
-
-def recorded_alpha(record: dict[str, Any]) -> float:
-    """The alpha a run was made with: a sequential run's (it decided when sampling stopped,
-    so it is in the identity), else the one its job recorded beside the identity, else
-    DEFAULT_ALPHA."""
-    identity = record.get("identity") or {}
-    sequential = identity.get("sequential") or {}
-    alpha = sequential.get("alpha", (record.get("extra") or {}).get("alpha"))
-    return DEFAULT_ALPHA if alpha is None else float(alpha)
 
 
 def load_run(run_dir: str | Path | Location, alpha: float | None = None, name: str | None = None) -> Certificates:
