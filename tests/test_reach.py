@@ -115,6 +115,20 @@ def test_unreachable_radius_is_refused_in_one_line_with_what_would_reach_it():
     assert check_reach(0.43, SIGMA, 0.001, N_MAX, sequential=True).message() == message.split(": ", 1)[1]
 
 
+def test_fixed_n_that_certifies_nothing_gets_the_one_line_warning(caplog):
+    """A fixed-n run asks no radius; one whose n cannot certify even R = 0 is warned about
+    (same function, Clopper-Pearson), and a sufficient n is not."""
+    fields = {"n0": 5}
+    with caplog.at_level("WARNING", logger="pipeline.settings"):
+        parse_config(_Job, {"sigma": SIGMA, "n": 9, **fields})  # 0.001^(1/9) = 0.46 <= 1/2
+    (record,) = [r for r in caplog.records if r.name == "pipeline.settings"]
+    assert "n = 9" in record.getMessage() and "n >= 10 would reach it" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.settings"):
+        parse_config(_Job, {"sigma": SIGMA, "n": 10, **fields})
+    assert not [r for r in caplog.records if r.name == "pipeline.settings"]
+
+
 def test_certify_api_refuses_an_unreachable_radius_before_any_query(capsys, tmp_path):
     """The API defaults (sigma 0.25, alpha 0.001, n_max 240) reach no R >= 0.43: exit 2,
     one line, no run directory, and no query (the endpoint does not even exist)."""

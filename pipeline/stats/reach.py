@@ -94,6 +94,9 @@ class Reach:
         bound = "the confidence sequence" if self.sequential else "Clopper-Pearson"
         need = (f"{what} >= {self.needed:,} would reach it" if self.needed is not None
                 else f"no {what} up to {LARGEST_N:.0e} reaches it")
+        if self.radius == 0:  # nothing at all can be certified
+            return (f"no radius can be certified with {what} = {self.n:,}: even all {self.n:,} votes for the class "
+                    f"leave the lower bound ({bound}) at or below 1/2; {need}")
         return (f"radius {self.radius:g} cannot be certified with {what} = {self.n:,}: the largest reachable "
                 f"radius is {self.limit:.3f} ({bound} at all {self.n:,} votes for the class); {need}")
 
