@@ -8,6 +8,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -30,6 +31,7 @@ from pipeline.runs.fs import Location
 from pipeline.data.core import ImageDataset
 from pipeline.data.sources import DatasetKind, open_dataset
 
+log = logging.getLogger(__name__)
 
 # The sample counts, typed once with their meaning; each job picks its defaults.
 SelectionSamples = Annotated[int, Field(ge=1, strict=True, description=(
@@ -123,6 +125,14 @@ class SmoothingSettings(Settings):
         n0, n = getattr(self, "n0", None), getattr(self, "n", None)
         if getattr(self, "mode", "certify") == "certify" and n0 is not None and n is not None and n0 > n:
             raise ConfigError("n0", f"n0={n0} must not exceed n={n} (selection uses fewer samples)")
+        if getattr(self, "mode", "certify") == "certify" and n is not None and not getattr(self, "sequential", False):
+            from pipeline.stats.reach import check_reach  # scipy: not for every --help
+
+            # A fixed-n run asks no radius, but one whose n certifies none (not even R = 0)
+            # would spend every sample for abstentions: say so in one line (it may be a dry test).
+            reach = check_reach(0.0, self.sigma, self.alpha, n)
+            if not reach.within:
+                log.warning("%s", reach.message())
         return self
 
 
