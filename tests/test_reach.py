@@ -17,6 +17,7 @@ written as the jobs write it (real Parquet, real run.json); expectations come fr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from jobs.cli import main as cli_main
 from pipeline.config import ConfigError, option, parse_config
 from pipeline.reduce import accuracy_table, load_run, render
 from pipeline.reduce.plots import MARKER_GID, certified_accuracy_figure
-from pipeline.reduce.tables import AT_RADIUS, RECOMPUTED_NOTE
+from pipeline.reduce.tables import AT_RADIUS, NO_CLEAN_NOTE, RECOMPUTED_NOTE
 from pipeline.runs.storage import open_run, write_votes
 from pipeline.settings import ChunkSize, EstimationSamples, SelectionSamples, SequentialSettings, SmoothingSettings
 from pipeline.stats.confidence_sequences import lower_confidence_sequence, success_thresholds
@@ -233,6 +234,35 @@ def test_an_explicit_alpha_recomputes_and_says_so_and_mixed_runs_show_alpha_per_
     row_a = next(line for line in lines if line.startswith("| a |"))
     row_b = next(line for line in lines if line.startswith("| b |"))
     assert "| 0.01 |" in row_a and "| 0.001 |" in row_b
+
+
+def fixed_n_run(run: Path, alpha: float) -> Path:
+    """A fixed-n certify run (as `dsmooth certify` records it: alpha beside the identity)."""
+    open_run(run, {"job": "certify", "mode": "certify", "dataset": "sim", "sigma": SIGMA, "n0": 10, "n": 100},
+             extra={"alpha": alpha})
+    rows = []
+    for image_id, votes in enumerate([100, 97, 93, 90, 80, 60]):
+        rows += [{"image_id": image_id, "label": 1, "phase": "selection", "n": 10, "counts": [0, 10]},
+                 {"image_id": image_id, "label": 1, "phase": "estimation", "n": 100, "counts": [100 - votes, votes]}]
+    write_votes(run, rows)
+    return run
+
+
+def test_a_fixed_n_run_is_reduced_at_its_recorded_alpha_and_beside_a_run_at_r(run_at_001, capsys, tmp_path):
+    run = fixed_n_run(tmp_path / "fixed", alpha=0.01)
+    certs = load_run(run)
+    assert certs.alpha == 0.01 and not certs.recomputed
+    assert np.allclose(certs["radius"], load_run(run, 0.01)["radius"])
+    assert not np.allclose(certs["radius"], load_run(run, 0.001)["radius"])  # alpha matters here
+    assert cli_main(["reduce", str(run), "--format", "csv"]) == 0
+    assert (pd.read_csv(io.StringIO(capsys.readouterr().out))["alpha"] == 0.01).all()
+    # beside a run at R: "clean" keeps its meaning, the run at R has no clean cell
+    assert cli_main(["reduce", str(run), str(run_at_001[0]), "--names", "fixed", "seq"]) == 0
+    out = capsys.readouterr().out
+    assert "| clean |" in out.splitlines()[0] and NO_CLEAN_NOTE in out
+    seq_row = next(line for line in out.splitlines() if line.startswith("| seq |")).split("|")
+    clean_at = out.splitlines()[0].split("|").index(" clean ")
+    assert seq_row[clean_at].strip() == ""
 
 
 def test_tables_plots_and_run_json_use_the_sequence_s_ceiling(run_at_001):
