@@ -256,6 +256,9 @@ def test_a_fixed_n_run_is_reduced_at_its_recorded_alpha_and_beside_a_run_at_r(ru
     assert not np.allclose(certs["radius"], load_run(run, 0.001)["radius"])  # alpha matters here
     assert cli_main(["reduce", str(run), "--format", "csv"]) == 0
     assert (pd.read_csv(io.StringIO(capsys.readouterr().out))["alpha"] == 0.01).all()
+    assert load_run(run, 0.001).recomputed
+    assert cli_main(["reduce", str(run), "--alpha", "0.001"]) == 0
+    assert "0.001 (run 0.01)" in capsys.readouterr().out
     # beside a run at R: "clean" keeps its meaning, the run at R has no clean cell
     assert cli_main(["reduce", str(run), str(run_at_001[0]), "--names", "fixed", "seq"]) == 0
     out = capsys.readouterr().out
