@@ -225,6 +225,9 @@ def test_an_explicit_alpha_recomputes_and_says_so_and_mixed_runs_show_alpha_per_
     assert cli_main(["reduce", str(run), "--alpha", "0.001"]) == 0
     out = capsys.readouterr().out
     assert "0.001 (run 0.01)" in out and RECOMPUTED_NOTE in out and "| α |" in out.splitlines()[0] + "|"
+    assert cli_main(["reduce", str(run), "--envelope"]) == 0
+    envelope = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| envelope |"))
+    assert "nan" not in envelope and "(" not in envelope, envelope  # no clean accuracy to put in parentheses
 
     other = tmp_path / "other"
     simulate_run(other, alpha=0.001, seed=1)

@@ -166,7 +166,10 @@ def _has_samples(table: pd.DataFrame) -> bool:
 
 
 def paper_cell(certified: float, clean: float) -> str:
-    """The papers' cell: clean accuracy in parentheses, then certified accuracy, in percent."""
+    """The papers' cell: clean accuracy in parentheses, then certified accuracy, in percent
+    (no parentheses when the winner measured no clean accuracy: a sequential run at R)."""
+    if pd.isna(clean):
+        return percent(certified)
     return f"({100 * clean:.1f}) {100 * certified:.1f}"
 
 
