@@ -2,12 +2,12 @@
 
 Each RUN is a run directory (has run.json: certificates are recomputed from its Parquet
 votes, at the alpha the run recorded -- for a sequential run exactly its own decisions --
-or at --alpha, any alpha, no new samples, which the table then says), a per-image log written by the reference
-implementations (Cohen et al.'s or the Denoised Smoothing authors' TSV logs, or the
-vision-API `log.txt`; their alpha was fixed when they were written), or a directory: every
-run and log under it is one input. Empty or truncated logs are skipped with a warning;
-files that are not runs or logs (.png, .csv, .md, ... as a shell glob picks them up) are
-passed over silently.
+or at --alpha, any alpha, no new samples, which the table then says), a per-image log
+written by the reference implementations (Cohen et al.'s or the Denoised Smoothing
+authors' TSV logs, or the vision-API `log.txt`; their alpha was fixed when they were
+written), or a directory: every run and log under it is one input. Empty or truncated logs
+are skipped with a warning; files that are not runs or logs (.png, .csv, .md, ... as a
+shell glob picks them up) are passed over silently.
 
 Each row shows an input's clean accuracy once, then its certified accuracy (%) per radius
 (the default radii, plus the R of every sequential run certified at R; such a run measures
@@ -15,12 +15,13 @@ no clean accuracy, so its first column is its certified accuracy at R). An α co
 when the inputs' alphas differ or --alpha overrides a run's own. No radius above
 sigma*Phi^-1(alpha^(1/n)) can be certified with n samples (a sequential run: its confidence
 sequence's ceiling at n_max, which is lower): a radius above every input's limit is left
-out (a note says so), a cell above its own input's limit reads "—". --envelope adds, per radius, the best input (ties to the higher clean accuracy), the
-way Salman et al. build Tables 1 and 2, in their "(clean accuracy) certified accuracy"
-cells. The CSV is long (a row per input and radius) and keeps every radius, with the
-columns run, sigma, radius, certified_accuracy, clean_accuracy, n, alpha, max_radius,
-capped (True where the radius lies above max_radius), run_alpha (the alpha the run
-recorded; differs from alpha after --alpha).
+out (a note says so), a cell above its own input's limit reads "—". --envelope adds, per
+radius, the best input (ties to the higher clean accuracy), the way Salman et al. build
+Tables 1 and 2, in their "(clean accuracy) certified accuracy" cells. The CSV is long (a
+row per input and radius) and keeps every radius, with the columns run, sigma, radius,
+certified_accuracy, clean_accuracy, n, alpha, max_radius, capped (True where the radius
+lies above max_radius), run_alpha (the alpha the run recorded; differs from alpha after
+--alpha).
 
 examples:
   dsmooth reduce runs/cifar10-mse runs/cifar10-stab --names MSE STAB+MSE --plot acc.png

@@ -6,8 +6,8 @@ requested radius, and says per row the input's n, alpha, its largest certifiable
 there is a limit of n, not of the model), and the alpha the run itself recorded
 (`run_alpha`; another `alpha` means the certificates were recomputed at --alpha). A
 sequential run certified at R measures no clean accuracy (it only tests p_A > Phi(R/sigma)):
-its clean_accuracy is empty and its R is among the default radii. Markdown and LaTeX pivot it into one row per
-input for people: the clean accuracy once per row, then plain certified accuracy per
+its clean_accuracy is empty and its R is among the default radii. Markdown and LaTeX pivot
+it into one row per input for people: the clean accuracy once per row, then plain certified accuracy per
 radius in percent; a radius no input can certify is not shown (a note says which and why),
 and a cell above its own input's limit reads "—". The envelope row is how Tables 1 and 2 of
 Salman et al. are built: per radius the best input, ties to the higher clean accuracy; its
