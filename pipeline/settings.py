@@ -169,12 +169,11 @@ class SequentialSettings(Settings):
     selection_alpha: Alpha = option(0.01, group=SEQUENTIAL_GROUP, metavar="A0", help=(
         "deployment mode: the adaptive selection stops once the top class's lower confidence sequence "
         "at level A0 passes 1/2 (or at n0 samples); it spends none of alpha, its samples being separate"))
-    # A job's own cap when the user sets no n_max (None: n); applied here, before the reach check.
-    default_n_max: ClassVar[int | None] = None
-
     certify_class: Literal["label", "top"] = option("label", group=SEQUENTIAL_GROUP, help=(
         "label: test the image's label (for APIs, the answer on the clean image); top: deployment, "
         "select the top class adaptively, then test it on fresh samples"))
+    # A job's own cap when the user sets no n_max (None: n); applied here, before the reach check.
+    default_n_max: ClassVar[int | None] = None
 
     @model_validator(mode="after")
     def _radius_within_reach(self) -> SequentialSettings:

@@ -151,8 +151,8 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
 
     @model_validator(mode="after")
     def _sequential_api(self) -> CertifyApiConfig:
-        """An API's own sequential chunk default (8; n_max 240 is `default_n_max`) where the user set none; the
-        label is the API's answer on the clean image, so only `certify_class: label`."""
+        """An API's own sequential chunk default (8; n_max 240 is `default_n_max`) where the user
+        set none; the label is the API's answer on the clean image, so only `certify_class: label`."""
         if not self.sequential:
             return self
         if self.certify_class != "label":
