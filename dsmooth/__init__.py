@@ -135,21 +135,21 @@ class Reduced:
 
 def reduce(
     paths: str | Path | Sequence[str | Path],
-    alpha: float = 0.001,
+    alpha: float | None = None,
     *,
     radii: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
     envelope: bool = False,
 ) -> Reduced:
     """`dsmooth reduce` as DataFrames: certificates recomputed from runs' votes at `alpha`
-    (no new samples), reference logs read as they are. Unusable inputs are skipped with a
-    ReduceWarning; ValueError when none is usable."""
+    (default: each run's own, as it decided; no new samples), reference logs read as they
+    are. Unusable inputs are skipped with a ReduceWarning; ValueError when none is usable."""
     from jobs.reduce import load
     from pipeline.config import Alpha, check_value
-    from pipeline.reduce import DEFAULT_RADII, accuracy_table, per_image_table
+    from pipeline.reduce import accuracy_table, per_image_table
 
-    alpha = float(check_value(Alpha, alpha, "alpha"))
+    alpha = None if alpha is None else float(check_value(Alpha, alpha, "alpha"))
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     inputs = load(paths, alpha, names=None if names is None else list(names))
-    table = accuracy_table(inputs, DEFAULT_RADII if radii is None else radii, envelope=envelope)
+    table = accuracy_table(inputs, radii, envelope=envelope)
     return Reduced(inputs, per_image_table(inputs), table)

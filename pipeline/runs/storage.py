@@ -130,7 +130,10 @@ def open_run(run: str | Location, identity: Mapping[str, Any], extra: Mapping[st
         )
     if (run / RUN_FILE).exists():
         return read_run_record(run)
+    from pipeline.runs.identity import max_radius  # scipy, only when a run is created
+
     record = {"run_id": uuid.uuid4().hex[:12], "identity": identity, "extra": dict(extra or {})}
+    record["max_radius"] = max_radius(record)  # what no image of the run can be certified beyond
     write_json(record, run / RUN_FILE)
     return record
 

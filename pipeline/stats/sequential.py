@@ -24,8 +24,11 @@ estimation samples):
 
 * G1 (labelled, radius R). If p <= Phi(R/sigma), P(CERTIFIED) <= alpha, whatever the chunk
   sizes (even chosen from past votes), n_max, or when the engine stops, pauses or resumes.
-  A failed sample (an API error) counts as a vote against the class, which only lowers the
-  evidence. `futility_alpha`, curtailment and n_max only cause missed certificates.
+  A sample that gives no vote for the class (another class, or an API answer naming no label)
+  counts against it, which only lowers the evidence. A failed query (an API error) is not a
+  sample: its chunk is held, the query asked again (`pipeline.apis.sequential`), and the
+  chunk decided only once every query in it has been answered. `futility_alpha`,
+  curtailment and n_max only cause missed certificates.
 * G2 (deployment). P(a class c is CERTIFIED at R while p_c <= Phi(R/sigma)) <= alpha. Split:
   all of alpha goes to the estimation test and none to the selection: the selection samples
   are a separate noise phase, independent of the estimation samples, so G1 holds given the
@@ -187,7 +190,8 @@ class ChunkVotes:
     """Votes of whole noise chunks, one row per (image, chunk), rows in any order.
 
     image: the image's row in the certifier (0..num_images-1); chunk: the chunk index in the
-    phase; samples: samples drawn in the chunk (failed queries included); counts: either
+    phase; samples: samples drawn in the chunk (answered queries that named no class included;
+    a failed query is asked again before its chunk is complete); counts: either
     [rows] votes for the image's tested class (estimation only), or [rows, classes] votes
     per class column (a column absent from the matrix had no votes).
     """
