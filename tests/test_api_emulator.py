@@ -187,3 +187,21 @@ def test_command_line_emulator_serves_counts_and_stops(tmp_path):
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0 and "stopped after 2 calls" in err
+
+
+def test_command_line_emulator_refuses_a_rejected_checkpoint_in_one_line(tmp_path, capsys):
+    """--classifier with a file the checkpoint loader refuses (a raw state dict, a corrupt
+    file): one line naming the file and the reason, exit 2, no traceback."""
+    import torch
+
+    from jobs.cli import main as cli_main
+
+    raw = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.zeros(3)}, raw)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    for path, reason in ((raw, "not a dsmooth checkpoint"), (corrupt, "not a PyTorch checkpoint")):
+        assert cli_main(["api-emulator", "--port", "0", "--classifier", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dsmooth api-emulator: error: ") and len(err.splitlines()) == 1, err
+        assert path.name in err and reason in err
