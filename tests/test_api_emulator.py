@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,37 @@ def test_retry_loop_retries_transient_and_malformed_answers_and_books_every_call
     before = emulator.calls("aws")
     outcome = query_with_retries(api, png, lambda attempt: answer, answered, settings, random.Random(0))
     assert outcome.state == "ok" and outcome.reused and outcome.top_label == "Sky" and emulator.calls("aws") == before
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_each_client_waits_for_its_slot_just_before_the_request_leaves(emulator, provider):
+    """The rate-limit wait runs inside the client library, once per call, after the request
+    is built and signed (so their time does not fall between the wait and the provider's
+    clock); through the retry loop a call reaches the provider at its slot, not before."""
+    from pipeline.apis.ledger import Permit
+    from pipeline.apis.ratelimit import LATE_S, SendGate
+
+    api = client(provider, emulator.url)
+    png = FILES[0].read_bytes()
+    api.labels(png)  # connections and credentials warm: the timings below are the call's own
+    waits: list[float] = []
+
+    def wait() -> None:
+        time.sleep(0.2)
+        waits.append(time.time())
+
+    with SendGate(wait):
+        assert api.labels(png)
+    assert api.gates_sends and len(waits) == 1, "the client did not call before_send()"
+    assert emulator.starts(provider)[-1] >= waits[0]
+
+    slot = time.time() + 0.3
+    permits = iter([Permit("send", call="c", start_at=slot)])
+    outcome = query_with_retries(api, png, lambda attempt: next(permits), lambda *a, **k: None,
+                                 RetrySettings(max_attempts=1), random.Random(0))
+    assert outcome.state == "ok" and emulator.calls(provider) == 3
+    assert slot <= emulator.starts(provider)[-1] < slot + LATE_S + 1.0
+    assert outcome.latency_s <= time.time() - slot  # timed from the slot, not from before the wait
 
 
 def test_control_endpoint(emulator):
