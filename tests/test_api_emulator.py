@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,6 +172,58 @@ def test_each_client_waits_for_its_slot_just_before_the_request_leaves(emulator,
     assert outcome.state == "ok" and emulator.calls(provider) == 3
     assert slot <= emulator.starts(provider)[-1] < slot + LATE_S + 1.0
     assert outcome.latency_s <= time.time() - slot  # timed from the slot, not from before the wait
+
+
+@pytest.mark.slow
+def test_rate_limit_holds_on_the_emulators_clock_on_a_loaded_machine(tmp_path):
+    """8 threads share one limiter at qps 10 (as the API actors share the ledger's) while two
+    busy processes load the CPUs; the emulator, in its own process as a provider would be,
+    counts arrivals: never more than 10 in any 1-second window. Bounded: 60 calls, ~10 s."""
+    from pipeline.apis.ledger import Permit
+    from pipeline.apis.ratelimit import RateLimiter
+
+    qps, total, threads = 10, 60, 8
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    emulator = subprocess.Popen([sys.executable, "-m", "jobs.cli", "api-emulator", "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    burn = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    load: list[subprocess.Popen] = []
+    try:
+        line = emulator.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        load = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+        url = line.split("listening on ")[1].split()[0]
+        limiter, lock, left = RateLimiter(qps), threading.Lock(), [total]
+        png = FILES[0].read_bytes()
+
+        def permit(attempt: int) -> Permit:
+            with lock:
+                if left[0] == 0:
+                    return Permit("stop", reason="budget")
+                left[0] -= 1
+            return Permit("send", call="c", start_at=limiter.slot())
+
+        def work() -> None:
+            api = client("aws", url, timeout_s=30)
+            while query_with_retries(api, png, permit, lambda *a, **k: None, RetrySettings(max_attempts=1),
+                                     random.Random(0), reslot=limiter.slot).state != "stopped":
+                pass
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        stats = requests.get(f"{url}/_emulator/stats", timeout=30).json()
+    finally:
+        for process in load:
+            process.kill()
+        emulator.send_signal(signal.SIGTERM)
+        emulator.communicate(timeout=30)
+    print(f"[figures] qps {qps} under load: {stats['calls']['aws']} calls, "
+          f"worst 1-second window {stats['max_calls_in_a_second']['aws']}")
+    assert stats["calls"]["aws"] == total
+    assert stats["max_calls_in_a_second"]["aws"] <= qps
 
 
 def test_control_endpoint(emulator):
