@@ -1,4 +1,5 @@
-"""One rate limit for a whole job: never more than `qps` call starts in any 1-second window.
+"""One rate limit for a whole job: never more than `qps` calls in any 1-second window on the
+provider's clock.
 
 Providers meter per account and per second; a burst of starts above the quota is answered
 with 429s, and every retry of those is paid. So every attempt of every actor takes its start
