@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.apis.emulator import CheckpointClassifier, EmulatorServer, FaultSettings
 
-    classifier = CheckpointClassifier(args.classifier) if args.classifier else None
+    from pipeline.models import CheckpointError
+
+    try:
+        classifier = CheckpointClassifier(args.classifier) if args.classifier else None
+    except CheckpointError as error:  # a file the loader refuses is bad input: one line, exit 2
+        raise ValueError(str(error)) from None
     faults = FaultSettings(
         auth_failure=args.auth_failure, throttle=args.throttle, server_error=args.server_error,
         malformed=args.malformed, latency_s=args.latency, latency_rate=args.latency_rate,
