@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.apis.plan import Key, WorkUnit, needed_keys, plan_image
-from pipeline.apis.querylog import OK, Spend, read_query_log, vote_rows
+from pipeline.apis.querylog import OK, Spend, answer_vote_rows, read_query_log
 from pipeline.runs.fs import Location
 from pipeline.runs.storage import completed_images, write_votes
 
@@ -102,7 +102,7 @@ class RunState:
         state = self.images[image_id]
         if state.voted or not self.needed <= state.rows.keys():
             return False
-        rows = vote_rows(list(state.rows.values()), self.identity, self.run_id, self.n0, self.n)
+        rows = answer_vote_rows(list(state.rows.values()), self.identity, self.run_id, self.n0, self.n)
         if rows is None:
             return False
         write_votes(self.run_dir, rows, worker=self.worker)

@@ -206,6 +206,25 @@ def load_pair(
     return pair, info
 
 
+@dataclass(frozen=True)
+class PairSettings:
+    """What a model actor needs besides the checkpoints to build its `PairCounter` (typed, so
+    a setting the actor does not know is an error where it is made, not in a worker)."""
+
+    sigma: float
+    classifier_arch: str | None = None
+    allow_foreign_classifier: bool = False
+    batch_size: int = 400
+    amp: bool = True
+    optimize: bool = True
+
+    def counter(self, classifier: ModelBytes, denoiser: ModelBytes | None, expected: PairInfo,
+                data: DataDescription, device: str) -> PairCounter:
+        return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
+                           allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
+                           device=device, amp=self.amp, optimize=self.optimize)
+
+
 class PairCounter:
     """A loaded f∘D inside the batched engine; turns sample requests + uint8 images into counts."""
 

@@ -18,8 +18,9 @@ import numpy as np
 from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
-from pipeline.certify.pair import ModelIdentity, PairInfo
+from pipeline.certify.pair import ModelIdentity, PairInfo, PairSettings
 from pipeline.runs.identity import run_identity
+from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.settings import (
     ChunkSize,
@@ -79,6 +80,12 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     output: Where = option(..., metavar="DIR", help=(
         "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
 
+    def pair_settings(self) -> PairSettings:
+        """What each model actor builds its pair with."""
+        return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
+                            allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
+                            optimize=self.optimize)
+
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
     """The run identity (`pipeline.runs.identity`) of a certify run with these models."""
@@ -132,7 +139,7 @@ def plan_shards(records: Sequence[ImageRecord], shard_size: int) -> list[Shard]:
     ]
 
 
-def vote_rows(
+def model_vote_rows(
     *,
     run_id: str,
     config: CertifyConfig,
@@ -146,13 +153,13 @@ def vote_rows(
     denoiser: ModelIdentity | None,
     class_names: Sequence[str] | None,
     per_chunk: bool = False,
-) -> list[dict[str, Any]]:
-    """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> requests[i]).
+) -> list[VoteRow]:
+    """The `VoteRow`s of one work item's counts (row i <-> requests[i]) from model actors.
 
     `per_chunk` (sequential runs): every request is one noise chunk, and its row records the
     chunk's index, so the run can be replayed chunk by chunk (`pipeline.certify.schedule`).
 
-    `elapsed_s` is the row's share of the shard's compute time, split by samples drawn, so
+    `elapsed_s` is the row's share of the item's compute time, split by samples drawn, so
     summing it over a run gives the actors' busy time.
     """
     if counts.shape[0] != len(requests):
@@ -167,30 +174,15 @@ def vote_rows(
         label_name = (
             class_names[record.label] if class_names is not None and 0 <= record.label < len(class_names) else None
         )
-        rows.append(
-            {
-                "run_id": run_id,
-                "image_id": record.image_id,
-                "image_name": record.name,
-                "label": record.label,
-                "label_name": label_name,
-                "phase": request.phase,
-                "n": request.num_samples,
-                "classes": None,
-                "counts": [int(c) for c in row],
-                "sigma": config.sigma,
-                "seed": request.seed,
-                "chunk_size": request.chunk_size,
-                "model": classifier.name,
-                "model_sha256": classifier.sha256,
-                "denoiser": denoiser.name if denoiser else None,
-                "denoiser_sha256": denoiser.sha256 if denoiser else None,
-                "worker": worker,
-                "elapsed_s": compute_s * request.num_samples / total_samples,
-                "finished_at": finished_at,
-                "chunk": request.first_chunk if per_chunk else None,
-            }
-        )
+        rows.append(VoteRow(
+            run_id=run_id, image_id=record.image_id, image_name=record.name, label=record.label,
+            label_name=label_name, phase=request.phase, n=request.num_samples, classes=None,
+            counts=[int(c) for c in row], sigma=config.sigma, seed=request.seed, chunk_size=request.chunk_size,
+            model=classifier.name, model_sha256=classifier.sha256,
+            denoiser=denoiser.name if denoiser else None, denoiser_sha256=denoiser.sha256 if denoiser else None,
+            worker=worker, elapsed_s=compute_s * request.num_samples / total_samples, finished_at=finished_at,
+            chunk=request.first_chunk if per_chunk else None,
+        ))
     return rows
 
 
