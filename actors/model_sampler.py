@@ -113,6 +113,9 @@ class ModelSampler:
         self._last_poll = 0.0  # the counter forgot this item: ask it again at the next tick
         return [Finished(work, rows, counts, worker=worker.split("@")[0])]
 
+    def release(self, rows: list[int]) -> None:
+        """Pixels travel with each item: nothing is held per image."""
+
     def lost(self, key: Any) -> Work | None:
         self.counter.forget.remote(key)
         return self.pending.pop(key, None)

@@ -276,26 +276,26 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
 
 def _fixed_schedule(config, context, output, selected):
     """(a FixedSchedule maker or None when nothing is left, the outcome's finisher)."""
-    from pipeline.certify.plan import default_shard_size
+    from pipeline.certify.plan import default_shard_size, plan_shards, shard_requests
     from pipeline.certify.run import FixedSchedule
 
     todo = _pending(config, selected)
     log.info("%d images selected from %s, %d already in %s, %d to do",
              len(selected), selected.name, len(selected) - len(todo), output, len(todo))
-    pending = {r.image_id for r in todo}
-    rows = [row for row, record in enumerate(selected.records) if record.image_id in pending]
 
     def make(actors: int) -> FixedSchedule:
-        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(rows), actors)
-        log.info("%d shards of <= %d images, %s samples per image", -(-len(rows) // shard_size), shard_size,
+        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), actors)
+        shards = plan_shards(todo, shard_size)
+        log.info("%d shards of <= %d images, %s samples per image", len(shards), shard_size,
                  f"{config.samples_per_image():,}")
-        return FixedSchedule(rows, context.image_ids, config.phases(), config.seed, config.chunk_size, shard_size)
+        return FixedSchedule(shards, {image_id: row for row, image_id in enumerate(context.image_ids)},
+                             lambda shard: shard_requests(shard, config))
 
     def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
         outcome.finished_now = run.finished if run is not None else 0
         return outcome
 
-    return (make if rows else None), finish
+    return (make if todo else None), finish
 
 
 def _sequential_schedule(config, context, output, selected):

@@ -20,13 +20,14 @@ Plain Python: no Ray here (the samplers own the actors).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.certify.plan import Shard
 from pipeline.certify.schedule import ChunkScheduler, ChunkTask
 from pipeline.runs.fs import Location
 from pipeline.runs.votes import VoteRow
@@ -105,26 +106,24 @@ class Sampler(Protocol):
 
     def in_flight(self) -> tuple[int, int]: ...  # (images, samples) finished in flight, best effort
 
+    def release(self, rows: list[int]) -> None: ...  # these images are done: drop what is held for them
+
     def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None: ...
 
 
 class FixedSchedule:
-    """Fixed n: every pending image's phases (n0 selection + n estimation samples, or n
-    prediction samples), `shard_size` images per work item, in selection order."""
+    """Fixed n: the shards of pending images (`pipeline.certify.plan.plan_shards`), one work
+    item each, in selection order; `requests(shard)` says what to draw for one (a model
+    sampler: `shard_requests`; an API sampler asks what the journal lacks, so none)."""
 
-    def __init__(self, rows: Sequence[int], image_ids: Sequence[int], phases: Sequence[tuple[str, int]],
-                 seed: int, chunk_size: int, shard_size: int) -> None:
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
-        self.rows, self.image_ids, self.phases = list(rows), image_ids, list(phases)
-        self.seed, self.chunk_size, self.shard_size = seed, chunk_size, shard_size
-        self.total = len(self.rows)
+    def __init__(self, shards: Sequence[Shard], rows_of: Mapping[int, int],
+                 requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> None:
+        self.shards, self.rows_of, self.requests = shards, rows_of, requests
+        self.total = sum(len(shard.records) for shard in shards)
 
     def items(self) -> Iterator[Work | None]:
-        for start in range(0, len(self.rows), self.shard_size):
-            rows = tuple(self.rows[start:start + self.shard_size])
-            yield Work(rows, tuple(SampleRequest(self.seed, self.image_ids[r], phase, num, self.chunk_size)
-                                   for r in rows for phase, num in self.phases))
+        for shard in self.shards:
+            yield Work(tuple(self.rows_of[i] for i in shard.image_ids), tuple(self.requests(shard)))
 
     def accept(self, done: Finished) -> list[int]:
         """The images `done` finished (all of its work's)."""
@@ -196,6 +195,7 @@ class CertifyRun:
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
         self.unreadable: set[int] = set()
         self.finished = self.samples = 0
+        self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
         self.progress = progress or Progress(label, total=schedule.total)
 
     # -- what goes out
@@ -243,7 +243,7 @@ class CertifyRun:
             self.context.skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
             self.unreadable.add(row)
             self.schedule.withdraw([row])
-            self.progress.total = self.schedule.total
+            self.progress.total -= 1
             return False
 
     # -- what comes back
@@ -266,6 +266,7 @@ class CertifyRun:
         finished = self.schedule.accept(done)
         for row in finished:
             self.pixels.pop(row, None)
+        self.sampler.release(finished)
         self.finished += len(finished)
         self.samples += sum(r.n for r in done.rows)
 
@@ -287,7 +288,8 @@ class CertifyRun:
         try:
             self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
         finally:
-            self.progress.close()
+            if self.own_progress:
+                self.progress.close()
             self._record_skipped()
 
     def _record_skipped(self) -> None:
