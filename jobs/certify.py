@@ -39,7 +39,7 @@ log = logging.getLogger("dsmooth")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.options import add_settings_arguments
-    from pipeline.certify.plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
+    from pipeline.certify.config import SPEED_GROUP, SPEED_NOTE, CertifyConfig
     from pipeline.settings import SEQUENTIAL_GROUP
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_settings(args: argparse.Namespace):
     """CertifyConfig from --config plus flags; errors name the field and its flag."""
     from jobs.options import load_settings as load
-    from pipeline.certify.plan import CertifyConfig
+    from pipeline.certify.config import CertifyConfig
 
     return load(CertifyConfig, args)
 

@@ -8,7 +8,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -26,9 +26,12 @@ from pipeline.config import (
     Where,
     option,
 )
-from pipeline.runs.fs import Location
-from pipeline.data.core import ImageDataset
-from pipeline.data.sources import DatasetKind, open_dataset
+
+if TYPE_CHECKING:  # declarations import nothing heavy: `dsmooth COMMAND --help` loads no torch
+    from pipeline.data.core import ImageDataset
+
+DatasetKind = Literal["cifar10", "imagenet", "folder"]
+KINDS: tuple[str, ...] = get_args(DatasetKind)
 
 
 # The sample counts, typed once with their meaning; each job picks its defaults.
@@ -69,6 +72,9 @@ class DataSelection(Settings):
     def open_split(self, labels: bool = True) -> ImageDataset:
         """The whole split (image ids are positions in it); a remote root is read through a
         local cached copy."""
+        from pipeline.data.sources import open_dataset
+        from pipeline.runs.fs import Location
+
         root = Location.of(self.data_root).local_copy()
         return open_dataset(self.dataset, root, self.split, image_size=self.image_size, labels=labels)
 

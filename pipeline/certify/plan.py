@@ -1,4 +1,5 @@
-"""What a certification run is: its config, its identity, its shards and its vote rows.
+"""What a certification run is made of: its identity, its shards and its vote rows (its
+settings are declared in `pipeline.certify.config`).
 
 Plain Python (no Ray), so the rules that make a run resumable -- which settings define the
 votes, how images are cut into shards, what a Parquet row holds -- can be tested and reused
@@ -11,80 +12,23 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
-from pipeline.certify.pair import ModelIdentity, PairInfo, PairSettings
+from pipeline.certify.pair import ModelIdentity, PairInfo
 from pipeline.runs.identity import run_identity
 from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
-from pipeline.settings import (
-    ChunkSize,
-    DataSelection,
-    EstimationSamples,
-    PoolSettings,
-    SelectionSamples,
-    SequentialSettings,
-    SmoothingSettings,
-)
+from pipeline.certify.config import MODES, SPEED_GROUP, SPEED_NOTE, CertifyConfig  # noqa: F401 - declared there
 
-MODES = ("certify", "predict")
 # A shard is the unit of work sent to an actor and of loss on a crash: about this many
 # noisy samples (n = 100,000 -> 2 images per shard; n = 1,000 -> 200).
 TARGET_SHARD_SAMPLES = 200_000
 MAX_SHARD_IMAGES = 64
 SHARDS_PER_ACTOR = 4
-
-SPEED_GROUP = "speed (may change between resumptions)"
-SPEED_NOTE = (
-    "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
-    "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
-    "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
-    "  counts keep these and the device type; any choice gives equally valid votes."
-)
-
-
-class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
-    """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
-
-    classifier: Where = option(..., group="models", metavar="CKPT", help=(
-        "classifier f: dsmooth checkpoint (or raw state dict with --classifier-arch); path or URI"))
-    classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
-        "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
-    allow_foreign_classifier: bool = option(False, group="models", help=(
-        "accept a classifier that does not record the data set it was trained on (a raw state dict "
-        "or a foreign checkpoint); one that records another data set is refused regardless"))
-    mode: Literal["certify", "predict"] = option("certify", group="smoothing",
-                                                 help="CERTIFY (label + radius) or PREDICT (label only)")
-    n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
-    n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
-    chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
-    batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
-                                     help="noisy samples per forward pass")
-    actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
-                                        help="actors in the pool (default: one per GPU, or one per CPU)")
-    gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
-        "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
-    cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
-    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
-    optimize: bool = option(True, group=SPEED_GROUP,
-                            help="fold BatchNorm into convolutions and run channels-last")
-    shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
-        "images per actor call and per Parquet part (default: ~200k samples' worth)"))
-    max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
-                                          help="Ray restarts of a crashed actor, and retries of its call")
-    output: Where = option(..., metavar="DIR", help=(
-        "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
-
-    def pair_settings(self) -> PairSettings:
-        """What each model actor builds its pair with."""
-        return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
-                            allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
-                            optimize=self.optimize)
 
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:

@@ -31,14 +31,17 @@ from pipeline.config import (
     load_config,
     option,
 )
-from pipeline.objectives import (
-    CLASSIFIER_OBJECTIVES,
-    DENOISER_OBJECTIVES,
-    NEEDS_CLASSIFIER,
-    NEEDS_MSE_INIT,
-    OBJECTIVES,
-)
 from pipeline.settings import DatasetLayout
+
+# The training objectives by name (their losses: pipeline.objectives), declared here so that
+# the settings import no torch.
+DENOISER_OBJECTIVES: tuple[str, ...] = ("mse", "stab", "stab_mse", "clf")
+CLASSIFIER_OBJECTIVES: tuple[str, ...] = ("xent",)
+OBJECTIVES: tuple[str, ...] = DENOISER_OBJECTIVES + CLASSIFIER_OBJECTIVES
+# Objectives whose loss goes through a classifier (white-box) or surrogates (black-box).
+NEEDS_CLASSIFIER: frozenset[str] = frozenset({"stab", "stab_mse", "clf"})
+# Objectives that start from a trained MSE denoiser of the same sigma and architecture.
+NEEDS_MSE_INIT: frozenset[str] = frozenset({"stab_mse"})
 
 if TYPE_CHECKING:
     from pipeline.data import DataDescription
