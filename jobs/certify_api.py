@@ -22,8 +22,9 @@ provider's standard variables, never from the config: AWS_ACCESS_KEY_ID/AWS_SECR
 (boto3's chain), GOOGLE_API_KEY or GOOGLE_APPLICATION_CREDENTIALS, VISION_KEY + VISION_ENDPOINT
 (Azure), CLARIFAI_PAT.
 
-exit status: 0 all images certified; 3 stopped early (budget spent, or queries with no valid
-answer after every retry): rerun to resume; 4 the provider refused (credentials or requests);
+exit status: 0 every image finished (fixed n: all its queries answered) or decided
+(sequential); 3 stopped early (budget spent, or queries with no valid answer after every
+retry): rerun to resume; 4 the provider refused (credentials or requests);
 2 bad config or input, or the run is held by another job.
 
 examples:
@@ -86,7 +87,7 @@ def summary_text(summary: Any, run_dir: Any) -> str:
 
 def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) -> Any:
     """Wire one `CertifyRun`: the API sampler with the fixed or the sequential schedule."""
-    from pipeline.apis.prepare import api_identity, load_denoiser, select_images
+    from pipeline.apis.prepare import api_identity, read_api_denoiser, select_images
     from pipeline.apis.querylog import compact
     from pipeline.apis.runstate import QueryState, Summary
     from pipeline.certify.run import RunContext
@@ -97,7 +98,7 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
     denoiser = None
     arch = sha = None
     if config.denoiser is not None:
-        denoiser, arch, sha = load_denoiser(config.denoiser, config.sigma, dataset)
+        denoiser, arch, sha = read_api_denoiser(config.denoiser, config.sigma, dataset)
     identity, extra = api_identity(config, split, arch, sha)
     run_dir = Location.of(config.output)
     price = config.budget.price(config.api.provider)

@@ -15,7 +15,9 @@ import pytest
 
 from cifar_support import extract_two_per_class
 from pipeline.certify.plan import CertifyConfig
+from pipeline.reduce import load_run
 from pipeline.runs.storage import read_votes
+from pipeline.stats.smoothing import ABSTAIN
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
@@ -79,12 +81,19 @@ def _certify(**values):
 
 @pytest.mark.slow
 def test_fixed_n_counts_are_pinned(local_ray, cifar_root, tmp_path):
-    _certify(**_settings(cifar_root, tmp_path / "fixed"))
+    outcome = _certify(**_settings(cifar_root, tmp_path / "fixed"))
     votes = read_votes(tmp_path / "fixed")
     got: dict[int, dict[str, list[int]]] = {}
     for row in votes.itertuples():
         got.setdefault(int(row.image_id), {})[row.phase] = [int(c) for c in row.counts]
     assert got == FIXED
+    # The summary counts work as "finished" and certificates as "certified" (issue 21, item 4).
+    certificates = load_run(tmp_path / "fixed", 0.001)
+    abstained = int((certificates["predict"] == ABSTAIN).sum())
+    report = outcome.report()
+    assert "(6 finished now" in report and "certified now" not in report
+    assert f"outcome: {6 - abstained} of 6 images certified, {abstained} abstained" in report
+    assert 0 < abstained < 6, "the pinned run should have both kinds"
 
 
 @pytest.mark.slow
@@ -97,5 +106,7 @@ def test_sequential_counts_are_pinned(local_ray, cifar_root, tmp_path):
     chunks = {image_id: [[int(c) for c in r.counts] for r in votes[votes["image_id"] == image_id]
                          .sort_values("chunk").itertuples()][: got[image_id][1] // 32] for image_id in IDS}
     assert got == SEQUENTIAL
+    certified = int(d.certified.sum())
+    assert f"{certified} of 6 images certified at R = 0.25, {6 - certified} not certified" in outcome.report()
     assert chunks == CHUNKS
     assert np.all(d.status != 0)

@@ -111,7 +111,7 @@ def read_calls(run_dir: str | Location) -> pd.DataFrame:
     """Every call of the run: compacted parts plus journal segments (a call in both -- a crash
     during compaction -- once, its answered version first)."""
     parts = CALLS.read(run_dir)
-    live = calls_from_records(journal.replay(run_dir))
+    live = calls_from_records(journal.replay_calls(run_dir))
     frames = [f for f in (parts, _frame(live) if live else None) if f is not None and not f.empty]
     if not frames:
         return CALL_SCHEMA.empty_table().to_pandas()

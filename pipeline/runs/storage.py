@@ -174,10 +174,6 @@ class PartStream:
             return self.schema.empty_table().to_pandas()
         return pa.concat_tables(self.read_part(p) for p in parts).to_pandas()
 
-    def delete_part(self, part: Location) -> None:
-        part.delete()
-        _manifest(part).delete()
-
 
 def _manifest(part: Location) -> Location:
     return part.parent / (part.name + MANIFEST_SUFFIX)

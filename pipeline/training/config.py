@@ -330,13 +330,6 @@ def describe_data(dataset: DatasetConfig) -> DataDescription:
     return opened.describe()
 
 
-def dataset_classes(dataset: DatasetConfig) -> int:
-    """Number of classes of the training split, without decoding images where avoidable."""
-    num_classes = describe_data(dataset).num_classes
-    assert num_classes is not None  # describe_data refuses a split without classes
-    return num_classes
-
-
 def _read_meta(path: Path, field_name: str) -> Any:
     from pipeline.models import ModelMeta, read_checkpoint
 
