@@ -21,7 +21,8 @@ import dsmooth
 from jobs.demo import MODELS, SAMPLE
 from pipeline.config import ConfigError
 from pipeline.data import open_dataset
-from pipeline.sampling.engine import SmoothedClassifier, VoteCounter
+from pipeline.certify.smooth import SmoothedClassifier
+from pipeline.sampling.engine import VoteCounter
 from pipeline.models import CheckpointMismatchError, DataMismatchError
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.smoothing import certify_counts, predict_counts
