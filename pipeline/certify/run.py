@@ -193,7 +193,6 @@ class CertifyRun:
 
         self.context, self.sampler, self.schedule = context, sampler, schedule
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
-        self.unreadable: set[int] = set()
         self.finished = self.samples = 0
         self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
         self.progress = progress or Progress(label, total=schedule.total)
@@ -201,6 +200,8 @@ class CertifyRun:
     # -- what goes out
 
     def items(self) -> Iterator[Item | None]:
+        from pipeline.data import DatasetError
+
         ids = self.context.image_ids
         for work in self.schedule.items():
             if work is None:
@@ -208,12 +209,13 @@ class CertifyRun:
                 continue
             readable: list[int] = []
             for row in work.rows:
-                if self._readable(row):
-                    readable.append(row)
-                elif self.context.on_bad_image == "fail":
+                try:
+                    if self._readable(row):
+                        readable.append(row)
+                except DatasetError:
                     if readable:  # what was readable before it still goes out
                         yield from self._submit(work.only(readable, ids))
-                    raise self._error
+                    raise
             if readable:
                 yield from self._submit(work if len(readable) == len(work.rows) else work.only(readable, ids))
 
@@ -237,11 +239,9 @@ class CertifyRun:
             return True
         except DatasetError as error:
             if self.context.on_bad_image == "fail":
-                self._error = error
-                return False
+                raise
             log.warning("skipping %s: %s", record.name, error)
             self.context.skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
-            self.unreadable.add(row)
             self.schedule.withdraw([row])
             self.progress.total -= 1
             return False
