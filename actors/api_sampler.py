@@ -17,11 +17,10 @@ from typing import Any
 
 import ray
 
+from pipeline.apis.schedule import CLEAN_QUERIES, FIXED, SEQUENTIAL
 from pipeline.certify.run import Finished, Item, RunContext, Work
 
 log = logging.getLogger("dsmooth")
-
-FIXED, CLEAN_QUERIES, SEQUENTIAL = "fixed", "clean", "sequential"
 
 
 class ApiSampler:
