@@ -54,7 +54,7 @@ def test_package_surface():
         assert hasattr(dsmooth, name), name
     # the statistics are pipeline.stats.smoothing's, not a second copy
     assert dsmooth.certify_counts is certify_counts and dsmooth.predict_counts is predict_counts
-    assert dsmooth.Smooth.__module__ == "pipeline.sampling.engine"
+    assert dsmooth.Smooth.__module__ == "pipeline.certify.smooth"  # moved beside the run (issue 19)
 
 
 def test_load_model_checks_what_the_cli_checks(model):
