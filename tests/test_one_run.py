@@ -92,3 +92,40 @@ def test_certify_api_skips_an_unreadable_image_without_a_query(tmp_path):
     assert set(read_query_log(out)["image_id"]) == {1, 2}
     skipped = json.loads((out / "run.json").read_text())["skipped_images"]
     assert [s["image_id"] for s in skipped] == [0] and "ILSVRC2012_val_00000000.png" in skipped[0]["name"]
+
+
+def test_model_and_api_rows_are_one_vote_row_type_that_round_trips(tmp_path):
+    """Both samplers build `VoteRow`s; the Parquet schema is VoteRow's fields, in order, and a
+    row of each kind reads back as written."""
+    from dataclasses import fields
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from pipeline.apis.querylog import answer_vote_row
+    from pipeline.certify.pair import ModelIdentity
+    from pipeline.certify.plan import CertifyConfig, Shard, model_vote_rows, shard_requests
+    from pipeline.config import parse_config
+    from pipeline.data.core import ImageRecord
+    from pipeline.runs.storage import VOTE_SCHEMA, read_votes, write_votes
+    from pipeline.runs.votes import VoteRow
+
+    assert VOTE_SCHEMA.names == [f.name for f in fields(VoteRow)]
+    config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
+                                          "output": "o", "n0": 2, "n": 5, "seed": 9})
+    shard = Shard(0, (ImageRecord(7, "img7", 1),))
+    model = model_vote_rows(run_id="r", config=config, records=shard.records, requests=shard_requests(shard, config),
+                            counts=np.array([[0, 2], [1, 4]]), compute_s=1.0, worker="actor-0",
+                            finished_at=datetime(2026, 1, 1, tzinfo=timezone.utc), classifier=ModelIdentity("f", "s"),
+                            denoiser=None, class_names=["a", "b"])
+    answers = [{"image_id": 8, "image_name": "img8", "top_label": label, "latency_s": 0.5,
+                "answered_at": "2026-01-01T00:00:00+00:00"} for label in ("Cat", "Cat", "Dog")]
+    api = answer_vote_row(answers[0], answers, "estimation", {"sigma": 0.25, "seed": 0, "chunk_size": 8,
+                                                              "provider": "aws"}, "r", chunk=3)
+    assert all(isinstance(row, VoteRow) for row in [*model, api])
+    write_votes(tmp_path, [*model, api])
+    stored = read_votes(tmp_path).set_index(["image_id", "phase"])
+    for row in [*model, api]:
+        back = stored.loc[(row.image_id, row.phase)]
+        assert list(back["counts"]) == row.counts and back["n"] == row.n and back["label_name"] == row.label_name
+    assert list(stored.loc[(8, "estimation"), "classes"]) == ["Cat", "Dog"] and stored.loc[(8, "estimation"), "chunk"] == 3
