@@ -77,6 +77,11 @@ class CertifyOutcome:
     decisions: Any = None  # a sequential run's pipeline.stats.sequential.SequentialDecisions, rows = `selected`
     mode: str = "certify"
 
+    @property
+    def certified_now(self) -> int:
+        """The old name of `finished_now` (it always counted finished work, not certificates)."""
+        return self.finished_now
+
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
         the images this call selected. "finished"/"decided" name work done; "certified" only
