@@ -20,7 +20,7 @@ from pipeline.settings import (
 if TYPE_CHECKING:
     from pipeline.certify.pair import PairSettings
 
-MODES = ("certify", "predict")
+
 SPEED_GROUP = "speed (may change between resumptions)"
 SPEED_NOTE = (
     "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
