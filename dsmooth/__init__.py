@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.sampling.engine import Smooth
+from pipeline.certify.smooth import Smooth
 from pipeline.stats.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
 
 __all__ = [

@@ -35,40 +35,22 @@ import sys
 import warnings
 from pathlib import Path
 
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1), got {text}")
-    return value
-
-
-def _radius(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"radii must be >= 0, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.options import add_settings_arguments
+    from pipeline.command_settings import ReduceSettings
+
     parser.add_argument("inputs", nargs="+", metavar="RUN",
                         help="run directory, reference log, or directory to search")
-    parser.add_argument("--alpha", type=_alpha, default=None,
-                        help="recompute runs' certificates at this failure probability (default: each run's own, "
-                             "as it decided)")
-    parser.add_argument("--radii", type=_radius, nargs="+", default=None, metavar="R",
-                        help="L2 radii of the table (default: 0 0.25 0.5 0.75 1.0 1.25 1.5 and each "
-                             "sequential run's R)")
-    parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="one label per RUN argument (a directory's inputs become NAME/relative-path)")
-    parser.add_argument("--envelope", action="store_true",
-                        help="add the best certified accuracy per radius over all inputs")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown",
-                        help="table format (default markdown)")
-    parser.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="certified accuracy vs radius, one line per input, the largest certifiable radius marked")
-    parser.add_argument("--per-image", metavar="FILE.csv", dest="per_image",
-                        help="every input's per-image certificates")
+    add_settings_arguments(parser, ReduceSettings)
+
+
+def settings(args: argparse.Namespace):
+    """ReduceSettings from the command line; errors name the flag."""
+    from jobs.options import load_settings
+    from pipeline.command_settings import ReduceSettings
+
+    return load_settings(ReduceSettings, args, extra={"inputs": args.inputs})
 
 
 def load(paths: list[str | Path], alpha: float | None = None, names: list[str] | None = None) -> list:
@@ -89,22 +71,23 @@ def load(paths: list[str | Path], alpha: float | None = None, names: list[str] |
 def run(args: argparse.Namespace) -> int:
     from pipeline.reduce import ReduceWarning, accuracy_table, per_image_table, plot_certified_accuracy, render
 
+    chosen = settings(args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", ReduceWarning)
         warnings.showwarning = _print_warning
-        inputs = load(args.inputs, args.alpha, names=args.names)
+        inputs = load(chosen.inputs, chosen.alpha, names=chosen.names)
 
-    table = accuracy_table(inputs, args.radii, envelope=args.envelope)
-    text = render(table, args.format)
-    if args.output:
-        _write(args.output, text)
+    table = accuracy_table(inputs, chosen.radii, envelope=chosen.envelope)
+    text = render(table, chosen.format)
+    if chosen.output:
+        _write(chosen.output, text)
     else:
         sys.stdout.write(text)
-    if args.per_image:
+    if chosen.per_image:
         per_image = per_image_table(inputs)
-        _write(args.per_image, per_image.to_csv(index=False, float_format="%.10g", lineterminator="\n"))
-    if args.plot:
-        plot_certified_accuracy(inputs, args.plot, envelope=args.envelope)
+        _write(chosen.per_image, per_image.to_csv(index=False, float_format="%.10g", lineterminator="\n"))
+    if chosen.plot:
+        plot_certified_accuracy(inputs, chosen.plot, envelope=chosen.envelope)
     print(f"dsmooth reduce: {len(inputs)} input(s), {sum(len(c) for c in inputs)} image certificates", file=sys.stderr)
     return 0
 

@@ -9,7 +9,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -27,9 +27,12 @@ from pipeline.config import (
     Where,
     option,
 )
-from pipeline.runs.fs import Location
-from pipeline.data.core import ImageDataset
-from pipeline.data.sources import DatasetKind, open_dataset
+
+if TYPE_CHECKING:  # declarations import nothing heavy: `dsmooth COMMAND --help` loads no torch
+    from pipeline.data.core import ImageDataset
+
+DatasetKind = Literal["cifar10", "imagenet", "folder"]
+KINDS: tuple[str, ...] = get_args(DatasetKind)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ class DataSelection(Settings):
     def open_split(self, labels: bool = True) -> ImageDataset:
         """The whole split (image ids are positions in it); a remote root is read through a
         local cached copy."""
+        from pipeline.data.sources import open_dataset
+        from pipeline.runs.fs import Location
+
         root = Location.of(self.data_root).local_copy()
         return open_dataset(self.dataset, root, self.split, image_size=self.image_size, labels=labels)
 

@@ -40,7 +40,7 @@ from pipeline.apis.querylog import (
     read_query_log,
     sent_record,
     spend,
-    vote_rows,
+    answer_vote_rows as vote_rows,
 )
 from pipeline.apis.ratelimit import LATE_S, RateLimiter, start_at
 from pipeline.apis.retry import backoff_delay

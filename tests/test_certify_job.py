@@ -36,7 +36,7 @@ from pipeline.certify.plan import (
     default_shard_size,
     plan_shards,
     shard_requests,
-    vote_rows,
+    model_vote_rows as vote_rows,
 )
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset

@@ -10,7 +10,6 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 
@@ -27,9 +26,8 @@ from pipeline.data.core import (
     parallel_map,
 )
 from pipeline.data.specs import CIFAR10, CIFAR10_CLASSES, IMAGENET
+from pipeline.settings import KINDS, DatasetKind  # declared with the settings, which import no torch
 
-DatasetKind = Literal["cifar10", "imagenet", "folder"]
-KINDS: tuple[str, ...] = get_args(DatasetKind)
 CIFAR10_SPLITS: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),

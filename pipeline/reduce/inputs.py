@@ -20,7 +20,7 @@ from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableIn
 from pipeline.reduce.reference_logs import read_log
 from pipeline.reduce.votes import load_run
 from pipeline.runs.fs import Location
-from pipeline.runs.storage import RUN_FILE
+from pipeline.runs.storage import RUN_FILE, is_run
 
 # Files that sit beside logs but are never logs (outputs, docs, checkpoints, archives).
 NOT_LOGS = {
@@ -31,10 +31,6 @@ NOT_LOGS = {
 
 
 logger = logging.getLogger(__name__)
-
-
-def is_run(path: str | Path | Location) -> bool:
-    return (Location.of(path) / RUN_FILE).is_file()
 
 
 def is_not_a_log(path: str | Path | Location) -> bool:

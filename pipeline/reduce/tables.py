@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from pipeline.command_settings import DEFAULT_RADII  # declared with reduce's settings
 from pipeline.reduce.certificates import (
     Certificates,
     average_certified_radius,
@@ -30,7 +31,6 @@ from pipeline.reduce.certificates import (
     clean_accuracy,
 )
 
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 # The first five columns are the original CSV format; the later ones were added after them
 # so that scripts reading by position keep working.
 CSV_COLUMNS = [

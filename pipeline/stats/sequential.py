@@ -88,7 +88,7 @@ from pipeline.stats.confidence_sequences import (
     success_thresholds,
     upper_confidence_sequence,
 )
-from pipeline.stats.smoothing import ABSTAIN, Decisions
+from pipeline.stats.smoothing import ABSTAIN, Decisions, certified_radii
 
 SELECTION = "selection"
 ESTIMATION = "estimation"
@@ -482,7 +482,7 @@ class SequentialCertifier:
             low = lower_confidence_sequence(self.successes[done], self.samples[done], self.test.alpha, self.test.shape)
             low = np.maximum(low, self.test.threshold)  # certified means E_n(q) >= 1/alpha, i.e. L_n >= q
             self.p_lower[done] = low
-            self.radius[done] = np.maximum(self.test.radius, self.test.sigma * norm.ppf(low))
+            self.radius[done] = np.maximum(self.test.radius, certified_radii(low, self.test.sigma))
             self._stop(done, Status.CERTIFIED, Reason.LOWER_BOUND)
         reason = np.select([futile, unreachable, exhausted], [Reason.UPPER_BOUND, Reason.CANNOT_REACH, Reason.N_MAX],
                            Reason.NONE)
@@ -499,7 +499,7 @@ class SequentialCertifier:
         s, n = self.successes[img], self.samples[img]
         low = lower_confidence_sequence(s, n, self.test.alpha, self.test.shape)
         high = upper_confidence_sequence(s, n, self.test.futility_alpha, self.test.shape)
-        radius = np.where(low > 0.5, self.test.sigma * norm.ppf(np.maximum(low, 0.5)), 0.0)
+        radius = certified_radii(low, self.test.sigma)
         better = radius > self.radius[img]
         self.p_lower[img] = np.where(better | np.isnan(self.p_lower[img]), low, self.p_lower[img])
         best = np.maximum(self.radius[img], radius)
