@@ -22,7 +22,7 @@ import ray
 from actors.blob_store import BlobKey, fetch_blob
 from actors.progress_counter import Reporter
 from pipeline.data.specs import DataDescription
-from pipeline.certify.pair import ModelBytes, PairCounter, PairInfo
+from pipeline.certify.pair import ModelBytes, PairInfo, PairSettings
 from pipeline.sampling.noise import SampleRequest
 
 
@@ -38,7 +38,7 @@ class ModelActor:
         denoiser: BlobKey | None,
         expected: PairInfo,
         data: DataDescription,
-        settings: Mapping[str, Any],
+        settings: PairSettings,
         num_threads: int = 1,
     ) -> None:
         import torch
@@ -50,7 +50,7 @@ class ModelActor:
             torch.set_num_threads(max(1, num_threads))
         f = ModelBytes(classifier.source, fetch_blob(store, classifier))
         d = ModelBytes(denoiser.source, fetch_blob(store, denoiser)) if denoiser is not None else None
-        self.counter = PairCounter(f, d, expected, data, device=device, **dict(settings))
+        self.counter = settings.counter(f, d, expected, data, device)
         self.worker = f"{name}@{socket.gethostname()}:{os.getpid()}/{device}"
 
     def describe(self) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def start_model_actor(
     denoiser: BlobKey | None,
     expected: PairInfo,
     data: DataDescription,
-    settings: Mapping[str, Any],
+    settings: PairSettings,
     num_cpus: float,
     num_gpus: float,
     max_restarts: int,
@@ -101,6 +101,6 @@ def start_model_actor(
         denoiser,
         expected,
         data,
-        dict(settings),
+        settings,
         max(1, int(num_cpus)),
     )

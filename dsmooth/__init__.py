@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.sampling.engine import Smooth
+from pipeline.certify.smooth import Smooth
 from pipeline.stats.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
 
 __all__ = [
@@ -89,9 +89,9 @@ def load_model(
         sigma = float(check_value(Sigma, sigma, "sigma"))
     from pipeline.models.sources import ClassifierSpec
 
-    classifier_spec = ClassifierSpec(classifier, None if classifier_weights is None else str(classifier_weights),
-                          classifier_arch, classifier_input_size, classifier_resize, classifier_mean, classifier_std,
-                          classifier_interpolation)
+    classifier_spec = ClassifierSpec(
+        classifier, None if classifier_weights is None else str(classifier_weights), classifier_arch,
+        classifier_input_size, classifier_resize, classifier_mean, classifier_std, classifier_interpolation)
     pair, _ = load_pair(
         ModelBytes.classifier(classifier_spec),
         ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,
@@ -157,21 +157,21 @@ class Reduced:
 
 def reduce(
     paths: str | Path | Sequence[str | Path],
-    alpha: float = 0.001,
+    alpha: float | None = None,
     *,
     radii: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
     envelope: bool = False,
 ) -> Reduced:
     """`dsmooth reduce` as DataFrames: certificates recomputed from runs' votes at `alpha`
-    (no new samples), reference logs read as they are. Unusable inputs are skipped with a
-    ReduceWarning; ValueError when none is usable."""
+    (default: each run's own, as it decided; no new samples), reference logs read as they
+    are. Unusable inputs are skipped with a ReduceWarning; ValueError when none is usable."""
     from jobs.reduce import load
     from pipeline.config import Alpha, check_value
-    from pipeline.reduce import DEFAULT_RADII, accuracy_table, per_image_table
+    from pipeline.reduce import accuracy_table, per_image_table
 
-    alpha = float(check_value(Alpha, alpha, "alpha"))
+    alpha = None if alpha is None else float(check_value(Alpha, alpha, "alpha"))
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     inputs = load(paths, alpha, names=None if names is None else list(names))
-    table = accuracy_table(inputs, DEFAULT_RADII if radii is None else radii, envelope=envelope)
+    table = accuracy_table(inputs, radii, envelope=envelope)
     return Reduced(inputs, per_image_table(inputs), table)

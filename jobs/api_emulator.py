@@ -26,43 +26,32 @@ import sys
 import threading
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=8790, help="port on 127.0.0.1 (0 picks a free one; default 8790)")
-    parser.add_argument("--classifier", metavar="CKPT", help="answer with this dsmooth classifier checkpoint "
-                        "instead of the built-in colour classifier")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
-    parser.add_argument("--throttle", type=_probability, default=0.0, metavar="P", help="probability of a throttling answer (429)")
-    parser.add_argument("--server-error", type=_probability, default=0.0, metavar="P", help="probability of a 5xx answer")
-    parser.add_argument("--malformed", type=_probability, default=0.0, metavar="P", help="probability of a 200 with a broken body")
-    parser.add_argument("--latency", type=_seconds, default=0.0, metavar="S", help="seconds added before answering")
-    parser.add_argument("--latency-rate", type=_probability, default=1.0, metavar="P", help="fraction of answers delayed (default 1)")
-    parser.add_argument("--auth-failure", action="store_true", help="refuse every call as with invalid credentials")
+    from jobs.options import add_settings_arguments
+    from pipeline.command_settings import EmulatorSettings
+
+    add_settings_arguments(parser, EmulatorSettings)
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.options import load_settings
     from pipeline.apis.emulator import CheckpointClassifier, EmulatorServer, FaultSettings
+    from pipeline.command_settings import EmulatorSettings
 
-    classifier = CheckpointClassifier(args.classifier) if args.classifier else None
+    from pipeline.models import CheckpointError
+
+    verbose = args.verbose
+    args = load_settings(EmulatorSettings, args)
+    try:
+        classifier = CheckpointClassifier(args.classifier) if args.classifier else None
+    except CheckpointError as error:  # a file the loader refuses is bad input: one line, exit 2
+        raise ValueError(str(error)) from None
     faults = FaultSettings(
         auth_failure=args.auth_failure, throttle=args.throttle, server_error=args.server_error,
         malformed=args.malformed, latency_s=args.latency, latency_rate=args.latency_rate,
     )
     try:
-        server = EmulatorServer(classifier, port=args.port, seed=args.seed, faults=faults, verbose=args.verbose)  # -v: method and path of each call (never headers)
+        server = EmulatorServer(classifier, port=args.port, seed=args.seed, faults=faults, verbose=verbose)  # -v: method and path of each call (never headers)
     except OSError as error:
         raise ValueError(f"cannot listen on 127.0.0.1:{args.port}: {error.strerror or error}") from None
     print(f"api-emulator: listening on {server.url} (aws, google, azure, clarifai; "

@@ -27,10 +27,9 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+
 from typing import Any
 
 from jobs.ray_env import add_ray_arguments
@@ -40,7 +39,7 @@ log = logging.getLogger("dsmooth")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.options import add_settings_arguments
-    from pipeline.certify.plan import SPEED_GROUP, SPEED_NOTE, CertifyConfig
+    from pipeline.certify.config import SPEED_GROUP, SPEED_NOTE, CertifyConfig
     from pipeline.settings import SEQUENTIAL_GROUP
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; options below override its keys")
@@ -53,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_settings(args: argparse.Namespace):
     """CertifyConfig from --config plus flags; errors name the field and its flag."""
     from jobs.options import load_settings as load
-    from pipeline.certify.plan import CertifyConfig
+    from pipeline.certify.config import CertifyConfig
 
     return load(CertifyConfig, args)
 
@@ -70,18 +69,26 @@ class CertifyOutcome:
 
     output: str
     selected: list[int]
-    certified_now: int
+    finished_now: int  # images whose work this call finished (fixed n) or decided (sequential)
     seconds: float
     alpha: float
     skipped: list[dict[str, Any]] = field(default_factory=list)
     sequential: SequentialSummary | None = None
     decisions: Any = None  # a sequential run's pipeline.stats.sequential.SequentialDecisions, rows = `selected`
+    mode: str = "certify"
+
+    @property
+    def certified_now(self) -> int:
+        """The old name of `finished_now` (it always counted finished work, not certificates)."""
+        return self.finished_now
 
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
-        the images this call selected."""
+        the images this call selected. "finished"/"decided" name work done; "certified" only
+        ever counts certificates."""
+        verb = "decided" if self.sequential is not None else "finished"
         lines = [
-            f"dsmooth certify: {len(self.selected)} images in {self.output} ({self.certified_now} certified now, "
+            f"dsmooth certify: {len(self.selected)} images in {self.output} ({self.finished_now} {verb} now, "
             f"{self.seconds:.1f}s)",
             f"  votes:  {self.output}/votes/part-*.parquet  (settings: {self.output}/run.json)",
             "  resume: rerun this same command; images already in the votes are skipped",
@@ -89,11 +96,31 @@ class CertifyOutcome:
         ]
         if self.sequential is not None:
             lines.append(self.sequential.line())
+        else:
+            outcome = self.outcome_line()
+            if outcome:
+                lines.append(outcome)
         if self.skipped:
             names = ", ".join(s["name"] for s in self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
             lines.append(f"  skipped {len(self.skipped)} unreadable image(s) (listed in run.json): {names}")
         table = self.table()
         return "\n".join(lines) + (f"\n\n{table}" if table else "")
+
+    def outcome_line(self) -> str:
+        """Fixed n: of the selected images, how many are certified, abstained, not finished."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                certificates = self.certificates()
+        except Exception:  # noqa: BLE001 - the summary must never fail a finished run
+            return ""
+        done = len(certificates)
+        abstained = int(certificates["abstained"].sum()) if done else 0
+        skipped = len({s["image_id"] for s in self.skipped} & set(self.selected))
+        left = len(self.selected) - done - skipped
+        verb = "certified" if self.mode == "certify" else "predicted"
+        return (f"  outcome: {done - abstained} of {len(self.selected)} images {verb}, {abstained} abstained"
+                + (f", {left} not finished: rerun to resume" if left > 0 else ""))
 
     def certificates(self, alpha: float | None = None, name: str | None = None):
         """The per-image certificates (`pipeline.reduce.Certificates`) of the images this call
@@ -107,11 +134,11 @@ class CertifyOutcome:
 
     def table(self) -> str:
         try:
-            from pipeline.reduce import DEFAULT_RADII, accuracy_table, render
+            from pipeline.reduce import accuracy_table, render
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return render(accuracy_table([self.certificates()], DEFAULT_RADII), "markdown").rstrip()
+                return render(accuracy_table([self.certificates()]), "markdown")  # default radii and an at-R run's R.rstrip()
         except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
             return f"  (no summary table: {error})"
 
@@ -146,7 +173,9 @@ class SequentialSummary:
         where = (f"at R = {self.radius:g}" if self.radius is not None
                  else f"(largest-radius mode, mean radius reached {self.mean_radius:.3f})")
         ratio = self.fixed_n / self.samples_drawn if self.samples_drawn else float("inf")
-        text = (f"  sequential: {self.certified} of {self.images} images certified {where}; "
+        not_certified = self.images - self.certified - self.undecided
+        text = (f"  sequential: {self.certified} of {self.images} images certified {where}, {not_certified} not "
+                f"certified; "
                 f"{self.samples_drawn:,.0f} samples per image drawn ({self.samples_used:,.0f} used by the decisions) "
                 f"vs fixed n0 + n = {self.fixed_n:,}: {ratio:.1f}x fewer")
         if self.undecided:
@@ -206,18 +235,20 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
             classifier: Any = None) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
-    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier."""
-    prepared = prepared if prepared is not None else prepare(config, classifier)
-    return _certify(config, address, prepared.split, prepared.selected, prepared.classifier, prepared.denoiser,
-                    prepared.info)
+    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier.
+    The run's lock comes first: a second writer is refused before any data or model is loaded."""
+    from pipeline.certify.run import claimed_run
+
+    with claimed_run(config.output, "dsmooth certify") as lease:
+        return _certify(config, address, prepared if prepared is not None else prepare(config, classifier), lease)
 
 
 def _check_models(config, selected, classifier_object=None):
-    """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
-    from pipeline.certify.pair import ModelBytes, load_pair
-
+    """Load f∘D once here, against the data, so a wrong file fails before any actor starts.
+    The classifier is any spec (`pipeline.models.sources`), or an nn.Module object."""
     import dataclasses
 
+    from pipeline.certify.pair import ModelBytes, load_pair
     from pipeline.models.sources import ClassifierSpec
 
     spec = ClassifierSpec.of(config)
@@ -230,37 +261,93 @@ def _check_models(config, selected, classifier_object=None):
     return classifier, denoiser, info, pair
 
 
-def _certify(config, address, split, selected, classifier, denoiser, info) -> CertifyOutcome:
-    from pipeline.certify.plan import certify_identity
+def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
+    """Wire one `CertifyRun`: the model sampler with the fixed or the sequential schedule."""
+    from actors.model_sampler import ModelSampler
+    from pipeline.certify.run import CertifyRun, RunContext
     from pipeline.config import to_dict
     from pipeline.runs.fs import Location
-    from pipeline.runs.lock import exclusive_run
-    from pipeline.runs.storage import open_run, update_run_record
+    from pipeline.runs.storage import open_run
 
     output = Location.of(config.output)
-    identity = certify_identity(config, split, info)
+    identity = prepared.identity
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
-    with exclusive_run(output, "dsmooth certify") as lease:
-        labels_from = getattr(selected, "labels_from", None)
-        record = open_run(output, identity, extra={**speed, **({"labels_from": labels_from} if labels_from else {})})
-        if config.sequential:
-            return _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease)
-        todo = _pending(config, selected)
-        log.info("%d images selected from %s, %d already in %s, %d to do",
-                 len(selected), selected.name, len(selected) - len(todo), output, len(todo))
-        started = time.monotonic()
-        skipped: list[dict[str, Any]] = []
-        if todo:
-            _warn_relative_output(config.output)
-            try:
-                _run_pool(config, address, selected, todo, classifier, denoiser, info, record["run_id"], lease, skipped)
-            finally:
-                if skipped:
-                    known = {s["image_id"] for s in record.get("skipped_images", [])}
-                    update_run_record(output, skipped_images=record.get("skipped_images", [])
-                                      + [s for s in skipped if s["image_id"] not in known])
-    return CertifyOutcome(str(output), [r.image_id for r in selected.records], len(todo) - len(skipped),
-                          time.monotonic() - started, config.alpha, skipped)
+    selected = prepared.selected
+    labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
+    record = open_run(output, identity, extra={**speed, **({"labels_from": labels_from} if labels_from else {})})
+    context = RunContext(output, record, selected.records, lease, config, config.on_bad_image)
+    started = time.monotonic()
+    schedule, summarise = (_sequential_schedule if config.sequential else _fixed_schedule)(config, context, output,
+                                                                                       selected)
+    run = None
+    if schedule is not None:
+        _warn_relative_output(config.output)
+        with ModelSampler(context, selected, prepared.classifier, prepared.denoiser, prepared.info, address,
+                          per_chunk=config.sequential) as sampler:
+            if callable(schedule):  # fixed n: shards sized for the pool just started
+                schedule = schedule(sampler.demand.actors)
+            run = CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict")
+            run.run()
+    return summarise(CertifyOutcome(str(output), context.image_ids, 0, time.monotonic() - started, config.alpha,
+                                    context.skipped, mode=config.mode), run)
+
+
+def _fixed_schedule(config, context, output, selected):
+    """(a FixedSchedule maker or None when nothing is left, the outcome's finisher)."""
+    from pipeline.certify.plan import default_shard_size, plan_shards, shard_requests
+    from pipeline.certify.run import FixedSchedule
+
+    todo = _pending(config, selected)
+    log.info("%d images selected from %s, %d already in %s, %d to do",
+             len(selected), selected.name, len(selected) - len(todo), output, len(todo))
+
+    def make(actors: int) -> FixedSchedule:
+        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), actors)
+        shards = plan_shards(todo, shard_size)
+        log.info("%d shards of <= %d images, %s samples per image", len(shards), shard_size,
+                 f"{config.samples_per_image():,}")
+        return FixedSchedule(shards, {image_id: row for row, image_id in enumerate(context.image_ids)},
+                             lambda shard: shard_requests(shard, config))
+
+    def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
+        outcome.finished_now = run.finished if run is not None else 0
+        return outcome
+
+    return (make if todo else None), finish
+
+
+def _sequential_schedule(config, context, output, selected):
+    """A sequential run (`pipeline.stats.sequential`): replay the stored chunk votes, then the
+    schedule of chunks of the undecided images (None when every image is decided)."""
+    import numpy as np
+
+    from pipeline.certify.run import SequentialSchedule
+    from pipeline.certify.schedule import ChunkScheduler, chunk_votes_from_rows
+    from pipeline.runs.storage import read_votes
+    from pipeline.stats.sequential import SequentialTest, replay
+
+    records = selected.records
+    test = SequentialTest.from_settings(config)
+    rows_of = {r.image_id: row for row, r in enumerate(records)}
+    labels = np.array([r.label for r in records], dtype=np.int64) if config.certify_class == "label" else None
+    certifier = replay(test, chunk_votes_from_rows(read_votes(output), rows_of), labels=labels,
+                       num_images=len(records))
+    undecided = int(certifier.decisions().needs_samples.sum())
+    log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
+             len(records), selected.name, len(records) - undecided, output, undecided, test)
+    # Several forward batches per actor call: the device stays busy between round trips.
+    schedule = SequentialSchedule(ChunkScheduler(certifier), context.image_ids, config.seed, config.chunk_size,
+                                  max(config.batch_size * 4, config.chunk_size))
+    def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
+        decisions = certifier.decisions()
+        outcome.finished_now = undecided - int(decisions.needs_samples.sum()) - len(context.skipped)
+        outcome.sequential = SequentialSummary.of(decisions, np.arange(len(records)), test.radius,
+                                                  config.n0 + config.n)
+        outcome.sequential.drawn_now = run.samples if run is not None else 0  # a resume draws only what is missing
+        outcome.decisions = decisions
+        return outcome
+
+    return (schedule if undecided else None), finish
 
 
 def _pending(config, selected) -> list[Any]:
@@ -269,316 +356,6 @@ def _pending(config, selected) -> list[Any]:
 
     done = completed_images(config.output, [phase for phase, _ in config.phases()])
     return [r for r in selected.records if r.image_id not in done]
-
-
-def _run_pool(config, address, selected, todo, classifier, denoiser, info, run_id, lease, skipped) -> None:
-    from actors.pool import drive
-    from pipeline.certify.plan import default_shard_size, plan_shards
-
-    with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, counter):
-        shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), pool.demand.actors)
-        shards = plan_shards(todo, shard_size)
-        log.info("%s, %d shards of <= %d images, %s samples per image", pool.demand, len(shards), shard_size,
-                 f"{config.samples_per_image():,}")
-        writer = _ShardWriter(config, selected, info, run_id, lease, counter, len(todo))
-        pool.on_requeue = writer.forget
-        try:
-            error = drive(pool, writer.items(shards, skipped), writer.write, on_lost=writer.forget, tick=writer.tick)
-        finally:
-            writer.progress.close()
-        _raise(error)
-
-
-def _raise(error: BaseException | None) -> None:
-    """A job's own errors as they are (one-line exit 2), anything else as a failed run."""
-    if error is not None:
-        if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
-            raise error
-        raise RuntimeError(f"certification failed: {error}") from error
-
-
-@contextmanager
-def _model_pool(config, address, selected, classifier, denoiser, info) -> Iterator[tuple[Any, Any]]:
-    """Ray, the checkpoints in a blob store, and a WorkPool of model actors (with a progress
-    counter): what fixed-n and sequential runs share. Everything is stopped on exit."""
-    import ray
-
-    from actors.blob_store import put_blob, start_blob_store
-    from actors.model_actor import start_model_actor
-    from actors.pool import PlacementError, WorkPool, placement_problem
-    from actors.progress_counter import start_progress_counter
-    from jobs.ray_env import connect
-
-    started_here = connect(address)
-    try:
-        demand = _demand(config)
-        problem, autoscaling = placement_problem(demand)
-        if problem and started_here:
-            raise PlacementError(f"{problem} (set --gpus-per-actor / --cpus-per-actor, or give --address of a cluster)")
-        store, store_name = start_blob_store()
-        classifier_key = put_blob(store, classifier.data, classifier.source)
-        denoiser_key = put_blob(store, denoiser.data, denoiser.source) if denoiser else None
-        counter = start_progress_counter()
-        settings = {
-            "sigma": config.sigma, "classifier_arch": classifier.arch or config.classifier_arch, "batch_size": config.batch_size,
-            "allow_foreign_classifier": config.allow_foreign_classifier, "amp": config.amp,
-            "optimize": config.optimize,
-        }
-        pool = WorkPool(
-            lambda index: start_model_actor(
-                index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=info,
-                data=selected.describe(), settings=settings, num_cpus=demand.cpus, num_gpus=demand.gpus,
-                max_restarts=config.max_restarts,
-            ),
-            demand,
-            wait_timeout_s=config.wait_timeout,
-        )
-        try:
-            yield pool, counter
-        finally:
-            pool.shutdown()
-            for actor in (store, counter):
-                ray.kill(actor)
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _certify_sequential(config, address, selected, classifier, denoiser, info, record, lease) -> CertifyOutcome:
-    """A sequential run (`pipeline.stats.sequential`): replay the stored chunk votes, then sample the
-    undecided images chunk by chunk until each is decided (see `_SequentialDriver`)."""
-    import numpy as np
-
-    from actors.pool import drive
-    from pipeline.runs.fs import Location
-    from pipeline.stats.sequential import SequentialTest, replay
-    from pipeline.certify.schedule import ChunkScheduler, chunk_votes_from_rows
-    from pipeline.runs.storage import read_votes, update_run_record
-
-    output = Location.of(config.output)
-    records = selected.records
-    test = SequentialTest.from_settings(config)
-    rows_of = {r.image_id: row for row, r in enumerate(records)}
-    labels = np.array([r.label for r in records], dtype=np.int64) if config.certify_class == "label" else None
-    certifier = replay(test, chunk_votes_from_rows(read_votes(output), rows_of), labels=labels,
-                       num_images=len(records))
-    scheduler = ChunkScheduler(certifier)
-    undecided = int(certifier.decisions().needs_samples.sum())
-    log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
-             len(records), selected.name, len(records) - undecided, output, undecided, test)
-    started = time.monotonic()
-    skipped: list[dict[str, Any]] = []
-    if undecided:
-        _warn_relative_output(config.output)
-        driver = _SequentialDriver(config, selected, info, record["run_id"], lease, scheduler, undecided, skipped)
-        try:
-            with _model_pool(config, address, selected, classifier, denoiser, info) as (pool, _):
-                try:
-                    error = drive(pool, driver.items(), driver.write, on_lost=driver.lost, tick=driver.tick)
-                finally:
-                    driver.progress.close()
-                _raise(error)
-        finally:
-            if skipped:
-                known = {s["image_id"] for s in record.get("skipped_images", [])}
-                update_run_record(output, skipped_images=record.get("skipped_images", [])
-                                  + [s for s in skipped if s["image_id"] not in known])
-    decisions = certifier.decisions()
-    summary = SequentialSummary.of(decisions, np.arange(len(records)), test.radius, config.n0 + config.n)
-    summary.drawn_now = driver.samples if undecided else 0
-    return CertifyOutcome(str(output), [r.image_id for r in records], undecided - len(skipped),
-                          time.monotonic() - started, config.alpha, skipped, sequential=summary, decisions=decisions)
-
-
-class _SequentialDriver:
-    """The driver's side of a sequential run: work items of chunks of undecided images out,
-    chunk votes in (to Parquet first, then to the scheduler, which decides in chunk order)."""
-
-    def __init__(self, config, selected, info, run_id, lease, scheduler, undecided: int, skipped) -> None:
-        from pipeline.progress import Progress
-
-        self.config, self.selected, self.info, self.run_id = config, selected, info, run_id
-        self.lease, self.scheduler, self.skipped = lease, scheduler, skipped
-        self.image_ids = [r.image_id for r in selected.records]
-        self.pending: dict[int, tuple[list, list]] = {}
-        self.pixels: dict[int, Any] = {}  # uint8 images of undecided rows, read once
-        # Several forward batches per actor call: the device stays busy between round trips.
-        self.item_samples = max(config.batch_size * 4, config.chunk_size)
-        self.progress = Progress("certify", total=undecided)
-        self.decided = self.samples = 0
-
-    def items(self) -> Iterator[tuple[int, Any] | None]:
-        import ray
-
-        from pipeline.certify.plan import chunk_requests
-
-        key = 0
-        while not self.scheduler.finished:
-            tasks = [t for t in self.scheduler.next_chunks(self.item_samples) if self._readable(t.row)]
-            if not tasks:
-                yield None  # every undecided image has chunks in flight: wait for a result
-                continue
-            requests = chunk_requests(self.config.seed, self.image_ids, tasks, self.config.chunk_size)
-            images = ray.put({self.image_ids[t.row]: self.pixels[t.row] for t in tasks})
-            self.pending[key] = (tasks, requests)
-            yield key, lambda actor, r=requests, ref=images: actor.count.remote(r, ref)
-            key += 1
-
-    def _readable(self, row: int) -> bool:
-        """Read an image the first time it is sampled; an unreadable one stops the run (after
-        what was written) or, with on_bad_image: skip, is withdrawn without a certificate."""
-        from pipeline.data import DatasetError
-
-        if row in self.pixels:
-            return True
-        record = self.selected.records[row]
-        try:
-            self.pixels[row] = self.selected.by_ids([record.image_id]).as_uint8()[0]
-            return True
-        except DatasetError as error:
-            if self.config.on_bad_image == "fail":
-                raise
-            log.warning("skipping %s: %s", record.name, error)
-            self.skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
-            self.scheduler.cert.withdraw([row])
-            self.progress.total -= 1
-            return False
-
-    def write(self, key: int, result: Any) -> None:
-        import numpy as np
-
-        from pipeline.certify.plan import vote_rows
-        from pipeline.runs.storage import write_votes
-
-        counts, compute_s, worker = result
-        tasks, requests = self.pending.pop(key)
-        rows = vote_rows(
-            run_id=self.run_id, config=self.config, records=self.selected.records, requests=requests, counts=counts,
-            compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
-            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
-            per_chunk=True,
-        )
-        self.lease.check()
-        write_votes(self.config.output, rows, worker=worker.split("@")[0])  # durable before it counts
-        for phase in dict.fromkeys(t.phase for t in tasks):
-            mine = [i for i, t in enumerate(tasks) if t.phase == phase]
-            self.decided += self.scheduler.accept(
-                phase, [tasks[i].row for i in mine], [tasks[i].chunk for i in mine],
-                [requests[i].num_samples for i in mine], counts[mine])
-        for row in np.nonzero(~self.scheduler.cert.decisions().needs_samples)[0].tolist():
-            self.pixels.pop(row, None)
-        self.samples += sum(r.num_samples for r in requests)
-        self.progress.set(self.decided, self.samples)
-
-    def lost(self, key: Any) -> None:
-        """An item that failed for good: its chunks may be handed out again."""
-        tasks, _ = self.pending.pop(key, ([], []))
-        self.scheduler.forget(tasks)
-
-    def tick(self) -> None:
-        self.progress.set(self.decided, self.samples)
-
-
-def _demand(config) -> Any:
-    """Actors and what each asks for, defaults from the cluster's resources."""
-    import ray
-
-    from actors.pool import Demand
-
-    resources = ray.cluster_resources()
-    total_gpus, total_cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if total_gpus >= 1 else 0.0)
-    cpus = config.cpus_per_actor
-    if config.actors is not None:
-        actors = config.actors
-    elif gpus > 0:
-        actors = max(1, int(total_gpus // gpus))
-    else:
-        actors = max(1, int(total_cpus // cpus))
-    return Demand(actors, cpus, gpus)
-
-
-class _ShardWriter:
-    """The driver's side of the pool: shards out (images loaded just in time), votes in."""
-
-    def __init__(self, config, selected, info, run_id, lease, counter, total: int) -> None:
-        from pipeline.progress import Progress
-
-        self.config, self.selected, self.info, self.run_id = config, selected, info, run_id
-        self.lease, self.counter = lease, counter
-        self.pending: dict[int, tuple[Any, list]] = {}
-        self.written_images = self.written_samples = 0
-        self.progress = Progress("certify" if config.mode == "certify" else "predict", total=total)
-        self._last_poll = 0.0
-
-    def items(self, shards, skipped: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
-        import ray
-
-        from pipeline.certify.plan import Shard, shard_requests
-        from pipeline.data import DatasetError
-
-        for shard in shards:
-            records, images = [], {}
-            for record in shard.records:
-                try:
-                    images[record.image_id] = self.selected.by_ids([record.image_id]).as_uint8()[0]
-                except DatasetError as error:
-                    if self.config.on_bad_image == "fail":
-                        if records:  # what was readable before it still goes out
-                            yield from self._submit(Shard(shard.index, tuple(records)), images)
-                        raise
-                    log.warning("skipping %s: %s", record.name, error)
-                    skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
-                    self.progress.total -= 1
-                    continue
-                records.append(record)
-            if records:
-                yield from self._submit(Shard(shard.index, tuple(records)), images)
-
-    def _submit(self, shard, images) -> Iterator[tuple[int, Any]]:
-        import ray
-
-        from pipeline.certify.plan import shard_requests
-
-        requests = shard_requests(shard, self.config)
-        images_ref = ray.put(images)
-        self.pending[shard.index] = (shard, requests)
-        counter, key = self.counter, shard.index
-        yield key, lambda actor, r=requests, ref=images_ref: actor.count.remote(r, ref, counter, key)
-
-    def write(self, key: int, result: Any) -> None:
-        from pipeline.certify.plan import vote_rows
-        from pipeline.runs.storage import write_votes
-
-        counts, compute_s, worker = result
-        shard, requests = self.pending.pop(key)
-        rows = vote_rows(
-            run_id=self.run_id, config=self.config, records=shard.records, requests=requests, counts=counts,
-            compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
-            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
-        )
-        self.lease.check()
-        write_votes(self.config.output, rows, worker=worker.split("@")[0])
-        self.forget(key)
-        self.written_images += len(shard.records)
-        self.written_samples += sum(r.num_samples for r in requests)
-        self.tick(force=True)
-
-    def forget(self, key: Any) -> None:
-        self.counter.forget.remote(key)
-
-    def tick(self, force: bool = False) -> None:
-        import ray
-
-        now = time.monotonic()
-        if not force and now - self._last_poll < 1.0:
-            return
-        self._last_poll = now
-        try:
-            images, samples = ray.get(self.counter.totals.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - progress is best effort
-            images, samples = 0, 0
-        self.progress.set(self.written_images + images, self.written_samples + samples)
 
 
 def _warn_relative_output(output: str) -> None:

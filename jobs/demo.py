@@ -54,55 +54,56 @@ SETTINGS = [
 DIFFUSION = Setting("ddpm_one_shot", "small DDPM, one-shot (off the shelf)", "ddpm_small")
 
 
-def demo_settings(args: argparse.Namespace) -> list[Setting]:
+def demo_settings(args: Any) -> list[Setting]:
     return SETTINGS + ([DIFFUSION] if getattr(args, "diffusion", False) else [])
 
 
-# Demo option -> the `dsmooth certify` setting it sets, so that a setting's error, or a
-# conflict with an earlier run, names the option the user typed.
-OPTION_OF = {"n0": "--n0", "n": "--n", "alpha": "--alpha", "batch_size": "--batch", "actors": "--actors",
-             "ids": "--images", "output": "--output"}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=100,
-                        help="test images to certify, spread over the 10 classes (max 500; default 100); a rerun "
-                        "certifies only those without votes under --output")
-    parser.add_argument("--n0", type=int, default=20, help="selection samples per image (default 20)")
-    parser.add_argument("--n", type=int, default=400,
-                        help="estimation samples per image (default 400; the paper uses 10,000-100,000). "
-                        "No radius above 0.25*Phi^-1(alpha^(1/n)) can be certified, so n caps the radii: "
-                        "the table leaves out the radii beyond it and says so, the plot marks it")
-    parser.add_argument("--alpha", type=float, default=0.001,
-                        help="failure probability (default 0.001; the votes do not depend on it)")
-    parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass (default 400)")
-    parser.add_argument("--actors", type=int, default=None, help="certification actors (default: one per CPU)")
-    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help=(
-        "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))
-    parser.add_argument("--diffusion", action="store_true", help=(
-        "add a fifth row: the shipped small DDPM as a one-shot diffusion denoiser (off the shelf, "
-        "one model for every sigma); about a quarter more time"))
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete the demo's runs under --output first (to change --n0 or --n there)")
+    from jobs.options import add_settings_arguments
+    from pipeline.command_settings import DemoSettings
+
+    add_settings_arguments(parser, DemoSettings)
     add_ray_arguments(parser)
+
+
+def option_of() -> dict[str, str]:
+    """`dsmooth certify` setting -> the demo flag that sets it, so that a setting's error, or
+    a conflict with an earlier run, names the option the user typed (from the declarations)."""
+    from jobs.options import flags
+    from pipeline.command_settings import DemoSettings
+
+    known = flags(DemoSettings)
+    return {**{k: v for k, v in known.items() if k in ("n0", "n", "alpha", "batch_size", "actors", "output")},
+            "ids": known["images"]}
+
+
+def demo_options(args: argparse.Namespace) -> Any:
+    """DemoSettings from the command line (errors name the flag), with the Ray address."""
+    from jobs.options import load_settings
+    from pipeline.command_settings import DemoSettings
+
+    if isinstance(args, DemoSettings):
+        return args
+    return load_settings(DemoSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:
     from jobs import certify
     from jobs.ray_env import connect
 
+    address, args = args.address, demo_options(args)
     sample, plans = _prepare(args)  # every option checked, models loaded: no Ray yet
     log.info("dsmooth demo: %d CIFAR-10 test images, sigma=%g, n0=%d, n=%d, alpha=%g; %d settings; output in %s",
              args.images, SIGMA, args.n0, args.n, args.alpha, len(demo_settings(args)), args.output)
     if args.fresh:
         _remove_runs(args.output)
     # Ray only when some image lacks votes: a rerun with fewer images just reports.
-    started_here = connect(args.address) if args.fresh or any(p.pending() for p in plans) else False
+    started_here = connect(address) if args.fresh or any(p.pending() for p in plans) else False
     try:
         outcomes = []
         for setting, prepared in zip(demo_settings(args), plans):
             log.info("== %s ==", setting.label)
-            outcome = certify.certify(prepared.config, args.address, prepared=prepared)
+            outcome = certify.certify(prepared.config, address, prepared=prepared)
             log.info("%s", outcome.report())
             outcomes.append(outcome)
     finally:
@@ -126,16 +127,17 @@ def demo_ids(sample: Any, images: int) -> list[int]:
     return [record.image_id for record in sample.subset(skip, skip * images).records]
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+def _prepare(args: Any) -> tuple[Any, list[Any]]:
     """Check every option and each run's fit with what --output already holds, and load
     the models -- all before Ray starts, so a bad or conflicting option costs seconds."""
     from jobs import certify
-    from pipeline.certify.plan import CertifyConfig
+    from pipeline.certify.config import CertifyConfig
     from pipeline.config import ConfigError, parse_config
     from pipeline.data import open_dataset
     from pipeline.runs.fs import Location
     from pipeline.runs.storage import check_writable
 
+    args = demo_options(args)
     sample = open_dataset("cifar10", SAMPLE, "test")
     if not 1 <= args.images <= len(sample):
         raise ValueError(f"--images must lie in [1, {len(sample)}], got {args.images}")
@@ -150,13 +152,13 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any]]:
             "dataset": "cifar10", "data_root": str(SAMPLE), "split": "test", "ids": ids,
             "classifier": str(MODELS / "classifier.pt"),
             "denoiser": str(MODELS / setting.denoiser) if setting.denoiser else None,
-            "sigma": SIGMA, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch,
+            "sigma": SIGMA, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
             "actors": args.actors, "output": str(args.output / setting.slug),
         }
         try:
             config = parse_config(CertifyConfig, values)
         except ConfigError as error:
-            raise error.with_flag(OPTION_OF.get(error.field.split("[")[0])) from None
+            raise error.with_flag(option_of().get(error.field.split("[")[0])) from None
         check_writable(Location.of(config.output))
         plans.append(certify.prepare(config))
     if not args.fresh:
@@ -173,8 +175,9 @@ def _refuse_conflicts(args: argparse.Namespace, plans: list[Any]) -> None:
         differences.update(prepared.conflicts())
     if not differences:
         return
-    options = [(flag, *differences[key]) for key, flag in OPTION_OF.items() if key in differences]
-    others = [key for key in differences if key not in OPTION_OF]
+    known = option_of()
+    options = [(flag, *differences[key]) for key, flag in known.items() if key in differences]
+    others = [key for key in differences if key not in known]
     fresh = f"add --fresh to start over, or use another --output than {args.output}"
     if options and not others:
         made = " ".join(f"{flag} {old}" for flag, old, _ in options)

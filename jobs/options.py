@@ -185,11 +185,12 @@ def overrides(args: argparse.Namespace, model: type[BaseModel], *, all_fields: b
 
 
 def load_settings(model: type[Settings], args: argparse.Namespace, *, all_fields: bool = True,
-                  config: str | Path | None = None) -> Any:
-    """Settings from --config (if any) with the typed flags on top; errors name the flag too."""
+                  config: str | Path | None = None, extra: dict[str, Any] | None = None) -> Any:
+    """Settings from --config (if any) with the typed flags on top (and `extra`: fields
+    without a flag, such as positional arguments); errors name the flag too."""
     source = config if config is not None else getattr(args, "config", None)
     try:
-        return load_config(model, source, overrides(args, model, all_fields=all_fields))
+        return load_config(model, source, {**overrides(args, model, all_fields=all_fields), **(extra or {})})
     except ConfigError as error:
         known = flags(model, all_fields=all_fields)
         raise error.with_flag(known.get(re.sub(r"\[\d+\]", "", error.field))) from None

@@ -1,21 +1,27 @@
 """Turn vote counts and reference logs into certificates, tables and plots.
 
 Each RUN is a run directory (has run.json: certificates are recomputed from its Parquet
-votes at --alpha, any alpha, no new samples), a per-image log written by the reference
-implementations (Cohen et al.'s or the Denoised Smoothing authors' TSV logs, or the
-vision-API `log.txt`; their alpha was fixed when they were written), or a directory: every
-run and log under it is one input. Empty or truncated logs are skipped with a warning;
-files that are not runs or logs (.png, .csv, .md, ... as a shell glob picks them up) are
-passed over silently.
+votes, at the alpha the run recorded -- for a sequential run exactly its own decisions --
+or at --alpha, any alpha, no new samples, which the table then says), a per-image log
+written by the reference implementations (Cohen et al.'s or the Denoised Smoothing
+authors' TSV logs, or the vision-API `log.txt`; their alpha was fixed when they were
+written), or a directory: every run and log under it is one input. Empty or truncated logs
+are skipped with a warning; files that are not runs or logs (.png, .csv, .md, ... as a
+shell glob picks them up) are passed over silently.
 
-Each row shows an input's clean accuracy once, then its certified accuracy (%) per radius.
-No radius above sigma*Phi^-1(alpha^(1/n)) can be certified with n samples: a radius above
-every input's limit is left out (a note says so), a cell above its own input's limit reads
-"—". --envelope adds, per radius, the best input (ties to the higher clean accuracy), the
-way Salman et al. build Tables 1 and 2, in their "(clean accuracy) certified accuracy"
-cells. The CSV is long (a row per input and radius) and keeps every radius, with the
-columns run, sigma, radius, certified_accuracy, clean_accuracy, n, alpha, max_radius,
-capped (True where the radius lies above max_radius).
+Each row shows an input's clean accuracy once, then its certified accuracy (%) per radius
+(the default radii, plus the R of every sequential run certified at R; such a run measures
+no clean accuracy, so its first column is its certified accuracy at R). An α column appears
+when the inputs' alphas differ or --alpha overrides a run's own. No radius above
+sigma*Phi^-1(alpha^(1/n)) can be certified with n samples (a sequential run: its confidence
+sequence's ceiling at n_max, which is lower): a radius above every input's limit is left
+out (a note says so), a cell above its own input's limit reads "—". --envelope adds, per
+radius, the best input (ties to the higher clean accuracy), the way Salman et al. build
+Tables 1 and 2, in their "(clean accuracy) certified accuracy" cells. The CSV is long (a
+row per input and radius) and keeps every radius, with the columns run, sigma, radius,
+certified_accuracy, clean_accuracy, n, alpha, max_radius, capped (True where the radius
+lies above max_radius), run_alpha (the alpha the run recorded; differs from alpha after
+--alpha).
 
 examples:
   dsmooth reduce runs/cifar10-mse runs/cifar10-stab --names MSE STAB+MSE --plot acc.png
@@ -29,45 +35,25 @@ import sys
 import warnings
 from pathlib import Path
 
-# pipeline.reduce.DEFAULT_RADII, repeated so that `--help` does not import pandas and scipy
-DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-
-
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1), got {text}")
-    return value
-
-
-def _radius(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"radii must be >= 0, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.options import add_settings_arguments
+    from pipeline.command_settings import ReduceSettings
+
     parser.add_argument("inputs", nargs="+", metavar="RUN",
                         help="run directory, reference log, or directory to search")
-    parser.add_argument("--alpha", type=_alpha, default=0.001,
-                        help="failure probability for runs' certificates (default 0.001)")
-    parser.add_argument("--radii", type=_radius, nargs="+", default=DEFAULT_RADII, metavar="R",
-                        help="L2 radii of the table (default: 0 0.25 0.5 0.75 1.0 1.25 1.5)")
-    parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="one label per RUN argument (a directory's inputs become NAME/relative-path)")
-    parser.add_argument("--envelope", action="store_true",
-                        help="add the best certified accuracy per radius over all inputs")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown",
-                        help="table format (default markdown)")
-    parser.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="certified accuracy vs radius, one line per input, the largest certifiable radius marked")
-    parser.add_argument("--per-image", metavar="FILE.csv", dest="per_image",
-                        help="every input's per-image certificates")
+    add_settings_arguments(parser, ReduceSettings)
 
 
-def load(paths: list[str | Path], alpha: float, names: list[str] | None = None) -> list:
+def settings(args: argparse.Namespace):
+    """ReduceSettings from the command line; errors name the flag."""
+    from jobs.options import load_settings
+    from pipeline.command_settings import ReduceSettings
+
+    return load_settings(ReduceSettings, args, extra={"inputs": args.inputs})
+
+
+def load(paths: list[str | Path], alpha: float | None = None, names: list[str] | None = None) -> list:
     """Every usable input the paths stand for (`pipeline.reduce.load_inputs`); ValueError when
     none is left, since a table of nothing is never what was meant (the CLI and
     `dsmooth.reduce` both start here)."""
@@ -85,22 +71,23 @@ def load(paths: list[str | Path], alpha: float, names: list[str] | None = None) 
 def run(args: argparse.Namespace) -> int:
     from pipeline.reduce import ReduceWarning, accuracy_table, per_image_table, plot_certified_accuracy, render
 
+    chosen = settings(args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", ReduceWarning)
         warnings.showwarning = _print_warning
-        inputs = load(args.inputs, args.alpha, names=args.names)
+        inputs = load(chosen.inputs, chosen.alpha, names=chosen.names)
 
-    table = accuracy_table(inputs, args.radii, envelope=args.envelope)
-    text = render(table, args.format)
-    if args.output:
-        _write(args.output, text)
+    table = accuracy_table(inputs, chosen.radii, envelope=chosen.envelope)
+    text = render(table, chosen.format)
+    if chosen.output:
+        _write(chosen.output, text)
     else:
         sys.stdout.write(text)
-    if args.per_image:
+    if chosen.per_image:
         per_image = per_image_table(inputs)
-        _write(args.per_image, per_image.to_csv(index=False, float_format="%.10g", lineterminator="\n"))
-    if args.plot:
-        plot_certified_accuracy(inputs, args.plot, envelope=args.envelope)
+        _write(chosen.per_image, per_image.to_csv(index=False, float_format="%.10g", lineterminator="\n"))
+    if chosen.plot:
+        plot_certified_accuracy(inputs, chosen.plot, envelope=chosen.envelope)
     print(f"dsmooth reduce: {len(inputs)} input(s), {sum(len(c) for c in inputs)} image certificates", file=sys.stderr)
     return 0
 

@@ -24,14 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DENOISER_OBJECTIVES: tuple[str, ...] = ("mse", "stab", "stab_mse", "clf")
-CLASSIFIER_OBJECTIVES: tuple[str, ...] = ("xent",)
-OBJECTIVES: tuple[str, ...] = DENOISER_OBJECTIVES + CLASSIFIER_OBJECTIVES
-
-# Objectives whose loss goes through a classifier (white-box) or surrogates (black-box).
-NEEDS_CLASSIFIER: frozenset[str] = frozenset({"stab", "stab_mse", "clf"})
-# Objectives that start from a trained MSE denoiser of the same sigma and architecture.
-NEEDS_MSE_INIT: frozenset[str] = frozenset({"stab_mse"})
+from pipeline.training.config import (  # noqa: F401 - the names are declared with the settings (light)
+    CLASSIFIER_OBJECTIVES,
+    DENOISER_OBJECTIVES,
+    NEEDS_CLASSIFIER,
+    NEEDS_MSE_INIT,
+    OBJECTIVES,
+)
 
 
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:

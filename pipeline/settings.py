@@ -8,7 +8,8 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import logging
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -26,10 +27,14 @@ from pipeline.config import (
     Where,
     option,
 )
-from pipeline.runs.fs import Location
-from pipeline.data.core import ImageDataset
-from pipeline.data.sources import DatasetKind, open_dataset
 
+if TYPE_CHECKING:  # declarations import nothing heavy: `dsmooth COMMAND --help` loads no torch
+    from pipeline.data.core import ImageDataset
+
+DatasetKind = Literal["cifar10", "imagenet", "folder"]
+KINDS: tuple[str, ...] = get_args(DatasetKind)
+
+log = logging.getLogger(__name__)
 
 # The sample counts, typed once with their meaning; each job picks its defaults.
 SelectionSamples = Annotated[int, Field(ge=1, strict=True, description=(
@@ -69,6 +74,9 @@ class DataSelection(Settings):
     def open_split(self, labels: bool = True) -> ImageDataset:
         """The whole split (image ids are positions in it); a remote root is read through a
         local cached copy."""
+        from pipeline.data.sources import open_dataset
+        from pipeline.runs.fs import Location
+
         root = Location.of(self.data_root).local_copy()
         return open_dataset(self.dataset, root, self.split, image_size=self.image_size, labels=labels)
 
@@ -123,6 +131,14 @@ class SmoothingSettings(Settings):
         n0, n = getattr(self, "n0", None), getattr(self, "n", None)
         if getattr(self, "mode", "certify") == "certify" and n0 is not None and n is not None and n0 > n:
             raise ConfigError("n0", f"n0={n0} must not exceed n={n} (selection uses fewer samples)")
+        if getattr(self, "mode", "certify") == "certify" and n is not None and not getattr(self, "sequential", False):
+            from pipeline.stats.reach import check_reach  # scipy: not for every --help
+
+            # A fixed-n run asks no radius, but one whose n certifies none (not even R = 0)
+            # would spend every sample for abstentions: say so in one line (it may be a dry test).
+            reach = check_reach(0.0, self.sigma, self.alpha, n)
+            if not reach.within:
+                log.warning("%s", reach.message())
         return self
 
 
@@ -162,6 +178,8 @@ class SequentialSettings(Settings):
     certify_class: Literal["label", "top"] = option("label", group=SEQUENTIAL_GROUP, help=(
         "label: test the image's label (for APIs, the answer on the clean image); top: deployment, "
         "select the top class adaptively, then test it on fresh samples"))
+    # A job's own cap when the user sets no n_max (None: n); applied here, before the reach check.
+    default_n_max: ClassVar[int | None] = None
 
     @model_validator(mode="after")
     def _radius_within_reach(self) -> SequentialSettings:
@@ -176,4 +194,16 @@ class SequentialSettings(Settings):
         if self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
             raise ConfigError("radius", f"radius {self.radius} = {self.radius / sigma:.1f} sigma cannot be "
                               "certified (Phi(R/sigma) rounds to 1); use R <= 8 sigma")
+        if self.n_max is None and self.default_n_max is not None:
+            self.__dict__["n_max"] = self.default_n_max  # not setattr: that would validate again
+        n_max = self.n_max if self.n_max is not None else getattr(self, "n", None)
+        alpha = getattr(self, "alpha", None)
+        if sigma is not None and n_max is not None and alpha is not None:
+            from pipeline.stats.reach import check_reach  # scipy: not for every --help
+
+            # Refused before any sample or query: every image would spend a chunk and stop
+            # unreachable (largest-radius mode: nothing at all, R = 0, can be certified).
+            reach = check_reach(self.radius or 0.0, sigma, alpha, n_max, sequential=True)
+            if not reach.within:
+                raise ConfigError("radius" if self.radius is not None else "n_max", reach.message())
         return self

@@ -9,6 +9,8 @@ import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,89 @@ def test_retry_loop_retries_transient_and_malformed_answers_and_books_every_call
     assert outcome.state == "ok" and outcome.reused and outcome.top_label == "Sky" and emulator.calls("aws") == before
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_each_client_waits_for_its_slot_just_before_the_request_leaves(emulator, provider):
+    """The rate-limit wait runs inside the client library, once per call, after the request
+    is built and signed (so their time does not fall between the wait and the provider's
+    clock); through the retry loop a call reaches the provider at its slot, not before."""
+    from pipeline.apis.ledger import Permit
+    from pipeline.apis.ratelimit import LATE_S, SendGate
+
+    api = client(provider, emulator.url)
+    png = FILES[0].read_bytes()
+    api.labels(png)  # connections and credentials warm: the timings below are the call's own
+    waits: list[float] = []
+
+    def wait() -> None:
+        time.sleep(0.2)
+        waits.append(time.time())
+
+    with SendGate(wait):
+        assert api.labels(png)
+    assert api.gates_sends and len(waits) == 1, "the client did not call before_send()"
+    assert emulator.starts(provider)[-1] >= waits[0]
+
+    slot = time.time() + 0.3
+    permits = iter([Permit("send", call="c", start_at=slot)])
+    outcome = query_with_retries(api, png, lambda attempt: next(permits), lambda *a, **k: None,
+                                 RetrySettings(max_attempts=1), random.Random(0))
+    assert outcome.state == "ok" and emulator.calls(provider) == 3
+    assert slot <= emulator.starts(provider)[-1] < slot + LATE_S + 1.0
+    assert outcome.latency_s <= time.time() - slot  # timed from the slot, not from before the wait
+
+
+@pytest.mark.slow
+def test_rate_limit_holds_on_the_emulators_clock_on_a_loaded_machine(tmp_path):
+    """8 threads share one limiter at qps 10 (as the API actors share the ledger's) while two
+    busy processes load the CPUs; the emulator, in its own process as a provider would be,
+    counts arrivals: never more than 10 in any 1-second window. Bounded: 60 calls, ~10 s."""
+    from pipeline.apis.ledger import Permit
+    from pipeline.apis.ratelimit import RateLimiter
+
+    qps, total, threads = 10, 60, 8
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    emulator = subprocess.Popen([sys.executable, "-m", "jobs.cli", "api-emulator", "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    burn = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    load: list[subprocess.Popen] = []
+    try:
+        line = emulator.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        load = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+        url = line.split("listening on ")[1].split()[0]
+        limiter, lock, left = RateLimiter(qps), threading.Lock(), [total]
+        png = FILES[0].read_bytes()
+
+        def permit(attempt: int) -> Permit:
+            with lock:
+                if left[0] == 0:
+                    return Permit("stop", reason="budget")
+                left[0] -= 1
+            return Permit("send", call="c", start_at=limiter.slot())
+
+        def work() -> None:
+            api = client("aws", url, timeout_s=30)
+            while query_with_retries(api, png, permit, lambda *a, **k: None, RetrySettings(max_attempts=1),
+                                     random.Random(0), reslot=limiter.slot).state != "stopped":
+                pass
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        stats = requests.get(f"{url}/_emulator/stats", timeout=30).json()
+    finally:
+        for process in load:
+            process.kill()
+        emulator.send_signal(signal.SIGTERM)
+        emulator.communicate(timeout=30)
+    print(f"[figures] qps {qps} under load: {stats['calls']['aws']} calls, "
+          f"worst 1-second window {stats['max_calls_in_a_second']['aws']}")
+    assert stats["calls"]["aws"] == total
+    assert stats["max_calls_in_a_second"]["aws"] <= qps
+
+
 def test_control_endpoint(emulator):
     assert requests.post(f"{emulator.url}/_emulator/faults", json={"provider": "google", "throttle": 1.0},
                          timeout=5).status_code == 200
@@ -187,3 +272,21 @@ def test_command_line_emulator_serves_counts_and_stops(tmp_path):
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0 and "stopped after 2 calls" in err
+
+
+def test_command_line_emulator_refuses_a_rejected_checkpoint_in_one_line(tmp_path, capsys):
+    """--classifier with a file the checkpoint loader refuses (a raw state dict, a corrupt
+    file): one line naming the file and the reason, exit 2, no traceback."""
+    import torch
+
+    from jobs.cli import main as cli_main
+
+    raw = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.zeros(3)}, raw)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    for path, reason in ((raw, "not a dsmooth checkpoint"), (corrupt, "not a PyTorch checkpoint")):
+        assert cli_main(["api-emulator", "--port", "0", "--classifier", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dsmooth api-emulator: error: ") and len(err.splitlines()) == 1, err
+        assert path.name in err and reason in err

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from pipeline.certify.plan import (
     default_shard_size,
     plan_shards,
     shard_requests,
-    vote_rows,
+    model_vote_rows as vote_rows,
 )
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
@@ -719,6 +720,51 @@ def test_bad_images_can_be_skipped_and_are_listed(capsys, ray_cluster, cifar_roo
     record = read_run_record(output)
     assert [s["name"] for s in record["skipped_images"]] == ["0002.jpg"]
     assert sorted(read_votes(output).image_id) == [0, 1, 3, 4]
+
+
+@pytest.mark.slow
+def test_bad_images_are_skipped_in_cifar_class_folders_and_archives(capsys, monkeypatch, ray_cluster, cifar_root,
+                                                                    checkpoints, tmp_path):
+    """--on-bad-image skip on the eagerly decoded cifar10 layouts: a corrupt JPEG in a class
+    folder (the first image, which also sizes the models' check) and in a .tar.gz is skipped
+    and listed, the others certified; the default stops on the class-folder one, naming it."""
+    from pipeline.runs.storage import read_run_record
+
+    tree = tmp_path / "tree"
+    for name in ("airplane", "automobile"):  # ids 0, 1 (airplane), 2, 3 (automobile)
+        (tree / "test" / name).mkdir(parents=True)
+        for index in range(2):
+            source = cifar_root / "test" / name / f"{index:04d}.jpg"
+            (tree / "test" / name / source.name).write_bytes(source.read_bytes())
+    intact = (tree / "test" / "airplane" / "0000.jpg").read_bytes()
+    (tree / "test" / "airplane" / "0000.jpg").write_bytes(intact[: len(intact) // 3])  # truncated
+    common = ["--dataset", "cifar10", "--classifier", str(checkpoints["classifier"]), "--sigma", "0.25",
+              "--mode", "predict", "--n", "10", "--actors", "1", "--address", ray_cluster["address"]]
+
+    def certify(root: Path, output: Path, *extra: str) -> tuple[int, str, str]:
+        code = cli_main(["certify", *common, "--data-root", str(root), "--output", str(output), *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = certify(tree, tmp_path / "stop")
+    assert code == 2 and "airplane/0000.jpg" in err.splitlines()[-1], err[-2000:]
+
+    code, out, err = certify(tree, tmp_path / "folders", "--on-bad-image", "skip")
+    assert code == 0, err[-2000:]
+    assert "skipped 1 unreadable image(s)" in out and "test/airplane/0000.jpg" in out
+    assert [s["name"] for s in read_run_record(tmp_path / "folders")["skipped_images"]] == ["test/airplane/0000.jpg"]
+    assert sorted(read_votes(tmp_path / "folders").image_id) == [1, 2, 3]
+
+    (tree / "test" / "airplane" / "0000.jpg").write_bytes(intact)
+    (tree / "test" / "automobile" / "0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    archive = tmp_path / "tiny-cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "test", arcname="test")
+    monkeypatch.setenv("DSMOOTH_CACHE", str(tmp_path / "cache"))
+    code, out, err = certify(archive, tmp_path / "archive", "--on-bad-image", "skip")
+    assert code == 0, err[-2000:]
+    assert "skipped 1 unreadable image(s)" in out and "test/automobile/0001.jpg" in out
+    assert sorted(read_votes(tmp_path / "archive").image_id) == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -176,12 +176,55 @@ def test_cifar_labels_false_and_resize(cifar_small: Path) -> None:
     assert ds.as_uint8().shape == (len(ds), 48, 48, 3)
 
 
-def test_cifar_eager_decode_names_corrupt_file(cifar_small: Path, tmp_path: Path) -> None:
+def _check_one_unreadable(ds: ImageDataset, bad: int, name: str) -> None:
+    """Only reading the bad image fails, naming the file; its neighbours read as usual."""
+    assert ds.records[bad].name.endswith(name)
+    for read in (lambda: ds.load(bad), lambda: ds[bad], lambda: ds.by_ids([bad]).as_uint8(),
+                 ds.as_uint8, lambda: stack_batch(ds, [bad - 1, bad])):
+        with pytest.raises(DatasetError, match=name):
+            read()
+    others = [i for i in range(len(ds)) if i != bad]
+    assert ds.by_ids(others).as_uint8().shape == (len(others), 32, 32, 3)
+    assert ds.by_ids([bad + 1]).describe().image_size == (32, 32)
+
+
+def test_cifar_eager_decode_defers_a_corrupt_file_to_its_reader(cifar_small: Path, tmp_path: Path) -> None:
+    """Class folders are decoded up front, but a bad file fails only what reads it (so
+    on_bad_image: skip can skip it), not the opening of the data set."""
     shutil.copytree(cifar_small / "test" / "dog", tmp_path / "test" / "dog")
     bad = tmp_path / "test" / "dog" / "0005.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
-    with pytest.raises(DatasetError, match="0005.jpg"):
-        open_dataset("cifar10", tmp_path)
+    ds = open_dataset("cifar10", tmp_path)
+    assert len(ds) == N_TEST_PER_CLASS
+    _check_one_unreadable(ds, 5, "0005.jpg")
+    # describe() takes the size from the first readable image when the first is bad.
+    (tmp_path / "test" / "dog" / "0000.jpg").write_bytes(b"not a JPEG")
+    ds = open_dataset("cifar10", tmp_path)
+    assert ds.describe().image_size == (32, 32)
+    with pytest.raises(DatasetError, match="0000.jpg"):
+        ds.by_ids([0]).describe()  # nothing readable: the first error
+
+
+def test_cifar_archive_with_a_corrupt_file_opens_and_caches_it_as_unreadable(
+    cifar_small: Path, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(cifar_small / "test" / "cat", tree / "test" / "cat")
+    shutil.copytree(cifar_small / "test" / "bird", tree / "test" / "bird")
+    (tree / "test" / "cat" / "0003.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken JPEG")
+    archive = tmp_path / "damaged.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "test", arcname="test")
+    cache = tmp_path / "cache"
+    first = open_dataset("cifar10", archive, cache_dir=cache)
+    bad = N_TEST_PER_CLASS + 3  # bird (label 2) sorts before cat (label 3)
+    _check_one_unreadable(first, bad, "cat/0003.jpg")
+    # The second open reads the decoded-array cache, which must remember the bad file.
+    for jpeg in extraction_dir(archive, cache).glob("test/*/*.jpg"):
+        jpeg.write_bytes(b"")  # would all fail if decoded again
+    second = open_dataset("cifar10", archive, cache_dir=cache)
+    _check_one_unreadable(second, bad, "cat/0003.jpg")
+    np.testing.assert_array_equal(second.by_ids([0, bad + 1]).as_uint8(), first.by_ids([0, bad + 1]).as_uint8())
 
 
 # ---------------------------------------------------------------------------------------

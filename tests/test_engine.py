@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.sampling.engine import SmoothedClassifier, VoteCounter
+from pipeline.certify.smooth import SmoothedClassifier
+from pipeline.sampling.engine import VoteCounter
 from pipeline.sampling.noise import Chunk, SampleRequest, chunk_noise, chunk_seed
 from pipeline.stats.smoothing import ABSTAIN, certify_matrix
 

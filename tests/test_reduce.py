@@ -39,7 +39,7 @@ from pipeline.runs.storage import open_run, write_votes
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT.parent / "shared" / "data" / "reference-logs"
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-CSV_HEADER = "run,sigma,radius,certified_accuracy,clean_accuracy,n,alpha,max_radius,capped"
+CSV_HEADER = "run,sigma,radius,certified_accuracy,clean_accuracy,n,alpha,max_radius,capped,run_alpha"
 
 COHEN_CIFAR = REF / "cohen2019/certify/cifar10/resnet110/noise_0.25/test/sigma_0.25"  # time in seconds
 COHEN_IMAGENET = REF / "cohen2019/certify/imagenet/resnet50/noise_0.25/test/sigma_0.25"  # H:MM:SS, 427 rows

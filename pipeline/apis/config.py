@@ -6,7 +6,7 @@ the config (and run.json, built from it) can be shared and committed safely.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -147,11 +147,12 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
     chunk_size: ChunkSize = option(16, group="smoothing", metavar="N")
     rate: RateSettings = Field(default_factory=RateSettings, description="client-side rate limits")
     retry: RetrySettings = Field(default_factory=RetrySettings, description="retries and back-off")
+    default_n_max: ClassVar[int | None] = SEQUENTIAL_API_N_MAX  # n_max when none is set (SequentialSettings)
 
     @model_validator(mode="after")
     def _sequential_api(self) -> CertifyApiConfig:
-        """An API's own sequential defaults (chunk 8, n_max 240) where the user set none; the
-        label is the API's answer on the clean image, so only `certify_class: label`."""
+        """An API's own sequential chunk default (8; n_max 240 is `default_n_max`) where the user
+        set none; the label is the API's answer on the clean image, so only `certify_class: label`."""
         if not self.sequential:
             return self
         if self.certify_class != "label":
@@ -159,6 +160,4 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
                               "use certify_class label")
         if "chunk_size" not in self.model_fields_set:
             self.__dict__["chunk_size"] = SEQUENTIAL_API_CHUNK  # not setattr: that would validate again
-        if "n_max" not in self.model_fields_set:
-            self.__dict__["n_max"] = SEQUENTIAL_API_N_MAX
         return self

@@ -151,7 +151,7 @@ def read_segment(segment: Location) -> list[dict[str, Any]]:
     return records
 
 
-def replay(run: str | Location, exclude: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+def replay_calls(run: str | Location, exclude: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
     """Every record of every segment (but those named in `exclude`), in segment order."""
     skip = set(exclude)
     for segment in segments(run):

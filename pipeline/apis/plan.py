@@ -7,7 +7,7 @@ chunk: its noise is drawn once and every query in it reuses the draw.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pipeline.sampling.noise import Chunk, SampleRequest
@@ -51,7 +51,3 @@ def plan_image(image_id: int, n0: int, n: int, chunk_size: int, seed: int,
             if pending:
                 units.append(WorkUnit(image_id, phase, pending, chunk, tuple(k - start for k in pending)))
     return units
-
-
-def count_pending(units: Iterable[WorkUnit]) -> int:
-    return sum(len(u.samples) for u in units)

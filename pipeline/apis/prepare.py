@@ -26,7 +26,7 @@ def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]
     return split, config.select(split)
 
 
-def load_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any, str, str]:
+def read_api_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any, str, str]:
     """(checkpoint bytes, architecture, sha256) of the denoiser, checked as the certify job
     checks it (kind, data set, sigma); the API actors load it from the bytes. A diffusers
     folder or guided-diffusion file is converted as `dsmooth certify` converts it, so its

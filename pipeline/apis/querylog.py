@@ -33,6 +33,7 @@ from pipeline.apis.billing import billable
 from pipeline.apis.plan import CLEAN, Key, phase_sizes
 from pipeline.runs.fs import Location, StorageError
 from pipeline.runs.storage import PartStream, read_run_record, write_json
+from pipeline.runs.votes import VoteRow
 
 log = logging.getLogger("dsmooth")
 
@@ -116,7 +117,7 @@ def read_calls(run_dir: str | Location) -> pd.DataFrame:
     """Every call of the run: compacted parts plus journal segments (a call in both -- a crash
     during compaction -- once, its answered version first)."""
     parts = CALLS.read(run_dir)
-    live = calls_from_records(journal.replay(run_dir))
+    live = calls_from_records(journal.replay_calls(run_dir))
     frames = [f for f in (parts, _frame(live) if live else None) if f is not None and not f.empty]
     if not frames:
         return CALL_SCHEMA.empty_table().to_pandas()
@@ -234,14 +235,14 @@ def _recorded_invocations(run_dir: str | Location) -> list[dict[str, Any]]:
         return []
 
 
-def vote_rows(
+def answer_vote_rows(
     queries: Sequence[Mapping[str, Any]],
     identity: Mapping[str, Any],
     run_id: str,
     n0: int,
     n: int,
-) -> list[dict[str, Any]] | None:
-    """The selection and estimation vote rows (storage.VOTE_SCHEMA) of ONE image from its
+) -> list[VoteRow] | None:
+    """The selection and estimation `VoteRow`s of ONE image from its
     answered queries, using samples 0..n0-1 and 0..n-1; None while any of them is missing.
 
     Every sample counts in `n`, so an answer without a label counts against the top class
@@ -258,42 +259,29 @@ def vote_rows(
         chosen = [by_key.get((phase, k)) for k in range(size)]
         if any(q is None for q in chosen):
             return None
-        rows.append(vote_row(clean, chosen, phase, identity, run_id))
+        rows.append(answer_vote_row(clean, chosen, phase, identity, run_id))
     return rows
 
 
-def vote_row(clean: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], phase: str,
-             identity: Mapping[str, Any], run_id: str, chunk: int | None = None) -> dict[str, Any]:
-    """One storage.VOTE_SCHEMA row from answered queries `chosen` of one image and phase (a
-    whole phase, or one noise chunk of a sequential run); label_name is the clean answer.
-    Every query counts in `n`, so an answer without a label counts against every class."""
+def answer_vote_row(clean: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], phase: str,
+                    identity: Mapping[str, Any], run_id: str, chunk: int | None = None) -> VoteRow:
+    """The `VoteRow` of answered queries `chosen` of one image and phase (a whole phase, or
+    one noise chunk of a sequential run); label_name is the clean answer. Every query counts
+    in `n`, so an answer without a label counts against every class."""
     votes = Counter(q["top_label"] for q in chosen if _present(q.get("top_label")))
     classes = sorted(votes)
-    return {
-        "run_id": run_id,
-        "image_id": int(clean["image_id"]),
-        "image_name": clean.get("image_name"),
-        "label": -1,
-        "label_name": clean["top_label"] if _present(clean.get("top_label")) else None,
-        "phase": phase,
-        "n": len(chosen),
-        "classes": classes,
-        "counts": [votes[c] for c in classes],
-        "sigma": float(identity["sigma"]),
-        "seed": int(identity["seed"]),
-        "chunk_size": int(identity["chunk_size"]),
-        "model": _model_name(identity),
-        "model_sha256": None,
-        "denoiser": identity.get("denoiser"),
-        "denoiser_sha256": identity.get("denoiser_sha256"),
-        "worker": "certify-api",
-        "elapsed_s": float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
-        "finished_at": max(_timestamp(q.get("answered_at")) for q in chosen),
-        "chunk": chunk,
-    }
+    return VoteRow(
+        run_id=run_id, image_id=int(clean["image_id"]), image_name=clean.get("image_name"), label=-1,
+        label_name=clean["top_label"] if _present(clean.get("top_label")) else None, phase=phase, n=len(chosen),
+        classes=classes, counts=[votes[c] for c in classes], sigma=float(identity["sigma"]),
+        seed=int(identity["seed"]), chunk_size=int(identity["chunk_size"]), model=_model_name(identity),
+        model_sha256=None, denoiser=identity.get("denoiser"), denoiser_sha256=identity.get("denoiser_sha256"),
+        worker="certify-api", elapsed_s=float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
+        finished_at=max(_timestamp(q.get("answered_at")) for q in chosen), chunk=chunk,
+    )
 
 
-def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[dict[str, Any]]:
+def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[VoteRow]:
     """Vote rows for every image whose first n0 selection and n estimation samples (and
     clean query) are answered; n0/n default to the run's, and may not exceed them."""
     record = read_run_record(run_dir)
@@ -303,9 +291,9 @@ def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | 
     if not 1 <= n0 <= int(identity["n0"]) or not 1 <= n <= int(identity["n"]):
         raise ValueError(f"n0={n0}, n={n}: must lie in [1, run's n0={identity['n0']}] and [1, run's n={identity['n']}]")
     frame = read_query_log(run_dir)
-    rows: list[dict[str, Any]] = []
+    rows: list[VoteRow] = []
     for _, group in frame.groupby("image_id", sort=True):
-        image_rows = vote_rows(group.to_dict("records"), identity, run_id, n0, n)
+        image_rows = answer_vote_rows(group.to_dict("records"), identity, run_id, n0, n)
         if image_rows is not None:
             rows.extend(image_rows)
     return rows

@@ -1,4 +1,5 @@
-"""One rate limit for a whole job: never more than `qps` call starts in any 1-second window.
+"""One rate limit for a whole job: never more than `qps` calls in any 1-second window on the
+provider's clock.
 
 Providers meter per account and per second; a burst of starts above the quota is answered
 with 429s, and every retry of those is paid. So every attempt of every actor takes its start
@@ -12,6 +13,19 @@ guarantee hold at the provider, whatever the delays between processes:
   finds itself later than that (descheduled, a slow network hop) does not send but asks for
   a new slot. So sends in any 1-second window come from slots in a window of 1 s + LATE_S:
   at most floor(qps) of them.
+
+What the provider meters is arrivals, not sends, so two more rules keep the guarantee on its
+clock:
+
+- the wait for the slot is the last thing before the request's bytes go out: the provider
+  adapters call `before_send()` from inside the HTTP client (a requests adapter, botocore's
+  before-send event), after the client library has encoded and signed the request, whose
+  time on a loaded machine varies by hundreds of milliseconds;
+- margin: slots leave MARGIN_S more room (floor(qps) per 1 s + LATE_S + MARGIN_S), for the
+  part of a call's trip that still varies (the last bytes through the client, the network,
+  the provider's accept queue). Two calls' trips may differ by up to MARGIN_S and the
+  provider still counts at most floor(qps) arrivals in any 1-second window; the price is a
+  ceiling of floor(qps) / (1 + LATE_S + MARGIN_S) calls per second when demand never stops.
 
 The rate below that ceiling adapts, as botocore's "adaptive" retry mode does: each
 throttling answer halves it (down to a tenth of qps), each success raises it again by a
@@ -27,6 +41,7 @@ from collections import deque
 from collections.abc import Callable
 
 LATE_S = 0.1  # how late after its slot a call may still start
+MARGIN_S = 0.25  # how much two calls' trips (send -> the provider's clock) may differ
 
 
 class RateLimiter:
@@ -37,7 +52,7 @@ class RateLimiter:
             raise ValueError(f"qps must be positive, got {qps!r}")
         self.qps = float(qps)
         self.rate = float(qps)
-        self.per_window = max(1, math.floor(qps))
+        self.per_window = max(1, math.floor(qps))  # slots per window_s + LATE_S + MARGIN_S
         self.window_s = 1.0 if qps >= 1 else 1.0 / qps
         self._clock = clock
         self._lock = threading.Lock()
@@ -48,7 +63,7 @@ class RateLimiter:
         """The next start time (on the wall clock `clock`) a call may take."""
         with self._lock:
             start = max(self._clock(), self._next)
-            span = self.window_s + LATE_S
+            span = self.window_s + LATE_S + MARGIN_S
             while self._slots and self._slots[0] <= start - span:
                 self._slots.popleft()
             if len(self._slots) >= self.per_window:
@@ -78,3 +93,36 @@ def start_at(slot: float, reslot: Callable[[], float], clock: Callable[[], float
         if now <= slot + LATE_S:
             return now
         slot = reslot()
+
+
+_pending = threading.local()
+
+
+class SendGate:
+    """Holds this thread's next request until its slot, at the last moment: the provider
+    adapters call `before_send()` just before the bytes go out (see the module doc)."""
+
+    def __init__(self, wait: Callable[[], object]) -> None:
+        self._wait = wait
+        self.released: float | None = None  # time.monotonic() when the request was let go
+
+    def release(self) -> None:
+        """Wait for the slot (once: a second send in the same call is not a new call)."""
+        if self.released is None:
+            self._wait()
+            self.released = time.monotonic()
+
+    def __enter__(self) -> SendGate:
+        _pending.gate = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _pending.gate = None
+
+
+def before_send() -> None:
+    """Called by the provider adapters right before a request leaves: waits for the slot of
+    the `SendGate` this thread is in, if any."""
+    gate = getattr(_pending, "gate", None)
+    if gate is not None:
+        gate.release()

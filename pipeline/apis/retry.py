@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from pipeline.apis.errors import (
     ThrottledError,
 )
 from pipeline.apis.providers.base import Label, LabelClient
-from pipeline.apis.ratelimit import start_at
+from pipeline.apis.ratelimit import SendGate, start_at
 from pipeline.apis.secrets import describe
 
 # Final states of a query. OK: answered. FAILED: every attempt failed (asked again by a
@@ -108,18 +109,22 @@ def query_with_retries(
             break
         outcome.attempts += 1
         retry_after = None
+        gate = None
         if grant.start_at is not None:  # the job-wide rate limit: start on the slot, or get a new one
-            start_at(grant.start_at, reslot or (lambda: time.time()))
+            gate = SendGate(lambda slot=grant.start_at: start_at(slot, reslot or (lambda: time.time())))
+            if not getattr(client, "gates_sends", False):
+                gate.release()  # a client that does not call before_send(): wait before calling it
         sent = time.monotonic()
         try:
-            labels = client.labels(image)
+            with gate or nullcontext():
+                labels = client.labels(image)
             status, error_text = "ok", None
         except ApiError as error:
             labels, status, error_text = [], classify(error), describe(error)
             retry_after = error.retry_after_s if isinstance(error, ThrottledError) else None
         except Exception as error:  # noqa: BLE001 - an unknown failure: retried as transient
             labels, status, error_text = [], "error", describe(error)
-        outcome.latency_s = time.monotonic() - sent
+        outcome.latency_s = time.monotonic() - (gate.released if gate and gate.released else sent)
         outcome.status, outcome.error = status, error_text
         best = top_label(labels) if status == "ok" else None
         answered(grant.call, status, top_label=best, labels=[label.name for label in labels],

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.apis.plan import Key, WorkUnit, needed_keys, plan_image
-from pipeline.apis.querylog import OK, Spend, read_query_log, vote_rows
+from pipeline.apis.querylog import OK, Spend, answer_vote_rows, read_query_log
 from pipeline.runs.fs import Location
 from pipeline.runs.storage import completed_images, write_votes
+from pipeline.runs.votes import VoteRow
 
 log = logging.getLogger("dsmooth")
 
@@ -26,8 +27,8 @@ class ImageState:
     failed: set[Key] = field(default_factory=set)  # queries that failed every retry this run
 
 
-class RunState:
-    """Answered queries per image (from the query log), votes written as images complete."""
+class QueryState:
+    """Answered queries per image (from the query log); an image's vote rows once complete."""
 
     def __init__(
         self, run_dir: str | Location, record: Mapping[str, Any], images: Iterable[tuple[int, str]],
@@ -79,11 +80,17 @@ class RunState:
 
     def write_missing_votes(self) -> list[int]:
         """Images answered in full but without vote rows (a crash in between): write them."""
-        return [i for i in self.images if self._maybe_vote(i)]
+        written = []
+        for image_id in self.images:
+            rows = self.complete_rows(image_id)
+            if rows:
+                write_votes(self.run_dir, rows, worker=self.worker)
+                written.append(image_id)
+        return written
 
-    def record(self, rows: list[dict[str, Any]]) -> list[int]:
-        """Take a returned unit's rows (its answers are in the journal already), then vote
-        every image this completed; returns those ids."""
+    def record(self, rows: list[dict[str, Any]]) -> list[tuple[int, list[VoteRow]]]:
+        """Take a returned unit's rows (its answers are in the journal already); returns
+        (image, vote rows) of every image this completed, for the run to write."""
         touched = set()
         for row in rows:
             state = self.images.get(int(row["image_id"]))
@@ -96,18 +103,20 @@ class RunState:
                 touched.add(state.image_id)
             else:
                 state.failed.add(key)
-        return [i for i in sorted(touched) if self._maybe_vote(i)]
+        done = [(i, self.complete_rows(i)) for i in sorted(touched)]
+        return [(i, rows) for i, rows in done if rows]
 
-    def _maybe_vote(self, image_id: int) -> bool:
+    def complete_rows(self, image_id: int) -> list[VoteRow] | None:
+        """The vote rows of an image answered in full and not voted yet (it counts as voted
+        from here on); None otherwise."""
         state = self.images[image_id]
         if state.voted or not self.needed <= state.rows.keys():
-            return False
-        rows = vote_rows(list(state.rows.values()), self.identity, self.run_id, self.n0, self.n)
+            return None
+        rows = answer_vote_rows(list(state.rows.values()), self.identity, self.run_id, self.n0, self.n)
         if rows is None:
-            return False
-        write_votes(self.run_dir, rows, worker=self.worker)
+            return None
         state.voted = True
-        return True
+        return rows
 
 
 @dataclass
@@ -137,6 +146,7 @@ class Summary:
     radius: float | None = None
     queries_per_image: float = 0.0
     fixed_queries: int = 0
+    skipped: int = 0  # unreadable images skipped (--on-bad-image skip): no query was sent for them
 
     @property
     def certificates_per_dollar(self) -> float | None:
@@ -160,7 +170,7 @@ class Summary:
 
 HEADLINES = {
     "planned": "dry run: nothing was sent",
-    "complete": "complete: every image is certified",
+    "complete": "complete: every image is finished (all its queries answered)",
     "budget": "stopped: the budget is spent",
     "failed": "stopped: some queries got no valid answer after every retry (a rerun asks them again)",
     "auth": "STOPPED: the provider refused the credentials",
@@ -170,7 +180,10 @@ HEADLINES = {
 
 
 def format_summary(s: Summary, run_dir: str | Location) -> str:
-    lines = [f"certify-api [{s.provider}]: {HEADLINES[s.status]}"]
+    headline = HEADLINES[s.status]
+    if s.status == "complete" and s.certified is not None:
+        headline = "complete: every image is decided"
+    lines = [f"certify-api [{s.provider}]: {headline}"]
     if s.message and s.status != "complete":
         lines.append(f"  reason: {s.message}")
     retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
@@ -180,13 +193,16 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
     )
     unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
     lines.append(f"  run total: {s.run.calls} calls, ${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
-    lines.append(f"  images: {s.images_complete}/{s.images_total} complete")
+    done = "decided" if s.certified is not None else "finished"
+    lines.append(f"  images: {s.images_complete}/{s.images_total} {done}" + (f", {s.skipped} skipped (unreadable)"
+                                                                             if s.skipped else ""))
     if s.certified is not None:
         where = f"at R = {s.radius:g}" if s.radius is not None else "(largest-radius mode)"
         ratio = s.fixed_queries / s.queries_per_image if s.queries_per_image else float("inf")
         per_dollar = s.certificates_per_dollar
         lines.append(
-            f"  sequential: {s.certified} of {s.images_complete} decided images certified {where}; "
+            f"  sequential: {s.certified} of {s.images_complete} decided images certified {where}, "
+            f"{s.images_complete - s.certified} not certified; "
             f"{s.queries_per_image:.1f} queries per image (clean query included) vs {s.fixed_queries} with fixed "
             f"n0 + n: {ratio:.1f}x fewer; "
             + (f"{per_dollar:.1f} certificates per dollar" if per_dollar is not None else "nothing paid yet"))

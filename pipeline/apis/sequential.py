@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.apis.plan import CLEAN, WorkUnit
-from pipeline.apis.querylog import OK, vote_row
+from pipeline.apis.querylog import OK, answer_vote_row
+from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, replay
 
@@ -80,6 +81,6 @@ def api_certifier(test: SequentialTest, answered: Sequence[Mapping[tuple[str, in
 
 
 def chunk_vote_row(rows: Mapping[tuple[str, int], Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
-                   chunk: int, identity: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+                   chunk: int, identity: Mapping[str, Any], run_id: str) -> VoteRow:
     """The Parquet vote row of one answered chunk (what `dsmooth reduce` replays)."""
-    return vote_row(rows[(CLEAN, 0)], answers, ESTIMATION, identity, run_id, chunk=chunk)
+    return answer_vote_row(rows[(CLEAN, 0)], answers, ESTIMATION, identity, run_id, chunk=chunk)

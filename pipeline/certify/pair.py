@@ -153,14 +153,22 @@ def load_denoiser(path: Path, source: str, data: DataDescription, sigma: float |
     return model, meta
 
 
+@contextmanager
+def _as_file(checkpoint: ModelBytes, name: str) -> Iterator[Path]:
+    """The bytes as a temporary file for the checkpoint loaders, which read files (bytes make
+    actors independent of shared storage); their errors name the user's path, not this file."""
+    with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
+        path = Path(folder) / name
+        path.write_bytes(checkpoint.data)
+        with _named(path, checkpoint.source):
+            yield path
+
+
 def load_denoiser_bytes(denoiser: ModelBytes, data: DataDescription, sigma: float | None = None,
                         ) -> tuple[nn.Module, ModelMeta]:
     """`load_denoiser` on shipped bytes (errors name the user's path, not a temporary file)."""
-    with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
-        path = Path(folder) / "denoiser.pt"
-        path.write_bytes(denoiser.data)
-        with _named(path, denoiser.source):
-            return load_denoiser(path, denoiser.source, data, sigma)
+    with _as_file(denoiser, "denoiser.pt") as path:
+        return load_denoiser(path, denoiser.source, data, sigma)
 
 
 def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str) -> int:
@@ -179,11 +187,8 @@ def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str)
 
 def load_from_bytes(checkpoint: ModelBytes) -> tuple[nn.Module, ModelMeta]:
     """A dsmooth checkpoint's model and metadata from its bytes (actors get bytes, not files)."""
-    with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
-        path = Path(folder) / "model.pt"
-        path.write_bytes(checkpoint.data)
-        with _named(path, checkpoint.source):
-            return load_checkpoint(path)
+    with _as_file(checkpoint, "model.pt") as path:
+        return load_checkpoint(path)
 
 
 def load_pair(
@@ -203,13 +208,8 @@ def load_pair(
     if bundled is not None:
         f, f_name, f_meta = bundled.module, bundled.name, None
     else:
-        with tempfile.TemporaryDirectory(prefix="dsmooth-ckpt-") as folder:
-            # The checkpoint loaders read files; bytes make actors independent of shared storage.
-            classifier_path = Path(folder) / "classifier.pt"
-            classifier_path.write_bytes(classifier.data)
-            with _named(classifier_path, classifier.source):
-                f, f_name, f_meta = _load_classifier(classifier_path, classifier.source,
-                                                     classifier.arch or classifier_arch)
+        with _as_file(classifier, "classifier.pt") as path:
+            f, f_name, f_meta = _load_classifier(path, classifier.source, classifier.arch or classifier_arch)
     d, d_meta = load_denoiser_bytes(denoiser, data, sigma) if denoiser is not None else (None, None)
     pair = compose(f, d).eval()
     names = f_name if d_meta is None else f"{f_name} with denoiser {d_meta.arch}"
@@ -228,6 +228,25 @@ def load_pair(
         classifier_pipeline=json.dumps(bundled.pipeline, sort_keys=True) if bundled is not None else None,
     )
     return pair, info
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """What a model actor needs besides the checkpoints to build its `PairCounter` (typed, so
+    a setting the actor does not know is an error where it is made, not in a worker)."""
+
+    sigma: float
+    classifier_arch: str | None = None
+    allow_foreign_classifier: bool = False
+    batch_size: int = 400
+    amp: bool = True
+    optimize: bool = True
+
+    def counter(self, classifier: ModelBytes, denoiser: ModelBytes | None, expected: PairInfo,
+                data: DataDescription, device: str) -> PairCounter:
+        return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
+                           allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
+                           device=device, amp=self.amp, optimize=self.optimize)
 
 
 class PairCounter:

@@ -1,4 +1,5 @@
-"""What a certification run is: its config, its identity, its shards and its vote rows.
+"""What a certification run is made of: its identity, its shards and its vote rows (its
+settings are declared in `pipeline.certify.config`).
 
 Plain Python (no Ray), so the rules that make a run resumable -- which settings define the
 votes, how images are cut into shards, what a Parquet row holds -- can be tested and reused
@@ -12,90 +13,23 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
 from pipeline.certify.pair import ModelIdentity, PairInfo
 from pipeline.runs.identity import run_identity
+from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
-from pipeline.settings import (
-    ChunkSize,
-    DataSelection,
-    EstimationSamples,
-    PoolSettings,
-    SelectionSamples,
-    SequentialSettings,
-    SmoothingSettings,
-)
+from pipeline.certify.config import CertifyConfig  # declared there (light, for --help)
 
-MODES = ("certify", "predict")
 # A shard is the unit of work sent to an actor and of loss on a crash: about this many
 # noisy samples (n = 100,000 -> 2 images per shard; n = 1,000 -> 200).
 TARGET_SHARD_SAMPLES = 200_000
 MAX_SHARD_IMAGES = 64
 SHARDS_PER_ACTOR = 4
-
-SPEED_GROUP = "speed (may change between resumptions)"
-SPEED_NOTE = (
-    "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
-    "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
-    "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
-    "  counts keep these and the device type; any choice gives equally valid votes."
-)
-
-
-class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
-    """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
-
-    classifier: Where = option(..., group="models", metavar="SPEC", help=(
-        "classifier f: a dsmooth checkpoint (or raw state dict with --classifier-arch; path or URI); a "
-        "registry/torchvision NAME, timm:NAME or package.module:callable (with --classifier-weights); a "
-        "timm or Hugging Face folder; a torch.export .pt2 or TorchScript file (archives run their own "
-        "code: trusted files only). See `dsmooth models`"))
-    classifier_weights: str | None = option(None, group="models", metavar="FILE", help=(
-        "weights of a timm:NAME, registry NAME or factory classifier (.safetensors, or .pth/.bin read "
-        "with weights_only)"))
-    classifier_input_size: PositiveInt | None = option(None, group="models", metavar="PX", help=(
-        "resize (shorter side) and centre-crop to PX inside f, after the noise and the denoiser "
-        "(default: the model's own config; none for archives/factories)"))
-    classifier_resize: PositiveInt | None = option(None, group="models", metavar="PX", help=(
-        "resize the shorter side to PX before the centre crop (default: the input size)"))
-    classifier_mean: list[float] | None = option(None, group="models", metavar="M", help=(
-        "per-channel mean the classifier subtracts (default: the model's own config)"))
-    classifier_std: list[float] | None = option(None, group="models", metavar="S", help=(
-        "per-channel std the classifier divides by (default: the model's own config)"))
-    classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
-        None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
-    classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
-        "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
-    allow_foreign_classifier: bool = option(False, group="models", help=(
-        "accept a classifier that does not record the data set it was trained on (a raw state dict "
-        "or a foreign checkpoint); one that records another data set is refused regardless"))
-    mode: Literal["certify", "predict"] = option("certify", group="smoothing",
-                                                 help="CERTIFY (label + radius) or PREDICT (label only)")
-    n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
-    n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
-    chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
-    batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
-                                     help="noisy samples per forward pass")
-    actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
-                                        help="actors in the pool (default: one per GPU, or one per CPU)")
-    gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
-        "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
-    cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
-    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
-    optimize: bool = option(True, group=SPEED_GROUP,
-                            help="fold BatchNorm into convolutions and run channels-last")
-    shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
-        "images per actor call and per Parquet part (default: ~200k samples' worth)"))
-    max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
-                                          help="Ray restarts of a crashed actor, and retries of its call")
-    output: Where = option(..., metavar="DIR", help=(
-        "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
 
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
@@ -152,7 +86,7 @@ def plan_shards(records: Sequence[ImageRecord], shard_size: int) -> list[Shard]:
     ]
 
 
-def vote_rows(
+def model_vote_rows(
     *,
     run_id: str,
     config: CertifyConfig,
@@ -166,13 +100,13 @@ def vote_rows(
     denoiser: ModelIdentity | None,
     class_names: Sequence[str] | None,
     per_chunk: bool = False,
-) -> list[dict[str, Any]]:
-    """Rows of storage.VOTE_SCHEMA for one shard's counts (row i <-> requests[i]).
+) -> list[VoteRow]:
+    """The `VoteRow`s of one work item's counts (row i <-> requests[i]) from model actors.
 
     `per_chunk` (sequential runs): every request is one noise chunk, and its row records the
     chunk's index, so the run can be replayed chunk by chunk (`pipeline.certify.schedule`).
 
-    `elapsed_s` is the row's share of the shard's compute time, split by samples drawn, so
+    `elapsed_s` is the row's share of the item's compute time, split by samples drawn, so
     summing it over a run gives the actors' busy time.
     """
     if counts.shape[0] != len(requests):
@@ -187,30 +121,15 @@ def vote_rows(
         label_name = (
             class_names[record.label] if class_names is not None and 0 <= record.label < len(class_names) else None
         )
-        rows.append(
-            {
-                "run_id": run_id,
-                "image_id": record.image_id,
-                "image_name": record.name,
-                "label": record.label,
-                "label_name": label_name,
-                "phase": request.phase,
-                "n": request.num_samples,
-                "classes": None,
-                "counts": [int(c) for c in row],
-                "sigma": config.sigma,
-                "seed": request.seed,
-                "chunk_size": request.chunk_size,
-                "model": classifier.name,
-                "model_sha256": classifier.sha256,
-                "denoiser": denoiser.name if denoiser else None,
-                "denoiser_sha256": denoiser.sha256 if denoiser else None,
-                "worker": worker,
-                "elapsed_s": compute_s * request.num_samples / total_samples,
-                "finished_at": finished_at,
-                "chunk": request.first_chunk if per_chunk else None,
-            }
-        )
+        rows.append(VoteRow(
+            run_id=run_id, image_id=record.image_id, image_name=record.name, label=record.label,
+            label_name=label_name, phase=request.phase, n=request.num_samples, classes=None,
+            counts=[int(c) for c in row], sigma=config.sigma, seed=request.seed, chunk_size=request.chunk_size,
+            model=classifier.name, model_sha256=classifier.sha256,
+            denoiser=denoiser.name if denoiser else None, denoiser_sha256=denoiser.sha256 if denoiser else None,
+            worker=worker, elapsed_s=compute_s * request.num_samples / total_samples, finished_at=finished_at,
+            chunk=request.first_chunk if per_chunk else None,
+        ))
     return rows
 
 

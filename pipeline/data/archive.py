@@ -129,8 +129,11 @@ def _cache_paths(root: Path, split: str) -> tuple[Path, Path]:
     return folder / f"{split}-uint8.npy", folder / f"{split}-index.json"
 
 
-def read_array_cache(root: Path, split: str) -> tuple[np.ndarray, list[str], list[int]] | None:
-    """``(images, names, labels)`` cached for ``split`` under ``root``, or None if absent/bad."""
+def read_array_cache(
+    root: Path, split: str
+) -> tuple[np.ndarray, list[str], list[int], dict[int, str]] | None:
+    """``(images, names, labels, {id: error} of undecodable files)`` cached for ``split``
+    under ``root``, or None if absent/bad."""
     images_path, index_path = _cache_paths(root, split)
     if not index_path.is_file() or not images_path.is_file():
         return None
@@ -138,15 +141,18 @@ def read_array_cache(root: Path, split: str) -> tuple[np.ndarray, list[str], lis
         index = json.loads(index_path.read_text())
         images = np.load(images_path, allow_pickle=False)
         names, labels = list(index["names"]), [int(x) for x in index["labels"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        # Caches written before unreadable files were recorded only exist when all decoded.
+        unreadable = {int(k): str(v) for k, v in index.get("unreadable", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable cache: decode again and overwrite it
     if images.dtype != np.uint8 or images.ndim != 4 or not len(images) == len(names) == len(labels):
         return None
-    return images, names, labels
+    return images, names, labels, unreadable
 
 
 def write_array_cache(
-    root: Path, split: str, images: np.ndarray, names: list[str], labels: list[int]
+    root: Path, split: str, images: np.ndarray, names: list[str], labels: list[int],
+    unreadable: dict[int, str] | None = None,
 ) -> None:
     """Store a decoded split; best effort (a read-only cache only costs speed)."""
     images_path, index_path = _cache_paths(root, split)
@@ -159,7 +165,8 @@ def write_array_cache(
             np.save(fh, images, allow_pickle=False)
         os.replace(tmp_images, images_path)
         tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-        tmp_index.write_text(json.dumps({"names": names, "labels": labels}))
+        tmp_index.write_text(json.dumps({"names": names, "labels": labels,
+                                         "unreadable": {str(k): v for k, v in (unreadable or {}).items()}}))
         os.replace(tmp_index, index_path)
     except OSError:
         pass

@@ -159,17 +159,32 @@ class _Source(Protocol):
 
 
 class ArraySource:
-    """Eagerly decoded images ``[N, H, W, 3]`` uint8, row = image_id (CIFAR-10)."""
+    """Eagerly decoded images ``[N, H, W, 3]`` uint8, row = image_id (CIFAR-10).
 
-    def __init__(self, array: np.ndarray, transform: ResizeCenterCrop | None = None) -> None:
+    ``unreadable`` maps the ids of files that could not be decoded to their error: their
+    rows are placeholders, and reading one raises that error, exactly as a lazy
+    :class:`FileSource` would when the file is read -- so one bad file in an eagerly decoded
+    layout fails (or is skipped by) only the work that touches it, not the whole data set.
+    """
+
+    def __init__(self, array: np.ndarray, transform: ResizeCenterCrop | None = None,
+                 unreadable: dict[int, str] | None = None) -> None:
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
             raise DatasetError(
                 f"images: expected a uint8 array [N, H, W, 3], got {array.dtype} {array.shape}"
             )
         self.array = array
         self.transform = transform
+        self.unreadable: dict[int, str] = dict(unreadable or {})
+
+    def _check_readable(self, image_ids: Iterable[int]) -> None:
+        if self.unreadable:
+            bad = next((int(i) for i in image_ids if int(i) in self.unreadable), None)
+            if bad is not None:
+                raise DatasetError(self.unreadable[bad])
 
     def image(self, image_id: int) -> np.ndarray:
+        self._check_readable((image_id,))
         row = self.array[image_id]
         if self.transform is None:
             return row
@@ -177,6 +192,7 @@ class ArraySource:
 
     def images(self, image_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(image_ids, dtype=np.int64)
+        self._check_readable(ids.tolist())
         if self.transform is None:
             n = len(self.array)
             if len(ids) == n and (n == 0 or (ids[0] == 0 and np.all(np.diff(ids) == 1))):
@@ -281,10 +297,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return ImageDataset(records, name=self.name, classes=self.classes, source=self._source, spec=self.spec)
 
     def describe(self) -> DataDescription:
-        """What a classifier must fit to certify these images (the first image gives the size)."""
+        """What a classifier must fit to certify these images (the first readable image gives
+        the size: an unreadable one is the job's to fail on or skip, with its own message)."""
         if not self.records:
             raise DatasetError(f"{self.name} is empty")
-        height, width = self._source.image(self.records[0].image_id).shape[:2]
+        first_error: DatasetError | None = None
+        for record in self.records:
+            try:
+                height, width = self._source.image(record.image_id).shape[:2]
+                break
+            except DatasetError as error:
+                first_error = first_error or error
+        else:
+            assert first_error is not None
+            raise first_error
         num_classes = len(self.classes) if self.classes is not None else None
         if num_classes is None and self.spec is not None:
             num_classes = self.spec.num_classes

@@ -10,7 +10,6 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 
@@ -27,9 +26,8 @@ from pipeline.data.core import (
     parallel_map,
 )
 from pipeline.data.specs import CIFAR10, CIFAR10_CLASSES, IMAGENET
+from pipeline.settings import KINDS, DatasetKind  # declared with the settings, which import no torch
 
-DatasetKind = Literal["cifar10", "imagenet", "folder"]
-KINDS: tuple[str, ...] = get_args(DatasetKind)
 CIFAR10_SPLITS: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
@@ -171,19 +169,20 @@ def _open_cifar10(
             "image folders, or a .tar.gz archive of either"
         )
     kind, layout_root = layout
+    unreadable: dict[int, str] = {}
     if kind == "pickle":
         images, names, label_list = _read_cifar_pickles(layout_root, split)
     else:
         # Only archives extracted into our own cache get the .npy cache: a user's folder may
         # change under us, and we should not write into it.
-        images, names, label_list = _read_cifar_folders(layout_root, split, cache=extracted)
+        images, names, label_list, unreadable = _read_cifar_folders(layout_root, split, cache=extracted)
     transform = (None if image_size is None or image_size == CIFAR10_SIZE
                  else ResizeCenterCrop(image_size, image_size))
     records = [ImageRecord(i, name, label if labels else -1)
                for i, (name, label) in enumerate(zip(names, label_list))]
     return ImageDataset(records, name=f"cifar10/{split}",
                         classes=list(CIFAR10_CLASSES) if labels else None,
-                        source=ArraySource(images, transform), spec=CIFAR10)
+                        source=ArraySource(images, transform, unreadable), spec=CIFAR10)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -269,10 +268,22 @@ def _decode_cifar_file(path: Path) -> np.ndarray:
     return np.asarray(image)
 
 
+def _decode_or_error(path: Path) -> np.ndarray | str:
+    try:
+        return _decode_cifar_file(path)
+    except DatasetError as error:
+        return str(error)
+
+
 def _read_cifar_folders(
     root: Path, split: str, *, cache: bool
-) -> tuple[np.ndarray, list[str], list[int]]:
-    """Decode ``root/<split>/<class>/*`` once into memory (JPEG decoding per epoch is slow)."""
+) -> tuple[np.ndarray, list[str], list[int], dict[int, str]]:
+    """Decode ``root/<split>/<class>/*`` once into memory (JPEG decoding per epoch is slow).
+
+    A file that cannot be decoded gets a black placeholder row and its error in the returned
+    ``{image id: error}``: the job then fails on it or skips it (``on_bad_image``) as with the
+    lazily read layouts, instead of the whole data set failing to open.
+    """
     split_dir = root / split
     groups = _class_folders(split_dir, "CIFAR-10")
     paths: list[Path] = []
@@ -291,10 +302,13 @@ def _read_cifar_folders(
         cached = read_array_cache(root, split)
         if cached is not None and cached[1] == names and cached[2] == label_list:
             return cached
-    images = np.stack(parallel_map(_decode_cifar_file, paths))
+    decoded = parallel_map(_decode_or_error, paths)
+    unreadable = {i: d for i, d in enumerate(decoded) if isinstance(d, str)}
+    placeholder = np.zeros((CIFAR10_SIZE, CIFAR10_SIZE, 3), dtype=np.uint8)
+    images = np.stack([placeholder if isinstance(d, str) else d for d in decoded])
     if cache:
-        write_array_cache(root, split, images, names, label_list)
-    return images, names, label_list
+        write_array_cache(root, split, images, names, label_list, unreadable)
+    return images, names, label_list, unreadable
 
 
 # ---------------------------------------------------------------------------------------

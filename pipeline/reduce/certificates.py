@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline.stats.smoothing import max_certifiable_radius
+from pipeline.stats.reach import largest_radius
 
 COLUMNS = ["image_id", "label", "predict", "p_a_lower", "radius", "correct", "abstained", "time_s"]
 # Kept when an input has them: `samples`, the samples per image a sequential run's decision used.
@@ -36,9 +36,16 @@ class Certificates(pd.DataFrame):
     the `model` (classifier, with its denoiser or API). Each is None when unknown -- a log
     records none of them, so they come from its path when that follows a documented layout.
     n and alpha decide the largest certifiable radius (`max_radius`), so they are only set
-    together, and only for CERTIFY results (PREDICT certifies no radius)."""
+    together, and only for CERTIFY results (PREDICT certifies no radius).
 
-    _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model", "labels_from"]
+    A sequential run also has `sequence_shape`, the prior shape of the confidence sequence
+    its decisions used (None for fixed n: Clopper-Pearson), and `at_radius`, the R it
+    certified at (None in largest-radius mode). `run_alpha` is the alpha the run itself
+    recorded (None when unknown, as for a log): when it differs from `alpha` the
+    certificates were recomputed at another alpha than the run decided with."""
+
+    _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model", "sequence_shape", "at_radius",
+                 "run_alpha", "labels_from"]
     name: str = ""
     sigma: float | None = None
     source: str = ""
@@ -46,6 +53,9 @@ class Certificates(pd.DataFrame):
     n: int | None = None
     dataset: str | None = None
     model: str | None = None
+    sequence_shape: float | None = None
+    at_radius: float | None = None
+    run_alpha: float | None = None
     labels_from: str | None = None  # set when the labels are not the data's (unlabelled data)
 
     @property
@@ -54,11 +64,19 @@ class Certificates(pd.DataFrame):
 
     @property
     def max_radius(self) -> float | None:
-        """sigma * Phi^-1(alpha^(1/n)): no image of this input can be certified beyond it
-        (None when sigma, n or alpha is unknown)."""
+        """No image of this input can be certified beyond it (`pipeline.stats.reach`):
+        sigma * Phi^-1(alpha^(1/n)) for fixed n, the confidence sequence's own ceiling at
+        n_max for a sequential run (None when sigma, n or alpha is unknown)."""
         if self.sigma is None or self.n is None or self.alpha is None:
             return None
-        return float(max_certifiable_radius(self.n, self.alpha, self.sigma))
+        sequential = self.sequence_shape is not None
+        return largest_radius(self.sigma, self.alpha, self.n, sequential=sequential,
+                              **({"shape": self.sequence_shape} if sequential else {}))
+
+    @property
+    def recomputed(self) -> bool:
+        """Certified at another alpha than the run recorded (`dsmooth reduce --alpha`)."""
+        return self.run_alpha is not None and self.alpha is not None and self.alpha != self.run_alpha
 
 
 def make_certificates(
@@ -70,6 +88,9 @@ def make_certificates(
     n: int | None = None,
     dataset: str | None = None,
     model: str | None = None,
+    sequence_shape: float | None = None,
+    at_radius: float | None = None,
+    run_alpha: float | None = None,
 ) -> Certificates:
     """Normalise column order and types (correct/abstained as bool) and attach metadata."""
     frame = frame.copy()
@@ -90,6 +111,9 @@ def make_certificates(
     certs.n = None if n is None else int(n)
     certs.dataset = dataset
     certs.model = model
+    certs.sequence_shape = None if sequence_shape is None else float(sequence_shape)
+    certs.at_radius = None if at_radius is None else float(at_radius)
+    certs.run_alpha = None if run_alpha is None else float(run_alpha)
     return certs
 
 

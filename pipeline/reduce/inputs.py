@@ -20,7 +20,7 @@ from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableIn
 from pipeline.reduce.reference_logs import read_log
 from pipeline.reduce.votes import load_run
 from pipeline.runs.fs import Location
-from pipeline.runs.storage import RUN_FILE
+from pipeline.runs.storage import RUN_FILE, is_run
 
 # Files that sit beside logs but are never logs (outputs, docs, checkpoints, archives).
 NOT_LOGS = {
@@ -33,19 +33,15 @@ NOT_LOGS = {
 logger = logging.getLogger(__name__)
 
 
-def is_run(path: str | Path | Location) -> bool:
-    return (Location.of(path) / RUN_FILE).is_file()
-
-
 def is_not_a_log(path: str | Path | Location) -> bool:
     """A file whose suffix says it is an output, document or checkpoint, never a log."""
     location = Location.of(path)
     return Path(location.name).suffix.lower() in NOT_LOGS and not location.is_dir()
 
 
-def load_input(path: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
-    """One run directory (recomputed at `alpha`) or one reference log (alpha fixed when it
-    was written), local or on object storage. Raises UnusableInput for an empty/truncated log
+def load_input(path: str | Path | Location, alpha: float | None = None, name: str | None = None) -> Certificates:
+    """One run directory (at `alpha`, by default the run's own) or one reference log (alpha
+    fixed when it was written), local or on object storage. Raises UnusableInput for an empty/truncated log
     or a run without votes."""
     location = Location.of(path)
     if is_run(location):
@@ -77,7 +73,8 @@ def find_inputs(directory: str | Path | Location) -> list[Location]:
     return sorted(found, key=lambda location: location.path)
 
 
-def load_inputs(paths: Sequence[str | Path], alpha: float, names: Sequence[str] | None = None) -> list[Certificates]:
+def load_inputs(paths: Sequence[str | Path], alpha: float | None = None,
+                names: Sequence[str] | None = None) -> list[Certificates]:
     """Load every input the paths stand for, skipping unusable ones with a warning and files
     that are not logs (`is_not_a_log`, e.g. a shell glob's PNG) with one info log line.
 

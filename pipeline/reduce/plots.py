@@ -2,8 +2,9 @@
 
 The title says what a reader needs to judge the curves -- data set, model(s), sigma, n,
 alpha and image count, read off the inputs' metadata -- and a dashed line marks the largest
-radius each input's n can certify (sigma * Phi^-1(alpha^(1/n))), so a curve falling to 0
-there is read as a limit of n, not of the model. The look is `pipeline.figures`', shared
+radius each input's n can certify (`Certificates.max_radius`: sigma * Phi^-1(alpha^(1/n))
+for fixed n, the confidence sequence's lower ceiling at n_max for a sequential run), so a
+curve falling to 0 there is read as a limit of n, not of the model. The look is `pipeline.figures`', shared
 with the demo's and training's image grids.
 """
 

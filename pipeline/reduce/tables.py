@@ -3,8 +3,11 @@
 The long frame (one row per input and radius) is what scripts want: the CSV keeps every
 requested radius, and says per row the input's n, alpha, its largest certifiable radius
 (`max_radius`, empty when unknown) and whether the radius lies above it (`capped`: the 0
-there is a limit of n, not of the model). Markdown and LaTeX pivot it into one row per
-input for people: the clean accuracy once per row, then plain certified accuracy per
+there is a limit of n, not of the model), and the alpha the run itself recorded
+(`run_alpha`; another `alpha` means the certificates were recomputed at --alpha). A
+sequential run certified at R measures no clean accuracy (it only tests p_A > Phi(R/sigma)):
+its clean_accuracy is empty and its R is among the default radii. Markdown and LaTeX pivot
+it into one row per input for people: the clean accuracy once per row, then plain certified accuracy per
 radius in percent; a radius no input can certify is not shown (a note says which and why),
 and a cell above its own input's limit reads "—". The envelope row is how Tables 1 and 2 of
 Salman et al. are built: per radius the best input, ties to the higher clean accuracy; its
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from pipeline.command_settings import DEFAULT_RADII  # declared with reduce's settings
 from pipeline.reduce.certificates import (
     Certificates,
     average_certified_radius,
@@ -27,13 +31,15 @@ from pipeline.reduce.certificates import (
     clean_accuracy,
 )
 
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-# The first five columns are the original CSV format; the last four were added after them
+# The first five columns are the original CSV format; the later ones were added after them
 # so that scripts reading by position keep working.
 CSV_COLUMNS = [
     "run", "sigma", "radius", "certified_accuracy", "clean_accuracy", "n", "alpha", "max_radius", "capped",
+    "run_alpha",
 ]
-TABLE_COLUMNS = CSV_COLUMNS + ["acr", "images", "input", "winner", "samples_per_image"]
+# at_radius: a sequential run's R (NaN otherwise); at_radius_accuracy: its certified accuracy there.
+TABLE_COLUMNS = CSV_COLUMNS + ["acr", "images", "input", "winner", "samples_per_image", "at_radius",
+                               "at_radius_accuracy"]
 # Added to the CSV (last) only when some input is a sequential run, whose samples vary by image.
 SAMPLES_COLUMN = "samples_per_image"
 ENVELOPE = "envelope"
@@ -47,30 +53,57 @@ ENVELOPE_NOTE = (
     "envelope: per radius the best input (ties to the higher clean accuracy); its cells read "
     "(clean accuracy of that input) certified accuracy, as in the papers' tables."
 )
-CAPPED_NOTE = f"{CAPPED}: above that input's largest certifiable radius σ·Φ⁻¹(α^(1/n)) (capped by n)."
+BOUNDS = "fixed n: σ·Φ⁻¹(α^(1/n)); sequential: the confidence sequence's ceiling at n_max"
+CAPPED_NOTE = f"{CAPPED}: above that input's largest certifiable radius ({BOUNDS}): capped by n."
+AT_RADIUS = "certified at R"  # the first column's header when every input is a sequential run at R
+AT_RADIUS_NOTE = (
+    "certified at R: a sequential run certified at R measures no clean accuracy (it tests only "
+    "p_A > Φ(R/σ)); the column holds its certified accuracy at its own R."
+)
+NO_CLEAN_NOTE = (
+    "clean: empty for a sequential run certified at R, which measures no clean accuracy (it tests only "
+    "p_A > Φ(R/σ)); see its r = R column."
+)
+RECOMPUTED_NOTE = (
+    "α: an α with (run …) was given by --alpha: the certificates are recomputed at it, not at the α the run "
+    "decided with; a sequential run's recomputation only has the chunks the run drew."
+)
+
+
+def default_radii(inputs: Sequence[Certificates]) -> list[float]:
+    """DEFAULT_RADII and the R of every sequential run certified at R (its own column)."""
+    own = [c.at_radius for c in inputs if c.at_radius is not None]
+    return sorted({*DEFAULT_RADII, *own})
 
 
 def accuracy_table(
-    inputs: Sequence[Certificates], radii: Iterable[float] = DEFAULT_RADII, envelope: bool = False
+    inputs: Sequence[Certificates], radii: Iterable[float] | None = None, envelope: bool = False
 ) -> pd.DataFrame:
     """One row per (input, radius): certified and clean accuracy (fractions), the input's
-    n, alpha and largest certifiable radius, whether the radius is above it, ACR, image
-    count; `input` is the input's position (-1 for the envelope), `winner` the name of the
-    input an envelope row comes from."""
-    radii = [float(r) for r in radii]
+    n, alpha (and the run's own) and largest certifiable radius, whether the radius is
+    above it, ACR, image count; `input` is the input's position (-1 for the envelope),
+    `winner` the name of the input an envelope row comes from. `radii` default to
+    `default_radii(inputs)`."""
+    radii = [float(r) for r in (default_radii(inputs) if radii is None else radii)]
     rows = []
     for position, certs in enumerate(inputs):
-        clean, acr, limit = clean_accuracy(certs), average_certified_radius(certs), certs.max_radius
+        acr, limit = average_certified_radius(certs), certs.max_radius
+        at_radius = _float(certs.at_radius)
+        # A run at R tested only p_A > Phi(R/sigma): its accuracy at r = 0 is certified-at-R, not clean.
+        clean = clean_accuracy(certs) if math.isnan(at_radius) else math.nan
+        at_radius_accuracy = (math.nan if math.isnan(at_radius)
+                              else float(certified_accuracy(certs, [at_radius]).iloc[0]))
         samples = float(certs["samples"].mean()) if "samples" in certs and len(certs) else math.nan
+        run_alpha = certs.alpha if certs.run_alpha is None else certs.run_alpha
         for radius, accuracy in certified_accuracy(certs, radii).items():
             rows.append(
                 {
                     "run": certs.name, "sigma": _float(certs.sigma), "radius": radius,
                     "certified_accuracy": accuracy, "clean_accuracy": clean,
                     "n": _float(certs.n), "alpha": _float(certs.alpha), "max_radius": _float(limit),
-                    "capped": limit is not None and radius > limit,
+                    "capped": limit is not None and radius > limit, "run_alpha": _float(run_alpha),
                     "acr": acr, "images": len(certs), "input": position, "winner": None,
-                    SAMPLES_COLUMN: samples,
+                    SAMPLES_COLUMN: samples, "at_radius": at_radius, "at_radius_accuracy": at_radius_accuracy,
                 }
             )
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -98,18 +131,23 @@ def envelope_rows(table: pd.DataFrame, radii: Iterable[float]) -> pd.DataFrame:
             continue
         best = max(
             candidates.itertuples(index=False),
-            key=lambda row: (row.certified_accuracy, row.clean_accuracy, -row.input),
+            key=lambda row: (row.certified_accuracy, _or_lowest(row.clean_accuracy), -row.input),
         )
         rows.append(
             {
                 "run": ENVELOPE, "sigma": best.sigma, "radius": radius,
                 "certified_accuracy": best.certified_accuracy, "clean_accuracy": best.clean_accuracy,
                 "n": best.n, "alpha": best.alpha, "max_radius": limit, "capped": bool(candidates["capped"].all()),
-                "acr": math.nan, "images": best.images, "input": -1, "winner": best.run,
-                SAMPLES_COLUMN: math.nan,
+                "run_alpha": best.run_alpha, "acr": math.nan, "images": best.images, "input": -1,
+                "winner": best.run, SAMPLES_COLUMN: math.nan, "at_radius": math.nan, "at_radius_accuracy": math.nan,
             }
         )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _or_lowest(value: float) -> float:
+    """A tie-break key: an unknown (NaN) clean accuracy ranks below every known one."""
+    return -math.inf if pd.isna(value) else float(value)
 
 
 def render(table: pd.DataFrame, format: str = "markdown") -> str:
@@ -132,7 +170,10 @@ def _has_samples(table: pd.DataFrame) -> bool:
 
 
 def paper_cell(certified: float, clean: float) -> str:
-    """The papers' cell: clean accuracy in parentheses, then certified accuracy, in percent."""
+    """The papers' cell: clean accuracy in parentheses, then certified accuracy, in percent
+    (no parentheses when the winner measured no clean accuracy: a sequential run at R)."""
+    if pd.isna(clean):
+        return percent(certified)
     return f"({100 * clean:.1f}) {100 * certified:.1f}"
 
 
@@ -150,6 +191,8 @@ class Wide:
     with_n: bool
     notes: list[str] = field(default_factory=list)
     with_samples: bool = False
+    with_alpha: bool = False  # the inputs' alphas differ, or --alpha overrode a run's own
+    clean_header: str = "clean"
 
 
 def _wide(table: pd.DataFrame) -> Wide:
@@ -159,17 +202,23 @@ def _wide(table: pd.DataFrame) -> Wide:
     inputs = table[table["input"] >= 0]
     capped_everywhere = {r for r in radii if len(inputs) and inputs.loc[inputs["radius"] == r, "capped"].all()}
     shown = [r for r in radii if r != 0.0 and r not in capped_everywhere]
+    firsts = inputs.drop_duplicates("input")
+    at_r = firsts["at_radius"].notna() if "at_radius" in firsts else pd.Series(False, index=firsts.index)
+    all_at_r = bool(len(firsts)) and bool(at_r.all())  # the first column is then "certified at R"
+    run_alpha = firsts["run_alpha"].fillna(firsts["alpha"]) if "run_alpha" in firsts else firsts["alpha"]
+    recomputed = bool(((firsts["alpha"] != run_alpha) & run_alpha.notna() & firsts["alpha"].notna()).any())
+    with_alpha = recomputed or firsts["alpha"].nunique() > 1
     rows = []
     for position in dict.fromkeys(table["input"].tolist()):
         group = table[table["input"] == position].set_index("radius")
         first = group.iloc[0]
         envelope = position < 0
         if envelope:
-            clean = inputs["clean_accuracy"].max()
+            clean = math.nan if all_at_r else inputs["clean_accuracy"].max()
             cells = [paper_cell(group.at[r, "certified_accuracy"], group.at[r, "clean_accuracy"])
                      if r in group.index else "" for r in shown]
         else:
-            clean = first["clean_accuracy"]
+            clean = first["at_radius_accuracy"] if all_at_r else first["clean_accuracy"]
             cells = [("" if r not in group.index else CAPPED if group.at[r, "capped"]
                       else percent(group.at[r, "certified_accuracy"])) for r in shown]
         rows.append(
@@ -178,6 +227,7 @@ def _wide(table: pd.DataFrame) -> Wide:
                 "envelope": envelope,
                 "sigma": "" if envelope or pd.isna(first["sigma"]) else f"{first['sigma']:g}",
                 "n": "" if envelope or pd.isna(first["n"]) else f"{int(first['n'])}",
+                "alpha": "" if envelope else _alpha_cell(first["alpha"], first.get("run_alpha")),
                 "clean": "" if pd.isna(clean) else percent(clean),
                 "cells": cells,
                 "acr": "" if pd.isna(first["acr"]) else f"{first['acr']:.3f}",
@@ -185,16 +235,22 @@ def _wide(table: pd.DataFrame) -> Wide:
             }
         )
     notes = [CELLS_NOTE, *table.attrs.get("label_notes", [])]
+    if all_at_r:
+        notes.append(AT_RADIUS_NOTE)
+    elif at_r.any():
+        notes.append(NO_CLEAN_NOTE)
+    if recomputed:
+        notes.append(RECOMPUTED_NOTE)
     if (table["input"] < 0).any():
         notes.append(ENVELOPE_NOTE)
     dropped = [r for r in radii if r in capped_everywhere]
     if dropped:
         limits = inputs.drop_duplicates("input")["max_radius"]
-        where = (f"σ·Φ⁻¹(α^(1/n)) = {limits.max():.3g} for every input" if limits.nunique() == 1
-                 else f"the inputs' σ·Φ⁻¹(α^(1/n)) are at most {limits.max():.3g}")
+        where = (f"{limits.max():.3g} for every input" if limits.nunique() == 1
+                 else f"at most {limits.max():.3g} over the inputs")
         notes.append(
             f"Not shown: r = {', '.join(f'{r:g}' for r in dropped)}, above the largest radius any input can "
-            f"certify ({where}): capped by n; raise n to certify larger radii."
+            f"certify ({where}; {BOUNDS}): capped by n; raise n to certify larger radii."
         )
     if any(cell == CAPPED for row in rows for cell in row["cells"]):
         notes.append(CAPPED_NOTE)
@@ -202,16 +258,27 @@ def _wide(table: pd.DataFrame) -> Wide:
     if with_samples:
         notes.append("samples/image: mean samples a sequential run drew per image before deciding it "
                      "(its n is the cap n_max).")
-    return Wide(shown, rows, with_n=bool(inputs["n"].notna().any()), notes=notes, with_samples=with_samples)
+    return Wide(shown, rows, with_n=bool(inputs["n"].notna().any()), notes=notes, with_samples=with_samples,
+                with_alpha=with_alpha, clean_header=AT_RADIUS if all_at_r else "clean")
+
+
+def _alpha_cell(alpha: float, run_alpha: float | None) -> str:
+    """The alpha of a row; "(run …)" after it when --alpha replaced the run's own."""
+    if pd.isna(alpha):
+        return ""
+    if run_alpha is not None and not pd.isna(run_alpha) and run_alpha != alpha:
+        return f"{alpha:g} (run {run_alpha:g})"
+    return f"{alpha:g}"
 
 
 def _columns(wide: Wide) -> list[str]:
-    return ["input", "sigma"] + (["n"] if wide.with_n else []) + (["samples/image"] if wide.with_samples else []) \
-        + ["clean"]
+    return (["input", "sigma"] + (["n"] if wide.with_n else []) + (["α"] if wide.with_alpha else [])
+            + (["samples/image"] if wide.with_samples else []) + [wide.clean_header])
 
 
 def _row_cells(wide: Wide, row: dict) -> list[str]:
     return ([row["run"], row["sigma"]] + ([row["n"]] if wide.with_n else [])
+            + ([row["alpha"]] if wide.with_alpha else [])
             + ([row["samples"]] if wide.with_samples else []) + [row["clean"], *row["cells"], row["acr"]])
 
 
@@ -243,7 +310,8 @@ def latex_escape(text: str) -> str:
 def _latex(wide: Wide) -> str:
     head = _columns(wide)
     spec = "l" + "r" * (len(head) - 1 + len(wide.radii) + 1)
-    names = {"input": "Input", "sigma": "$\\sigma$", "n": "$n$", "samples/image": "samples/image", "clean": "clean"}
+    names = {"input": "Input", "sigma": "$\\sigma$", "n": "$n$", "α": "$\\alpha$", "samples/image": "samples/image",
+             "clean": "clean", AT_RADIUS: "certified at $R$"}
     out = [f"% {note}" for note in wide.notes] + [
         f"\\begin{{tabular}}{{{spec}}}",
         "\\hline",

@@ -18,14 +18,16 @@ import pandas as pd
 from pipeline.reduce.certificates import Certificates, ReduceWarning, UnusableInput, make_certificates
 from pipeline.stats.smoothing import ABSTAIN, _check_alpha, certify_matrix, dense_counts, predict_matrix
 from pipeline.runs.fs import Location
+from pipeline.runs.identity import recorded_alpha
 from pipeline.runs.storage import RUN_FILE, VOTE_KEY, CorruptPartError, read_intact_votes, read_run_record
 
 ABSTAIN_LABEL = str(ABSTAIN)  # how label-string (API) rows spell an abstention, as the API logs do
 
 
-def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = None) -> Certificates:
-    """A run directory's certificates at `alpha` (local or object storage); sigma, n, data
-    set and model from the run.json identity (see `describe_identity`)."""
+def load_run(run_dir: str | Path | Location, alpha: float | None = None, name: str | None = None) -> Certificates:
+    """A run directory's certificates (local or object storage) at `alpha`, by default the
+    run's own (`recorded_alpha`: exactly what a sequential run decided); sigma, n, data set
+    and model from the run.json identity (see `describe_identity`)."""
     run_dir = Location.of(run_dir)
     try:
         record = read_run_record(run_dir)
@@ -43,6 +45,8 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
     if votes.empty:
         raise UnusableInput(f"{run_dir}: " + ("no intact votes (damaged parts above)" if damaged else "run has no votes yet"))
     label = name if name is not None else str(run_dir)
+    own = recorded_alpha(record)
+    alpha = own if alpha is None else alpha
     if identity.get("sequential"):
         certs = sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
         certs.labels_from = (record.get("extra") or {}).get("labels_from")
@@ -50,6 +54,7 @@ def load_run(run_dir: str | Path | Location, alpha: float, name: str | None = No
     certs = certificates_from_votes(
         votes, alpha, sigma=identity.get("sigma"), name=label, source=str(run_dir), **describe_identity(identity)
     )
+    certs.run_alpha = own
     certs.labels_from = (record.get("extra") or {}).get("labels_from")
     return certs
 
@@ -286,26 +291,28 @@ def _predict(votes: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
     )
 
 
-def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha: float, name: str = "",
-                            source: str = "") -> Certificates:
+def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha: float | None = None,
+                            name: str = "", source: str = "") -> Certificates:
     """A sequential run's certificates: every decision recomputed by `replay` of the stored
     chunk votes (`pipeline.stats.sequential`), one row per image that has votes, with the samples
     its decision used (column `samples`).
 
-    At the run's alpha this is exactly what the run decided. At another alpha the replay is
-    still valid but only has the chunks the run drew: an image it leaves undecided is not
-    certified. Images still undecided at the run's own alpha were in flight when the job
-    stopped: skipped with a ReduceWarning (a rerun of the job resumes them)."""
+    At the run's alpha (the default) this is exactly what the run decided, from the chunks up
+    to each decision (the ones drawn after it are ignored). At another alpha the replay is
+    still valid (Ville's inequality holds up to the run's stopping) but only has the chunks
+    the run drew: an image it leaves undecided is not certified. Images still undecided at
+    the run's own alpha were in flight when the job stopped: skipped with a ReduceWarning (a
+    rerun of the job resumes them)."""
     import dataclasses
 
     from pipeline.stats.sequential import SequentialTest, replay
     from pipeline.certify.schedule import chunk_votes_from_rows, is_label_row
 
-    _check_alpha(alpha)
     where = name or source or "votes"
     fields = {f.name for f in dataclasses.fields(SequentialTest)}
     settings = identity["sequential"]
     run_test = SequentialTest(**{k: v for k, v in settings.items() if k in fields})
+    alpha = run_test.alpha if alpha is None else _check_alpha(alpha)
     chunked = votes[votes["chunk"].notna()].sort_values("image_id", kind="stable")
     if chunked.empty:
         raise UnusableInput(f"{where}: no chunk votes in this sequential run yet")
@@ -347,4 +354,5 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     })[complete]
     meaning = describe_identity(identity)
     return make_certificates(frame, name=name, sigma=run_test.sigma, source=source, alpha=alpha, n=run_test.n_max,
-                             dataset=meaning["dataset"], model=meaning["model"])
+                             dataset=meaning["dataset"], model=meaning["model"], sequence_shape=run_test.shape,
+                             at_radius=run_test.radius, run_alpha=run_test.alpha)

@@ -267,8 +267,3 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
     except (PermissionError, NotADirectoryError, FileExistsError) as error:
         raise PermissionError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def as_location(where: Any) -> Location:
-    """`Location.of` for anything path-like (settings hold Paths or URI strings)."""
-    return Location.of(where)

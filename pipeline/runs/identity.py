@@ -71,3 +71,33 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
 
     test = SequentialTest.from_settings(settings)
     return {"sequential": {**dataclasses.asdict(test), "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
+
+
+# The alpha of a run whose run.json records none (runs older than the record of it).
+DEFAULT_ALPHA = 0.001
+
+
+def recorded_alpha(record: dict[str, Any]) -> float:
+    """The alpha a run was made with: a sequential run's (it decided when sampling stopped,
+    so it is in the identity), else the one its job recorded beside the identity (`extra`),
+    else DEFAULT_ALPHA. `dsmooth reduce` certifies at it unless told otherwise."""
+    sequential = (record.get("identity") or {}).get("sequential") or {}
+    alpha = sequential.get("alpha", (record.get("extra") or {}).get("alpha"))
+    return DEFAULT_ALPHA if alpha is None else float(alpha)
+
+
+def max_radius(record: dict[str, Any]) -> float | None:
+    """The largest radius a run can certify at its recorded alpha (`pipeline.stats.reach`):
+    a sequential run's confidence-sequence ceiling at n_max, a fixed-n CERTIFY run's
+    Clopper-Pearson one; None for PREDICT (no radius) or when sigma or n is not recorded."""
+    from pipeline.stats.confidence_sequences import DEFAULT_SHAPE
+    from pipeline.stats.reach import largest_radius
+
+    identity = record.get("identity") or {}
+    sequential = identity.get("sequential")
+    if sequential:
+        return largest_radius(sequential["sigma"], sequential["alpha"], sequential["n_max"], sequential=True,
+                              shape=sequential.get("shape", DEFAULT_SHAPE))
+    if identity.get("mode", "certify") != "certify" or not identity.get("sigma") or not identity.get("n"):
+        return None
+    return largest_radius(identity["sigma"], recorded_alpha(record), identity["n"])

@@ -32,42 +32,12 @@ import pyarrow.parquet as pq
 
 from pipeline.runs.fs import Location, StorageError
 from pipeline.runs.lock import check_held
+from pipeline.runs.votes import VOTE_KEY, VOTE_SCHEMA, VoteRow  # noqa: F401 - the row type lives there
 
 RUN_FILE = "run.json"
 VOTES_DIR = "votes"
 MANIFEST_SUFFIX = ".json"
 MANIFESTS_DIR = "manifests"  # RUN/manifests/<stream folder>/<part name>.json
-
-# One row per (image, phase), or per (image, phase, chunk) in a sequential run. `counts` is dense over class indices for local models; for
-# APIs, `classes` names the label string of each entry of `counts` (null for local models).
-VOTE_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("image_id", pa.int64()),
-        ("image_name", pa.string()),
-        ("label", pa.int64()),  # -1 when unknown (APIs use `label_name`)
-        ("label_name", pa.string()),
-        ("phase", pa.string()),  # selection | estimation | prediction
-        ("n", pa.int64()),  # samples drawn; > sum(counts) when some samples gave no vote
-        ("classes", pa.list_(pa.string())),
-        ("counts", pa.list_(pa.int64())),
-        ("sigma", pa.float64()),
-        ("seed", pa.int64()),
-        ("chunk_size", pa.int64()),
-        ("model", pa.string()),
-        ("model_sha256", pa.string()),
-        ("denoiser", pa.string()),
-        ("denoiser_sha256", pa.string()),
-        ("worker", pa.string()),
-        ("elapsed_s", pa.float64()),
-        ("finished_at", pa.timestamp("ms", tz="UTC")),
-        # Sequential runs (`pipeline.stats.sequential`) store one row per noise chunk: its index in
-        # the phase (n = its samples). Null for a fixed-n row, which holds the whole phase;
-        # parts written before this column existed read it as null.
-        ("chunk", pa.int64()),
-    ]
-)
-VOTE_KEY = ["image_id", "phase", "chunk"]  # one row per key; a repeated key is a rewritten copy
 
 
 class RunMismatchError(ValueError):
@@ -130,7 +100,10 @@ def open_run(run: str | Location, identity: Mapping[str, Any], extra: Mapping[st
         )
     if (run / RUN_FILE).exists():
         return read_run_record(run)
+    from pipeline.runs.identity import max_radius  # scipy, only when a run is created
+
     record = {"run_id": uuid.uuid4().hex[:12], "identity": identity, "extra": dict(extra or {})}
+    record["max_radius"] = max_radius(record)  # what no image of the run can be certified beyond
     write_json(record, run / RUN_FILE)
     return record
 
@@ -244,12 +217,6 @@ class PartStream:
         if lost and "image_id" in frame:
             frame = frame[~frame["image_id"].isin(lost)].reset_index(drop=True)
         return frame, damaged
-
-    def delete_part(self, part: Location) -> None:
-        check_held(part)
-        part.delete()
-        for manifest in _manifests(part):
-            manifest.delete()
 
 
 def _manifest(part: Location) -> Location:

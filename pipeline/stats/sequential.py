@@ -24,8 +24,11 @@ estimation samples):
 
 * G1 (labelled, radius R). If p <= Phi(R/sigma), P(CERTIFIED) <= alpha, whatever the chunk
   sizes (even chosen from past votes), n_max, or when the engine stops, pauses or resumes.
-  A failed sample (an API error) counts as a vote against the class, which only lowers the
-  evidence. `futility_alpha`, curtailment and n_max only cause missed certificates.
+  A sample that gives no vote for the class (another class, or an API answer naming no label)
+  counts against it, which only lowers the evidence. A failed query (an API error) is not a
+  sample: its chunk is held, the query asked again (`pipeline.apis.sequential`), and the
+  chunk decided only once every query in it has been answered. `futility_alpha`,
+  curtailment and n_max only cause missed certificates.
 * G2 (deployment). P(a class c is CERTIFIED at R while p_c <= Phi(R/sigma)) <= alpha. Split:
   all of alpha goes to the estimation test and none to the selection: the selection samples
   are a separate noise phase, independent of the estimation samples, so G1 holds given the
@@ -85,7 +88,7 @@ from pipeline.stats.confidence_sequences import (
     success_thresholds,
     upper_confidence_sequence,
 )
-from pipeline.stats.smoothing import ABSTAIN, Decisions
+from pipeline.stats.smoothing import ABSTAIN, Decisions, certified_radii
 
 SELECTION = "selection"
 ESTIMATION = "estimation"
@@ -187,7 +190,8 @@ class ChunkVotes:
     """Votes of whole noise chunks, one row per (image, chunk), rows in any order.
 
     image: the image's row in the certifier (0..num_images-1); chunk: the chunk index in the
-    phase; samples: samples drawn in the chunk (failed queries included); counts: either
+    phase; samples: samples drawn in the chunk (answered queries that named no class included;
+    a failed query is asked again before its chunk is complete); counts: either
     [rows] votes for the image's tested class (estimation only), or [rows, classes] votes
     per class column (a column absent from the matrix had no votes).
     """
@@ -478,7 +482,7 @@ class SequentialCertifier:
             low = lower_confidence_sequence(self.successes[done], self.samples[done], self.test.alpha, self.test.shape)
             low = np.maximum(low, self.test.threshold)  # certified means E_n(q) >= 1/alpha, i.e. L_n >= q
             self.p_lower[done] = low
-            self.radius[done] = np.maximum(self.test.radius, self.test.sigma * norm.ppf(low))
+            self.radius[done] = np.maximum(self.test.radius, certified_radii(low, self.test.sigma))
             self._stop(done, Status.CERTIFIED, Reason.LOWER_BOUND)
         reason = np.select([futile, unreachable, exhausted], [Reason.UPPER_BOUND, Reason.CANNOT_REACH, Reason.N_MAX],
                            Reason.NONE)
@@ -495,7 +499,7 @@ class SequentialCertifier:
         s, n = self.successes[img], self.samples[img]
         low = lower_confidence_sequence(s, n, self.test.alpha, self.test.shape)
         high = upper_confidence_sequence(s, n, self.test.futility_alpha, self.test.shape)
-        radius = np.where(low > 0.5, self.test.sigma * norm.ppf(np.maximum(low, 0.5)), 0.0)
+        radius = certified_radii(low, self.test.sigma)
         better = radius > self.radius[img]
         self.p_lower[img] = np.where(better | np.isnan(self.p_lower[img]), low, self.p_lower[img])
         best = np.maximum(self.radius[img], radius)

@@ -254,14 +254,6 @@ def top_class(counts: Counts) -> Hashable:
     return ranking[0][0]
 
 
-def count_of(counts: Counts, cls: Hashable) -> int:
-    """Votes for `cls`; a class that never came up has 0 votes."""
-    if isinstance(counts, Mapping):
-        return int(counts.get(cls, 0))
-    array = np.asarray(counts)
-    return int(array[cls]) if 0 <= int(cls) < array.shape[0] else 0
-
-
 def total(counts: Counts) -> int:
     if isinstance(counts, Mapping):
         return int(sum(counts.values()))

@@ -11,16 +11,24 @@ Modules:
     summary     the end-of-sweep table
 """
 
-from pipeline.training.config import (
-    DatasetConfig,
-    OptimizerConfig,
-    SweepConfig,
-    TrainConfig,
-    check_files,
-    load_train_config,
-)
-from pipeline.training.loops import WorkerHooks, run_local, train_run
-from pipeline.training.sweep import Combination, finished, plan_sweep, worker_spec
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use (PEP 562): `pipeline.training.config`, the settings declarations, must
+# be importable without torch, so that `dsmooth train --help` answers at once.
+_HOME = {
+    "DatasetConfig": "config", "OptimizerConfig": "config", "SweepConfig": "config", "TrainConfig": "config",
+    "check_files": "config", "load_train_config": "config",
+    "WorkerHooks": "loops", "run_local": "loops", "train_run": "loops",
+    "Combination": "sweep", "finished": "sweep", "plan_sweep": "sweep", "worker_spec": "sweep",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'pipeline.training' has no attribute {name!r}")
+    return getattr(import_module(f"pipeline.training.{_HOME[name]}"), name)
+
 
 __all__ = [
     "Combination",

@@ -31,14 +31,17 @@ from pipeline.config import (
     load_config,
     option,
 )
-from pipeline.objectives import (
-    CLASSIFIER_OBJECTIVES,
-    DENOISER_OBJECTIVES,
-    NEEDS_CLASSIFIER,
-    NEEDS_MSE_INIT,
-    OBJECTIVES,
-)
 from pipeline.settings import DatasetLayout
+
+# The training objectives by name (their losses: pipeline.objectives), declared here so that
+# the settings import no torch.
+DENOISER_OBJECTIVES: tuple[str, ...] = ("mse", "stab", "stab_mse", "clf")
+CLASSIFIER_OBJECTIVES: tuple[str, ...] = ("xent",)
+OBJECTIVES: tuple[str, ...] = DENOISER_OBJECTIVES + CLASSIFIER_OBJECTIVES
+# Objectives whose loss goes through a classifier (white-box) or surrogates (black-box).
+NEEDS_CLASSIFIER: frozenset[str] = frozenset({"stab", "stab_mse", "clf"})
+# Objectives that start from a trained MSE denoiser of the same sigma and architecture.
+NEEDS_MSE_INIT: frozenset[str] = frozenset({"stab_mse"})
 
 if TYPE_CHECKING:
     from pipeline.data import DataDescription
@@ -325,13 +328,6 @@ def describe_data(dataset: DatasetConfig) -> DataDescription:
     if not opened.classes:
         raise ConfigError("dataset.root", f"{dataset.root} has no class sub-folders, so nothing to train on")
     return opened.describe()
-
-
-def dataset_classes(dataset: DatasetConfig) -> int:
-    """Number of classes of the training split, without decoding images where avoidable."""
-    num_classes = describe_data(dataset).num_classes
-    assert num_classes is not None  # describe_data refuses a split without classes
-    return num_classes
 
 
 def _read_meta(path: Path, field_name: str) -> Any:

@@ -18,6 +18,7 @@ from pipeline.apis.errors import (
     ThrottledError,
 )
 from pipeline.apis.providers.base import Label, parse_labels
+from pipeline.apis.ratelimit import before_send
 from pipeline.apis.secrets import scrub
 
 THROTTLING_CODES = frozenset(
@@ -48,6 +49,7 @@ AUTH_CODES = frozenset(
 
 class AwsRekognition:
     provider = "aws"
+    gates_sends = True
 
     def __init__(self, settings: ApiSettings, timeout_s: float, pool_size: int = 10) -> None:
         import boto3
@@ -63,6 +65,8 @@ class AwsRekognition:
             max_pool_connections=max(10, pool_size),
         )
         self._client = session.client("rekognition", endpoint_url=settings.endpoint, config=config)
+        # Wait for the call's rate-limit slot after botocore has built and signed the request.
+        self._client.meta.events.register("before-send.rekognition", _before_send)
         self._max_labels = settings.max_labels
 
     def labels(self, image: bytes) -> list[Label]:
@@ -71,6 +75,10 @@ class AwsRekognition:
         except Exception as error:  # noqa: BLE001 - translated, scrubbed, raised from None
             raise _translate(error) from None
         return parse_labels(response.get("Labels"), "Name", "Confidence", scale=100.0, where="Labels")
+
+
+def _before_send(**_: object) -> None:
+    before_send()  # returns None: botocore goes on to send the request itself
 
 
 def _translate(error: Exception) -> ApiError:

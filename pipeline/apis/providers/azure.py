@@ -17,6 +17,7 @@ from pipeline.apis.providers.http import post
 
 class AzureVision:
     provider = "azure"
+    gates_sends = True  # through pipeline.apis.providers.http
 
     def __init__(self, settings: ApiSettings, timeout_s: float) -> None:
         self._key = os.environ.get(settings.azure_key_env) or ""

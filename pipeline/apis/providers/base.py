@@ -32,6 +32,10 @@ class LabelClient(Protocol):
     every attempt is counted against the budget)."""
 
     provider: str
+    # True when `labels` calls pipeline.apis.ratelimit.before_send() just before the request
+    # leaves (so the rate-limit wait comes after encoding and signing); else the retry loop
+    # waits before calling `labels`.
+    gates_sends: bool
 
     def labels(self, image: bytes) -> list[Label]:
         """Labels for an encoded image, best first; raises pipeline.apis.errors.ApiError."""

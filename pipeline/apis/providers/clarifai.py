@@ -23,6 +23,7 @@ _AUTH = set(range(11007, 11010)) | {11100, 11101, 11102}  # key invalid / not fo
 
 class ClarifaiPredict:
     provider = "clarifai"
+    gates_sends = True  # through pipeline.apis.providers.http
 
     def __init__(self, settings: ApiSettings, timeout_s: float) -> None:
         self._pat = os.environ.get(settings.clarifai_pat_env) or ""

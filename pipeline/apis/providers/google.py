@@ -22,6 +22,7 @@ from pipeline.apis.errors import (
     ThrottledError,
 )
 from pipeline.apis.providers.base import Label
+from pipeline.apis.providers.http import gate_sends
 from pipeline.apis.secrets import scrub
 
 # google.rpc.Code values that may appear in a per-image `error` of a 200 answer.
@@ -34,6 +35,7 @@ _AUTH_REASONS = {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "API_KEY_HTTP_REF
 
 class GoogleVision:
     provider = "google"
+    gates_sends = False  # True once the session is gated (__init__)
 
     def __init__(self, settings: ApiSettings, timeout_s: float) -> None:
         from google.api_core.client_options import ClientOptions
@@ -48,6 +50,12 @@ class GoogleVision:
                 f"no usable Google credentials ({scrub(error)}); set {settings.google_api_key_env} "
                 "or GOOGLE_APPLICATION_CREDENTIALS"
             ) from None
+        # Wait for the call's rate-limit slot after the request is built: through the REST
+        # transport's requests session where this version has one, else before the call.
+        session = getattr(getattr(self._client, "_transport", None), "_session", None)
+        if session is not None and hasattr(session, "mount"):
+            gate_sends(session)
+            self.gates_sends = True
         self._vision = vision
         self._timeout_s = timeout_s
         self._max_labels = settings.max_labels

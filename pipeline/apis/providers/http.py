@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.apis.errors import MalformedResponse, QueryTimeout
 from pipeline.apis.providers.base import error_for_status
+from pipeline.apis.ratelimit import before_send
 from pipeline.apis.secrets import scrub
 
 
@@ -17,7 +18,22 @@ def _session(local: threading.local) -> Any:
 
     session = getattr(local, "session", None)
     if session is None:
-        session = local.session = requests.Session()
+        session = local.session = gate_sends(requests.Session())
+    return session
+
+
+def gate_sends(session: Any) -> Any:
+    """Make `session` wait for the call's rate-limit slot just before each request leaves,
+    after the request is built (pipeline.apis.ratelimit.before_send)."""
+    from requests.adapters import HTTPAdapter
+
+    class GatedAdapter(HTTPAdapter):
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            before_send()
+            return super().send(request, *args, **kwargs)
+
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, GatedAdapter())
     return session
 
 

@@ -1,0 +1,220 @@
+"""The API sampler of a `pipeline.certify.run.CertifyRun`: a pool of `ApiActor`s that ask
+a vision API the queries of each work item, under the job-wide ledger (budget, rate limit,
+call journal).
+
+Work items become query units (`pipeline.apis.plan.WorkUnit`, one noise chunk's unanswered
+queries each); answers are kept in the run's `QueryState`, and a work item is finished when
+its answers are complete: an image's every query (fixed n), its clean query (the label a
+sequential run tests), or one estimation chunk (sequential). Ray, the ledger, the blob
+store and the pool are started on entry and stopped on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+from pipeline.apis.schedule import CLEAN_QUERIES, FIXED, SEQUENTIAL
+from pipeline.certify.run import Finished, Item, RunContext, Work
+
+log = logging.getLogger("dsmooth")
+
+
+class ApiSampler:
+    """See the module doc. `mode` says what a work item is: FIXED (all of an image's
+    queries), CLEAN_QUERIES (its clean query) or SEQUENTIAL (estimation chunks); the same
+    pool serves one mode after another (a sequential run asks the labels first)."""
+
+    def __init__(self, context: RunContext, dataset: Any, state: Any, denoiser: Any, price: float, summary: Any,
+                 address: str | None, invocation: str, test: Any = None) -> None:
+        self.context, self.dataset, self.state, self.denoiser = context, dataset, state, denoiser
+        self.config, self.price, self.summary, self.address = context.settings, price, summary, address
+        self.invocation, self.test = invocation, test
+        self.mode = FIXED
+        self.row_of = {image_id: row for row, image_id in enumerate(context.image_ids)}
+        self.refs: dict[int, Any] = {}  # image id -> its pixels in the object store, while its work is out
+        self.open: dict[Work, set[Any]] = {}  # work -> keys of its units still out
+        self.work_of: dict[Any, Work] = {}
+        self.failed: set[int] = set()  # rows whose queries failed every retry (this invocation)
+        self.stop_kind: str | None = None
+        self.snapshot: dict[str, Any] = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_kind is not None
+
+    # -- lifetime
+
+    def __enter__(self) -> ApiSampler:
+        from actors.api_actor import ApiActor, start_ledger
+        from actors.blob_store import put_blob, start_blob_store
+        from actors.pool import Demand, WorkPool
+        from jobs.ray_env import connect
+        from pipeline.apis.querylog import spend
+
+        config = self.config
+        self.started_here = connect(self.address)
+        rate = config.rate
+        per_actor = max(1, rate.concurrency // rate.actors)
+        ledger_name = f"dsmooth-ledger-{self.invocation}"
+        budget = {**config.budget.limits(), "price_per_1000": self.price,
+                  "run_queries_before": spend(config.output).calls}
+        self.ledger = start_ledger(ledger_name, str(config.output), config.api.provider, budget, rate.qps,
+                                   self.state.answered_map(), self.invocation)
+        self.store, store_name, denoiser_key = None, None, None
+        if self.denoiser is not None:
+            self.store, store_name = start_blob_store()
+            denoiser_key = put_blob(self.store, self.denoiser.data, self.denoiser.source)
+        self.pool = WorkPool(
+            lambda index: ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 2, max_restarts=2,
+                                           max_task_retries=0).remote(
+                config.api, config.retry, per_actor, config.sigma, ledger_name, store_name, denoiser_key,
+                f"api-{index}"),
+            Demand(rate.actors, rate.actor_cpus, 0.0), per_actor=per_actor, wait_timeout_s=config.wait_timeout,
+        )
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        """Stop the actors; the invocation's calls, cost and retries from the ledger."""
+        summary = self.summary
+        self.pool.shutdown()
+        try:
+            final = ray.get(self.ledger.snapshot.remote(), timeout=60)
+            ray.get(self.ledger.close.remote(), timeout=120)
+            budget_now = final["budget"]
+            summary.attempts, summary.cost, summary.billable = budget_now.queries, budget_now.cost, final["billable"]
+            summary.retried = {k: v for k, v in final["statuses"].items() if k != "ok"}
+            summary.limits = budget_now.describe()
+            if summary.status == "budget" or self.stop_kind == "budget":
+                summary.message = f"budget spent: {budget_now.describe()}"
+        finally:
+            for actor in (self.ledger, self.store):
+                if actor is not None:
+                    ray.kill(actor)
+            if self.started_here:
+                ray.shutdown()
+
+    def spent(self) -> str:
+        """The progress line's cost part."""
+        budget_now = self.snapshot.get("budget")
+        if not budget_now:
+            return "$0 spent"
+        return f"${budget_now.cost:.4f} spent" + (f" of {budget_now.describe()}" if budget_now else "")
+
+    # -- the Sampler protocol
+
+    def read(self, row: int) -> Any:
+        return self.dataset.load(row)
+
+    def submit(self, work: Work, pixels: dict[int, Any]) -> tuple[list[Item], list[Finished]]:
+        from pipeline.apis.plan import CLEAN, WorkUnit
+        from pipeline.apis.sequential import chunk_unit
+
+        units = []
+        if self.mode == FIXED:
+            units = [u for row in work.rows for u in self.state.units(self.context.image_ids[row])]
+        elif self.mode == CLEAN_QUERIES:
+            units = [WorkUnit(self.context.image_ids[row], CLEAN, (0,)) for row in work.rows]
+        else:
+            (task,) = work.tasks
+            unit = chunk_unit(self.test, self.config.seed, self.context.image_ids[task.row], task.chunk,
+                              done=self._answers(task.row).keys())
+            if unit is None:  # answered in full already (before a gap): nothing to send
+                return [], [self._chunk(work)]
+            units = [unit]
+        if not units:
+            return [], [Finished(work)]
+        self.open[work] = set()
+        items = []
+        for unit in units:
+            image_id = unit.image_id
+            if image_id not in self.refs:
+                self.refs[image_id] = ray.put(pixels[image_id])
+            key = (image_id, unit.phase, unit.samples[0])
+            self.open[work].add(key)
+            self.work_of[key] = work
+            name = self.context.records[self.row_of[image_id]].name
+            items.append((key, lambda actor, u=unit, ref=self.refs[image_id], n=name: actor.run_unit.remote(u, ref, n)))
+        return items, []
+
+    def take(self, key: Any, result: Any) -> list[Finished]:
+        from pipeline.apis.querylog import OK
+
+        summary = self.summary
+        for row in result.rows:
+            if row["status"] == OK and not row.get("reused"):
+                summary.answered += 1
+            elif row["status"] != OK:
+                summary.failed += 1
+        if result.stop is not None and self.stop_kind in (None, "budget"):
+            self.stop_kind, summary.message = result.stop, result.message
+            if result.stop != "budget":
+                self.ledger.halt.remote(result.stop, result.message or "")
+        work = self.work_of.pop(key)
+        self.open[work].discard(key)
+        last = not self.open[work]
+        if last:
+            del self.open[work]
+        failed = any(r["status"] != OK for r in result.rows)
+        completed = self.state.record(result.rows)
+        if self.mode == FIXED:
+            done = [Finished(Work((self.row_of[i],)), rows, worker="certify-api") for i, rows in completed]
+        elif self.mode == CLEAN_QUERIES:
+            if failed:
+                self.failed.add(self.row_of[result.unit.image_id])
+            done = [Finished(work)] if last else []
+        else:
+            done = [self._chunk(work, failed)]
+        if last:
+            for row in work.rows:
+                if self.mode != SEQUENTIAL:
+                    self.refs.pop(self.context.image_ids[row], None)
+        return done
+
+    def _answers(self, row: int) -> dict:
+        return self.state.images[self.context.image_ids[row]].rows
+
+    def _chunk(self, work: Work, failed: bool = False) -> Finished:
+        """A sequential chunk back: its vote row and the votes for the clean answer, or held
+        when a query of it has no answer (retries spent, or the budget)."""
+        from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label, label_votes
+
+        (task,) = work.tasks
+        answers = self._answers(task.row)
+        complete = chunk_answers(self.test, answers, task.chunk)
+        if complete is None:
+            if failed:
+                self.failed.add(task.row)
+            return Finished(work, held=True)
+        row = chunk_vote_row(answers, complete, task.chunk, self.state.identity, self.state.run_id)
+        return Finished(work, [row], [label_votes(complete, clean_label(answers))], worker="certify-api")
+
+    def release(self, rows: list[int]) -> None:
+        """Images decided: their pixels leave the object store."""
+        for row in rows:
+            self.refs.pop(self.context.image_ids[row], None)
+
+    def lost(self, key: Any) -> Work | None:
+        work = self.work_of.pop(key, None)
+        if work is not None:
+            self.open.get(work, set()).discard(key)
+        return work
+
+    def in_flight(self) -> tuple[int, int]:
+        try:
+            self.snapshot.update(ray.get(self.ledger.snapshot.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 - progress is best effort
+            pass
+        return 0, 0
+
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+        from actors.pool import drive
+
+        error = drive(self.pool, items, on_result, tick=tick)
+        if error is not None:
+            raise error
+        if self.stop_kind is not None:
+            self.summary.status = self.stop_kind

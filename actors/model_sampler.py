@@ -1,0 +1,165 @@
+"""The model sampler of a `pipeline.certify.run.CertifyRun`: a pool of `ModelActor`s (one
+denoiser-classifier pair each) that counts the votes of each work item.
+
+Ray, the checkpoints in a blob store, the actors and a progress counter are started on
+entry and stopped on exit; the run itself (what to draw, what to write) is Ray-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import ray
+
+from pipeline.certify.run import Finished, Item, RunContext, Work
+
+log = logging.getLogger("dsmooth")
+
+
+class ModelSampler:
+    """Work items to model actors; counts back as `VoteRow`s (one per request)."""
+
+    stopped = False
+
+    def __init__(self, context: RunContext, selected: Any, classifier: Any, denoiser: Any, info: Any,
+                 address: str | None, per_chunk: bool) -> None:
+        self.context, self.selected, self.classifier, self.denoiser = context, selected, classifier, denoiser
+        self.info, self.address, self.per_chunk = info, address, per_chunk
+        self.config = context.settings
+        self.pending: dict[int, Work] = {}
+        self._key = 0
+        self._last_poll = 0.0
+        self._in_flight = (0, 0)
+
+    # -- lifetime
+
+    def __enter__(self) -> ModelSampler:
+        from actors.blob_store import put_blob, start_blob_store
+        from actors.model_actor import start_model_actor
+        from actors.pool import PlacementError, WorkPool, placement_problem
+        from actors.progress_counter import start_progress_counter
+        from jobs.ray_env import connect
+
+        config = self.config
+        self.started_here = connect(self.address)
+        self._actors: list[Any] = []
+        try:
+            self.demand = demand(config)
+            problem, _ = placement_problem(self.demand)
+            if problem and self.started_here:
+                raise PlacementError(f"{problem} (set --gpus-per-actor / --cpus-per-actor, or give --address of a "
+                                     "cluster)")
+            store, store_name = start_blob_store()
+            self._actors.append(store)
+            classifier_key = put_blob(store, self.classifier.data, self.classifier.source)
+            denoiser_key = put_blob(store, self.denoiser.data, self.denoiser.source) if self.denoiser else None
+            self.counter = start_progress_counter()
+            self._actors.append(self.counter)
+            settings = config.pair_settings()
+            if getattr(self.classifier, "arch", None):  # `NAME --classifier-weights FILE`: the spec named it
+                settings = dataclasses.replace(settings, classifier_arch=self.classifier.arch)
+            self.pool = WorkPool(
+                lambda index: start_model_actor(
+                    index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=self.info,
+                    data=self.selected.describe(), settings=settings, num_cpus=self.demand.cpus,
+                    num_gpus=self.demand.gpus, max_restarts=config.max_restarts,
+                ),
+                self.demand,
+                wait_timeout_s=config.wait_timeout,
+            )
+        except BaseException:
+            self._stop_ray()
+            raise
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        try:
+            self.pool.shutdown()
+        finally:
+            self._stop_ray()
+
+    def _stop_ray(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        if self.started_here:
+            ray.shutdown()
+
+    # -- the Sampler protocol
+
+    def read(self, row: int) -> Any:
+        return self.selected.by_ids([self.context.records[row].image_id]).as_uint8()[0]
+
+    def submit(self, work: Work, pixels: dict[int, Any]) -> tuple[list[Item], list[Finished]]:
+        key, self._key = self._key, self._key + 1
+        self.pending[key] = work
+        requests, images = list(work.requests), ray.put(pixels)
+        counter = None if self.per_chunk else self.counter  # per-image progress of fixed-n items
+        return [(key, lambda actor, r=requests, ref=images: actor.count.remote(r, ref, counter, key))], []
+
+    def take(self, key: Any, result: Any) -> list[Finished]:
+        from pipeline.certify.plan import model_vote_rows
+
+        counts, compute_s, worker = result
+        work = self.pending.pop(key)
+        self.counter.forget.remote(key)
+        records = [self.context.records[r] for r in work.rows]
+        rows = model_vote_rows(
+            run_id=self.context.run_id, config=self.config, records=records, requests=work.requests, counts=counts,
+            compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
+            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
+            per_chunk=self.per_chunk,
+        )
+        self._last_poll = 0.0  # the counter forgot this item: ask it again at the next tick
+        return [Finished(work, rows, counts, worker=worker.split("@")[0])]
+
+    def release(self, rows: list[int]) -> None:
+        """Pixels travel with each item: nothing is held per image."""
+
+    def lost(self, key: Any) -> Work | None:
+        self.counter.forget.remote(key)
+        return self.pending.pop(key, None)
+
+    def in_flight(self) -> tuple[int, int]:
+        """Images and samples finished inside items still running (the progress counter)."""
+        import time
+
+        now = time.monotonic()
+        if not self.per_chunk and now - self._last_poll >= 1.0:
+            self._last_poll = now
+            try:
+                self._in_flight = ray.get(self.counter.totals.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                self._in_flight = (0, 0)
+        return self._in_flight
+
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+        from actors.pool import drive
+
+        self.pool.on_requeue = lambda key: self.counter.forget.remote(key)
+        error = drive(self.pool, items, on_result, on_lost=on_lost, tick=tick)
+        if error is not None:
+            if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
+                raise error  # a job's own errors as they are (one-line exit 2)
+            raise RuntimeError(f"certification failed: {error}") from error
+
+
+def demand(config: Any) -> Any:
+    """Actors and what each asks for, defaults from the cluster's resources."""
+    from actors.pool import Demand
+
+    resources = ray.cluster_resources()
+    total_gpus, total_cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if total_gpus >= 1 else 0.0)
+    cpus = config.cpus_per_actor
+    if config.actors is not None:
+        actors = config.actors
+    elif gpus > 0:
+        actors = max(1, int(total_gpus // gpus))
+    else:
+        actors = max(1, int(total_cpus // cpus))
+    return Demand(actors, cpus, gpus)

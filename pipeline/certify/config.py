@@ -1,0 +1,88 @@
+"""The settings of `dsmooth certify`, declared once: YAML keys, flags, defaults, help and
+validation. Light on purpose (pydantic only, no torch, Ray or data loaders), so that
+`dsmooth certify --help` and a mistyped flag answer at once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
+from pipeline.settings import (
+    ChunkSize,
+    DataSelection,
+    EstimationSamples,
+    PoolSettings,
+    SelectionSamples,
+    SequentialSettings,
+    SmoothingSettings,
+)
+
+if TYPE_CHECKING:
+    from pipeline.certify.pair import PairSettings
+
+
+SPEED_GROUP = "speed (may change between resumptions)"
+SPEED_NOTE = (
+    "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
+    "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
+    "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
+    "  counts keep these and the device type; any choice gives equally valid votes."
+)
+
+
+class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
+    """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
+
+    classifier: Where = option(..., group="models", metavar="SPEC", help=(
+        "classifier f: a dsmooth checkpoint (or raw state dict with --classifier-arch; path or URI); a "
+        "registry/torchvision NAME, timm:NAME or package.module:callable (with --classifier-weights); a "
+        "timm or Hugging Face folder; a torch.export .pt2 or TorchScript file (archives run their own "
+        "code: trusted files only). See `dsmooth models`"))
+    classifier_weights: str | None = option(None, group="models", metavar="FILE", help=(
+        "weights of a timm:NAME, registry NAME or factory classifier (.safetensors, or .pth/.bin read "
+        "with weights_only)"))
+    classifier_input_size: PositiveInt | None = option(None, group="models", metavar="PX", help=(
+        "resize (shorter side) and centre-crop to PX inside f, after the noise and the denoiser "
+        "(default: the model's own config; none for archives/factories)"))
+    classifier_resize: PositiveInt | None = option(None, group="models", metavar="PX", help=(
+        "resize the shorter side to PX before the centre crop (default: the input size)"))
+    classifier_mean: list[float] | None = option(None, group="models", metavar="M", help=(
+        "per-channel mean the classifier subtracts (default: the model's own config)"))
+    classifier_std: list[float] | None = option(None, group="models", metavar="S", help=(
+        "per-channel std the classifier divides by (default: the model's own config)"))
+    classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
+        None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
+    classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
+        "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
+    allow_foreign_classifier: bool = option(False, group="models", help=(
+        "accept a classifier that does not record the data set it was trained on (a raw state dict "
+        "or a foreign checkpoint); one that records another data set is refused regardless"))
+    mode: Literal["certify", "predict"] = option("certify", group="smoothing",
+                                                 help="CERTIFY (label + radius) or PREDICT (label only)")
+    n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
+    n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
+    chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
+    batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
+                                     help="noisy samples per forward pass")
+    actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
+                                        help="actors in the pool (default: one per GPU, or one per CPU)")
+    gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
+        "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
+    cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
+    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
+    optimize: bool = option(True, group=SPEED_GROUP,
+                            help="fold BatchNorm into convolutions and run channels-last")
+    shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
+        "images per actor call and per Parquet part (default: ~200k samples' worth)"))
+    max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
+                                          help="Ray restarts of a crashed actor, and retries of its call")
+    output: Where = option(..., metavar="DIR", help=(
+        "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
+
+    def pair_settings(self) -> PairSettings:
+        """What each model actor builds its pair with."""
+        from pipeline.certify.pair import PairSettings
+
+        return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
+                            allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
+                            optimize=self.optimize)

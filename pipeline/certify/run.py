@@ -1,0 +1,323 @@
+"""One certification run: how one image is certified, for models and APIs alike.
+
+A run is one context (the selection, the run record, the lease and the settings) driven by
+two orthogonal parts:
+
+- a *schedule* says what to draw next: `FixedSchedule` (every image's n0 + n samples, in
+  shards) or `SequentialSchedule` (noise chunks of undecided images, decided in chunk order);
+- a *sampler* turns that work into actor calls and their results into `VoteRow`s: a pool of
+  model actors (`actors.model_sampler`) or of API actors (`actors.api_sampler`).
+
+`CertifyRun` is the one driver between them, and the one place for what every run does:
+read each image once, just in time, and skip (or stop at) an unreadable one before any of
+its samples is drawn or paid; write each result's vote rows durably (lease checked) before
+the schedule counts them; record skipped images in run.json; report progress. Models x APIs
+x fixed x sequential are four pairings of a sampler and a schedule, not four drivers.
+
+Plain Python: no Ray here (the samplers own the actors).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.certify.plan import Shard
+from pipeline.certify.schedule import ChunkScheduler, ChunkTask
+from pipeline.runs.fs import Location
+from pipeline.runs.votes import VoteRow
+from pipeline.sampling.noise import SampleRequest
+
+log = logging.getLogger("dsmooth")
+
+Item = tuple[Any, Any]  # (key, submit): what the sampler's pool runs
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a schedule hands out: images (rows of the selection) and what to draw for them
+    (`requests`, one per image phase or noise chunk; `tasks`: the chunks of a sequential run)."""
+
+    rows: tuple[int, ...]
+    requests: tuple[SampleRequest, ...] = ()
+    tasks: tuple[ChunkTask, ...] = ()
+
+    def only(self, rows: Sequence[int], image_ids: Sequence[int]) -> Work:
+        """This work for `rows` alone (the others could not be read)."""
+        keep = set(rows)
+        ids = {image_ids[r] for r in keep}
+        return Work(tuple(r for r in self.rows if r in keep), tuple(q for q in self.requests if q.image_id in ids),
+                    tuple(t for t in self.tasks if t.row in keep))
+
+
+@dataclass
+class Finished:
+    """Votes that came back complete: `rows` to store, then `counts` (one per task of
+    `work`, for a sequential schedule) for the schedule. `held`: the work could not be
+    completed in this invocation (an API query without an answer); its images wait."""
+
+    work: Work
+    rows: list[VoteRow] = field(default_factory=list)
+    counts: Any = None
+    worker: str = "main"
+    held: bool = False
+
+
+@dataclass
+class RunContext:
+    """What one run holds: where it writes, its record (run.json), the selected images
+    (row i <-> records[i]), the lease that makes it the only writer, and its settings."""
+
+    output: Location
+    record: dict[str, Any]
+    records: Sequence[Any]  # ImageRecord-like: image_id, name, label
+    lease: Any
+    settings: Any
+    on_bad_image: str = "fail"
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+
+class Sampler(Protocol):
+    """A pool of actors that draws the votes of `Work` (see `actors.model_sampler`,
+    `actors.api_sampler`)."""
+
+    stopped: bool
+
+    def read(self, row: int) -> Any: ...  # the image's pixels; DatasetError when unreadable
+
+    def submit(self, work: Work, pixels: dict[int, Any]) -> tuple[list[Item], list[Finished]]: ...
+
+    def take(self, key: Any, result: Any) -> list[Finished]: ...
+
+    def lost(self, key: Any) -> Work | None: ...
+
+    def in_flight(self) -> tuple[int, int]: ...  # (images, samples) finished in flight, best effort
+
+    def release(self, rows: list[int]) -> None: ...  # these images are done: drop what is held for them
+
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None: ...
+
+
+class FixedSchedule:
+    """Fixed n: the shards of pending images (`pipeline.certify.plan.plan_shards`), one work
+    item each, in selection order; `requests(shard)` says what to draw for one (a model
+    sampler: `shard_requests`; an API sampler asks what the journal lacks, so none)."""
+
+    def __init__(self, shards: Sequence[Shard], rows_of: Mapping[int, int],
+                 requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> None:
+        self.shards, self.rows_of, self.requests = shards, rows_of, requests
+        self.total = sum(len(shard.records) for shard in shards)
+
+    def items(self) -> Iterator[Work | None]:
+        for shard in self.shards:
+            yield Work(tuple(self.rows_of[i] for i in shard.image_ids), tuple(self.requests(shard)))
+
+    def accept(self, done: Finished) -> list[int]:
+        """The images `done` finished (all of its work's)."""
+        return list(done.work.rows)
+
+    def withdraw(self, rows: Sequence[int]) -> None:
+        self.total -= len(rows)
+
+    def forget(self, work: Work) -> None:
+        """A failed item is not retried (its error ends the run)."""
+
+    def hold(self, rows: Sequence[int]) -> None:
+        """Nothing more is asked of a held image in a fixed run (its work is all out)."""
+
+
+class SequentialSchedule:
+    """Sequential: chunks of undecided images (`ChunkScheduler`), about `item_samples`
+    samples per work item; results decide in chunk order. `None` = nothing to send until a
+    result comes back."""
+
+    def __init__(self, scheduler: ChunkScheduler, image_ids: Sequence[int], seed: int, chunk_size: int,
+                 item_samples: int) -> None:
+        self.scheduler, self.image_ids = scheduler, image_ids
+        self.seed, self.chunk_size, self.item_samples = seed, chunk_size, item_samples
+        self.total = int(np.count_nonzero(scheduler.cert.decisions().needs_samples))
+
+    def items(self) -> Iterator[Work | None]:
+        from pipeline.certify.plan import chunk_requests
+
+        while not self.scheduler.finished:
+            tasks = self.scheduler.next_chunks(self.item_samples)
+            if not tasks:
+                yield None  # every undecided image has chunks in flight: wait for a result
+                continue
+            yield Work(tuple(dict.fromkeys(t.row for t in tasks)),
+                       tuple(chunk_requests(self.seed, self.image_ids, tasks, self.chunk_size)), tuple(tasks))
+
+    def accept(self, done: Finished) -> list[int]:
+        """Feed the chunks' votes to the certifier (in chunk order); the images it decided."""
+        tasks, counts = done.work.tasks, np.asarray(done.counts)
+        before = self.scheduler.cert.decisions().needs_samples.copy()
+        for phase in dict.fromkeys(t.phase for t in tasks):
+            mine = [i for i, t in enumerate(tasks) if t.phase == phase]
+            self.scheduler.accept(phase, [tasks[i].row for i in mine], [tasks[i].chunk for i in mine],
+                                  [done.work.requests[i].num_samples for i in mine], counts[mine])
+        after = self.scheduler.cert.decisions().needs_samples
+        return np.nonzero(before & ~after)[0].tolist()
+
+    def withdraw(self, rows: Sequence[int]) -> None:
+        self.scheduler.cert.withdraw(np.asarray(rows, dtype=np.int64))
+        self.total -= len(rows)
+
+    def forget(self, work: Work) -> None:
+        self.scheduler.forget(work.tasks)
+
+    def hold(self, rows: Sequence[int]) -> None:
+        self.scheduler.hold(rows)
+
+
+class CertifyRun:
+    """The one driver: a schedule's work through a sampler, votes to the run, until the
+    schedule is done or the sampler stops (budget, credentials). See the module doc."""
+
+    def __init__(self, context: RunContext, sampler: Sampler, schedule: FixedSchedule | SequentialSchedule,
+                 label: str = "certify", progress: Any = None) -> None:
+        from pipeline.progress import Progress
+
+        self.context, self.sampler, self.schedule = context, sampler, schedule
+        self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
+        self.finished = self.samples = 0
+        self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
+        self.progress = progress or Progress(label, total=schedule.total)
+
+    # -- what goes out
+
+    def items(self) -> Iterator[Item | None]:
+        from pipeline.data import DatasetError
+
+        ids = self.context.image_ids
+        for work in self.schedule.items():
+            if work is None:
+                yield None
+                continue
+            readable: list[int] = []
+            for row in work.rows:
+                try:
+                    if self._readable(row):
+                        readable.append(row)
+                except DatasetError:
+                    if readable:  # what was readable before it still goes out
+                        yield from self._submit(work.only(readable, ids))
+                    raise
+            if readable:
+                yield from self._submit(work if len(readable) == len(work.rows) else work.only(readable, ids))
+
+    def _submit(self, work: Work) -> Iterator[Item]:
+        items, ready = self.sampler.submit(work, {self.context.image_ids[r]: self.pixels[r] for r in work.rows})
+        for done in ready:
+            self._accept(done)
+        yield from items
+
+    def _readable(self, row: int) -> bool:
+        """Read an image the first time it is drawn; an unreadable one stops the run (after
+        what was written) or, with on_bad_image: skip, is withdrawn without a certificate --
+        before any of its samples is drawn or queried."""
+        from pipeline.data import DatasetError
+
+        if row in self.pixels:
+            return True
+        record = self.context.records[row]
+        try:
+            self.pixels[row] = self.sampler.read(row)
+            return True
+        except DatasetError as error:
+            if self.context.on_bad_image == "fail":
+                raise
+            log.warning("skipping %s: %s", record.name, error)
+            self.context.skipped.append({"image_id": record.image_id, "name": record.name, "error": str(error)[:300]})
+            self.schedule.withdraw([row])
+            self.progress.total -= 1
+            return False
+
+    # -- what comes back
+
+    def on_result(self, key: Any, result: Any) -> bool:
+        for done in self.sampler.take(key, result):
+            self._accept(done)
+        self.tick()
+        return not self.sampler.stopped
+
+    def _accept(self, done: Finished) -> None:
+        if done.held:
+            self.schedule.hold(done.work.rows)
+            return
+        if done.rows:
+            from pipeline.runs.storage import write_votes
+
+            self.context.lease.check()
+            write_votes(self.context.output, done.rows, worker=done.worker)  # durable before it counts
+        finished = self.schedule.accept(done)
+        for row in finished:
+            self.pixels.pop(row, None)
+        self.sampler.release(finished)
+        self.finished += len(finished)
+        self.samples += sum(r.n for r in done.rows)
+
+    def on_lost(self, key: Any) -> None:
+        """An item that failed for good: its chunks may be handed out again."""
+        work = self.sampler.lost(key)
+        if work is not None:
+            self.schedule.forget(work)
+
+    def tick(self) -> None:
+        images, samples = self.sampler.in_flight()
+        self.progress.set(self.finished + images, self.samples + samples)
+
+    # -- the run
+
+    def run(self) -> None:
+        """Drive the schedule to its end (or the sampler's stop); skipped images go to run.json
+        whatever happens."""
+        try:
+            self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+        finally:
+            if self.own_progress:
+                self.progress.close()
+            self._record_skipped()
+
+    def _record_skipped(self) -> None:
+        from pipeline.runs.storage import update_run_record
+
+        if not self.context.skipped:
+            return
+        before = self.context.record.get("skipped_images", [])
+        known = {s["image_id"] for s in before}
+        new = [s for s in self.context.skipped if s["image_id"] not in known]
+        if new:
+            self.context.record = update_run_record(self.context.output, skipped_images=before + new)
+
+
+@contextmanager
+def claimed_run(output: str | Location, job: str) -> Iterator[Any]:
+    """The run's lock, taken before anything is loaded: a second writer is refused in
+    seconds, not after the data and models load. A run directory this call created is
+    removed again when the job fails before writing to it, so bad settings leave no trace."""
+    from pipeline.runs.lock import LOCK_FILE, exclusive_run
+
+    output = Location.of(output)
+    existed = output.exists()
+    try:
+        with exclusive_run(output, job) as lease:
+            yield lease
+    except BaseException:
+        if not existed and output.is_local and output.is_dir() and {p.name for p in output.files()} <= {LOCK_FILE}:
+            (output / LOCK_FILE).delete()
+            output.local_path.rmdir()
+        raise
