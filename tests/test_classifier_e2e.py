@@ -223,3 +223,20 @@ def test_diffusion_beit_recipe(models, tmp_path):
     identity = json.loads((tmp_path / "recipe" / "run.json").read_text())["identity"]
     assert identity["denoiser"] == "guided_unet" and identity["classifier_pipeline"]["kind"] == "timm"
     assert identity["sigma"] == config["sigma"] and identity["n0"] == 2
+
+
+def test_cli_registry_name_with_weights(tmp_path):
+    """`NAME --classifier-weights FILE` (a raw state dict of a registry architecture): the
+    name travels to the actors, which rebuild the same network (the identity is the file's)."""
+    from pipeline.models import build_model as build
+
+    torch.manual_seed(0)
+    net = build("cifar_resnet20", num_classes=10).net.eval()
+    torch.save(net.state_dict(), tmp_path / "resnet20.pth")
+    run = tmp_path / "named"
+    assert certify_cli("--classifier", "cifar_resnet20", "--classifier-weights", str(tmp_path / "resnet20.pth"),
+                       "--allow-foreign-classifier", "--n0", "2", "--n", "4", "--output", str(run)) == 0
+    identity = json.loads((run / "run.json").read_text())["identity"]
+    assert identity["classifier"] == "cifar_resnet20" and "classifier_pipeline" not in identity
+    assert identity["classifier_sha256"] == file_sha256(tmp_path / "resnet20.pth")
+    assert sorted(set(votes(run).image_id)) == IDS
