@@ -7,6 +7,8 @@ entry and stopped on exit; the run itself (what to draw, what to write) is Ray-f
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -59,6 +61,8 @@ class ModelSampler:
             self.counter = start_progress_counter()
             self._actors.append(self.counter)
             settings = config.pair_settings()
+            if getattr(self.classifier, "arch", None):  # `NAME --classifier-weights FILE`: the spec named it
+                settings = dataclasses.replace(settings, classifier_arch=self.classifier.arch)
             self.pool = WorkPool(
                 lambda index: start_model_actor(
                     index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=self.info,

@@ -29,6 +29,7 @@ examples:
       --n 10000 --images 8 --amp
   python benchmarks/certify_throughput.py --model pipeline/assets/models/cifar10/ddpm_small+cifar_resnet20 \\
       --vs-denoiser dncnn
+  python benchmarks/certify_throughput.py --forms --n 200 --images 2 --batch 50   # classifier forms
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "in front of the same classifier, instead of the reference against the engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per method")
     parser.add_argument("--image-size", type=int, help="image side (default 32 for CIFAR models, 224 for ImageNet)")
+    parser.add_argument("--forms", action="store_true", help=(
+        "instead: f∘D samples/s of a ResNet-50 (224 px) given as a torchvision name, a timm spec and a .pt2 "
+        "archive (benchmarks/classifier_forms.py)"))
     args = parser.parse_args(argv)
     for name in ("n", "n0", "images", "batch", "reps", "threads"):
         if getattr(args, name) < 1:
@@ -214,6 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.forms:
+        from classifier_forms import run as run_forms
+
+        return run_forms(args)
     first = "baseline" if args.vs_denoiser else "reference"  # the method the engine is measured against
     context = mp.get_context("spawn")  # a fresh process per method: separate peak memory, no shared state
     pipes, processes, baselines = {}, {}, {}

@@ -52,7 +52,7 @@ __version__ = _version()
 
 
 def load_model(
-    classifier: str | Path,
+    classifier: Any,
     denoiser: str | Path | None = None,
     *,
     dataset: str,
@@ -60,12 +60,22 @@ def load_model(
     image_size: int | None = None,
     classifier_arch: str | None = None,
     allow_foreign_classifier: bool = False,
+    classifier_weights: str | Path | None = None,
+    classifier_input_size: int | None = None,
+    classifier_resize: int | None = None,
+    classifier_mean: Sequence[float] | None = None,
+    classifier_std: Sequence[float] | None = None,
+    classifier_interpolation: str | None = None,
 ) -> Any:
     """f∘D (eval mode, CPU) as an `nn.Module` taking images in [0, 1], checked the way
     `dsmooth certify` checks it: each file's kind, that the classifier was trained on
     `dataset` ("cifar10", "imagenet") and that the denoiser was trained for `sigma` (a
     diffusion denoiser, a diffusers folder included, is set to it). Paths may be s3:// or
-    gs:// URIs. Raises CheckpointError / CheckpointMismatchError / DataMismatchError."""
+    gs:// URIs. `classifier` is any classifier spec (see `dsmooth models`: a checkpoint,
+    timm:NAME, a timm or Hugging Face folder, a .pt2 / TorchScript archive,
+    package.module:callable) or an nn.Module; its preprocessing runs inside the returned
+    module, after the denoiser. Raises CheckpointError / CheckpointMismatchError /
+    DataMismatchError (ClassifierSourceError for an unusable spec)."""
     from pipeline.config import Sigma, check_value
     from pipeline.data import dataset_spec
     from pipeline.certify.pair import ModelBytes, load_pair
@@ -77,8 +87,13 @@ def load_model(
         raise ValueError("sigma is required with a denoiser: the denoiser is checked against it (or set to it)")
     if sigma is not None:
         sigma = float(check_value(Sigma, sigma, "sigma"))
+    from pipeline.models.sources import ClassifierSpec
+
+    classifier_spec = ClassifierSpec(
+        classifier, None if classifier_weights is None else str(classifier_weights), classifier_arch,
+        classifier_input_size, classifier_resize, classifier_mean, classifier_std, classifier_interpolation)
     pair, _ = load_pair(
-        ModelBytes.read(classifier),
+        ModelBytes.classifier(classifier_spec),
         ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,
         spec.describe(image_size),
         classifier_arch,
@@ -100,11 +115,18 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
     mapping) the keywords override, as flags override --config. The run directory `output`
     resumes like the command's: images already there are not sampled again.
     """
+    from torch import nn
+
     from jobs.certify import certify as run_job
     from pipeline.certify.plan import CertifyConfig
     from pipeline.config import load_config
 
-    outcome = run_job(load_config(CertifyConfig, config, settings), address=address)
+    module = settings.get("classifier")
+    if isinstance(module, nn.Module):  # an object: resolved (and shipped) as a bundle, named by its class
+        settings = {**settings, "classifier": f"module:{type(module).__module__}.{type(module).__qualname__}"}
+    else:
+        module = None
+    outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module)
     return outcome.certificates()
 
 

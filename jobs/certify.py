@@ -215,38 +215,50 @@ class Prepared:
         return run_differences(self.config.output, self.identity)
 
 
-def prepare(config: Any) -> Prepared:
-    """Open the data, select the images and check the models: no Ray, no sampling."""
+def prepare(config: Any, classifier: Any = None) -> Prepared:
+    """Open the data, select the images and check the models: no Ray, no sampling.
+    `classifier`: an nn.Module object standing for config.classifier (Python API).
+    Unlabelled images are labelled with the classifier's clean-image prediction."""
+    from pipeline.certify.clean_labels import label_by_classifier
     from pipeline.models import CheckpointError
 
     split = config.open_split()
     selected = config.select(split)
     try:
-        classifier, denoiser, info = _check_models(config, selected)
+        f, denoiser, info, pair = _check_models(config, selected, classifier)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
-    return Prepared(config, split, selected, classifier, denoiser, info)
+    selected = label_by_classifier(selected, pair.classifier, info.num_classes)
+    return Prepared(config, split, selected, f, denoiser, info)
 
 
-def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None) -> CertifyOutcome:
+def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
+            classifier: Any = None) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
-    `prepare(config)` done already. The run's lock comes first: a second writer is refused
-    before any data or model is loaded."""
+    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier.
+    The run's lock comes first: a second writer is refused before any data or model is loaded."""
     from pipeline.certify.run import claimed_run
 
     with claimed_run(config.output, "dsmooth certify") as lease:
-        return _certify(config, address, prepared if prepared is not None else prepare(config), lease)
+        return _certify(config, address, prepared if prepared is not None else prepare(config, classifier), lease)
 
 
-def _check_models(config, selected):
-    """Load f∘D once here, against the data, so a wrong file fails before any actor starts."""
+def _check_models(config, selected, classifier_object=None):
+    """Load f∘D once here, against the data, so a wrong file fails before any actor starts.
+    The classifier is any spec (`pipeline.models.sources`), or an nn.Module object."""
+    import dataclasses
+
     from pipeline.certify.pair import ModelBytes, load_pair
+    from pipeline.models.sources import ClassifierSpec
 
-    classifier = ModelBytes.read(config.classifier)
+    spec = ClassifierSpec.of(config)
+    if classifier_object is not None:
+        spec = dataclasses.replace(spec, classifier=classifier_object)
+    classifier = ModelBytes.classifier(spec)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
-    _, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
-                        config.allow_foreign_classifier, sigma=config.sigma)
-    return classifier, denoiser, info
+    pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
+                           config.allow_foreign_classifier, sigma=config.sigma)
+    return classifier, denoiser, info, pair
 
 
 def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
@@ -260,8 +272,9 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
     output = Location.of(config.output)
     identity = prepared.identity
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
-    record = open_run(output, identity, extra=speed)
     selected = prepared.selected
+    labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
+    record = open_run(output, identity, extra={**speed, **({"labels_from": labels_from} if labels_from else {})})
     context = RunContext(output, record, selected.records, lease, config, config.on_bad_image)
     started = time.monotonic()
     schedule, summarise = (_sequential_schedule if config.sequential else _fixed_schedule)(config, context, output,

@@ -9,6 +9,7 @@ needed on a cluster), check them against the same SHA-256 and load them the same
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,8 @@ from pipeline.models import (
     load_checkpoint,
     load_classifier,
 )
+from pipeline.models.fit import check_classes_fit
+from pipeline.models.sources import ClassifierSpec, is_bundle, load_bundle, resolve_classifier
 from pipeline.sampling.noise import SampleRequest
 
 
@@ -45,6 +48,14 @@ class ModelBytes:
 
     source: str  # the path given by the user (for messages only)
     data: bytes
+    arch: str | None = None  # architecture of a raw state dict, when the spec named it
+
+    @classmethod
+    def classifier(cls, spec: ClassifierSpec) -> ModelBytes:
+        """A classifier spec resolved (`pipeline.models.sources`): a checkpoint's own bytes,
+        or a bundle of a timm / Hugging Face / archive / factory / in-memory classifier."""
+        resolved = resolve_classifier(spec)
+        return cls(resolved.source, resolved.data, resolved.arch)
 
     @classmethod
     def read(cls, where: str | Path | Location) -> ModelBytes:
@@ -89,6 +100,9 @@ class PairInfo:
     denoiser: ModelIdentity | None
     num_classes: int
     denoiser_sigma: float | None  # noise level the denoiser was trained for, if recorded
+    # JSON of a bundled classifier's pipeline (kind, name, weights_sha256, preprocessing);
+    # None for a dsmooth checkpoint / raw state dict, whose file hash says it all.
+    classifier_pipeline: str | None = None
 
 
 @contextmanager
@@ -190,19 +204,28 @@ def load_pair(
     CheckpointError / CheckpointMismatchError (DataMismatchError for models made for other
     data) name the user's file.
     """
-    with _as_file(classifier, "classifier.pt") as path:
-        f, f_name, f_meta = _load_classifier(path, classifier.source, classifier_arch)
+    bundled = load_bundle(classifier.data, classifier.source) if is_bundle(classifier.data) else None
+    if bundled is not None:
+        f, f_name, f_meta = bundled.module, bundled.name, None
+    else:
+        with _as_file(classifier, "classifier.pt") as path:
+            f, f_name, f_meta = _load_classifier(path, classifier.source, classifier.arch or classifier_arch)
     d, d_meta = load_denoiser_bytes(denoiser, data, sigma) if denoiser is not None else (None, None)
     pair = compose(f, d).eval()
     names = f_name if d_meta is None else f"{f_name} with denoiser {d_meta.arch}"
     image_shape = (3, *data.image_size)
     num_classes = _probe_num_classes(pair, image_shape, names)
-    check_fits_data(f_meta, data, classifier.source, allow_foreign=allow_foreign_classifier, outputs=num_classes)
+    if bundled is not None:
+        check_classes_fit(classifier.source, f_name, num_classes, data, num_classes=bundled.num_classes,
+                          labels=bundled.labels, data_classes=list(data.classes) if data.classes else None)
+    else:
+        check_fits_data(f_meta, data, classifier.source, allow_foreign=allow_foreign_classifier, outputs=num_classes)
     info = PairInfo(
         classifier=ModelIdentity(f_name, classifier.sha256),
         denoiser=ModelIdentity(d_meta.arch, denoiser.sha256) if d_meta and denoiser else None,
         num_classes=num_classes,
         denoiser_sigma=d_meta.sigma if d_meta else None,
+        classifier_pipeline=json.dumps(bundled.pipeline, sort_keys=True) if bundled is not None else None,
     )
     return pair, info
 

@@ -8,6 +8,7 @@ without a cluster. `jobs/certify.py` is the Ray layer on top.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         denoiser=info.denoiser.name if info.denoiser else None,
         denoiser_sha256=info.denoiser.sha256 if info.denoiser else None,
         num_classes=info.num_classes,
+        # Only for bundled classifiers, so runs of checkpoints made before keep their identity.
+        **({"classifier_pipeline": json.loads(info.classifier_pipeline)} if info.classifier_pipeline else {}),
     )
 
 

@@ -314,7 +314,8 @@ class ImageDataset(torch.utils.data.Dataset):
         num_classes = len(self.classes) if self.classes is not None else None
         if num_classes is None and self.spec is not None:
             num_classes = self.spec.num_classes
-        return DataDescription(self.spec.name if self.spec else None, num_classes, (int(height), int(width)))
+        classes = tuple(self.classes) if self.classes is not None else None
+        return DataDescription(self.spec.name if self.spec else None, num_classes, (int(height), int(width)), classes)
 
     def subset(self, skip: int = 1, max: int | None = None) -> ImageDataset:  # noqa: A002
         """Keep positions ``i`` with ``i % skip == 0`` and ``i < max``, as certify.py does.

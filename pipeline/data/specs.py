@@ -74,6 +74,7 @@ class DataDescription:
     name: str | None
     num_classes: int | None
     image_size: tuple[int, int]
+    classes: tuple[str, ...] | None = None  # class names in label order, when the data has them
 
     def __str__(self) -> str:
         parts = [self.name or "a folder data set"]

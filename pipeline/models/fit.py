@@ -91,3 +91,31 @@ def check_fits_data(
         raise DataMismatchError(
             f"{source}: classifier {arch} was trained on {what} but the data is {data}"
         )
+
+
+def check_classes_fit(
+    source: str,
+    name: str,
+    outputs: int,
+    data: DataDescription,
+    *,
+    num_classes: int | None = None,
+    labels: list[str] | None = None,
+    data_classes: list[str] | None = None,
+) -> None:
+    """A model that brings its own config (timm, Hugging Face) knows its classes: their count
+    (`num_classes`, HF's id2label, timm's num_classes) must be its number of outputs and the
+    data's, and where the model's label names and the data's class names are the same
+    vocabulary (e.g. ImageNet wnids) they must be in the same order. Unlabelled data
+    (num_classes None) is not refused: its labels come from the classifier itself."""
+    if num_classes is not None and outputs != num_classes:
+        raise DataMismatchError(f"{source}: classifier {name} has {outputs} outputs but its config says {num_classes} classes")
+    if data.num_classes is not None and outputs != data.num_classes:
+        raise DataMismatchError(f"{source}: classifier {name} has {outputs} classes but the data is {data}")
+    if labels and data_classes and len(labels) == len(data_classes) and set(labels) == set(data_classes):
+        moved = [i for i, (a, b) in enumerate(zip(labels, data_classes)) if a != b]
+        if moved:
+            i = moved[0]
+            raise DataMismatchError(
+                f"{source}: classifier {name} orders its classes differently from the data ({len(moved)} differ; "
+                f"class {i} is {labels[i]!r} for the model, {data_classes[i]!r} for the data)")

@@ -45,7 +45,7 @@ class Certificates(pd.DataFrame):
     certificates were recomputed at another alpha than the run decided with."""
 
     _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model", "sequence_shape", "at_radius",
-                 "run_alpha"]
+                 "run_alpha", "labels_from"]
     name: str = ""
     sigma: float | None = None
     source: str = ""
@@ -56,6 +56,7 @@ class Certificates(pd.DataFrame):
     sequence_shape: float | None = None
     at_radius: float | None = None
     run_alpha: float | None = None
+    labels_from: str | None = None  # set when the labels are not the data's (unlabelled data)
 
     @property
     def _constructor(self):  # keep the subclass (and its metadata) through pandas operations

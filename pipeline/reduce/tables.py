@@ -109,6 +109,10 @@ def accuracy_table(
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if envelope and len(table):
         table = pd.concat([table, envelope_rows(table, radii)], ignore_index=True)
+    # Unlabelled data scored against the classifier's own clean predictions: the table says so.
+    table.attrs["label_notes"] = [
+        f"{certs.name}: no labels in the data; the label of each image is {certs.labels_from}, so "
+        "'accuracy' is agreement with it" for certs in inputs if getattr(certs, "labels_from", None)]
     return table
 
 
@@ -230,7 +234,7 @@ def _wide(table: pd.DataFrame) -> Wide:
                 "samples": "" if pd.isna(first.get(SAMPLES_COLUMN)) else f"{first[SAMPLES_COLUMN]:,.0f}",
             }
         )
-    notes = [CELLS_NOTE]
+    notes = [CELLS_NOTE, *table.attrs.get("label_notes", [])]
     if all_at_r:
         notes.append(AT_RADIUS_NOTE)
     elif at_r.any():

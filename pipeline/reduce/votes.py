@@ -48,11 +48,14 @@ def load_run(run_dir: str | Path | Location, alpha: float | None = None, name: s
     own = recorded_alpha(record)
     alpha = own if alpha is None else alpha
     if identity.get("sequential"):
-        return sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
+        certs = sequential_certificates(votes, identity, alpha, name=label, source=str(run_dir))
+        certs.labels_from = (record.get("extra") or {}).get("labels_from")
+        return certs
     certs = certificates_from_votes(
         votes, alpha, sigma=identity.get("sigma"), name=label, source=str(run_dir), **describe_identity(identity)
     )
     certs.run_alpha = own
+    certs.labels_from = (record.get("extra") or {}).get("labels_from")
     return certs
 
 

@@ -91,9 +91,64 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return graph_module.eval()
 
 
+def _attr(module: nn.Module, target: str) -> torch.Tensor:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
+def fold_aten_batchnorm(graph_module: fx.GraphModule) -> int:
+    """Fold aten.batch_norm (eval) into the aten.conv2d feeding it, in place, in a graph of
+    aten ops (a `torch.export` program's module(), which fold_batchnorm cannot see: it has
+    no BatchNorm2d modules). Returns how many were folded; anything unusual is left alone."""
+    aten = torch.ops.aten
+    folded = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != aten.batch_norm.default or len(node.args) < 8:
+            continue
+        conv, weight, bias, mean, var, training, _, eps = node.args[:8]
+        if (training or not isinstance(conv, fx.Node) or conv.target != aten.conv2d.default
+                or len(conv.users) != 1 or not all(isinstance(n, fx.Node) and n.op == "get_attr"
+                                                   for n in (conv.args[1], mean, var))
+                or any(n is not None and not (isinstance(n, fx.Node) and n.op == "get_attr")
+                       for n in (weight, bias, conv.args[2] if len(conv.args) > 2 else None))):
+            continue
+        w = _attr(graph_module, conv.args[1].target).detach()
+        scale = torch.rsqrt(_attr(graph_module, var.target).detach() + float(eps))
+        if weight is not None:
+            scale = scale * _attr(graph_module, weight.target).detach()
+        conv_bias = conv.args[2] if len(conv.args) > 2 else None
+        b = _attr(graph_module, conv_bias.target).detach() if conv_bias is not None else torch.zeros_like(scale)
+        b = (b - _attr(graph_module, mean.target).detach()) * scale
+        if bias is not None:
+            b = b + _attr(graph_module, bias.target).detach()
+        names = [f"_dsmooth_folded_{folded}_{kind}" for kind in ("weight", "bias")]
+        graph_module.register_buffer(names[0], (w * scale.view(-1, *([1] * (w.dim() - 1)))).contiguous())
+        graph_module.register_buffer(names[1], b.contiguous())
+        with graph_module.graph.inserting_before(conv):
+            new_w, new_b = (graph_module.graph.get_attr(name) for name in names)
+        args = list(conv.args) + [None] * (3 - len(conv.args))
+        args[1], args[2] = new_w, new_b
+        conv.args = tuple(args)
+        node.replace_all_uses_with(conv)
+        graph_module.graph.erase_node(node)
+        folded += 1
+    if folded:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return folded
+
+
 def optimize_for_inference(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """Eval-mode, BN-folded, channels-last version of `model` on `device`, for inference only."""
     device = torch.device(device)
     model = fold_batchnorm(model.to(device).eval())
+    if isinstance(model, fx.GraphModule):  # a traced copy: aten-level BatchNorm may remain in it
+        fold_aten_batchnorm(model)
+    for module in list(model.modules()):  # exported programs inside (kept whole by fx): their own pass
+        program = getattr(module, "program", None)
+        if getattr(module, "fx_leaf", False) and isinstance(program, fx.GraphModule):
+            module.program = copy.deepcopy(program)
+            fold_aten_batchnorm(module.program)
     model = model.to(memory_format=torch.channels_last)
     return ChannelsLastInput(model).eval()
