@@ -183,6 +183,21 @@ class SequentialSchedule:
         self.scheduler.hold(rows)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says how many images this invocation saved (what the bar counted)."""
+
+    def __init__(self, saved: int, total: int, sequential: bool = False) -> None:
+        super().__init__(saved, total, sequential)
+        self.saved, self.total, self.sequential = saved, total, sequential
+
+    def __str__(self) -> str:
+        if self.sequential:
+            return (f"interrupted: {self.saved} of {self.total} images decided by this invocation; the votes of "
+                    "every finished chunk are saved and a rerun of the same command resumes from them")
+        return (f"interrupted: {self.saved} of {self.total} images finished and saved by this invocation; "
+                "a rerun of the same command resumes the rest")
+
+
 class CertifyRun:
     """The one driver: a schedule's work through a sampler, votes to the run, until the
     schedule is done or the sampler stops (budget, credentials). See the module doc."""
@@ -277,8 +292,10 @@ class CertifyRun:
             self.schedule.forget(work)
 
     def tick(self) -> None:
-        images, samples = self.sampler.in_flight()
-        self.progress.set(self.finished + images, self.samples + samples)
+        """The bar counts saved images only (what Ctrl-C keeps); samples drawn in flight still
+        count towards the rate."""
+        _, samples = self.sampler.in_flight()
+        self.progress.set(self.finished, self.samples + samples)
 
     # -- the run
 
@@ -287,6 +304,9 @@ class CertifyRun:
         whatever happens."""
         try:
             self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+        except KeyboardInterrupt as stop:
+            raise Interrupted(self.finished, self.progress.total,
+                              isinstance(self.schedule, SequentialSchedule)) from stop
         finally:
             if self.own_progress:
                 self.progress.close()
