@@ -210,7 +210,9 @@ class CertifyRun:
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
         self.finished = self.samples = 0
         self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
-        self.progress = progress or Progress(label, total=schedule.total)
+        sequential = isinstance(schedule, SequentialSchedule)
+        self.progress = progress or Progress(label, total=schedule.total, unit="images decided" if sequential else
+                                             "images", eta=not sequential)
 
     # -- what goes out
 
