@@ -730,3 +730,18 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
     votes = pd.DataFrame(votes_from_queries(api))
     api_certs = certificates_from_votes(votes, 0.001, sigma=0.25).set_index("image_id")
     assert api_certs.at[0, "predict"] == "-1" and api_certs.at[0, "abstained"] and not api_certs.at[0, "correct"]
+
+
+def test_an_at_r_run_gets_its_own_radius_column_by_default():
+    """Issue 22 item 7: `dsmooth reduce` of a sequential run certified at R shows R without
+    --radii (its certificates only answer "at R?", so R is the one column that matters)."""
+    import pandas as pd
+
+    from pipeline.reduce.certificates import make_certificates
+
+    frame = pd.DataFrame({"image_id": [0, 1], "label": [3, 4], "predict": [3, 4], "radius": [0.2, 0.0],
+                          "correct": [True, True], "abstained": [False, False]})
+    certs = make_certificates(frame, name="seq", sigma=0.25, alpha=0.001, n=100_000, sequence_shape=2.0,
+                              at_radius=0.125)
+    table = accuracy_table([certs])
+    assert 0.125 in set(table["radius"]) and "r = 0.125" in render(table, "markdown")
