@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
         outcomes = []
         for setting, prepared in zip(demo_settings(args), plans):
             outcome = certify.certify(prepared.config, address, prepared=prepared)
-            # One line per setting: the one table and its notes come at the end (`_report`).
-            log.info("%s: %d of %d images finished now (%.0fs)%s", setting.label, outcome.finished_now,
-                     len(outcome.selected), outcome.seconds,
-                     f", {len(outcome.skipped)} unreadable skipped" if outcome.skipped else "")
+            # One line per setting that did work: the one table and its notes come at the end.
+            if outcome.finished_now or outcome.skipped:
+                log.info("%s: %d of %d images finished now (%.0fs)%s", setting.label, outcome.finished_now,
+                         len(outcome.selected), outcome.seconds,
+                         f", {len(outcome.skipped)} unreadable skipped" if outcome.skipped else "")
             outcomes.append(outcome)
     finally:
         if started_here:
