@@ -104,7 +104,7 @@ def load_model(
 
 
 def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: str | None = None,
-            **settings: Any) -> Any:
+            progress: bool = True, **settings: Any) -> Any:
     """Run `dsmooth certify` and return the per-image certificates of the images it selected
     (a `pipeline.reduce.Certificates` DataFrame: image_id, label, predict, p_a_lower, radius,
     correct, abstained, time_s; with .sigma, .n, .alpha, .dataset, .model).
@@ -114,19 +114,23 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
     same fields: a bad value raises ConfigError naming it. `config` is a YAML file (or a
     mapping) the keywords override, as flags override --config. The run directory `output`
     resumes like the command's: images already there are not sampled again.
+    `progress` shows the command's progress bar (on stderr; a widget in a notebook);
+    `progress=False` shows nothing.
     """
     from torch import nn
 
     from jobs.certify import certify as run_job
     from pipeline.certify.plan import CertifyConfig
     from pipeline.config import load_config
+    from pipeline.progress import shown
 
     module = settings.get("classifier")
     if isinstance(module, nn.Module):  # an object: resolved (and shipped) as a bundle, named by its class
         settings = {**settings, "classifier": f"module:{type(module).__module__}.{type(module).__qualname__}"}
     else:
         module = None
-    outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module)
+    with shown(progress):
+        outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module)
     return outcome.certificates()
 
 

@@ -334,7 +334,7 @@ def _sequential_schedule(config, context, output, selected):
                        num_images=len(records))
     undecided = int(certifier.decisions().needs_samples.sum())
     log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
-             len(records), selected.name, len(records) - undecided, output, undecided, test)
+             len(records), selected.name, len(records) - undecided, output, undecided, test.describe())
     # Several forward batches per actor call: the device stays busy between round trips.
     schedule = SequentialSchedule(ChunkScheduler(certifier), context.image_ids, config.seed, config.chunk_size,
                                   max(config.batch_size * 4, config.chunk_size))

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(logs.VERBOSE if args.verbose else logs.QUIET if args.quiet else logs.NORMAL)
         try:
             return int(module.run(args) or 0)
-        except KeyboardInterrupt:
-            print("interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
+        except KeyboardInterrupt as stop:
+            print(str(stop) if str(stop) else "interrupted; finished work is kept and a rerun resumes it",
+                  file=sys.stderr)
             return 130
         except (Refused, ValueError, FileNotFoundError, PermissionError, KeyError) as error:
             # Bad input: one clear line, not a traceback (use --debug-style env to see more).

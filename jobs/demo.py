@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     address, args = args.address, demo_options(args)
     sample, plans = _prepare(args)  # every option checked, models loaded: no Ray yet
-    log.info("dsmooth demo: %d CIFAR-10 test images, sigma=%g, n0=%d, n=%d, alpha=%g; %d settings; output in %s",
+    log.info("demo: %d CIFAR-10 test images, sigma=%g, n0=%d, n=%d, alpha=%g; %d settings; output in %s",
              args.images, SIGMA, args.n0, args.n, args.alpha, len(demo_settings(args)), args.output)
     if args.fresh:
         _remove_runs(args.output)
@@ -102,9 +102,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcomes = []
         for setting, prepared in zip(demo_settings(args), plans):
-            log.info("== %s ==", setting.label)
             outcome = certify.certify(prepared.config, address, prepared=prepared)
-            log.info("%s", outcome.report())
+            # One line per setting that did work: the one table and its notes come at the end.
+            if outcome.finished_now or outcome.skipped:
+                log.info("%s: %d of %d images finished now (%.0fs)%s", setting.label, outcome.finished_now,
+                         len(outcome.selected), outcome.seconds,
+                         f", {len(outcome.skipped)} unreadable skipped" if outcome.skipped else "")
             outcomes.append(outcome)
     finally:
         if started_here:
@@ -235,21 +238,20 @@ def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, coun
     clean = torch.stack([sample[i][1] for i in positions])
     noisy = clean + chunk_noise(Chunk(0, 0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA)
     rows = [("clean", clean), (f"noisy σ={SIGMA:g}", noisy.clamp(0, 1))]
-    archs, sigmas = [], []
+    trained = []  # each denoiser with its own sigma, so none is read against another's
     with torch.inference_mode():
         for setting in settings[1:]:
             denoiser, meta = load_from_bytes(ModelBytes.read_denoiser(MODELS / setting.denoiser))
             if meta.sigma_independent:  # a diffusion model: sigma picks its timestep
                 denoiser.set_sigma(SIGMA)
             rows.append((setting.label, denoiser.eval()(noisy).clamp(0, 1)))
-            archs.append(meta.arch)
-            sigmas.append("any σ (diffusion)" if meta.sigma_independent else f"{meta.sigma:g}")
+            trained.append(f"{meta.arch} (any σ, diffusion)" if meta.sigma_independent
+                           else f"{meta.arch} (trained at σ = {meta.sigma:g})")
     _, classifier = load_checkpoint(MODELS / "classifier.pt")
     figure = image_grid(
         [(label, images.numpy()) for label, images in rows],
         f"CIFAR-10 test images under Gaussian noise σ = {SIGMA:g}, and each denoiser's output",
-        f"denoisers: {', '.join(dict.fromkeys(archs))}, trained at σ = {', '.join(dict.fromkeys(sigmas))}; "
-        f"the {classifier.arch} classifier sees the denoised rows",
+        f"denoisers: {', '.join(dict.fromkeys(trained))}; the {classifier.arch} classifier sees the denoised rows",
     )
     save_png(figure, path)
     return figure

@@ -830,3 +830,43 @@ def test_a_paused_certify_on_s3_stops_in_one_line_after_losing_its_lease(tmp_pat
     errors = [line for line in stderr.splitlines() if line.startswith("dsmooth certify: error:")]
     assert job.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "another job took over this run's lease" in errors[0] and output in errors[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_the_progress_counted(tmp_path, cifar_root, checkpoints):
+    """Issue 22 item 2: SIGINT in the middle of the second shard, when images of it have
+    finished in flight but are not saved. The progress's last count is the number of images
+    whose votes are saved, and the one-line message says that number (exit 130)."""
+    import threading
+
+    output = tmp_path / "interrupted"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "certify", "--dataset", "cifar10", "--data-root", str(cifar_root),
+         "--classifier", str(checkpoints["classifier"]), "--denoiser", str(checkpoints["denoiser"]),
+         "--sigma", str(SIGMA), "--n0", "20", "--n", "2000", "--shard-size", "10", "--actors", "1",
+         "--output", str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in job.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 400
+        while not vote_parts(str(output)) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first_part = time.monotonic()
+        assert job.poll() is None and vote_parts(str(output)), "no part was written while the job ran"
+        started = next(t for t, line in list(lines) if "shards of" in line)
+        time.sleep(0.6 * (first_part - started))  # about half the next shard's images finished, unsaved
+        job.send_signal(signal.SIGINT)
+        job.wait(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        job.kill()
+    stderr = "".join(line for _, line in lines)
+    saved = read_votes(str(output)).groupby("image_id")["phase"].nunique()
+    saved = int((saved == 2).sum())
+    assert job.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    counted = [int(m) for m in re.findall(r"certify: (\d+)/20 images", stderr)]
+    assert counted and counted[-1] == saved, stderr[-3000:]
+    assert f"interrupted: {saved} of 20 images finished and saved" in stderr, stderr[-3000:]

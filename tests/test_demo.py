@@ -85,6 +85,9 @@ def test_denoising_figure_labels_every_row(tmp_path):
     assert f"{SIGMA:g}" in title
     for name in ["classifier"] + [s.denoiser[:-3] for s in SETTINGS if s.denoiser]:
         assert load_checkpoint(MODELS / f"{name}.pt")[1].arch in title
+    for name in [s.denoiser[:-3] for s in SETTINGS if s.denoiser]:  # each arch beside its own sigma
+        meta = load_checkpoint(MODELS / f"{name}.pt")[1]
+        assert f"{meta.arch} (trained at σ = {meta.sigma:g})" in title, title
     with Image.open(tmp_path / "denoising.png") as image:
         assert image.size[0] >= 800 and image.size[1] >= len(labels) * 96
 
@@ -253,7 +256,14 @@ def test_demo_reruns_with_more_or_fewer_images_reuse_the_votes(demo_table, tmp_p
     with open(output / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["alpha"] for row in rows} == {"0.01"}
-    assert "1 CIFAR-10 test images" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "1 CIFAR-10 test images" in captured.out
+    # Issue 22 item 6: a rerun with nothing to do says little -- one table, one set of notes,
+    # one prefix, no hint about a `certify` command the user never typed, no escape codes.
+    said = captured.out + captured.err
+    assert said.count("| clean") == 1 and said.count("Not shown") <= 1, said
+    assert "dsmooth: dsmooth" not in said and "rerun this same command" not in said and "\x1b[" not in said, said
+    assert len(said.splitlines()) <= 25, said
     # the table is that of the image asked for, not of all the runs now hold
     from pipeline.reduce import clean_accuracy, load_run
 
@@ -291,6 +301,6 @@ def test_demo_with_diffusion_adds_the_one_shot_ddpm_row(tmp_path):
 
     figure = _denoising_grid(open_dataset("cifar10", SAMPLE, "test"), tmp_path / "grid.png", settings, count=4)
     labels = [axes.get_ylabel().replace("\n", " ") for axes in figure.axes]
-    assert labels[-1] == demo.DIFFUSION.label and "diffusers_unet" in figure.get_suptitle()
+    assert labels[-1] == demo.DIFFUSION.label and "diffusers_unet (any σ, diffusion)" in figure.get_suptitle()
     rows = [np.asarray(axes.images[0].get_array()) for axes in figure.axes]
     assert np.abs(rows[-1] - rows[0]).mean() < np.abs(rows[1] - rows[0]).mean()

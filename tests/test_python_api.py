@@ -143,7 +143,32 @@ def test_certify_bad_argument_is_a_config_error_naming_the_field(cifar_root, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_certify_returns_the_runs_certificates(cifar_root, tmp_path, model):  # noqa: F811
+def test_progress_in_a_library_call_is_a_bar_or_nothing(capsys):
+    """Issue 22 item 5: with no logger set up (a notebook), `shown(True)` still draws the
+    bar; `shown(False)` writes nothing, even with the command line's logging on."""
+    import logging
+
+    from jobs import logs
+    from pipeline.progress import Progress, shown
+
+    logger = logging.getLogger("dsmooth")
+    try:
+        for on in (True, False):
+            if not on:
+                logs.setup(logs.NORMAL)  # INFO lines would reach stderr
+            with shown(on):
+                progress = Progress("certify", total=3)
+                progress.set(2, 1000)
+                progress.close()
+            err = capsys.readouterr().err
+            assert ("certify" in err and "3/3" not in err and "2/3" in err) if on else err == "", err
+    finally:
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
+def test_certify_returns_the_runs_certificates(cifar_root, tmp_path, model, capsys):  # noqa: F811
     """End to end on real Ray: the frame holds the selected images' certificates, equal to
     `dsmooth.reduce` of the run directory, and to `Smooth` at the same noise addresses."""
     import ray
@@ -157,6 +182,7 @@ def test_certify_returns_the_runs_certificates(cifar_root, tmp_path, model):  # 
             output=str(output))
     finally:
         ray.shutdown()
+    assert re.search(r"certify: 100%.*3/3", capsys.readouterr().err)  # the progress bar, by default
     assert sorted(certificates["image_id"]) == ids
     assert certificates.sigma == SIGMA and certificates.n == N and certificates.alpha == 0.01
     record = json.loads((output / "run.json").read_text())

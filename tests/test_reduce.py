@@ -421,6 +421,21 @@ def test_markdown_latex_and_plot(tmp_path):
     figure = certified_accuracy_figure(inputs, envelope=True)
     labels = figure.axes[0].get_legend_handles_labels()[1]
     assert labels[:4] == [f"{c.name} (σ={c.sigma:g})" for c in inputs] and labels[4] == "envelope"
+    # Issue 22 item 9: % on the axis as in the tables; one colour per input whatever the order.
+    assert figure.axes[0].get_ylim() == (0.0, 100.0) and "%" in figure.axes[0].get_ylabel()
+    curves = [line for line in figure.axes[0].lines if line.get_label() in labels[:4]]
+    assert max(float(np.nanmax(line.get_ydata())) for line in curves) > 1.0
+    colour_of = {line.get_label(): line.get_color() for line in curves}
+    assert len(set(colour_of.values())) == 4
+    flipped = certified_accuracy_figure(list(reversed(inputs)))
+    assert {line.get_label(): line.get_color() for line in flipped.axes[0].lines
+            if line.get_label() in colour_of} == colour_of
+    same_sigma = [c.copy() for c in inputs[:2]]
+    for c in same_sigma:
+        c.sigma = 0.25
+    same_labels = certified_accuracy_figure(same_sigma).axes[0].get_legend_handles_labels()[1]
+    assert not any("σ" in label for label in same_labels[:2]) and "σ = 0.25" in certified_accuracy_figure(
+        same_sigma).get_suptitle()
     assert not [line for line in figure.axes[0].lines if line.get_gid() == MARKER_GID]  # n unknown: no marker
     title = figure.get_suptitle()
     assert "n not recorded" in title and "10 images each" in title
@@ -715,3 +730,18 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
     votes = pd.DataFrame(votes_from_queries(api))
     api_certs = certificates_from_votes(votes, 0.001, sigma=0.25).set_index("image_id")
     assert api_certs.at[0, "predict"] == "-1" and api_certs.at[0, "abstained"] and not api_certs.at[0, "correct"]
+
+
+def test_an_at_r_run_gets_its_own_radius_column_by_default():
+    """Issue 22 item 7: `dsmooth reduce` of a sequential run certified at R shows R without
+    --radii (its certificates only answer "at R?", so R is the one column that matters)."""
+    import pandas as pd
+
+    from pipeline.reduce.certificates import make_certificates
+
+    frame = pd.DataFrame({"image_id": [0, 1], "label": [3, 4], "predict": [3, 4], "radius": [0.2, 0.0],
+                          "correct": [True, True], "abstained": [False, False]})
+    certs = make_certificates(frame, name="seq", sigma=0.25, alpha=0.001, n=100_000, sequence_shape=2.0,
+                              at_radius=0.125)
+    table = accuracy_table([certs])
+    assert 0.125 in set(table["radius"]) and "r = 0.125" in render(table, "markdown")

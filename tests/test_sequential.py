@@ -536,3 +536,17 @@ def test_settings_declare_the_sequential_rule_once():
         parse_config(_Job, {"sigma": 0.25, "futility_alpa": 0.1})
     for name in ("sequential", "radius", "n_max", "tolerance", "futility_alpha", "selection_alpha", "certify_class"):
         assert _Job.model_fields[name].description
+
+
+def test_sequential_progress_and_start_line_speak_plainly():
+    """Issue 22 item 7: the start line describes the rule, not the dataclass repr, and a
+    sequential run's progress shows decided counts and elapsed time, never a false ETA."""
+    from pipeline.progress import Progress
+
+    text = SequentialTest(sigma=0.25, alpha=0.001, n_max=100_000, chunk_size=1000, radius=0.5).describe()
+    assert "SequentialTest(" not in text and "R = 0.5" in text and "100,000 samples" in text
+    assert "largest radius" in SequentialTest(sigma=0.25, alpha=0.001, n_max=1000, chunk_size=100).describe()
+    for eta in (True, False):
+        progress = Progress("certify", total=10, unit="images decided", eta=eta, bar=False)
+        progress.set(9, 5000)
+        assert ("ETA" in progress.line()) is eta and "9/10 images decided" in progress.line()

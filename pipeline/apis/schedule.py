@@ -139,7 +139,7 @@ class SequentialPlan:
         from pipeline.certify.plan import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule, SequentialSchedule
 
-        progress = self.progress = _progress(sampler, self.undecided())
+        progress = self.progress = _progress(sampler, self.undecided(), sequential=True)
         clean = [row for row in range(self.total) if self.needs_clean(row)]
         if clean:
             sampler.mode = CLEAN_QUERIES
@@ -187,7 +187,8 @@ class _NoProgress:
         """Nothing was started."""
 
 
-def _progress(sampler: Any, total: int) -> Any:
+def _progress(sampler: Any, total: int, sequential: bool = False) -> Any:
     from pipeline.progress import Progress
 
-    return Progress("certify-api", total, unit="images", rate_unit="samples", extra=sampler.spent)
+    return Progress("certify-api", total, unit="images decided" if sequential else "images", rate_unit="samples",
+                    extra=sampler.spent, eta=not sequential)

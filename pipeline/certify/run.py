@@ -183,6 +183,21 @@ class SequentialSchedule:
         self.scheduler.hold(rows)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says how many images this invocation saved (what the bar counted)."""
+
+    def __init__(self, saved: int, total: int, sequential: bool = False) -> None:
+        super().__init__(saved, total, sequential)
+        self.saved, self.total, self.sequential = saved, total, sequential
+
+    def __str__(self) -> str:
+        if self.sequential:
+            return (f"interrupted: {self.saved} of {self.total} images decided by this invocation; the votes of "
+                    "every finished chunk are saved and a rerun of the same command resumes from them")
+        return (f"interrupted: {self.saved} of {self.total} images finished and saved by this invocation; "
+                "a rerun of the same command resumes the rest")
+
+
 class CertifyRun:
     """The one driver: a schedule's work through a sampler, votes to the run, until the
     schedule is done or the sampler stops (budget, credentials). See the module doc."""
@@ -195,7 +210,9 @@ class CertifyRun:
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
         self.finished = self.samples = 0
         self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
-        self.progress = progress or Progress(label, total=schedule.total)
+        sequential = isinstance(schedule, SequentialSchedule)
+        self.progress = progress or Progress(label, total=schedule.total, unit="images decided" if sequential else
+                                             "images", eta=not sequential)
 
     # -- what goes out
 
@@ -277,8 +294,10 @@ class CertifyRun:
             self.schedule.forget(work)
 
     def tick(self) -> None:
-        images, samples = self.sampler.in_flight()
-        self.progress.set(self.finished + images, self.samples + samples)
+        """The bar counts saved images only (what Ctrl-C keeps); samples drawn in flight still
+        count towards the rate."""
+        _, samples = self.sampler.in_flight()
+        self.progress.set(self.finished, self.samples + samples)
 
     # -- the run
 
@@ -287,6 +306,9 @@ class CertifyRun:
         whatever happens."""
         try:
             self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+        except KeyboardInterrupt as stop:
+            raise Interrupted(self.finished, self.progress.total,
+                              isinstance(self.schedule, SequentialSchedule)) from stop
         finally:
             if self.own_progress:
                 self.progress.close()

@@ -96,22 +96,22 @@ def certified_accuracy_figure(
     below = legend and entries > MAX_INSIDE_LEGEND
     figure = new_figure(960, 600 + (16 * ((entries + 1) // 2) if below else 0), layout="constrained")
     axes = figure.add_subplot()
-    curves, colours = [], []
-    for certs in inputs:
-        curve = accuracy_curve(certs, grid)
+    curves, colours = [], input_colours(inputs)
+    one_sigma = len({c.sigma for c in inputs}) == 1  # then the title says it, once
+    for certs, colour in zip(inputs, colours):
+        curve = 100.0 * accuracy_curve(certs, grid)  # % as in the tables
         curves.append(curve)
         name = _shorten(certs.name)
-        label = name if certs.sigma is None else f"{name} (σ={certs.sigma:g})"
-        (line,) = axes.plot(grid, curve, drawstyle="steps-post", linewidth=1.6, label=label)
-        colours.append(line.get_color())
+        label = name if certs.sigma is None or one_sigma else f"{name} (σ={certs.sigma:g})"
+        axes.plot(grid, curve, drawstyle="steps-post", linewidth=1.6, label=label, color=colour)
     if envelope and curves:
         axes.plot(grid, np.nanmax(np.vstack(curves), axis=0), "k--", linewidth=1.8, label="envelope")
     _mark_limits(axes, inputs, limits, colours, max_radius)
     axes.set_xlabel("L2 radius", fontsize=LABEL_SIZE)
-    axes.set_ylabel("certified accuracy", fontsize=LABEL_SIZE)
+    axes.set_ylabel("certified accuracy (%)", fontsize=LABEL_SIZE)
     axes.tick_params(labelsize=SMALL_SIZE)
     axes.set_xlim(0.0, max_radius)
-    axes.set_ylim(0.0, 1.0)
+    axes.set_ylim(0.0, 100.0)
     axes.grid(True, alpha=0.3)
     headline, detail = describe(inputs)
     set_title(figure, title or headline, detail)
@@ -120,6 +120,21 @@ def certified_accuracy_figure(
     elif curves and legend:
         axes.legend(fontsize=SMALL_SIZE, loc="upper right")
     return figure
+
+
+def input_colours(inputs: Sequence[Certificates]) -> list[Any]:
+    """One colour per input, fixed by the set of inputs, not their order or display names:
+    the demo's plot and `dsmooth reduce --plot` of the same runs agree. Runs are keyed by
+    their directory (`source`), logs by name; the sorted keys take the colour cycle."""
+    import os
+
+    from matplotlib import rcParams
+
+    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = [os.path.realpath(c.source) if c.source and "://" not in c.source else (c.source or c.name)
+            for c in inputs]
+    rank = {key: i for i, key in enumerate(sorted(set(keys)))}
+    return [cycle[rank[key] % len(cycle)] for key in keys]
 
 
 def _axis_end(inputs: Sequence[Certificates], limits: list[float | None]) -> float:

@@ -141,6 +141,12 @@ class SequentialTest:
     selection_max: int = 1000
     shape: float = DEFAULT_SHAPE
 
+    def describe(self) -> str:
+        """The rule in a user's words (log lines show this, never the dataclass repr)."""
+        goal = f"certify at R = {self.radius:g}" if self.radius is not None else "the largest radius per image"
+        return (f"{goal}, sigma = {self.sigma:g}, alpha = {self.alpha:g}, at most {self.n_max:,} samples per image "
+                f"in chunks of {self.chunk_size:,}")
+
     def __post_init__(self) -> None:
         if not self.sigma > 0 or not np.isfinite(self.sigma):
             raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
