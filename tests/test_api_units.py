@@ -352,7 +352,7 @@ def test_deleting_a_damaged_query_part_keeps_earlier_invocations_spend(tmp_path)
     damaged.write_bytes(damaged.read_bytes()[:50])
     with pytest.raises(CorruptPartError, match="it held images 0"):
         read_query_log(run)  # what a resume reads: refused until the part is deleted
-    CALLS.delete_part(damaged)
+    damaged.delete()  # the recovery a user makes
     assert set(read_calls(run)["image_id"]) == {1}  # the answers are gone...
     assert spend(run) == Spend(calls=5, unconfirmed=0, billable=4)  # ...not what they cost
     write_spend_record(run, 2.0)

@@ -146,10 +146,8 @@ def test_runs_with_manifests_beside_their_parts_are_read_as_before(tmp_path):
     old.write_bytes(old.read_bytes()[:40])
     with pytest.raises(CorruptPartError, match="it held images 3"):
         read_votes(run)
-    from pipeline.runs.storage import VOTES
-
-    VOTES.delete_part(old)
-    assert not old_place.exists() and completed_images(run, ["selection", "estimation"]) == {9}
+    old.delete()  # the recovery a user makes (its stale manifest is never read again)
+    assert completed_images(run, ["selection", "estimation"]) == {9}
 
 
 def test_reduce_reports_intact_images_and_names_damaged_ones_while_resume_refuses(tmp_path, capsys):
