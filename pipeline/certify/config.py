@@ -12,6 +12,7 @@ from pipeline.settings import (
     DataSelection,
     EstimationSamples,
     PoolSettings,
+    Precision,
     SelectionSamples,
     SequentialSettings,
     SmoothingSettings,
@@ -52,7 +53,8 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
         "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
     cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
-    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
+    precision: Precision = option("fp32", group="smoothing")
+    amp: bool = option(True, group=SPEED_GROUP, help="fp16 autocast on GPU under --precision fp32 (CPUs run fp32)")
     optimize: bool = option(True, group=SPEED_GROUP,
                             help="fold BatchNorm into convolutions and run channels-last")
     shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
@@ -68,4 +70,4 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
         return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
                             allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
-                            optimize=self.optimize)
+                            optimize=self.optimize, precision=self.precision)

@@ -40,6 +40,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         denoiser=info.denoiser.name if info.denoiser else None,
         denoiser_sha256=info.denoiser.sha256 if info.denoiser else None,
         num_classes=info.num_classes,
+        # Only when not fp32, so that runs recorded before --precision existed keep their identity.
+        **({"precision": config.precision} if config.precision != "fp32" else {}),
     )
 
 
