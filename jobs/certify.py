@@ -219,6 +219,7 @@ def prepare(config: Any) -> Prepared:
     """Open the data, select the images and check the models: no Ray, no sampling."""
     from pipeline.models import CheckpointError
 
+    _keep_recorded_chunks(config)
     split = config.open_split()
     selected = config.select(split)
     try:
@@ -226,6 +227,21 @@ def prepare(config: Any) -> Prepared:
     except CheckpointError as error:
         raise ValueError(str(error)) from None
     return Prepared(config, split, selected, classifier, denoiser, info)
+
+
+def _keep_recorded_chunks(config: Any) -> None:
+    """A sequential run recorded with fixed chunks (before the growing first chunks existed)
+    resumes with them, unless the user sets --first-chunks: its identity and noise are unchanged."""
+    from pipeline.runs.fs import Location
+    from pipeline.runs.storage import RUN_FILE, read_run_record
+
+    if not config.sequential or "first_chunks" in config.model_fields_set:
+        return
+    if not (Location.of(config.output) / RUN_FILE).exists():
+        return
+    recorded = (read_run_record(config.output).get("identity") or {}).get("sequential")
+    if recorded and "first_chunks" not in recorded:
+        config.__dict__["first_chunks"] = []  # not setattr: that would validate again
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None) -> CertifyOutcome:

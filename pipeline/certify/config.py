@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
+from pydantic import model_validator
+
+from pipeline.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.settings import (
     ChunkSize,
     DataSelection,
@@ -14,6 +16,7 @@ from pipeline.settings import (
     PoolSettings,
     Precision,
     SelectionSamples,
+    SEQUENTIAL_GROUP,
     SequentialSettings,
     SmoothingSettings,
 )
@@ -46,6 +49,10 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
     n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
     chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
+    first_chunks: list[PositiveInt] | None = option(None, group=SEQUENTIAL_GROUP, metavar="N", help=(
+        "sequential: the sizes of each image's first chunks, before chunks of --chunk-size; fixed before any "
+        "vote (default: 32, 32, 64, ... up to chunk_size, so a clear image stops after a few dozen samples; "
+        "a run recorded with fixed chunks resumes with them). Part of the run identity"))
     batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
                                      help="noisy samples per forward pass")
     actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
@@ -63,6 +70,19 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
                                           help="Ray restarts of a crashed actor, and retries of its call")
     output: Where = option(..., metavar="DIR", help=(
         "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
+
+    @model_validator(mode="after")
+    def _first_chunks(self) -> CertifyConfig:
+        """Sequential runs grow their first chunks (`growing_schedule`) unless told otherwise."""
+        if not self.sequential:
+            if self.first_chunks is not None:
+                raise ConfigError("first_chunks", "first_chunks only applies with sequential: true (--sequential)")
+            return self
+        if self.first_chunks is None:
+            from pipeline.sampling.chunks import growing_schedule
+
+            self.__dict__["first_chunks"] = list(growing_schedule(self.chunk_size))  # not setattr: validates again
+        return self
 
     def pair_settings(self) -> PairSettings:
         """What each model actor builds its pair with."""

@@ -132,8 +132,9 @@ def model_vote_rows(
     return rows
 
 
-def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int) -> list[SampleRequest]:
+def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int,
+                   first_chunks: tuple[int, ...] = ()) -> list[SampleRequest]:
     """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
     `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
     return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
-                          stop_chunk=t.chunk + 1) for t in tasks]
+                          stop_chunk=t.chunk + 1, first_chunks=first_chunks) for t in tasks]
