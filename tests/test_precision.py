@@ -72,3 +72,14 @@ def test_bf16_on_cpu_runs_in_bf16_and_agrees_with_fp32():
     assert (bf16.argmax(axis=1) == fp32.argmax(axis=1)).all()
     changed = np.abs(bf16 - fp32).sum(axis=1) / 2  # votes that moved, per image
     assert changed.max() <= 12, changed
+
+
+def test_smooth_keeps_its_precision_across_batch_sizes():
+    from dsmooth import Smooth
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    smooth = Smooth(model, num_classes=3, sigma=0.25, device="cpu", precision="bf16")
+    assert smooth.counter.amp_dtype == torch.bfloat16
+    smooth.predict(torch.rand(3, 4, 4), n=20, alpha=0.01, batch_size=7)  # a new batch size: a new counter
+    assert smooth.counter.batch_size == 7 and smooth.counter.amp_dtype == torch.bfloat16
+    assert Smooth(model, num_classes=3, sigma=0.25, device="cpu").counter.amp_dtype is None
