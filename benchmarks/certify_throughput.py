@@ -86,19 +86,34 @@ class Reference:
 
 class Engine:
     def __init__(self, model, sigma: float, num_classes: int, batch: int, device: torch.device, amp: bool,
-                 optimize: bool) -> None:
+                 optimize: bool, precision: str = "fp32") -> None:
         from pipeline.sampling.engine import VoteCounter
         from pipeline.sampling.inference import optimize_for_inference
 
         model = optimize_for_inference(model, device) if optimize else model.to(device).eval()
-        self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp)
+        self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp,
+                                   precision=precision)
 
-    def certify_all(self, images: torch.Tensor, n0: int, n: int) -> None:
+    def certify_all(self, images: torch.Tensor, n0: int, n: int):
         from pipeline.sampling.noise import SampleRequest
 
         requests = [SampleRequest(0, i, phase, num) for i in range(len(images))
                     for phase, num in (("selection", n0), ("estimation", n))]
-        self.counter.count({i: image for i, image in enumerate(images)}, requests)
+        return self.counter.count({i: image for i, image in enumerate(images)}, requests)
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's measured matmul rate in GFLOP/s (the roof a conv net can approach)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.matmul(a, b)
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * calls / (time.perf_counter() - started) / 1e9
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -162,7 +177,8 @@ def worker(method: str, args: argparse.Namespace, connection) -> None:
     if method == "reference":
         runner = Reference(model.to(device), args.sigma, num_classes, args.batch)
     else:
-        runner = Engine(model, args.sigma, num_classes, args.batch, device, args.amp, not args.no_optimize)
+        precision = method.split("-", 1)[1] if method.startswith("engine-") else "fp32"
+        runner = Engine(model, args.sigma, num_classes, args.batch, device, args.amp, not args.no_optimize, precision)
     runner.certify_all(images[:1], 1, min(args.batch, args.n))  # warm-up: kernels, allocator
     baseline = _peak_bytes(device)
     connection.send(("ready", baseline))
@@ -171,10 +187,10 @@ def worker(method: str, args: argparse.Namespace, connection) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
         started, cpu_started = time.perf_counter(), _cpu_seconds()
-        runner.certify_all(images, args.n0, args.n)
+        counts = runner.certify_all(images, args.n0, args.n)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        connection.send((time.perf_counter() - started, _cpu_seconds() - cpu_started, _peak_bytes(device)))
+        connection.send((time.perf_counter() - started, _cpu_seconds() - cpu_started, _peak_bytes(device), counts))
 
 
 # --------------------------------------------------------------------------- main
@@ -195,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4, help="images certified per repetition (default 4)")
     parser.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass, both methods (default 400)")
     parser.add_argument("--amp", action="store_true", help="engine in mixed precision (GPU only; the reference is fp32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                        help="also time the engine at this precision (side by side with fp32), with the votes' "
+                        "agreement and this machine's fp32 and bf16 matmul rates")
     parser.add_argument("--no-optimize", action="store_true",
                         help="engine without BatchNorm folding / channels-last (to see what the rewrite adds)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
@@ -212,8 +231,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.amp and not args.device.startswith("cuda"):
-        print("note: --amp has no effect on CPU (the engine runs fp32 there)", file=sys.stderr)
+        print("note: --amp has no effect on CPU (use --precision)", file=sys.stderr)
     return args
+
+
+def _report_precision(method, first, rates, cpu_rates, counts, device, threads: int) -> None:
+    """Median speed of the low-precision engine beside fp32 and the reference, the votes that
+    moved, and the machine's matmul roof (measured here, now: a loaded machine lowers it too)."""
+    import numpy as np
+
+    med = {m: statistics.median(r) for m, r in rates.items()}
+    cpu = {m: statistics.median(r) for m, r in cpu_rates.items()}
+    print(f"median wall-clock samples/s: {first} {med[first]:,.0f} | engine fp32 {med['engine']:,.0f} "
+          f"({med['engine'] / med[first]:.2f}x) | {method} {med[method]:,.0f} ({med[method] / med[first]:.2f}x, "
+          f"{med[method] / med['engine']:.2f}x fp32)")
+    print(f"median samples per CPU-second: {first} {cpu[first]:,.1f} | engine fp32 {cpu['engine']:,.1f} "
+          f"({cpu['engine'] / cpu[first]:.2f}x) | {method} {cpu[method]:,.1f} ({cpu[method] / cpu[first]:.2f}x)")
+    fp32, low = np.asarray(counts["engine"]), np.asarray(counts[method])
+    moved = np.abs(fp32 - low).sum(axis=1) / 2
+    estimation = slice(1, None, 2)  # rows: (selection, estimation) per image
+    same_top = (fp32[estimation].argmax(axis=1) == low[estimation].argmax(axis=1)).mean()
+    print(f"vote agreement ({method} vs fp32, same noise): {same_top:.0%} of images keep their top class; "
+          f"{moved.mean():.1f} of {fp32.sum(axis=1).mean():,.0f} votes moved per request on average")
+    torch.set_num_threads(threads)
+    rates32, rates16 = gemm_rate(torch.float32, device), gemm_rate(torch.bfloat16, device)
+    print(f"roof: matmul 1024^3 at {threads} threads: fp32 {rates32:,.0f} GFLOP/s, bf16 {rates16:,.0f} GFLOP/s "
+          f"({rates16 / rates32:.2f}x)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     first = "baseline" if args.vs_denoiser else "reference"  # the method the engine is measured against
     context = mp.get_context("spawn")  # a fresh process per method: separate peak memory, no shared state
     pipes, processes, baselines = {}, {}, {}
-    for method in (first, "engine"):
+    low = [f"engine-{args.precision}"] if args.precision != "fp32" else []
+    for method in (first, "engine", *low):
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(method, args, child), daemon=True)
         process.start()
@@ -242,14 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         on_cpu = device.type != "cuda"
         print(f"{'rep':>4} {first + ' samples/s':>20} {'engine samples/s':>17} {'ratio':>7}"
               + (f" {first[:4] + ' samples/CPU-s':>18} {'engine samples/CPU-s':>21} {'ratio':>7}" if on_cpu else ""))
-        rates: dict[str, list[float]] = {first: [], "engine": []}
-        cpu_rates: dict[str, list[float]] = {first: [], "engine": []}
-        peaks = {first: 0, "engine": 0}
+        rates: dict[str, list[float]] = {m: [] for m in pipes}
+        cpu_rates: dict[str, list[float]] = {m: [] for m in pipes}
+        peaks = {m: 0 for m in pipes}
+        counts: dict[str, object] = {}
         for rep in range(1, args.reps + 1):
-            order = (first, "engine") if rep % 2 else ("engine", first)
+            order = list(pipes) if rep % 2 else list(pipes)[::-1]
             for method in order:
                 pipes[method].send("run")
-                seconds, cpu_seconds, peak = pipes[method].recv()
+                seconds, cpu_seconds, peak, counts[method] = pipes[method].recv()
                 rates[method].append(samples / seconds)
                 cpu_rates[method].append(samples / max(cpu_seconds, 1e-9))
                 peaks[method] = max(peaks[method], peak)
@@ -258,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             if on_cpu:
                 line += (f" {cpu_rates[first][-1]:>18,.1f} {cpu_rates['engine'][-1]:>21,.1f} "
                          f"{cpu_rates['engine'][-1] / cpu_rates[first][-1]:>6.2f}x")
+            for method in low:
+                line += (f" | {method} {rates[method][-1]:,.0f} samples/s {rates[method][-1] / rates[first][-1]:.2f}x"
+                         f" ({cpu_rates[method][-1]:,.1f}/CPU-s)")
             print(line, flush=True)
+        for method in low:
+            _report_precision(method, first, rates, cpu_rates, counts, device, args.threads)
         reference, engine = statistics.median(rates[first]), statistics.median(rates["engine"])
         ratios = [e / r for e, r in zip(rates["engine"], rates[first])]
         print(f"median wall-clock: {first} {reference:,.0f} samples/s, engine {engine:,.0f} samples/s, "

@@ -122,17 +122,23 @@ def run_cifar(args, ledger: Ledger) -> tuple[list[dict], dict]:
         sets[f"fixed-n{n}"] = {r: certified_at(certs, r) for r in RADII}
         rows.append({"setting": f"fixed n0=100, n={n:,}", "key": key, "acc": accuracy(certs),
                      "samples": 100 + n, "wall": ledger.per_image(key)})
-    for r in RADII:
-        key = f"cifar-{args.model_tag}-seq-r{r:g}-nmax{n_max}-c{args.chunk_size}"
-        log.info("CIFAR-10 sequential R=%g n_max=%d on %d images", r, n_max, len(ids))
+    # "fixed chunks" (every chunk of --chunk-size, as before the growing schedule) beside the
+    # default growing first chunks (32, 32, 64, ... up to --chunk-size), on the same images.
+    schedules = [("fixed chunks", [])] if args.compare_chunks else []
+    schedules.append(("growing first chunks", None))
+    for r, (label, first_chunks) in [(r, sch) for r in RADII for sch in schedules]:
+        tag = "" if first_chunks is None else "-fixedchunks"
+        key = f"cifar-{args.model_tag}-seq-r{r:g}-nmax{n_max}-c{args.chunk_size}{tag}"
+        log.info("CIFAR-10 sequential R=%g n_max=%d (%s) on %d images", r, n_max, label, len(ids))
         started = time.monotonic()
+        extra = {} if first_chunks is None else {"first_chunks": first_chunks}
         outcome = certify(CertifyConfig(**common, n=n_max, chunk_size=args.chunk_size, sequential=True, radius=r,
-                                        output=str(args.output / key)))
+                                        output=str(args.output / key), **extra))
         if outcome.sequential.drawn_now:
             ledger.add(key, time.monotonic() - started, ids)
         certs = outcome.certificates(ALPHA)
         sets[key] = {rr: certified_at(certs, rr) for rr in RADII}
-        rows.append({"setting": f"sequential R={r:g}, n_max={n_max:,}", "key": key, "acc": accuracy(certs),
+        rows.append({"setting": f"sequential R={r:g}, n_max={n_max:,}, {label}", "key": key, "acc": accuracy(certs),
                      "samples": outcome.sequential.samples_drawn, "wall": ledger.per_image(key), "radius": r,
                      "undecided": outcome.sequential.undecided})
     return rows, sets
@@ -153,7 +159,7 @@ def cifar_table(args, rows: list[dict], sets: dict) -> str:
     lines.append("(bold: the radius a sequential run tests)")
     # Target (a): R = 0.25, samples <= a tenth of fixed n = 100,000; every image fixed n = 10,000
     # certifies at R is certified.
-    seq = next(r for r in rows if r.get("radius") == 0.25)
+    seq = next(r for r in rows if r.get("radius") == 0.25 and "growing" in r["setting"])
     seq_set = sets[seq["key"]][0.25]
     parts = [f"sequential R=0.25 draws {seq['samples']:,.0f} samples/image = "
              f"{seq['samples'] / 100_100:.3f} of fixed n=100,000 (target <= 0.1: "
@@ -244,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20, help="CIFAR-10 images (default 20)")
     parser.add_argument("--fixed-n", type=int, nargs="+", default=[10_000, 100_000], metavar="N",
                         help="fixed-n baselines (n0 = 100); the largest is the sequential n_max")
-    parser.add_argument("--chunk-size", type=int, default=64, help="sequential CIFAR chunk size (default 64)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="sequential CIFAR chunk size (default 256)")
+    parser.add_argument("--compare-chunks", action="store_true", help=(
+        "also run each sequential setting with fixed chunks of --chunk-size (before the growing first chunks)"))
     parser.add_argument("--models", type=Path, default=MODELS,
                         help="folder with classifier.pt and the denoiser (default: the shipped models)")
     parser.add_argument("--denoiser", default="denoiser_stab_mse_s0.25.pt", help="denoiser file in --models")

@@ -222,6 +222,7 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
     from pipeline.certify.clean_labels import label_by_classifier
     from pipeline.models import CheckpointError
 
+    _keep_recorded_chunks(config)
     split = config.open_split()
     selected = config.select(split)
     try:
@@ -230,6 +231,21 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
         raise ValueError(str(error)) from None
     selected = label_by_classifier(selected, pair.classifier, info.num_classes)
     return Prepared(config, split, selected, f, denoiser, info)
+
+
+def _keep_recorded_chunks(config: Any) -> None:
+    """A sequential run recorded with fixed chunks (before the growing first chunks existed)
+    resumes with them, unless the user sets --first-chunks: its identity and noise are unchanged."""
+    from pipeline.runs.fs import Location
+    from pipeline.runs.storage import RUN_FILE, read_run_record
+
+    if not config.sequential or "first_chunks" in config.model_fields_set:
+        return
+    if not (Location.of(config.output) / RUN_FILE).exists():
+        return
+    recorded = (read_run_record(config.output).get("identity") or {}).get("sequential")
+    if recorded and "first_chunks" not in recorded:
+        config.__dict__["first_chunks"] = []  # not setattr: that would validate again
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,

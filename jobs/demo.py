@@ -73,7 +73,8 @@ def option_of() -> dict[str, str]:
     from pipeline.command_settings import DemoSettings
 
     known = flags(DemoSettings)
-    return {**{k: v for k, v in known.items() if k in ("n0", "n", "alpha", "batch_size", "actors", "output")},
+    return {**{k: v for k, v in known.items() if k in ("n0", "n", "alpha", "batch_size", "precision", "actors",
+                                                                "output")},
             "ids": known["images"]}
 
 
@@ -156,7 +157,7 @@ def _prepare(args: Any) -> tuple[Any, list[Any]]:
             "classifier": str(MODELS / "classifier.pt"),
             "denoiser": str(MODELS / setting.denoiser) if setting.denoiser else None,
             "sigma": SIGMA, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
-            "actors": args.actors, "output": str(args.output / setting.slug),
+            "precision": args.precision, "actors": args.actors, "output": str(args.output / setting.slug),
         }
         try:
             config = parse_config(CertifyConfig, values)

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from pipeline.config import Alpha, NonNegativeFloat, PositiveInt, Seed, Settings, option
-from pipeline.settings import EstimationSamples, SelectionSamples
+from pipeline.settings import EstimationSamples, Precision, SelectionSamples
 
 # The radii of a certified-accuracy table unless told otherwise (reduce, certify's summary).
 DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -55,6 +55,7 @@ class DemoSettings(Settings):
         "beyond it and says so, the plot marks it"))
     alpha: Alpha = option(0.001, metavar="A", help="failure probability (the votes do not depend on it)")
     batch_size: PositiveInt = option(400, flag="--batch", metavar="N", help="noisy samples per forward pass")
+    precision: Precision = option("fp32")
     actors: PositiveInt | None = option(None, metavar="N", help="certification actors (default: one per CPU)")
     output: Path = option(Path("runs/demo"), metavar="DIR", help=(
         "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))

@@ -43,7 +43,12 @@ EstimationSamples = Annotated[int, Field(ge=1, strict=True, description=(
     "estimation samples per image (CERTIFY's fresh second draw; PREDICT's only draw)"))]
 ChunkSize = Annotated[int, Field(ge=1, strict=True, description=(
     "samples per noise chunk; part of every sample's noise address (seed, image, phase, chunk)"))]
-
+# The arithmetic of f∘D's forward passes (`pipeline.sampling.precision`): in the run identity
+# when not fp32, since votes are those of the model as computed.
+Precision = Annotated[Literal["fp32", "bf16", "fp16", "auto"], Field(description=(
+    "arithmetic of the forward passes: fp32, bf16 or fp16 autocast (CPU too), or auto = bf16 where the "
+    "device has it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32. Part of the run "
+    "identity when not fp32: a certificate is of the model as computed"))]
 
 DatasetLayout = Annotated[DatasetKind, Field(description=(
     "layout: cifar10 (pickled batches, class folders or their .tar.gz), imagenet "

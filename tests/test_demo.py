@@ -212,6 +212,16 @@ def test_demo_conflicting_option_is_one_line_before_ray_and_fresh_starts_over(tm
         assert set(read_votes(output / setting.slug)["image_id"]) == fresh, setting.slug
 
 
+def test_demo_precision_reaches_the_runs_and_their_identity(tmp_path, capsys):
+    """`dsmooth demo --precision bf16` certifies bf16 runs: over fp32 runs it is a conflict
+    named by its flag, before Ray."""
+    output = tmp_path / "demo"
+    _previous_run(output, ["--n0", "10", "--n", "100"])
+    line = refused_before_ray(["--images", "2", "--n0", "10", "--n", "100", "--precision", "bf16",
+                               "--output", str(output)], capsys)
+    assert "--precision bf16" in line and "--fresh" in line, line
+
+
 def test_demo_selection_covers_every_class():
     from pipeline.data import open_dataset
 

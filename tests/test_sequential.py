@@ -39,6 +39,7 @@ from pipeline.stats.sequential import (
     Status,
     replay,
 )
+from pipeline.sampling.chunks import growing_schedule
 from pipeline.settings import ChunkSize, EstimationSamples, SelectionSamples, SequentialSettings, SmoothingSettings
 from pipeline.stats.smoothing import ABSTAIN, lower_confidence_bounds
 
@@ -53,6 +54,9 @@ def within_alpha(wrong: int, trials: int, alpha: float) -> bool:
 
 
 def planned_sizes(test: SequentialTest, phase: str, first_chunk: np.ndarray) -> np.ndarray:
+    if test.first_chunks:  # the plan's growing first chunks (pipeline.sampling.chunks)
+        sizes = {int(c): test.chunk_samples(phase, int(c)) for c in np.unique(first_chunk)}
+        return np.array([sizes[int(c)] for c in first_chunk], dtype=np.int64)
     return np.minimum(test.chunk_size, test.total(phase) - first_chunk * test.chunk_size)
 
 
@@ -183,6 +187,32 @@ def test_wrong_certificates_at_most_alpha(name, offset, alpha, futility, chunk, 
     if offset == 0.0 and futility == NEVER:
         assert wrong > 0  # the bound is tight enough to be reached at all
     assert np.all(decisions.status != Status.UNDECIDED)
+
+
+def test_wrong_certificates_at_most_alpha_with_growing_first_chunks():
+    """The growing schedule (32, 32, 64, 128, then 256s) looks early and often: at the
+    threshold, never giving up, P(CERTIFIED) stays <= alpha -- and is reached at all."""
+    test = SequentialTest(sigma=SIGMA, alpha=0.05, n_max=6000, chunk_size=256, radius=0.25, futility_alpha=NEVER,
+                          first_chunks=growing_schedule(256))
+    assert test.first_chunks == (32, 32, 64, 128)
+    decisions = run_labelled(test, test.threshold, TRIALS, seed=21)
+    wrong = int(decisions.certified.sum())
+    assert within_alpha(wrong, TRIALS, 0.05), f"{wrong} wrong certificates in {TRIALS}"
+    assert wrong > 0
+    assert np.all(decisions.status != Status.UNDECIDED)
+
+
+def test_clear_images_stop_near_the_statistical_minimum():
+    """All votes for the label at R = sigma = 0.25, alpha = 0.001: 63 samples decide it; the
+    growing schedule stops at 64 (fixed chunks of 256 paid 256), and a hopeless image stops
+    after its first 32."""
+    growing = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
+                             first_chunks=growing_schedule(256))
+    fixed = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25)
+    assert run_labelled(growing, 1.0, 10, seed=1).samples.max() == 64
+    assert run_labelled(fixed, 1.0, 10, seed=1).samples.max() == 256
+    hopeless = run_labelled(growing, 0.1, 200, seed=2)
+    assert np.all(hopeless.status == Status.NOT_CERTIFIED) and hopeless.samples.max() <= 64
 
 
 def test_wrong_certificates_at_most_alpha_when_looking_after_every_sample():

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
+from pydantic import model_validator
+
+from pipeline.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.settings import (
     ChunkSize,
     DataSelection,
     EstimationSamples,
     PoolSettings,
+    Precision,
     SelectionSamples,
+    SEQUENTIAL_GROUP,
     SequentialSettings,
     SmoothingSettings,
 )
@@ -62,6 +66,10 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
     n: EstimationSamples = option(100_000, group="smoothing", metavar="N")
     chunk_size: ChunkSize = option(256, group="smoothing", metavar="N")
+    first_chunks: list[PositiveInt] | None = option(None, group=SEQUENTIAL_GROUP, metavar="N", help=(
+        "sequential: the sizes of each image's first chunks, before chunks of --chunk-size; fixed before any "
+        "vote (default: 32, 32, 64, ... up to chunk_size, so a clear image stops after a few dozen samples; "
+        "a run recorded with fixed chunks resumes with them). Part of the run identity"))
     batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
                                      help="noisy samples per forward pass")
     actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
@@ -69,7 +77,8 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     gpus_per_actor: NonNegativeFloat | None = option(None, group=SPEED_GROUP, metavar="G", help=(
         "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
     cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
-    amp: bool = option(True, group=SPEED_GROUP, help="mixed precision on GPU (CPUs always run fp32)")
+    precision: Precision = option("fp32", group="smoothing")
+    amp: bool = option(True, group=SPEED_GROUP, help="fp16 autocast on GPU under --precision fp32 (CPUs run fp32)")
     optimize: bool = option(True, group=SPEED_GROUP,
                             help="fold BatchNorm into convolutions and run channels-last")
     shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
@@ -79,10 +88,23 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     output: Where = option(..., metavar="DIR", help=(
         "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
 
+    @model_validator(mode="after")
+    def _first_chunks(self) -> CertifyConfig:
+        """Sequential runs grow their first chunks (`growing_schedule`) unless told otherwise."""
+        if not self.sequential:
+            if self.first_chunks is not None:
+                raise ConfigError("first_chunks", "first_chunks only applies with sequential: true (--sequential)")
+            return self
+        if self.first_chunks is None:
+            from pipeline.sampling.chunks import growing_schedule
+
+            self.__dict__["first_chunks"] = list(growing_schedule(self.chunk_size))  # not setattr: validates again
+        return self
+
     def pair_settings(self) -> PairSettings:
         """What each model actor builds its pair with."""
         from pipeline.certify.pair import PairSettings
 
         return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
                             allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
-                            optimize=self.optimize)
+                            optimize=self.optimize, precision=self.precision)

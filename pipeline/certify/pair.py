@@ -241,12 +241,14 @@ class PairSettings:
     batch_size: int = 400
     amp: bool = True
     optimize: bool = True
+    precision: str = "fp32"
 
     def counter(self, classifier: ModelBytes, denoiser: ModelBytes | None, expected: PairInfo,
                 data: DataDescription, device: str) -> PairCounter:
         return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
                            allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
-                           device=device, amp=self.amp, optimize=self.optimize)
+                           device=device, amp=self.amp, optimize=self.optimize,
+                           precision=self.precision)
 
 
 class PairCounter:
@@ -266,6 +268,7 @@ class PairCounter:
         device: str | torch.device = "cpu",
         amp: bool = True,
         optimize: bool = True,
+        precision: str = "fp32",
     ) -> None:
         pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier, sigma)
         if info != expected:
@@ -275,7 +278,8 @@ class PairCounter:
         self.device = torch.device(device)
         model = optimize_for_inference(pair, self.device) if optimize else pair.to(self.device).eval()
         self.counter = VoteCounter(
-            model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp
+            model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp,
+            precision=precision,
         )
 
     def count(

@@ -43,6 +43,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         num_classes=info.num_classes,
         # Only for bundled classifiers, so runs of checkpoints made before keep their identity.
         **({"classifier_pipeline": json.loads(info.classifier_pipeline)} if info.classifier_pipeline else {}),
+        # Only when not fp32, so that runs recorded before --precision existed keep their identity.
+        **({"precision": config.precision} if config.precision != "fp32" else {}),
     )
 
 
@@ -133,8 +135,9 @@ def model_vote_rows(
     return rows
 
 
-def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int) -> list[SampleRequest]:
+def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int,
+                   first_chunks: tuple[int, ...] = ()) -> list[SampleRequest]:
     """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
     `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
     return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
-                          stop_chunk=t.chunk + 1) for t in tasks]
+                          stop_chunk=t.chunk + 1, first_chunks=first_chunks) for t in tasks]

@@ -159,7 +159,8 @@ class SequentialSchedule:
                 yield None  # every undecided image has chunks in flight: wait for a result
                 continue
             yield Work(tuple(dict.fromkeys(t.row for t in tasks)),
-                       tuple(chunk_requests(self.seed, self.image_ids, tasks, self.chunk_size)), tuple(tasks))
+                       tuple(chunk_requests(self.seed, self.image_ids, tasks, self.chunk_size,
+                                            self.scheduler.cert.test.first_chunks)), tuple(tasks))
 
     def accept(self, done: Finished) -> list[int]:
         """Feed the chunks' votes to the certifier (in chunk order); the images it decided."""

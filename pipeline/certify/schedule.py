@@ -92,7 +92,7 @@ class ChunkScheduler:
                 if tasks and samples >= max_samples:
                     return tasks
                 tasks.append(ChunkTask(row, phase, chunk, total))
-                samples += min(test.chunk_size, total - chunk * test.chunk_size)
+                samples += test.chunk_samples(phase, chunk)
                 self.requested[phase][row] = chunk + 1
         return tasks
 

@@ -70,7 +70,10 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     from pipeline.stats.sequential import SequentialTest
 
     test = SequentialTest.from_settings(settings)
-    return {"sequential": {**dataclasses.asdict(test), "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
+    fields = dataclasses.asdict(test)
+    if not fields["first_chunks"]:
+        del fields["first_chunks"]  # fixed chunks: the identity of runs made before the schedule existed
+    return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
 
 
 # The alpha of a run whose run.json records none (runs older than the record of it).

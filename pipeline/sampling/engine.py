@@ -4,7 +4,7 @@ The reference implementation repeats *one* image `batch` times per forward pass,
 last batch of every image is short and the device idles between images. Here a forward
 batch is filled with noisy samples of *several* images back to back, votes are counted on
 the device with one `bincount`, the input buffer is reused, and mixed precision can be
-switched on for GPUs. Noise comes from `pipeline.sampling.noise`, addressed per (seed, image, phase,
+switched on (`--precision`, `pipeline.sampling.precision`: bf16 on CPUs with native bf16 too). Noise comes from `pipeline.sampling.noise`, addressed per (seed, image, phase,
 chunk) by each `SampleRequest`, so the counts do not depend on the batch size or on how
 images are grouped.
 """
@@ -20,10 +20,15 @@ from torch import nn
 
 from pipeline.config import Sigma, check_value
 from pipeline.sampling.noise import SampleRequest, chunk_noise
+from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 
 
-def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only where it pays: on CUDA, fp16 by default, or bf16 when asked."""
+def _amp_dtype(amp: bool | str, device: torch.device, precision: str = DEFAULT_PRECISION) -> torch.dtype | None:
+    """The forward passes' autocast dtype: `precision`'s when it is not fp32 (any device);
+    under fp32, the speed flag `amp` still switches fp16 (or "bf16") on for CUDA only, as before."""
+    dtype = compute_dtype(precision, device)
+    if dtype is not None:
+        return dtype
     if not amp or device.type != "cuda":
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
@@ -45,6 +50,7 @@ class VoteCounter:
         batch_size: int = 400,
         device: torch.device | str | None = None,
         amp: bool | str = False,
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")
@@ -53,13 +59,18 @@ class VoteCounter:
         self.num_classes = num_classes
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
         self.batch_size = batch_size
-        self.amp_dtype = _amp_dtype(amp, self.device)
+        self.precision = precision
+        self.amp_dtype = _amp_dtype(amp, self.device, precision)
+        self.input_dtype = compute_dtype(precision, self.device) or torch.float32
         self._inputs: torch.Tensor | None = None
         self._owners = torch.empty(batch_size, dtype=torch.long, device=self.device)
 
     def _input_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self._inputs is None or tuple(self._inputs.shape[1:]) != shape:
-            self._inputs = torch.empty((self.batch_size, *shape), device=self.device)
+            # The noisy inputs are written straight in the compute dtype: no fp32 copy that
+            # autocast would convert again before the first convolution.
+            self._inputs = torch.empty((self.batch_size, *shape), device=self.device,
+                                       dtype=self.input_dtype)
         return self._inputs
 
     def _classify_into(self, counts: torch.Tensor, filled: int, num_requests: int) -> None:

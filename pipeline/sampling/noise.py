@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.sampling.chunks import chunk_span, count_chunks
+
 PHASES: dict[str, int] = {"selection": 0, "estimation": 1, "prediction": 2}
 DEFAULT_CHUNK_SIZE = 256
 
@@ -49,7 +51,8 @@ class SampleRequest:
     """Samples of one image in one phase, by address.
 
     The phase holds `total` samples cut into chunks of `chunk_size` (the last may be short:
-    `total` fixes every chunk's size, hence its noise); the request covers chunks
+    `total` fixes every chunk's size, hence its noise), after the sizes `first_chunks` when
+    given (a sequential run's growing schedule, `chunk_span`); the request covers chunks
     [first_chunk, stop_chunk) of that plan (stop_chunk None = to the end).
     """
 
@@ -60,6 +63,7 @@ class SampleRequest:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     first_chunk: int = 0
     stop_chunk: int | None = None
+    first_chunks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -68,8 +72,8 @@ class SampleRequest:
             raise ValueError("seed and image_id must be non-negative")
         if self.total < 0:
             raise ValueError(f"total must be non-negative, got {self.total}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.chunk_size < 1 or any(size < 1 for size in self.first_chunks):
+            raise ValueError(f"chunk sizes must be positive, got {self.chunk_size} after {self.first_chunks}")
         stop = self.num_chunks_in_phase if self.stop_chunk is None else self.stop_chunk
         if not 0 <= self.first_chunk <= stop <= self.num_chunks_in_phase:
             raise ValueError(
@@ -78,14 +82,14 @@ class SampleRequest:
 
     @property
     def num_chunks_in_phase(self) -> int:
-        return -(-self.total // self.chunk_size)
+        return count_chunks(self.total, self.chunk_size, self.first_chunks)
 
     def chunks(self) -> list[Chunk]:
         """The addresses of this request's chunks, in order."""
         stop = self.num_chunks_in_phase if self.stop_chunk is None else self.stop_chunk
         return [
             Chunk(self.seed, self.image_id, self.phase, index,
-                  min(self.chunk_size, self.total - index * self.chunk_size))
+                  chunk_span(index, self.total, self.chunk_size, self.first_chunks)[1])
             for index in range(self.first_chunk, stop)
         ]
 
@@ -97,9 +101,13 @@ class SampleRequest:
         """(chunk, row) holding sample `sample` (0-based within the phase)."""
         if not 0 <= sample < self.total:
             raise ValueError(f"sample {sample} outside [0, {self.total})")
-        index = sample // self.chunk_size
-        size = min(self.chunk_size, self.total - index * self.chunk_size)
-        return Chunk(self.seed, self.image_id, self.phase, index, size), sample % self.chunk_size
+        index, head = 0, self.first_chunks
+        while index < len(head) and sample >= sum(head[: index + 1]):
+            index += 1
+        if index == len(head):
+            index += (sample - sum(head)) // self.chunk_size
+        start, size = chunk_span(index, self.total, self.chunk_size, head)
+        return Chunk(self.seed, self.image_id, self.phase, index, size), sample - start
 
 
 def chunk_noise(

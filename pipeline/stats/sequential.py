@@ -88,6 +88,7 @@ from pipeline.stats.confidence_sequences import (
     success_thresholds,
     upper_confidence_sequence,
 )
+from pipeline.sampling.chunks import chunk_span, count_chunks
 from pipeline.stats.smoothing import ABSTAIN, Decisions, certified_radii
 
 SELECTION = "selection"
@@ -128,6 +129,11 @@ class SequentialTest:
     tolerance: largest-radius mode, the radius gain per doubling below which sampling stops.
     selection_alpha, selection_max: deployment mode, the selection's stopping level and cap.
     shape: the mixture's prior shape (`pipeline.stats.confidence_sequences`).
+    first_chunks: sizes of each phase's first chunks before `chunk_size` ones (a growing
+    schedule such as 32, 32, 64, 128: a clear image stops after a few dozen samples while a
+    long run still writes few rows). Fixed before any vote, as G1-G3 need of the decision points
+    (the confidence sequences hold at every n, so any pre-set points keep them); () = every
+    chunk of `chunk_size`, as runs made before the schedule existed.
     """
 
     sigma: float
@@ -140,6 +146,7 @@ class SequentialTest:
     selection_alpha: float = 0.01
     selection_max: int = 1000
     shape: float = DEFAULT_SHAPE
+    first_chunks: tuple[int, ...] = ()
 
     def describe(self) -> str:
         """The rule in a user's words (log lines show this, never the dataclass repr)."""
@@ -148,6 +155,9 @@ class SequentialTest:
                 f"in chunks of {self.chunk_size:,}")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "first_chunks", tuple(self.first_chunks))  # a list from run.json
+        if any(int(size) != size or size < 1 for size in self.first_chunks):
+            raise ValueError(f"first_chunks must be positive integers, got {self.first_chunks!r}")
         if not self.sigma > 0 or not np.isfinite(self.sigma):
             raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
         for name in ("alpha", "futility_alpha", "selection_alpha"):
@@ -173,7 +183,11 @@ class SequentialTest:
         return {SELECTION: self.selection_max, ESTIMATION: self.n_max}[_check_phase(phase)]
 
     def num_chunks(self, phase: str) -> int:
-        return -(-self.total(phase) // self.chunk_size)
+        return count_chunks(self.total(phase), self.chunk_size, self.first_chunks)
+
+    def chunk_samples(self, phase: str, chunk: int) -> int:
+        """Samples in chunk `chunk` of `phase` (`pipeline.sampling.noise.chunk_span`)."""
+        return chunk_span(chunk, self.total(phase), self.chunk_size, self.first_chunks)[1]
 
     @classmethod
     def from_settings(cls, settings: Any) -> SequentialTest:
@@ -182,7 +196,8 @@ class SequentialTest:
         n_max = settings.n_max if settings.n_max is not None else settings.n
         return cls(sigma=settings.sigma, alpha=settings.alpha, n_max=n_max, chunk_size=settings.chunk_size,
                    radius=settings.radius, futility_alpha=settings.futility_alpha, tolerance=settings.tolerance,
-                   selection_alpha=settings.selection_alpha, selection_max=settings.n0)
+                   selection_alpha=settings.selection_alpha, selection_max=settings.n0,
+                   first_chunks=tuple(getattr(settings, "first_chunks", None) or ()))
 
 
 def _check_phase(phase: str) -> str:

@@ -1,0 +1,60 @@
+"""The arithmetic a model's forward passes run in (`--precision`), and whether a device has
+native bf16.
+
+Why a setting of its own, in the run identity: the votes are f(D(x + delta)) *as computed*;
+another precision rounds differently, so a sample on a near-tie may be classified differently.
+A certificate is exactly as valid under bf16 as under fp32 (it certifies the model as
+computed), but two runs at different precisions are different models and must not share a
+run directory. fp32 is the default so that runs recorded before the setting existed keep
+their identity and resume as what they were.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+DEFAULT_PRECISION = "fp32"
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 pays."""
+    capability = ""
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability()).lower()
+    except (AttributeError, RuntimeError):
+        pass
+    if "amx" in capability:
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """bf16 is native on a CUDA device that supports it, or a CPU with AVX512-BF16/AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`auto` -> bf16 where native (`native_bf16`), else fp32; the others as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None = plain fp32)."""
+    return _DTYPES[resolve_precision(precision, device)]

@@ -1,0 +1,53 @@
+"""The growing first chunks of sequential model runs: noise addresses, identity, and resume of
+runs recorded with fixed chunks (they keep their identity and noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jobs.certify import _keep_recorded_chunks
+from pipeline.certify.plan import CertifyConfig
+from pipeline.config import parse_config
+from pipeline.runs.identity import sequential_identity
+from pipeline.runs.storage import open_run
+from pipeline.sampling.chunks import growing_schedule
+from pipeline.sampling.noise import SampleRequest
+
+BASE = {"dataset": "cifar10", "classifier": "c", "sigma": 0.25, "data_root": "x", "sequential": True,
+        "radius": 0.25}
+
+
+def test_first_chunks_cut_the_phase_without_gap_or_overlap():
+    request = SampleRequest(1, 2, "estimation", 1000, 256, first_chunks=(32, 32, 64, 128))
+    sizes = [c.size for c in request.chunks()]
+    assert sizes == [32, 32, 64, 128, 256, 256, 232] and request.num_samples == 1000
+    starts = np.cumsum([0, *sizes[:-1]])
+    for index, start in enumerate(starts):  # chunk_of agrees with the cut
+        assert request.chunk_of(int(start))[0].index == index and request.chunk_of(int(start))[1] == 0
+    short = SampleRequest(1, 2, "estimation", 50, 256, first_chunks=(32, 32, 64, 128))
+    assert [c.size for c in short.chunks()] == [32, 18]
+    # No first chunks: exactly the fixed cut of every run made before them.
+    assert [c.size for c in SampleRequest(1, 2, "estimation", 600, 256).chunks()] == [256, 256, 88]
+
+
+def test_growing_is_the_default_and_in_the_identity_fixed_is_not(tmp_path):
+    config = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path / "new")})
+    assert config.first_chunks == list(growing_schedule(256)) == [32, 32, 64, 128]
+    assert sequential_identity(config)["sequential"]["first_chunks"] == (32, 32, 64, 128)
+    fixed = parse_config(CertifyConfig, {**BASE, "output": "o", "first_chunks": []})
+    assert "first_chunks" not in sequential_identity(fixed)["sequential"]
+    # chunk_size 32 or less has nothing to grow: the golden sequential run keeps its cut.
+    assert parse_config(CertifyConfig, {**BASE, "output": "o", "chunk_size": 32}).first_chunks == []
+
+
+def test_a_run_recorded_with_fixed_chunks_resumes_with_them(tmp_path):
+    old = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "first_chunks": []})
+    open_run(str(tmp_path), {"job": "certify", **sequential_identity(old)})  # as recorded before the schedule
+    again = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path)})
+    assert again.first_chunks == [32, 32, 64, 128]
+    _keep_recorded_chunks(again)
+    assert again.first_chunks == [] and sequential_identity(again) == sequential_identity(old)
+    # ... unless the user asks for first chunks: then the identity differs and the resume is refused.
+    told = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "first_chunks": [64]})
+    _keep_recorded_chunks(told)
+    assert told.first_chunks == [64]
