@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from pipeline.data.core import ImageDataset, ImageRecord
+from pipeline.data.core import DatasetError, ImageDataset, ImageRecord
 
 LABELS_FROM_CLASSIFIER = "the classifier's prediction on the clean image (unlabelled data)"
 BATCH = 16
@@ -36,13 +36,24 @@ def label_by_classifier(dataset: ImageDataset, classifier: nn.Module, num_classe
     classifier = classifier.eval()
     with torch.inference_mode():
         for start in range(0, len(records), BATCH):
-            images = [dataset.load(i) for i in range(start, min(start + BATCH, len(records)))]
-            if len({tuple(x.shape) for x in images}) == 1:
-                labels += classifier(torch.stack(images)).argmax(dim=1).tolist()
+            images = [_readable(dataset, i) for i in range(start, min(start + BATCH, len(records)))]
+            readable = [x for x in images if x is not None]
+            if readable and len({tuple(x.shape) for x in readable}) == 1:
+                predicted = iter(classifier(torch.stack(readable)).argmax(dim=1).tolist())
             else:  # images of several sizes: one at a time
-                labels += [int(classifier(x[None]).argmax(dim=1)) for x in images]
+                predicted = iter([int(classifier(x[None]).argmax(dim=1)) for x in readable])
+            labels += [-1 if x is None else next(predicted) for x in images]
     log.info("%s has no labels: each image's label is %s", dataset.name, LABELS_FROM_CLASSIFIER)
     relabelled = ImageDataset([ImageRecord(r.image_id, r.name, int(y)) for r, y in zip(records, labels)],
                               name=dataset.name, classes=None, source=dataset._source, spec=dataset.spec)
     relabelled.labels_from = LABELS_FROM_CLASSIFIER  # type: ignore[attr-defined]
     return relabelled
+
+
+def _readable(dataset: ImageDataset, index: int) -> torch.Tensor | None:
+    """The clean image, or None when it cannot be read: the run's own bad-image handling
+    (`on_bad_image`) then fails or skips it when it reads it, as for labelled data."""
+    try:
+        return dataset.load(index)
+    except DatasetError:
+        return None
