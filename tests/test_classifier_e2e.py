@@ -168,11 +168,13 @@ def test_class_count_mismatch_is_one_line(models, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_multi_node_cluster_certifies_an_archive(models, tmp_path):
-    """Two worker nodes of a `ray.cluster_utils.Cluster`: the archive travels as bytes in the
-    blob store (no model code on the workers) and an actor on each node loads it.
+    """Two worker nodes of a `ray.cluster_utils.Cluster` (the head has no CPU): the archive
+    travels as bytes in the blob store (no model code on the workers) and worker-node actors
+    load it and count every vote.
 
-    Which actor counts which shard is the pool's choice (a node that is ready first may take them
-    all), so the test asks Ray's state API where the actors ran and how they ended, not the votes."""
+    Which actor counts which shard is the pool's choice (a node ready first may take them all,
+    and under load the other actor may not even be placed before the run ends), so the test asks
+    Ray's state API where the counting actors ran and how every actor ended."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
@@ -190,11 +192,12 @@ def test_multi_node_cluster_certifies_an_archive(models, tmp_path):
         if not ray.is_initialized():
             ray.init(address=cluster.address)
         actors = list_actors(filters=[("class_name", "=", "ModelActor")], detail=True)
-        assert {actor.node_id for actor in actors} == {node.node_id for node in workers}, actors
-        for actor in actors:  # each loaded the archive: no failed creation, no restart
+        for actor in actors:  # none failed to load the archive, none restarted
             assert actor.num_restarts == 0 and "creation_task_failure" not in str(actor.death_cause), actor
         counted_by = {int(worker.split(":")[1].split("/")[0]) for worker in votes(tmp_path / "cluster").worker}
-        assert counted_by and counted_by <= {actor.pid for actor in actors}, (counted_by, actors)
+        worker_nodes = {node.node_id for node in workers}
+        assert counted_by and counted_by <= {actor.pid for actor in actors if actor.node_id in worker_nodes}, (
+            counted_by, actors)
     finally:
         ray.shutdown()
         cluster.shutdown()
