@@ -285,6 +285,33 @@ def test_hopeless_images_stop_after_one_chunk():
     assert np.all(decisions.reason == Reason.UPPER_BOUND)
 
 
+def test_geometric_futility_gives_up_a_certifiable_image_at_most_futility_alpha():
+    """The geometric rule (Clopper-Pearson at pre-set looks, futility_alpha split over them)
+    at p = q, the most certifiable p it may give up: P(UPPER_BOUND) <= futility_alpha."""
+    test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=20_000, chunk_size=256, radius=0.25, futility_alpha=0.05,
+                          first_chunks=growing_schedule(256), futility="geometric")
+    decisions = run_labelled(test, test.threshold, TRIALS, seed=31)
+    given_up = int((decisions.reason == Reason.UPPER_BOUND).sum())
+    assert within_alpha(given_up, TRIALS, 0.05), f"{given_up} of {TRIALS} given up at p = q"
+    assert given_up > 0  # the rule fires at all
+
+
+def test_geometric_futility_looks_at_preset_chunk_ends_and_stops_sooner():
+    """Looks at the first chunk end and each >= 1.5x the last (fixed by the test alone); at
+    p = 0.8 < q = Phi(1) = 0.841 it gives up sooner than the mixture sequence after every chunk."""
+    common = dict(sigma=SIGMA, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
+                  first_chunks=growing_schedule(256))
+    geometric = SequentialTest(**common, futility="geometric")
+    assert geometric.futility_looks()[:9].tolist() == [32, 64, 128, 256, 512, 768, 1280, 2048, 3072]
+    assert np.all(np.isin(geometric.futility_looks(), geometric.chunk_ends(ESTIMATION)))
+    faster = run_labelled(geometric, 0.8, 4000, seed=32)
+    slower = run_labelled(SequentialTest(**common, futility="mixture"), 0.8, 4000, seed=32)
+    assert np.all(faster.status == Status.NOT_CERTIFIED) and np.all(slower.status == Status.NOT_CERTIFIED)
+    assert faster.samples.mean() < 0.9 * slower.samples.mean()
+    with pytest.raises(ValueError, match="futility"):
+        SequentialTest(**common, futility="sometimes")
+
+
 def test_curtailment_and_the_cap():
     """n_max = 100, alpha = 0.001, R = 0.125, one sample per chunk: an image is given up at
     the first failure that makes the threshold at n = 100 unreachable, not one earlier (with
@@ -403,10 +430,11 @@ def assert_same(a: SequentialDecisions, b: SequentialDecisions, unused: bool = T
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
-@pytest.mark.parametrize("radius", [0.25, None])
-def test_decisions_do_not_depend_on_batching_and_replay_exactly(radius):
+@pytest.mark.parametrize("radius,futility", [(0.25, "mixture"), (0.25, "geometric"), (None, "mixture")])
+def test_decisions_do_not_depend_on_batching_and_replay_exactly(radius, futility):
     images, chunks, size = 300, 64, 32
-    test = SequentialTest(sigma=SIGMA, alpha=0.01, n_max=chunks * size, chunk_size=size, radius=radius, tolerance=0.01)
+    test = SequentialTest(sigma=SIGMA, alpha=0.01, n_max=chunks * size, chunk_size=size, radius=radius, tolerance=0.01,
+                          futility=futility)
     p = np.random.default_rng(0).uniform(0.3, 1.0, images)
     stream = chunk_stream(images, chunks, size, p, seed=1)
     labels = np.zeros(images, dtype=np.int64)

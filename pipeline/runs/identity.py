@@ -73,6 +73,8 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     fields = dataclasses.asdict(test)
     if not fields["first_chunks"]:
         del fields["first_chunks"]  # fixed chunks: the identity of runs made before the schedule existed
+    if fields["futility"] == "mixture":
+        del fields["futility"]  # the identity of runs made before the geometric futility rule existed
     return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
 
 
