@@ -109,13 +109,14 @@ def run_cifar(args, ledger: Ledger) -> tuple[list[dict], dict]:
         **({"ids": ids} if args.skip is None else {"skip": args.skip}), "classifier": str(classifier),
         "denoiser": str(denoiser), "sigma": SIGMA, "alpha": ALPHA, "seed": SEED,
         "batch_size": args.batch, "actors": 1, "cpus_per_actor": args.cpus,
+        **({"shard_size": args.shard_size} if args.shard_size else {}),
     }
     n_max = args.n_max or max(args.fixed_n)
     # Another data root or selection: other run directories.
     data_tag = "" if args.data_root == CIFAR and args.skip is None else f"-{args.data_root.name.split('.')[0]}-skip{args.skip}"
     rows, sets = [], {}
     args.per_image = {}
-    for n in sorted(args.fixed_n):
+    for n in [] if args.skip_fixed else sorted(args.fixed_n):
         key = f"cifar-{args.model_tag}{data_tag}-fixed-n{n}"
         log.info("CIFAR-10 fixed n0=100 n=%d on %s images", n, len(ids) if ids else f"skip {args.skip}")
         started = time.monotonic()
@@ -129,6 +130,8 @@ def run_cifar(args, ledger: Ledger) -> tuple[list[dict], dict]:
     # "fixed chunks" (every chunk of --chunk-size, as before the growing schedule) beside the
     # default growing first chunks (32, 32, 64, ... up to --chunk-size), on the same images.
     schedules = [("fixed chunks", [])] if args.compare_chunks else []
+    if args.skip_sequential:
+        return rows, sets
     schedules.append(("growing first chunks", None))
     for r, (label, first_chunks) in [(r, sch) for r in args.radii for sch in schedules]:
         tag = "" if first_chunks is None else "-fixedchunks"
@@ -165,7 +168,7 @@ def per_image(run: Path, certs, r: float) -> dict[int, dict]:
 
 
 def cifar_table(args, rows: list[dict], sets: dict) -> str:
-    reference = 100 + max(args.fixed_n)
+    reference = 100 + (args.n_max or max(args.fixed_n))
     lines = [f"CIFAR-10 sample, {args.images} images, sigma = {SIGMA}, alpha = {ALPHA}, "
              f"{args.denoiser} + classifier.pt (sha256 {args.model_tag} from {args.models})", "",
              "| setting | " + " | ".join(f"cert. acc. R={r:g}" for r in RADII)
@@ -179,7 +182,9 @@ def cifar_table(args, rows: list[dict], sets: dict) -> str:
     lines.append("(bold: the radius a sequential run tests)")
     # Target (a): R = 0.25, samples <= a tenth of fixed n = 100,000; every image fixed n = 10,000
     # certifies at R is certified.
-    seq = next(r for r in rows if r.get("radius") == 0.25 and "growing" in r["setting"])
+    seq = next((r for r in rows if r.get("radius") == 0.25 and "growing" in r["setting"]), None)
+    if seq is None:
+        return "\n".join(lines)
     seq_set = sets[seq["key"]][0.25]
     parts = [f"sequential R=0.25 draws {seq['samples']:,.0f} samples/image = "
              f"{seq['samples'] / 100_100:.3f} of fixed n=100,000 (target <= 0.1: "
@@ -286,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         "CIFAR-10 root (default: the shipped sample; ../shared/data/cifar10-jpeg.tar.gz is the full test split)"))
     parser.add_argument("--skip", type=int, default=None, help=(
         "take every K-th image of --data-root instead of --images (the issue's 20 images: --skip 500 on the full split)"))
+    parser.add_argument("--skip-fixed", action="store_true", help="sequential runs only (fixed n is slow)")
+    parser.add_argument("--skip-sequential", action="store_true", help="fixed-n runs only")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="images per shard of the fixed-n runs (small: an interrupted run keeps more)")
     parser.add_argument("--chunk-size", type=int, default=256, help="sequential CIFAR chunk size (default 256)")
     parser.add_argument("--compare-chunks", action="store_true", help=(
         "also run each sequential setting with fixed chunks of --chunk-size (before the growing first chunks)"))

@@ -137,6 +137,42 @@ def test_evidence_is_monotone_and_the_thresholds_and_bounds_are_the_same_decisio
     assert np.all(np.diff(log_evidence_above(30, 40, grid, b)) < 0)  # decreasing in q
 
 
+def quadrature_threshold(n: int, q: float, alpha: float, b: float) -> int:
+    """The fewest successes in n with E_n(q) >= 1/alpha (n + 1 if none), from the mixture's
+    definition by quadrature and bisection (E_n grows with s): independent of the closed form,
+    the threshold tables and the state machine."""
+
+    def evidence(s: int) -> float:
+        integrand = lambda u: (1 + u * (1 - q) / q) ** s * (1 - u) ** (n - s) * b * (1 - u) ** (b - 1)
+        return integrate.quad(integrand, 0, 1, epsabs=0, epsrel=1e-10, limit=200)[0]
+
+    low, high = -1, n + 1  # E(low) < 1/alpha (or -1), E(high) >= 1/alpha (or n + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if evidence(mid) >= 1 / alpha else (mid, high)
+    return high
+
+
+@pytest.mark.parametrize("radius,alpha", [(0.25, 0.001), (0.125, 0.05)])
+def test_the_certifier_certifies_at_exactly_the_quadrature_threshold_for_small_n(radius, alpha):
+    """Every n up to 128 (and the chunk ends 256, 512): an image with k votes for its label in
+    n samples, k the threshold computed by quadrature, is certified at once and one with k - 1
+    is not -- through the state machine itself, so a rule that certifies one vote early at
+    small n only (where few samples decide clear images) fails here, which coverage by
+    simulation cannot resolve."""
+    test = SequentialTest(sigma=SIGMA, alpha=alpha, n_max=100_000, chunk_size=256, radius=radius,
+                          first_chunks=growing_schedule(256), futility="geometric")
+    sizes = [*range(1, 129), 256, 512]
+    need = np.array([quadrature_threshold(n, test.threshold, alpha, test.shape) for n in sizes])
+    assert need[0] == 2 and need[-1] < 512  # n = 1 cannot certify; the table reaches below n
+    reachable = need <= np.array(sizes)
+    n = np.repeat(np.array(sizes)[reachable], 2)
+    votes = np.repeat(need[reachable], 2) - np.tile([1, 0], reachable.sum())  # k - 1, k
+    certifier = SequentialCertifier(test, labels=np.zeros(len(n), dtype=np.int64))
+    decided = certifier.decide(ChunkVotes(ESTIMATION, np.arange(len(n)), np.zeros(len(n), dtype=np.int64), n, votes))
+    np.testing.assert_array_equal(decided.certified, np.tile([False, True], reachable.sum()))
+
+
 def test_no_evidence_without_a_majority_above_q():
     """For s <= q n every alternative pi > q fits the votes worse than q (s/n is the maximum
     likelihood), so E_n(q) <= 1 exactly: the computed value must not exceed it anywhere, in
