@@ -78,6 +78,12 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
 
 
+def precision_identity(precision: str) -> dict[str, Any]:
+    """{"precision": ...} when not fp32: votes are those of the model as computed, and runs
+    recorded before --precision existed (fp32) keep their identity."""
+    return {"precision": precision} if precision != "fp32" else {}
+
+
 # The alpha of a run whose run.json records none (runs older than the record of it).
 DEFAULT_ALPHA = 0.001
 
