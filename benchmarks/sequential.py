@@ -169,7 +169,8 @@ def per_image(run: Path, certs, r: float) -> dict[int, dict]:
 
 def cifar_table(args, rows: list[dict], sets: dict) -> str:
     reference = 100 + (args.n_max or max(args.fixed_n))
-    lines = [f"CIFAR-10 sample, {args.images} images, sigma = {SIGMA}, alpha = {ALPHA}, "
+    what = f"CIFAR-10 sample, {args.images} images" if args.skip is None else f"{args.data_root.name}, --skip {args.skip}"
+    lines = [f"{what}, sigma = {SIGMA}, alpha = {ALPHA}, "
              f"{args.denoiser} + classifier.pt (sha256 {args.model_tag} from {args.models})", "",
              "| setting | " + " | ".join(f"cert. acc. R={r:g}" for r in RADII)
              + f" | samples/image | wall s/image | ratio vs n0+n={reference:,} |",
