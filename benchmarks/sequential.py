@@ -2,6 +2,8 @@
 
     python benchmarks/sequential.py [--images 20] [--fixed-n 10000 100000] [--skip-api]
                                     [--api-images 20] [--output runs/bench-sequential]
+    python benchmarks/sequential.py --data-root ../shared/data/cifar10-jpeg.tar.gz --skip 500 \
+        --n-max 100000 --radii 0.25 --skip-api [--skip-fixed]     # the 20 images
 
 Both parts run the project's own jobs on one local Ray instance (`ray.init` once), on the
 same images with the same seed (0), and print one markdown table each:
