@@ -2,6 +2,8 @@
 
     python benchmarks/sequential.py [--images 20] [--fixed-n 10000 100000] [--skip-api]
                                     [--api-images 20] [--output runs/bench-sequential]
+    python benchmarks/sequential.py --data-root ../shared/data/cifar10-jpeg.tar.gz --skip 500 \
+        --n-max 100000 --radii 0.25 --skip-api [--skip-fixed]     # the issue's 20 images
 
 Both parts run the project's own jobs on one local Ray instance (`ray.init` once), on the
 same images with the same seed (0), and print one markdown table each:
@@ -100,53 +102,77 @@ def run_cifar(args, ledger: Ledger) -> tuple[list[dict], dict]:
     from jobs.certify import certify
     from pipeline.certify.plan import CertifyConfig
 
-    ids = cifar_ids(args.images)
+    ids = cifar_ids(args.images) if args.skip is None else None
     classifier, denoiser = args.models / "classifier.pt", args.models / args.denoiser
     # The run directories are named by the models' hashes: other models, other runs.
     args.model_tag = "-".join(hashlib.sha256(p.read_bytes()).hexdigest()[:8] for p in (classifier, denoiser))
     common = {
-        "dataset": "cifar10", "data_root": str(CIFAR), "ids": ids, "classifier": str(classifier),
+        "dataset": "cifar10", "data_root": str(args.data_root),
+        **({"ids": ids} if args.skip is None else {"skip": args.skip}), "classifier": str(classifier),
         "denoiser": str(denoiser), "sigma": SIGMA, "alpha": ALPHA, "seed": SEED,
         "batch_size": args.batch, "actors": 1, "cpus_per_actor": args.cpus,
+        **({"shard_size": args.shard_size} if args.shard_size else {}),
     }
-    n_max = max(args.fixed_n)
+    n_max = args.n_max or max(args.fixed_n)
+    # Another data root or selection: other run directories.
+    data_tag = "" if args.data_root == CIFAR and args.skip is None else f"-{args.data_root.name.split('.')[0]}-skip{args.skip}"
     rows, sets = [], {}
-    for n in sorted(args.fixed_n):
-        key = f"cifar-{args.model_tag}-fixed-n{n}"
-        log.info("CIFAR-10 fixed n0=100 n=%d on %d images", n, len(ids))
+    args.per_image = {}
+    for n in [] if args.skip_fixed else sorted(args.fixed_n):
+        key = f"cifar-{args.model_tag}{data_tag}-fixed-n{n}"
+        log.info("CIFAR-10 fixed n0=100 n=%d on %s images", n, len(ids) if ids else f"skip {args.skip}")
         started = time.monotonic()
         outcome = certify(CertifyConfig(**common, n0=100, n=n, output=str(args.output / key)))
-        if outcome.finished_now:
-            ledger.add(key, time.monotonic() - started, ids)
         certs = outcome.certificates(ALPHA)
+        if outcome.finished_now:
+            ledger.add(key, time.monotonic() - started, certs["image_id"].tolist())
         sets[f"fixed-n{n}"] = {r: certified_at(certs, r) for r in RADII}
         rows.append({"setting": f"fixed n0=100, n={n:,}", "key": key, "acc": accuracy(certs),
                      "samples": 100 + n, "wall": ledger.per_image(key)})
     # "fixed chunks" (every chunk of --chunk-size, as before the growing schedule) beside the
     # default growing first chunks (32, 32, 64, ... up to --chunk-size), on the same images.
     schedules = [("fixed chunks", [])] if args.compare_chunks else []
+    if args.skip_sequential:
+        return rows, sets
     schedules.append(("growing first chunks", None))
-    for r, (label, first_chunks) in [(r, sch) for r in RADII for sch in schedules]:
+    for r, (label, first_chunks) in [(r, sch) for r in args.radii for sch in schedules]:
         tag = "" if first_chunks is None else "-fixedchunks"
-        key = f"cifar-{args.model_tag}-seq-r{r:g}-nmax{n_max}-c{args.chunk_size}{tag}"
-        log.info("CIFAR-10 sequential R=%g n_max=%d (%s) on %d images", r, n_max, label, len(ids))
+        key = f"cifar-{args.model_tag}{data_tag}-seq-r{r:g}-nmax{n_max}-c{args.chunk_size}{tag}"
+        log.info("CIFAR-10 sequential R=%g n_max=%d (%s) on %s images", r, n_max, label, len(ids) if ids else f"skip {args.skip}")
         started = time.monotonic()
         extra = {} if first_chunks is None else {"first_chunks": first_chunks}
         outcome = certify(CertifyConfig(**common, n=n_max, chunk_size=args.chunk_size, sequential=True, radius=r,
                                         output=str(args.output / key), **extra))
-        if outcome.sequential.drawn_now:
-            ledger.add(key, time.monotonic() - started, ids)
         certs = outcome.certificates(ALPHA)
+        if outcome.sequential.drawn_now:
+            ledger.add(key, time.monotonic() - started, certs["image_id"].tolist())
+        args.per_image[key] = per_image(args.output / key, certs, r)
         sets[key] = {rr: certified_at(certs, rr) for rr in RADII}
         rows.append({"setting": f"sequential R={r:g}, n_max={n_max:,}, {label}", "key": key, "acc": accuracy(certs),
                      "samples": outcome.sequential.samples_drawn, "wall": ledger.per_image(key), "radius": r,
-                     "undecided": outcome.sequential.undecided})
+                     "undecided": outcome.sequential.undecided, "total": outcome.sequential.samples_drawn * len(certs)})
     return rows, sets
 
 
+def per_image(run: Path, certs, r: float) -> dict[int, dict]:
+    """Per image of a sequential run: estimation samples drawn, whether every vote went to one
+    class (the images a run should decide near the statistical minimum) and the decision."""
+    import pandas as pd
+
+    votes = pd.read_parquet(run / "votes", columns=["image_id", "phase", "n", "counts"])
+    votes = votes[votes["phase"] == "estimation"]
+    out = {}
+    for image, group in votes.groupby("image_id"):
+        counts = np.sum(np.stack(group["counts"].to_numpy()), axis=0)
+        out[int(image)] = {"drawn": int(group["n"].sum()), "one_class": bool(counts.max() == counts.sum()),
+                           "certified": int(image) in certified_at(certs, r)}
+    return out
+
+
 def cifar_table(args, rows: list[dict], sets: dict) -> str:
-    reference = 100 + max(args.fixed_n)
-    lines = [f"CIFAR-10 sample, {args.images} images, sigma = {SIGMA}, alpha = {ALPHA}, "
+    reference = 100 + (args.n_max or max(args.fixed_n))
+    what = f"CIFAR-10 sample, {args.images} images" if args.skip is None else f"{args.data_root.name}, --skip {args.skip}"
+    lines = [f"{what}, sigma = {SIGMA}, alpha = {ALPHA}, "
              f"{args.denoiser} + classifier.pt (sha256 {args.model_tag} from {args.models})", "",
              "| setting | " + " | ".join(f"cert. acc. R={r:g}" for r in RADII)
              + f" | samples/image | wall s/image | ratio vs n0+n={reference:,} |",
@@ -159,7 +185,9 @@ def cifar_table(args, rows: list[dict], sets: dict) -> str:
     lines.append("(bold: the radius a sequential run tests)")
     # Target (a): R = 0.25, samples <= a tenth of fixed n = 100,000; every image fixed n = 10,000
     # certifies at R is certified.
-    seq = next(r for r in rows if r.get("radius") == 0.25 and "growing" in r["setting"])
+    seq = next((r for r in rows if r.get("radius") == 0.25 and "growing" in r["setting"]), None)
+    if seq is None:
+        return "\n".join(lines)
     seq_set = sets[seq["key"]][0.25]
     parts = [f"sequential R=0.25 draws {seq['samples']:,.0f} samples/image = "
              f"{seq['samples'] / 100_100:.3f} of fixed n=100,000 (target <= 0.1: "
@@ -173,6 +201,15 @@ def cifar_table(args, rows: list[dict], sets: dict) -> str:
         base = sets["fixed-n100000"][0.25]
         parts.append(f"{len(base & seq_set)} of the {len(base)} that fixed n=100,000 certifies")
     lines.append("Target (a): " + "; ".join(parts) + ".")
+    for row in rows:
+        if row["key"] not in args.per_image:
+            continue
+        images = args.per_image[row["key"]]
+        one = [v["drawn"] for v in images.values() if v["one_class"]]
+        lines.append(f"{row['setting']}: {row['total']:,.0f} samples in all on {len(images)} images; "
+                     f"all-one-class images: {len(one)} drawing {', '.join(map(str, sorted(one))) or '-'} samples")
+        lines.append("  per image (id: samples drawn, * = certified): " + ", ".join(
+            f"{i}: {v['drawn']:,}{'*' if v['certified'] else ''}" for i, v in sorted(images.items())))
     return "\n".join(lines)
 
 
@@ -250,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20, help="CIFAR-10 images (default 20)")
     parser.add_argument("--fixed-n", type=int, nargs="+", default=[10_000, 100_000], metavar="N",
                         help="fixed-n baselines (n0 = 100); the largest is the sequential n_max")
+    parser.add_argument("--n-max", type=int, default=None, help="sequential n_max (default: the largest --fixed-n)")
+    parser.add_argument("--radii", type=float, nargs="+", default=list(RADII), metavar="R",
+                        help="radii of the sequential runs (default 0.125 0.25 0.5)")
+    parser.add_argument("--data-root", type=Path, default=CIFAR, help=(
+        "CIFAR-10 root (default: the shipped sample; ../shared/data/cifar10-jpeg.tar.gz is the full test split)"))
+    parser.add_argument("--skip", type=int, default=None, help=(
+        "take every K-th image of --data-root instead of --images (the issue's 20 images: --skip 500 on the full split)"))
+    parser.add_argument("--skip-fixed", action="store_true", help="sequential runs only (fixed n is slow)")
+    parser.add_argument("--skip-sequential", action="store_true", help="fixed-n runs only")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="images per shard of the fixed-n runs (small: an interrupted run keeps more)")
     parser.add_argument("--chunk-size", type=int, default=256, help="sequential CIFAR chunk size (default 256)")
     parser.add_argument("--compare-chunks", action="store_true", help=(
         "also run each sequential setting with fixed chunks of --chunk-size (before the growing first chunks)"))

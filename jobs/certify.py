@@ -77,11 +77,6 @@ class CertifyOutcome:
     decisions: Any = None  # a sequential run's pipeline.stats.sequential.SequentialDecisions, rows = `selected`
     mode: str = "certify"
 
-    @property
-    def certified_now(self) -> int:
-        """The old name of `finished_now` (it always counted finished work, not certificates)."""
-        return self.finished_now
-
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
         the images this call selected. "finished"/"decided" name work done; "certified" only
@@ -222,7 +217,7 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
     from pipeline.certify.clean_labels import label_by_classifier
     from pipeline.models import CheckpointError
 
-    _keep_recorded_chunks(config)
+    config = _keep_recorded_schedule(config)
     split = config.open_split()
     selected = config.select(split)
     try:
@@ -233,19 +228,23 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
     return Prepared(config, split, selected, f, denoiser, info)
 
 
-def _keep_recorded_chunks(config: Any) -> None:
-    """A sequential run recorded with fixed chunks (before the growing first chunks existed)
-    resumes with them, unless the user sets --first-chunks: its identity and noise are unchanged."""
+def _keep_recorded_schedule(config: Any) -> Any:
+    """A sequential run recorded before the growing first chunks (or the geometric futility
+    rule) existed resumes with its fixed chunks (its mixture futility rule), unless the user
+    sets them: its identity, noise and decisions are unchanged. Returns the config to use."""
     from pipeline.runs.fs import Location
     from pipeline.runs.storage import RUN_FILE, read_run_record
 
-    if not config.sequential or "first_chunks" in config.model_fields_set:
-        return
-    if not (Location.of(config.output) / RUN_FILE).exists():
-        return
+    if not config.sequential or not (Location.of(config.output) / RUN_FILE).exists():
+        return config
     recorded = (read_run_record(config.output).get("identity") or {}).get("sequential")
-    if recorded and "first_chunks" not in recorded:
-        config.__dict__["first_chunks"] = []  # not setattr: that would validate again
+    if not recorded:
+        return config
+    # Each key absent from the record held its old value then (`sequential_identity` drops it).
+    old = {"first_chunks": [], "futility": "mixture"}
+    update = {name: value for name, value in old.items()
+              if name not in recorded and name not in config.model_fields_set}
+    return config.model_copy(update=update) if update else config
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
@@ -256,7 +255,8 @@ def certify(config: Any, address: str | None = None, *, prepared: Prepared | Non
     from pipeline.certify.run import claimed_run
 
     with claimed_run(config.output, "dsmooth certify") as lease:
-        return _certify(config, address, prepared if prepared is not None else prepare(config, classifier), lease)
+        prepared = prepared if prepared is not None else prepare(config, classifier)
+        return _certify(prepared.config, address, prepared, lease)
 
 
 def _check_models(config, selected, classifier_object=None):

@@ -175,8 +175,9 @@ class SequentialSettings(Settings):
         "largest-radius mode: stop when the certified L2 radius grows by less than DR per doubling "
         "of the samples"))
     futility_alpha: Alpha = option(0.05, group=SEQUENTIAL_GROUP, metavar="B", help=(
-        "give up on an image once an upper confidence sequence at level B falls below Phi(R/sigma); "
-        "B bounds the chance of missing a certificate, never of a wrong one"))
+        "give up on an image once an upper bound at level B falls below Phi(R/sigma) (certify: see "
+        "--futility; certify-api: the upper confidence sequence); B bounds the chance of missing a "
+        "certificate, never of a wrong one"))
     selection_alpha: Alpha = option(0.01, group=SEQUENTIAL_GROUP, metavar="A0", help=(
         "deployment mode: the adaptive selection stops once the top class's lower confidence sequence "
         "at level A0 passes 1/2 (or at n0 samples); it spends none of alpha, its samples being separate"))

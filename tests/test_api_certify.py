@@ -173,6 +173,27 @@ def test_denoiser_runs_before_each_query(emulator, tmp_path):
                                                denoiser=str(checkpoint), sigma=0.5)))
 
 
+def test_denoiser_precision_reaches_the_api_actors(emulator, tmp_path):
+    """--precision bf16 end to end: the run records it in its identity and the answers are those
+    of the bf16 oracle (that the arithmetic is bf16: tests/test_precision.py; this colour
+    classifier's answers rarely move with it). 32 px images keep emulated bf16 cheap."""
+    from pipeline.models import ModelMeta, build_model, save_checkpoint
+    from pipeline.runs.storage import read_run_record
+
+    torch.manual_seed(0)
+    denoiser = build_model("dncnn_small")
+    checkpoint = tmp_path / "dncnn_small-untrained-0.25.pt"
+    save_checkpoint(checkpoint, denoiser, ModelMeta("dncnn_small", sigma=0.25, objective="untrained"))
+    ids = [0, 1, 2]
+    config = job_config("aws", emulator.url, tmp_path / "run", ids, denoiser=str(checkpoint), precision="bf16",
+                        image_size=32)
+    assert certify_api(load_job_config(config)).status == "complete"
+    assert read_run_record(tmp_path / "run")["identity"]["precision"] == "bf16"
+    bf16 = oracle_labels(ids, 0.25, 5, 20, 8, denoiser=denoiser.eval(), precision="bf16", image_size=32)
+    logged = {k: normalise(v) for k, v in top_labels_in_log(tmp_path / "run").items()}
+    assert logged == {k: normalise(v) for k, v in bf16.items()}
+
+
 def test_rate_limit_caps_calls_in_flight(emulator, tmp_path):
     emulator.reset()
     config = job_config("aws", emulator.url, tmp_path / "run", [RGB_IDS[0]],

@@ -1,11 +1,12 @@
-"""The growing first chunks of sequential model runs: noise addresses, identity, and resume of
-runs recorded with fixed chunks (they keep their identity and noise)."""
+"""The growing first chunks and the geometric futility rule of sequential model runs: noise
+addresses, identity, and resume of runs recorded before them (they keep their identity, noise
+and decisions)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from jobs.certify import _keep_recorded_chunks
+from jobs.certify import _keep_recorded_schedule
 from pipeline.certify.plan import CertifyConfig
 from pipeline.config import parse_config
 from pipeline.runs.identity import sequential_identity
@@ -41,13 +42,31 @@ def test_growing_is_the_default_and_in_the_identity_fixed_is_not(tmp_path):
 
 
 def test_a_run_recorded_with_fixed_chunks_resumes_with_them(tmp_path):
-    old = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "first_chunks": []})
+    old = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "first_chunks": [], "futility": "mixture"})
     open_run(str(tmp_path), {"job": "certify", **sequential_identity(old)})  # as recorded before the schedule
     again = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path)})
-    assert again.first_chunks == [32, 32, 64, 128]
-    _keep_recorded_chunks(again)
-    assert again.first_chunks == [] and sequential_identity(again) == sequential_identity(old)
+    assert again.first_chunks == [32, 32, 64, 128] and again.futility == "geometric"
+    resumed = _keep_recorded_schedule(again)
+    assert resumed.first_chunks == [] and resumed.futility == "mixture"
+    assert sequential_identity(resumed) == sequential_identity(old)
+    assert again.first_chunks == [32, 32, 64, 128]  # a copy: the caller's config is left as it was
     # ... unless the user asks for first chunks: then the identity differs and the resume is refused.
     told = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "first_chunks": [64]})
-    _keep_recorded_chunks(told)
-    assert told.first_chunks == [64]
+    assert _keep_recorded_schedule(told).first_chunks == [64]
+
+
+def test_geometric_futility_is_the_default_and_in_the_identity_mixture_is_not():
+    config = parse_config(CertifyConfig, {**BASE, "output": "o"})
+    assert config.futility == "geometric"
+    assert sequential_identity(config)["sequential"]["futility"] == "geometric"
+    mixture = parse_config(CertifyConfig, {**BASE, "output": "o", "futility": "mixture"})
+    assert "futility" not in sequential_identity(mixture)["sequential"]
+
+
+def test_a_run_with_growing_chunks_but_mixture_futility_resumes_with_mixture(tmp_path):
+    """Runs made between the two changes (growing chunks recorded, no futility key)."""
+    old = parse_config(CertifyConfig, {**BASE, "output": str(tmp_path), "futility": "mixture"})
+    open_run(str(tmp_path), {"job": "certify", **sequential_identity(old)})
+    resumed = _keep_recorded_schedule(parse_config(CertifyConfig, {**BASE, "output": str(tmp_path)}))
+    assert resumed.first_chunks == [32, 32, 64, 128] and resumed.futility == "mixture"
+    assert sequential_identity(resumed) == sequential_identity(old)

@@ -93,7 +93,7 @@ def test_certify_survives_the_loss_of_a_worker_node(cluster, cifar, classifier, 
 
     head, workers = cluster
     reference = certify(certify_config(cifar, classifier, tmp_path / "reference"), address=head.address)
-    assert reference.certified_now == 20
+    assert reference.finished_now == 20
 
     run = tmp_path / "run"
     outcome: dict = {}
@@ -115,7 +115,7 @@ def test_certify_survives_the_loss_of_a_worker_node(cluster, cifar, classifier, 
         head.remove_node(victim, allow_graceful=False)  # the node and its actor die mid-shard
         thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].certified_now == 20
+    assert outcome["result"].finished_now == 20
     rows = every_row(run).to_pandas()
     assert len(rows) == 40 and not rows.duplicated(["image_id", "phase"]).any()  # nothing lost, nothing twice
     assert counts(run) == counts(tmp_path / "reference")

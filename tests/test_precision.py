@@ -83,3 +83,47 @@ def test_smooth_keeps_its_precision_across_batch_sizes():
     smooth.predict(torch.rand(3, 4, 4), n=20, alpha=0.01, batch_size=7)  # a new batch size: a new counter
     assert smooth.counter.batch_size == 7 and smooth.counter.amp_dtype == torch.bfloat16
     assert Smooth(model, num_classes=3, sigma=0.25, device="cpu").counter.amp_dtype is None
+
+
+def _dtypes_seen(model: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_api_denoiser_runs_in_its_precision_and_returns_fp32():
+    """certify-api's denoiser (`noisy_images`, what each API actor's worker calls): bf16 runs
+    its convolutions in bf16 and hands fp32 images to the encoder; fp32 is bitwise the default."""
+    from pipeline.apis.sampling import noisy_images
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    denoiser = build_model("dncnn_small").eval()
+    seen = _dtypes_seen(denoiser)
+    image, chunk = torch.rand(3, 16, 16), SampleRequest(0, 7, "estimation", 8, 8).chunks()[0]
+    plain = noisy_images(image, chunk, range(8), 0.25, denoiser)
+    assert set(seen) == {torch.float32}
+    assert torch.equal(noisy_images(image, chunk, range(8), 0.25, denoiser, precision="fp32"), plain)
+    seen.clear()
+    bf16 = noisy_images(image, chunk, range(8), 0.25, denoiser, precision="bf16")
+    assert set(seen) == {torch.bfloat16} and bf16.dtype == torch.float32
+    assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, atol=0.05)
+
+
+def test_api_precision_is_in_the_identity_only_when_not_fp32_and_needs_a_denoiser(tmp_path):
+    from pipeline.apis.prepare import api_identity, load_job_config
+
+    def config(**values):
+        return load_job_config({"api": {"provider": "aws", "endpoint": "http://127.0.0.1:9"}, "data_root": "x",
+                                "output": str(tmp_path), "budget": {"max_queries": 10}, "sigma": 0.25, **values})
+
+    split = ImageDataset.from_array(np.zeros((2, 8, 8, 3), dtype=np.uint8), [0, 1], name="folder")
+    old, _ = api_identity(config(denoiser="d.pt"), split, "dncnn", "aa")
+    assert "precision" not in old  # runs recorded before --precision keep their identity
+    bf16, _ = api_identity(config(denoiser="d.pt", precision="bf16"), split, "dncnn", "aa")
+    assert bf16 == {**old, "precision": "bf16"}
+    with pytest.raises(ConfigError) as caught:
+        config(precision="bf16")  # no denoiser: nothing would run in bf16
+    assert caught.value.field == "precision"

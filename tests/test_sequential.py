@@ -137,6 +137,42 @@ def test_evidence_is_monotone_and_the_thresholds_and_bounds_are_the_same_decisio
     assert np.all(np.diff(log_evidence_above(30, 40, grid, b)) < 0)  # decreasing in q
 
 
+def quadrature_threshold(n: int, q: float, alpha: float, b: float) -> int:
+    """The fewest successes in n with E_n(q) >= 1/alpha (n + 1 if none), from the mixture's
+    definition by quadrature and bisection (E_n grows with s): independent of the closed form,
+    the threshold tables and the state machine."""
+
+    def evidence(s: int) -> float:
+        integrand = lambda u: (1 + u * (1 - q) / q) ** s * (1 - u) ** (n - s) * b * (1 - u) ** (b - 1)
+        return integrate.quad(integrand, 0, 1, epsabs=0, epsrel=1e-10, limit=200)[0]
+
+    low, high = -1, n + 1  # E(low) < 1/alpha (or -1), E(high) >= 1/alpha (or n + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if evidence(mid) >= 1 / alpha else (mid, high)
+    return high
+
+
+@pytest.mark.parametrize("radius,alpha", [(0.25, 0.001), (0.125, 0.05)])
+def test_the_certifier_certifies_at_exactly_the_quadrature_threshold_for_small_n(radius, alpha):
+    """Every n up to 128 (and the chunk ends 256, 512): an image with k votes for its label in
+    n samples, k the threshold computed by quadrature, is certified at once and one with k - 1
+    is not -- through the state machine itself, so a rule that certifies one vote early at
+    small n only (where few samples decide clear images) fails here, which coverage by
+    simulation cannot resolve."""
+    test = SequentialTest(sigma=SIGMA, alpha=alpha, n_max=100_000, chunk_size=256, radius=radius,
+                          first_chunks=growing_schedule(256), futility="geometric")
+    sizes = [*range(1, 129), 256, 512]
+    need = np.array([quadrature_threshold(n, test.threshold, alpha, test.shape) for n in sizes])
+    assert need[0] == 2 and need[-1] < 512  # n = 1 cannot certify; the table reaches below n
+    reachable = need <= np.array(sizes)
+    n = np.repeat(np.array(sizes)[reachable], 2)
+    votes = np.repeat(need[reachable], 2) - np.tile([1, 0], reachable.sum())  # k - 1, k
+    certifier = SequentialCertifier(test, labels=np.zeros(len(n), dtype=np.int64))
+    decided = certifier.decide(ChunkVotes(ESTIMATION, np.arange(len(n)), np.zeros(len(n), dtype=np.int64), n, votes))
+    np.testing.assert_array_equal(decided.certified, np.tile([False, True], reachable.sum()))
+
+
 def test_no_evidence_without_a_majority_above_q():
     """For s <= q n every alternative pi > q fits the votes worse than q (s/n is the maximum
     likelihood), so E_n(q) <= 1 exactly: the computed value must not exceed it anywhere, in
@@ -285,6 +321,33 @@ def test_hopeless_images_stop_after_one_chunk():
     assert np.all(decisions.reason == Reason.UPPER_BOUND)
 
 
+def test_geometric_futility_gives_up_a_certifiable_image_at_most_futility_alpha():
+    """The geometric rule (Clopper-Pearson at pre-set looks, futility_alpha split over them)
+    at p = q, the most certifiable p it may give up: P(UPPER_BOUND) <= futility_alpha."""
+    test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=20_000, chunk_size=256, radius=0.25, futility_alpha=0.05,
+                          first_chunks=growing_schedule(256), futility="geometric")
+    decisions = run_labelled(test, test.threshold, TRIALS, seed=31)
+    given_up = int((decisions.reason == Reason.UPPER_BOUND).sum())
+    assert within_alpha(given_up, TRIALS, 0.05), f"{given_up} of {TRIALS} given up at p = q"
+    assert given_up > 0  # the rule fires at all
+
+
+def test_geometric_futility_looks_at_preset_chunk_ends_and_stops_sooner():
+    """Looks at the first chunk end and each >= 1.5x the last (fixed by the test alone); at
+    p = 0.8 < q = Phi(1) = 0.841 it gives up sooner than the mixture sequence after every chunk."""
+    common = dict(sigma=SIGMA, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
+                  first_chunks=growing_schedule(256))
+    geometric = SequentialTest(**common, futility="geometric")
+    assert geometric.futility_looks()[:9].tolist() == [32, 64, 128, 256, 512, 768, 1280, 2048, 3072]
+    assert np.all(np.isin(geometric.futility_looks(), geometric.chunk_ends(ESTIMATION)))
+    faster = run_labelled(geometric, 0.8, 4000, seed=32)
+    slower = run_labelled(SequentialTest(**common, futility="mixture"), 0.8, 4000, seed=32)
+    assert np.all(faster.status == Status.NOT_CERTIFIED) and np.all(slower.status == Status.NOT_CERTIFIED)
+    assert faster.samples.mean() < 0.9 * slower.samples.mean()
+    with pytest.raises(ValueError, match="futility"):
+        SequentialTest(**common, futility="sometimes")
+
+
 def test_curtailment_and_the_cap():
     """n_max = 100, alpha = 0.001, R = 0.125, one sample per chunk: an image is given up at
     the first failure that makes the threshold at n = 100 unreachable, not one earlier (with
@@ -403,10 +466,11 @@ def assert_same(a: SequentialDecisions, b: SequentialDecisions, unused: bool = T
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
-@pytest.mark.parametrize("radius", [0.25, None])
-def test_decisions_do_not_depend_on_batching_and_replay_exactly(radius):
+@pytest.mark.parametrize("radius,futility", [(0.25, "mixture"), (0.25, "geometric"), (None, "mixture")])
+def test_decisions_do_not_depend_on_batching_and_replay_exactly(radius, futility):
     images, chunks, size = 300, 64, 32
-    test = SequentialTest(sigma=SIGMA, alpha=0.01, n_max=chunks * size, chunk_size=size, radius=radius, tolerance=0.01)
+    test = SequentialTest(sigma=SIGMA, alpha=0.01, n_max=chunks * size, chunk_size=size, radius=radius, tolerance=0.01,
+                          futility=futility)
     p = np.random.default_rng(0).uniform(0.3, 1.0, images)
     stream = chunk_stream(images, chunks, size, p, seed=1)
     labels = np.zeros(images, dtype=np.int64)

@@ -132,7 +132,7 @@ def test_identity_holds_sequential_settings_and_alpha_only_when_sequential(tmp_p
     assert seq["sequential"]["n_max"] == N_MAX and seq["sequential"]["chunk_size"] == CHUNK
     assert {k: v for k, v in seq.items() if k != "sequential"} == base
     for change in ({"alpha": 0.01}, {"radius": 0.5}, {"n_max": 300}, {"futility_alpha": 0.1},
-                   {"certify_class": "top"}):
+                   {"certify_class": "top"}, {"futility": "mixture"}):
         other = certify_identity(CertifyConfig(**settings(cifar_root, tmp_path / "o", **change)), split, info)
         assert other != seq, change
     # ... so a run directory refuses to resume under another alpha.

@@ -551,3 +551,28 @@ def test_killed_sweep_resumes_a_failed_run_stops_nothing_and_output_is_dsmooths(
     summary = {row["name"]: row for row in _csv_rows(out / "summary.csv")}
     assert (summary[run.name]["status"], summary[broken.name]["status"]) == ("complete", "failed")
     assert "weights do not fit" in summary[broken.name]["error"]
+
+
+def test_bf16_training_autocasts_over_fp32_master_weights(tmp_path):
+    """--precision bf16 (in-process, no Ray): the forward passes run in bf16, the weights and
+    their updates stay fp32, and the run's identity says bf16 (fp32 runs keep theirs)."""
+    def plan(**values):
+        config = load_train_config(denoiser_config(
+            tmp_path / "out", dataset=dataset(max_train=32, max_test=8), epochs=1,
+            sweep={"sigmas": [0.25], "archs": ["dncnn_small"]}, **values))
+        return worker_spec(config, plan_sweep(config)[0])
+
+    fp32, bf16 = plan(), plan(precision="bf16")
+    assert "precision" not in fp32["run"]["hparams"] and bf16["run"]["hparams"]["precision"] == "bf16"
+    assert fp32["run"]["name"] != bf16["run"]["name"]
+    state = RunState(bf16, WorkerHooks())
+    seen = []
+    for layer in state.model.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    metrics = state.train_epoch(1, *state.loader())
+    assert seen and set(seen) == {torch.bfloat16} and np.isfinite(metrics["train_loss"])
+    after = state.model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())

@@ -26,6 +26,7 @@ from pipeline.settings import (
     DatasetLayout,
     EstimationSamples,
     PoolSettings,
+    Precision,
     SelectionSamples,
     SequentialSettings,
     SmoothingSettings,
@@ -145,6 +146,9 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
     n0: SelectionSamples = option(20, group="smoothing", metavar="N0")
     n: EstimationSamples = option(100, group="smoothing", metavar="N")
     chunk_size: ChunkSize = option(16, group="smoothing", metavar="N")
+    precision: Precision = option("fp32", group="models", help=(
+        "arithmetic of the denoiser's forward passes (needs --denoiser): fp32, bf16 or fp16 autocast, or auto "
+        "= bf16 where the device has it natively, else fp32. Part of the run identity when not fp32"))
     rate: RateSettings = Field(default_factory=RateSettings, description="client-side rate limits")
     retry: RetrySettings = Field(default_factory=RetrySettings, description="retries and back-off")
     default_n_max: ClassVar[int | None] = SEQUENTIAL_API_N_MAX  # n_max when none is set (SequentialSettings)
@@ -153,6 +157,8 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
     def _sequential_api(self) -> CertifyApiConfig:
         """An API's own sequential chunk default (8; n_max 240 is `default_n_max`) where the user
         set none; the label is the API's answer on the clean image, so only `certify_class: label`."""
+        if self.precision != "fp32" and self.denoiser is None:
+            raise ConfigError("precision", "precision applies to the denoiser's forward passes: give --denoiser too")
         if not self.sequential:
             return self
         if self.certify_class != "label":

@@ -10,7 +10,7 @@ from pipeline.apis.config import CertifyApiConfig
 from pipeline.apis.secrets import scrub
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import ImageDataset
-from pipeline.runs.identity import run_identity
+from pipeline.runs.identity import precision_identity, run_identity
 
 ENCODING = "png-uint8"
 
@@ -58,6 +58,7 @@ def api_identity(
         denoiser=denoiser_arch,
         denoiser_sha256=denoiser_sha,
         encoding=ENCODING,
+        **precision_identity(config.precision),
     )
     plain = to_dict(config)
     extra = {

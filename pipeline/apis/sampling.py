@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.sampling.noise import Chunk, chunk_noise
+from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 
 
 @torch.inference_mode()
@@ -24,11 +25,12 @@ def noisy_images(
     sigma: float,
     denoiser: nn.Module | None = None,
     batch_size: int = 8,
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """[len(rows), C, H, W]: image + noise rows of `chunk` (a full noise address), through the
-    denoiser when given.
+    denoiser when given, in `precision` (`pipeline.sampling.precision`; its output in fp32).
 
-    Noise is always drawn on the CPU (CPU and CUDA generators differ), then moved to the
+    Noise is always drawn on the CPU in fp32 (CPU and CUDA generators differ), then moved to the
     denoiser's device. The result is not clipped: encoding does that.
     """
     image = image.to("cpu", torch.float32)
@@ -37,5 +39,8 @@ def noisy_images(
     if denoiser is None:
         return noisy
     device = next(denoiser.parameters(), torch.empty(0)).device
-    parts = [denoiser(noisy[i : i + batch_size].to(device)).to("cpu") for i in range(0, len(noisy), batch_size)]
+    dtype = compute_dtype(precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        parts = [denoiser(noisy[i : i + batch_size].to(device)).to("cpu", torch.float32)
+                 for i in range(0, len(noisy), batch_size)]
     return torch.cat(parts)

@@ -70,6 +70,11 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "sequential: the sizes of each image's first chunks, before chunks of --chunk-size; fixed before any "
         "vote (default: 32, 32, 64, ... up to chunk_size, so a clear image stops after a few dozen samples; "
         "a run recorded with fixed chunks resumes with them). Part of the run identity"))
+    futility: Literal["geometric", "mixture"] | None = option(None, group=SEQUENTIAL_GROUP, help=(
+        "sequential: how an image that cannot reach R is given up (both miss a certificate with "
+        "probability <= --futility-alpha): geometric = Clopper-Pearson at looks growing 1.5x (default; "
+        "stops sooner), mixture = the upper confidence sequence after every chunk (runs recorded before "
+        "resume with it). Part of the run identity"))
     batch_size: PositiveInt = option(400, group=SPEED_GROUP, flag="--batch", metavar="N",
                                      help="noisy samples per forward pass")
     actors: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N",
@@ -90,15 +95,19 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
     @model_validator(mode="after")
     def _first_chunks(self) -> CertifyConfig:
-        """Sequential runs grow their first chunks (`growing_schedule`) unless told otherwise."""
+        """Sequential runs grow their first chunks (`growing_schedule`) and give up futile images
+        by the geometric rule unless told otherwise (`jobs.certify` resumes older runs with theirs)."""
         if not self.sequential:
-            if self.first_chunks is not None:
-                raise ConfigError("first_chunks", "first_chunks only applies with sequential: true (--sequential)")
+            for name in ("first_chunks", "futility"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, f"{name} only applies with sequential: true (--sequential)")
             return self
         if self.first_chunks is None:
             from pipeline.sampling.chunks import growing_schedule
 
             self.__dict__["first_chunks"] = list(growing_schedule(self.chunk_size))  # not setattr: validates again
+        if self.futility is None:
+            self.__dict__["futility"] = "geometric"
         return self
 
     def pair_settings(self) -> PairSettings:

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.data.core import ImageRecord
 from pipeline.data.core import ImageDataset
 from pipeline.certify.pair import ModelIdentity, PairInfo
-from pipeline.runs.identity import run_identity
+from pipeline.runs.identity import precision_identity, run_identity
 from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.certify.config import CertifyConfig  # declared there (light, for --help)
@@ -43,8 +43,7 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         num_classes=info.num_classes,
         # Only for bundled classifiers, so runs of checkpoints made before keep their identity.
         **({"classifier_pipeline": json.loads(info.classifier_pipeline)} if info.classifier_pipeline else {}),
-        # Only when not fp32, so that runs recorded before --precision existed keep their identity.
-        **({"precision": config.precision} if config.precision != "fp32" else {}),
+        **precision_identity(config.precision),
     )
 
 

@@ -73,7 +73,15 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     fields = dataclasses.asdict(test)
     if not fields["first_chunks"]:
         del fields["first_chunks"]  # fixed chunks: the identity of runs made before the schedule existed
+    if fields["futility"] == "mixture":
+        del fields["futility"]  # the identity of runs made before the geometric futility rule existed
     return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
+
+
+def precision_identity(precision: str) -> dict[str, Any]:
+    """{"precision": ...} when not fp32: votes are those of the model as computed, and runs
+    recorded before --precision existed (fp32) keep their identity."""
+    return {"precision": precision} if precision != "fp32" else {}
 
 
 # The alpha of a run whose run.json records none (runs older than the record of it).

@@ -26,6 +26,16 @@ def count_chunks(total: int, chunk_size: int, first_chunks: tuple[int, ...] = ()
     return len(first_chunks) + max(0, -(-(total - done) // chunk_size))
 
 
+def chunk_ends(total: int, chunk_size: int, first_chunks: tuple[int, ...] = ()) -> list[int]:
+    """The running sample count after each chunk of a phase (see `chunk_span`): the points
+    where a sequential test looks, fixed before any vote."""
+    ends, done = [], 0
+    for index in range(count_chunks(total, chunk_size, first_chunks)):
+        done += chunk_span(index, total, chunk_size, first_chunks)[1]
+        ends.append(done)
+    return ends
+
+
 SMALLEST_CHUNK = 32
 
 

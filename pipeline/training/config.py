@@ -31,7 +31,7 @@ from pipeline.config import (
     load_config,
     option,
 )
-from pipeline.settings import DatasetLayout
+from pipeline.settings import DatasetLayout, Precision
 
 # The training objectives by name (their losses: pipeline.objectives), declared here so that
 # the settings import no torch.
@@ -184,6 +184,10 @@ class TrainConfig(Settings):
         "global batch size, split over the workers (default 256 on CIFAR-10, 64 otherwise)"))
     augment: bool | None = option(None, group="training", strict=True, help=(
         "random crop (CIFAR-10) + flip of training images (default on)"))
+    precision: Precision = option("fp32", group="training", help=(
+        "arithmetic of the training forward passes: bf16/fp16 autocast with fp32 master weights (fp16 with "
+        "a gradient scaler), auto = bf16 where the device has it natively (pays only there: emulated bf16 "
+        "is slower), fp32 (default). Part of each run's identity when not fp32"))
     seed: Seed = option(0, group="training", metavar="S", help=(
         "seed of initialisation, batches, noise and augmentation"))
     num_workers: PositiveInt = option(1, group=RUNS, metavar="N", help="Ray Train workers (DDP ranks) per run")
@@ -277,6 +281,8 @@ class TrainConfig(Settings):
         settings["epochs"] = self.epochs or DEFAULT_EPOCHS[objective]
         settings["batch_size"] = self.batch_size or DEFAULT_BATCH_SIZE[self.dataset.kind]
         settings["augment"] = True if self.augment is None else self.augment
+        if self.precision != "fp32":  # absent for fp32: runs trained before --precision keep their identity
+            settings["precision"] = self.precision
         return settings
 
     def storage(self) -> str:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, denoiser_loss
 from pipeline.progress import Progress
+from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 from pipeline.training.data import CIFAR_CROP_PADDING, augment, load_split, to_float
 from pipeline.training.evaluation import evaluate_classifier, evaluate_denoiser, state_digest
 from pipeline.training.grids import denoising_grid, grid_title, save_grid
@@ -162,6 +163,10 @@ class RunState:
         self.digests = {path: state_digest(model) for path, model in cache.items()}
 
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.hp)
+        # --precision: autocast of the forward passes over fp32 master weights; fp16 needs a
+        # gradient scaler (its small gradients underflow), bf16 has fp32's range.
+        self.amp_dtype = compute_dtype(self.hp.get("precision", DEFAULT_PRECISION), self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.start_epoch = 1
         self.history: list[dict[str, Any]] = []
         self.baseline: dict[str, Any] | None = None
@@ -216,13 +221,17 @@ class RunState:
             if self.hp.get("augment"):
                 x = augment(x, cpu_gen, pad)
             noisy = add_noise(x, self.sigma, noise_gen)
-            if self.task == "classifier":
-                loss = classifier_loss(self.net, noisy, y)
-            else:
-                loss = denoiser_loss(self.run["objective"], self.net, x, noisy, y, self.loss_classifiers)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                if self.task == "classifier":
+                    loss = classifier_loss(self.net, noisy, y)
+                else:
+                    loss = denoiser_loss(self.run["objective"], self.net, x, noisy, y, self.loss_classifiers)
+            loss = loss.float()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()  # the weights and their gradients stay fp32
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             if progress is not None:
