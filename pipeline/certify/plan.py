@@ -45,6 +45,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         **({"classifier_pipeline": json.loads(info.classifier_pipeline)} if info.classifier_pipeline else {}),
         # Only when not fp32, so that runs recorded before --precision existed keep their identity.
         **({"precision": config.precision} if config.precision != "fp32" else {}),
+        # Only when set: another noise draw (`pipeline.sampling.sound`), the old identity otherwise.
+        **({"sound": True} if config.sound else {}),
     )
 
 
