@@ -101,16 +101,6 @@ def _tables(sigma: float, bits: int) -> tuple[int, np.ndarray, np.ndarray, np.nd
     return bucket_bits, cells, below.astype(np.int64), ends > below
 
 
-def step_probabilities(sigma: float) -> np.ndarray:
-    """float64 [2R + 1]: P(r = -R), ..., P(r = R) of the rounded, clamped Gaussian (for tests
-    and documentation; the sampler never uses floats)."""
-    from scipy.stats import norm
-
-    edges = (np.arange(-half_width(sigma), half_width(sigma)) + 0.5) / (LEVELS * sigma)
-    cdf = np.concatenate([[0.0], norm.cdf(edges), [1.0]])
-    return np.diff(cdf)
-
-
 class _LazyUniform:
     """The bits of one U after its first word, drawn on demand from its own generator."""
 
