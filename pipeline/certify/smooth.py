@@ -57,6 +57,7 @@ class Smooth:
     address k, so every call gets fresh noise and a new `Smooth` with the same `seed` repeats
     the same answers. Pass `image_id=` to pin the address instead (a data set's image id and
     chunk_size 256 reproduce the counts of a `dsmooth certify` run with the same seed).
+    `sound=True` draws floating-point-sound noise (`pipeline.sampling.sound`; 8-bit images only).
     """
 
     ABSTAIN = smoothing.ABSTAIN
