@@ -204,3 +204,13 @@ def test_a_sound_run_resumes_to_the_votes_of_one_run(tmp_path):
     resumed, once = votes(tmp_path / "resumed"), votes(tmp_path / "once")
     assert set(resumed) == {(i, p) for i in (0, 150) for p in ("selection", "estimation")}
     assert resumed == once
+
+
+def test_smooth_keeps_sound_across_batch_sizes():
+    from dsmooth import Smooth
+
+    image = _images()[4]
+    smooth = Smooth(_linear_model(), num_classes=4, sigma=0.25, device="cpu", sound=True)
+    first = smooth.predict(image, n=40, alpha=0.5, batch_size=7, image_id=3)  # a new batch size: a new counter
+    assert smooth.counter.sound and smooth.counter.batch_size == 7
+    assert smooth.predict(image, n=40, alpha=0.5, batch_size=40, image_id=3) == first
