@@ -29,7 +29,7 @@ rounded Gaussian's law, not an approximation of it, and needs no correction of p
 
 Cost: the same number of forward passes; per noise coordinate a 64-bit random integer and a
 look-up in a table of U's top 16 bits (a binary search in the 255 * 2 (K + 1) thresholds for the
-~2% of draws whose bucket holds one) instead of one `randn`: ~7x the draw's CPU time, ~12% of
+~1% of draws whose bucket holds one) instead of one `randn`: ~7x the draw's CPU time, ~12% of
 the demo pair's samples per CPU-second (README, "Floating-point-sound sampling"), plus the thresholds once per sigma and process
 (~1 s at sigma = 0.25). The noise differs slightly from N(0, sigma^2) (rounded to the
 grid, std sqrt(sigma^2 + 1/(12 * 255^2))), so certified accuracy barely moves. It assumes
