@@ -83,6 +83,10 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "GPUs per actor, fractions pack several on one GPU (default 1 if the cluster has GPUs, else 0)"))
     cpus_per_actor: PositiveFloat = option(1.0, group=SPEED_GROUP, metavar="C", help="CPUs (threads) per actor")
     precision: Precision = option("fp32", group="smoothing")
+    sound: bool = option(False, group="smoothing", help=(
+        "floating-point-sound sampling (Voráček & Hein 2023, pipeline/sampling/sound.py): noise rounded to the "
+        "8-bit grid and added exactly, so the certificate holds for the computation performed (Gaussian only; "
+        "8-bit images). Part of the run identity when set"))
     amp: bool = option(True, group=SPEED_GROUP, help="fp16 autocast on GPU under --precision fp32 (CPUs run fp32)")
     optimize: bool = option(True, group=SPEED_GROUP,
                             help="fold BatchNorm into convolutions and run channels-last")
@@ -92,6 +96,14 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
                                           help="Ray restarts of a crashed actor, and retries of its call")
     output: Where = option(..., metavar="DIR", help=(
         "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
+
+    @model_validator(mode="after")
+    def _sound_is_gaussian(self) -> CertifyConfig:
+        """The sound construction rounds a Gaussian to the grid; other noises have none yet."""
+        noise = getattr(self, "noise", "gaussian")  # issue 24's --noise, where it exists
+        if self.sound and noise != "gaussian":
+            raise ConfigError("sound", f"--sound is implemented for Gaussian noise only, not {noise}")
+        return self
 
     @model_validator(mode="after")
     def _first_chunks(self) -> CertifyConfig:
@@ -116,4 +128,4 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
         return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
                             allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
-                            optimize=self.optimize, precision=self.precision)
+                            optimize=self.optimize, precision=self.precision, sound=self.sound)

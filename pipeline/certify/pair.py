@@ -242,13 +242,14 @@ class PairSettings:
     amp: bool = True
     optimize: bool = True
     precision: str = "fp32"
+    sound: bool = False
 
     def counter(self, classifier: ModelBytes, denoiser: ModelBytes | None, expected: PairInfo,
                 data: DataDescription, device: str) -> PairCounter:
         return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
                            allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
                            device=device, amp=self.amp, optimize=self.optimize,
-                           precision=self.precision)
+                           precision=self.precision, sound=self.sound)
 
 
 class PairCounter:
@@ -269,6 +270,7 @@ class PairCounter:
         amp: bool = True,
         optimize: bool = True,
         precision: str = "fp32",
+        sound: bool = False,
     ) -> None:
         pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier, sigma)
         if info != expected:
@@ -279,7 +281,7 @@ class PairCounter:
         model = optimize_for_inference(pair, self.device) if optimize else pair.to(self.device).eval()
         self.counter = VoteCounter(
             model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp,
-            precision=precision,
+            precision=precision, sound=sound,
         )
 
     def count(

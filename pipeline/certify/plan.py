@@ -44,6 +44,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         # Only for bundled classifiers, so runs of checkpoints made before keep their identity.
         **({"classifier_pipeline": json.loads(info.classifier_pipeline)} if info.classifier_pipeline else {}),
         **precision_identity(config.precision),
+        # Only when set: another noise draw (`pipeline.sampling.sound`), the old identity otherwise.
+        **({"sound": True} if config.sound else {}),
     )
 
 

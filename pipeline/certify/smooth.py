@@ -57,6 +57,7 @@ class Smooth:
     address k, so every call gets fresh noise and a new `Smooth` with the same `seed` repeats
     the same answers. Pass `image_id=` to pin the address instead (a data set's image id and
     chunk_size 256 reproduce the counts of a `dsmooth certify` run with the same seed).
+    `sound=True` draws floating-point-sound noise (`pipeline.sampling.sound`; 8-bit images only).
     """
 
     ABSTAIN = smoothing.ABSTAIN
@@ -73,9 +74,10 @@ class Smooth:
         device: torch.device | str | None = None,
         amp: bool | str = False,
         precision: str = "fp32",
+        sound: bool = False,
     ) -> None:
         counter = VoteCounter(base_classifier, num_classes, sigma, batch_size=batch_size, device=device, amp=amp,
-                              precision=precision)
+                              precision=precision, sound=sound)
         self.smoothed = SmoothedClassifier(counter, seed=seed, chunk_size=chunk_size)
         self.base_classifier = counter.model
         self.num_classes = num_classes
@@ -107,7 +109,8 @@ class Smooth:
         if batch_size is not None and batch_size != self.counter.batch_size:
             old = self.counter
             self.smoothed.counter = VoteCounter(old.model, old.num_classes, old.sigma, batch_size=batch_size,
-                                                device=old.device, amp=bool(old.amp_dtype), precision=old.precision)
+                                                device=old.device, amp=bool(old.amp_dtype), precision=old.precision,
+                                                sound=old.sound)
             self.smoothed.counter.amp_dtype = old.amp_dtype
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int | None = None, *,

@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.config import Sigma, check_value
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
+from pipeline.sampling.sound import image_levels, sound_inputs
 
 
 def _amp_dtype(amp: bool | str, device: torch.device, precision: str = DEFAULT_PRECISION) -> torch.dtype | None:
@@ -51,6 +52,7 @@ class VoteCounter:
         device: torch.device | str | None = None,
         amp: bool | str = False,
         precision: str = DEFAULT_PRECISION,
+        sound: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")
@@ -60,6 +62,7 @@ class VoteCounter:
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
         self.batch_size = batch_size
         self.precision = precision
+        self.sound = sound  # floating-point-sound noise (`pipeline.sampling.sound`)
         self.amp_dtype = _amp_dtype(amp, self.device, precision)
         self.input_dtype = compute_dtype(precision, self.device) or torch.float32
         self._inputs: torch.Tensor | None = None
@@ -102,6 +105,7 @@ class VoteCounter:
             raise KeyError(f"no image given for ids {sorted(missing)[:5]}")
         on_device = {i: images[i].to(self.device, torch.float32) for i in {r.image_id for r in requests}}
         shape = tuple(next(iter(on_device.values())).shape)
+        levels = {i: image_levels(image, i) for i, image in on_device.items()} if self.sound else {}
         inputs = self._input_buffer(shape)
         counts = torch.zeros(len(requests) * self.num_classes, dtype=torch.long, device=self.device)
         filled = 0
@@ -120,11 +124,17 @@ class VoteCounter:
             if tuple(image.shape) != shape:
                 raise ValueError(f"image {request.image_id} has shape {tuple(image.shape)}, expected {shape}")
             for chunk in request.chunks():
-                noise = chunk_noise(chunk, shape, self.sigma, self.device)
+                if self.sound:  # q / 255 on the 8-bit grid, exact: `pipeline.sampling.sound`
+                    noisy = sound_inputs(levels[request.image_id], chunk, self.sigma)
+                else:
+                    noise = chunk_noise(chunk, shape, self.sigma, self.device)
                 start = 0
                 while start < chunk.size:
                     take = min(chunk.size - start, self.batch_size - filled)
-                    torch.add(noise[start : start + take], image, out=inputs[filled : filled + take])
+                    if self.sound:
+                        inputs[filled : filled + take].copy_(noisy[start : start + take])
+                    else:
+                        torch.add(noise[start : start + take], image, out=inputs[filled : filled + take])
                     self._owners[filled : filled + take] = row
                     filled += take
                     start += take
