@@ -64,19 +64,25 @@ class Counting:
     def __call__(self, batch: dict) -> dict:
         from pipeline.sampling.noise import SampleRequest
 
-        rows = []
+        rows, seconds = [], []
         for image_id, image, seed, n0, n, chunk in zip(batch["image_id"], batch["image"], batch["seed"],
                                                        batch["n0"], batch["n"], batch["chunk"]):
             requests = [SampleRequest(int(seed), int(image_id), "selection", int(n0), int(chunk)),
                         SampleRequest(int(seed), int(image_id), "estimation", int(n), int(chunk))]
+            started = time.perf_counter()
             counts, _ = self.counter.count(requests, {int(image_id): image})
             rows.append(counts)
-        return {"image_id": batch["image_id"], "counts": np.stack(rows)}
+            seconds.append(time.perf_counter() - started)
+        return {"image_id": batch["image_id"], "counts": np.stack(rows), "compute_s": np.array(seconds)}
 
 
 def run_ray_data(images: int, actors: int) -> float:
-    """Certify the same images with Ray Data; parts are written as batches come back."""
+    """Certify the same images with Ray Data; parts are written as batches come back, as the
+    job's `VoteRow`s (`pipeline.certify.plan.model_vote_rows`), so both variants write alike."""
+    from datetime import datetime, timezone
+
     from pipeline.certify.pair import ModelBytes, load_pair
+    from pipeline.certify.plan import Shard, model_vote_rows, shard_requests
     from pipeline.runs.storage import write_votes
 
     cfg = config(Path("unused"), images, actors)
@@ -93,9 +99,15 @@ def run_ray_data(images: int, actors: int) -> float:
         dataset = ray.data.from_items(items).map_batches(
             Counting, fn_constructor_args=(f.data, d.data, info, data, settings), batch_size=1,
             concurrency=actors, num_cpus=1)
+        records = {r.image_id: r for r in selected.records}
         for batch in dataset.iter_batches(batch_size=1):
-            write_votes(folder, [{"image_id": int(i), "phase": "estimation", "counts": c[1].tolist(), "n": cfg.n}
-                                 for i, c in zip(batch["image_id"], batch["counts"])])
+            for image_id, counts, compute_s in zip(batch["image_id"], batch["counts"], batch["compute_s"]):
+                record = records[int(image_id)]
+                write_votes(folder, model_vote_rows(
+                    run_id="scheduler-spike", config=cfg, records=[record],
+                    requests=shard_requests(Shard(0, (record,)), cfg), counts=counts,
+                    compute_s=float(compute_s), worker="ray-data", finished_at=datetime.now(timezone.utc),
+                    classifier=info.classifier, denoiser=info.denoiser, class_names=selected.classes))
         return time.perf_counter() - started
 
 

@@ -20,14 +20,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     True when this call started a local Ray (the caller shuts it down when done)."""
     import ray
 
-    from jobs.logs import ray_init_options
+    from jobs.logs import no_colour_reset_at_exit, ray_init_options
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, **ray_init_options())
-        return False
-    # "local" always starts a new instance, never a stray cluster left on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
-    return True
+    try:
+        if address:
+            ray.init(address=address, **ray_init_options())
+            return False
+        # "local" always starts a new instance, never a stray cluster left on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
+        return True
+    finally:
+        no_colour_reset_at_exit()

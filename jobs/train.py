@@ -223,6 +223,8 @@ def _no_colour_unless_terminal() -> Iterator[None]:
     import ray  # noqa: F401 - Ray puts its own copy of colorama on sys.path
     import colorama
 
+    from jobs.logs import no_colour_reset_at_exit
+
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     colorama.init()  # wraps only a stream that is not a terminal, to strip escape codes
@@ -230,6 +232,7 @@ def _no_colour_unless_terminal() -> Iterator[None]:
         yield
     finally:
         colorama.deinit()
+        no_colour_reset_at_exit()
 
 
 def _collect(config: Any, run: Any, final: dict[str, Any]) -> dict[str, Any]:

@@ -305,8 +305,13 @@ def test_shards_and_rows():
     shards = plan_shards(records, 4)
     assert [s.image_ids for s in shards] == [[0, 20, 40, 60], [80, 100, 120, 140], [160, 180]]
     assert default_shard_size(100_100, pending=500, actors=4) == 1
-    assert default_shard_size(1_100, pending=5000, actors=4) == 64
-    assert default_shard_size(1_100, pending=500, actors=4) == 32  # 4 shards per actor at least
+    # Issue 22: the progress counts saved shards, so it moves image by image once an image takes
+    # ~10,000 samples (the README's `certify`: n0 = 100, n = 10,000), not 19 images at a time.
+    assert default_shard_size(10_100, pending=500, actors=1) == 1
+    assert default_shard_size(1_100, pending=5000, actors=4) == 9  # ~10,000 samples per shard
+    assert default_shard_size(420, pending=5000, actors=1) == 23
+    assert default_shard_size(420, pending=100, actors=2) == 7  # the demo: 8 shards per actor at least
+    assert default_shard_size(20, pending=5000, actors=1) == 64  # never more than 64 images
     assert default_shard_size(1_100, pending=10, actors=4) == 1
     config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
                                           "output": "o", "n0": 2, "n": 5, "seed": 9})

@@ -91,7 +91,8 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     optimize: bool = option(True, group=SPEED_GROUP,
                             help="fold BatchNorm into convolutions and run channels-last")
     shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
-        "images per actor call and per Parquet part (default: ~200k samples' worth)"))
+        "images per actor call and per Parquet part, the unit the progress counts and Ctrl-C keeps "
+        "(default: ~10,000 samples' worth, at least 8 per actor, one image when n0 + n >= 10,000)"))
     max_restarts: NonNegativeInt = option(3, group=SPEED_GROUP, metavar="N",
                                           help="Ray restarts of a crashed actor, and retries of its call")
     output: Where = option(..., metavar="DIR", help=(

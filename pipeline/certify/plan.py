@@ -25,11 +25,15 @@ from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.certify.config import CertifyConfig  # declared there (light, for --help)
 
-# A shard is the unit of work sent to an actor and of loss on a crash: about this many
-# noisy samples (n = 100,000 -> 2 images per shard; n = 1,000 -> 200).
-TARGET_SHARD_SAMPLES = 200_000
+# A shard is the unit of work sent to an actor, of what is saved (one Parquet part) and so of
+# what the progress counts and Ctrl-C keeps: about this many noisy samples, so that the bar
+# moves image by image once an image takes as many (n0 + n >= 10,000), and at least every
+# ~10,000 samples per actor below that (n = 400: 23 images). Small shards cost little: the
+# pool keeps two in flight per actor, so the driver writes one part while the actor counts
+# the next (a smaller write unit, each image inside a shard, would need a streaming actor call).
+TARGET_SHARD_SAMPLES = 10_000
 MAX_SHARD_IMAGES = 64
-SHARDS_PER_ACTOR = 4
+SHARDS_PER_ACTOR = 8
 
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
@@ -73,7 +77,8 @@ def shard_requests(shard: Shard, config: CertifyConfig) -> list[SampleRequest]:
 
 def default_shard_size(samples_per_image: int, pending: int, actors: int) -> int:
     """About TARGET_SHARD_SAMPLES samples per shard, but at least SHARDS_PER_ACTOR shards per
-    actor, so that a slow actor does not hold the end of the run and progress moves often."""
+    actor, so that a slow actor does not hold the end of the run and progress moves often
+    (the progress counts saved shards' images)."""
     by_samples = max(1, TARGET_SHARD_SAMPLES // max(1, samples_per_image))
     by_balance = max(1, math.ceil(pending / (SHARDS_PER_ACTOR * max(1, actors))))
     return max(1, min(by_samples, by_balance, MAX_SHARD_IMAGES))
