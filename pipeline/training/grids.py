@@ -20,12 +20,13 @@ def denoising_grid(
     seed: int,
     count: int,
     device: torch.device,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """[3*count, 3, H, W] in [0,1]: `count` clean test images spread over the set, their
     noisy versions, then the denoiser's outputs; clamped for display only."""
     picks = torch.linspace(0, len(images) - 1, count).round().long().unique()  # spread over the classes
     labels = torch.zeros(len(picks), dtype=torch.int64)
-    clean, noisy, _ = next(noisy_batches(images[picks], labels, sigma, seed, len(picks), device))
+    clean, noisy, _ = next(noisy_batches(images[picks], labels, sigma, seed, len(picks), device, noise))
     was_training = denoiser.training
     denoiser.eval()
     try:
