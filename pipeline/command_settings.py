@@ -59,6 +59,9 @@ class DemoSettings(Settings):
     actors: PositiveInt | None = option(None, metavar="N", help="certification actors (default: one per CPU)")
     output: Path = option(Path("runs/demo"), metavar="DIR", help=(
         "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))
+    noise: Literal["gaussian", "uniform"] = option("gaussian", help=(
+        "smoothing noise: gaussian (l2 radii, the four denoisers) or uniform (l1 radii, Yang et al. 2020: no "
+        "denoiser vs the shipped MSE denoiser trained for uniform noise; runs under OUTPUT/<row>-uniform)"))
     diffusion: bool = option(False, help=(
         "add a fifth row: the shipped small DDPM as a one-shot diffusion denoiser (off the shelf, one model "
         "for every sigma); its row alone takes 4-7x as long as another row (measured on 2 CPU cores: 560 s "

@@ -53,9 +53,11 @@ class QueryWorker:
         sigma: float,
         denoiser: nn.Module | None = None,
         name: str = "api-0",
+        noise: str = "gaussian",
     ) -> None:
         self.api, self.retry = api, retry
         self.sigma = sigma
+        self.noise = noise  # the smoothing noise kind (pipeline.noise_kinds)
         self.denoiser = denoiser.eval() if denoiser is not None else None
         self.name = name
         self._concurrency = concurrency
@@ -92,7 +94,8 @@ class QueryWorker:
     def images_for(self, unit: WorkUnit, image: torch.Tensor) -> list[torch.Tensor]:
         if unit.phase == CLEAN:
             return [image]
-        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser))
+        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser,
+                                 noise=self.noise))
 
     def run_unit(self, unit: WorkUnit, image: torch.Tensor, image_name: str, permit: Permit,
                  answered: Answered, reslot: Callable[[], float]) -> UnitResult:

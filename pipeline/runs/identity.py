@@ -56,6 +56,9 @@ def run_identity(job: str, settings: SmoothingSettings, selection: DataSelection
         "seed": settings.seed,
         "chunk_size": settings.chunk_size,  # type: ignore[attr-defined]
         **sequential_identity(settings),
+        # Only when not Gaussian, so that runs recorded before noise kinds existed keep their identity.
+        **({"noise": settings.noise} if getattr(settings, "noise", "gaussian") != "gaussian" else {}),
+        **({"allow_foreign_denoiser": True} if getattr(settings, "allow_foreign_denoiser", False) else {}),
         **meaning,
     }
 
@@ -73,6 +76,8 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
     fields = dataclasses.asdict(test)
     if not fields["first_chunks"]:
         del fields["first_chunks"]  # fixed chunks: the identity of runs made before the schedule existed
+    if fields["noise"] == "gaussian":
+        del fields["noise"]  # the identity of runs made before noise kinds existed
     return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
 
 

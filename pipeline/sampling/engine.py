@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Sigma, check_value
+from pipeline.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 
@@ -51,6 +52,7 @@ class VoteCounter:
         device: torch.device | str | None = None,
         amp: bool | str = False,
         precision: str = DEFAULT_PRECISION,
+        noise: str = DEFAULT_NOISE,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")
@@ -58,6 +60,7 @@ class VoteCounter:
         self.model = model.to(self.device).eval()
         self.num_classes = num_classes
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
+        self.noise = noise_kind(noise).name  # the smoothing noise (`pipeline.noise_kinds`)
         self.batch_size = batch_size
         self.precision = precision
         self.amp_dtype = _amp_dtype(amp, self.device, precision)
@@ -120,7 +123,7 @@ class VoteCounter:
             if tuple(image.shape) != shape:
                 raise ValueError(f"image {request.image_id} has shape {tuple(image.shape)}, expected {shape}")
             for chunk in request.chunks():
-                noise = chunk_noise(chunk, shape, self.sigma, self.device)
+                noise = chunk_noise(chunk, shape, self.sigma, self.device, noise=self.noise)
                 start = 0
                 while start < chunk.size:
                     take = min(chunk.size - start, self.batch_size - filled)
