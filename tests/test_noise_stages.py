@@ -135,3 +135,23 @@ def test_uniform_noise_certifies_the_sample_end_to_end_in_l1(tmp_path, capsys):
     np.testing.assert_allclose(certified["radius"], 4 * 0.25 * (certified["p_a_lower"] - 0.5))
     with open(output / "table_uniform.csv") as handle:
         assert [r["run"] for r in csv.DictReader(handle)][::5] == [s.label for s in UNIFORM_SETTINGS]
+
+
+def test_smooth_certifies_l1_radii_under_uniform_noise():
+    """`dsmooth.Smooth(..., noise="uniform")`: the uniform draw and the l1 radius of its bound
+    (a constant classifier: every vote for class 1, so p_A's bound is alpha^(1/n))."""
+    import torch
+
+    import dsmooth
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.ones(len(x), dtype=torch.long), 3).float() + 0 * x.sum()
+
+    image = torch.zeros(3, 4, 4)
+    smooth = dsmooth.Smooth(Constant(), num_classes=3, sigma=0.25, noise="uniform")
+    label, radius = smooth.certify(image, n0=10, n=1000, alpha=0.001)
+    assert smooth.noise == "uniform" and label == 1
+    assert radius == pytest.approx(4 * 0.25 * (0.001 ** (1 / 1000) - 0.5))
+    gaussian = dsmooth.Smooth(Constant(), num_classes=3, sigma=0.25).certify(image, n0=10, n=1000, alpha=0.001)[1]
+    assert gaussian != pytest.approx(radius)
