@@ -152,3 +152,16 @@ def test_uniform_cannot_certify_beyond_its_half_width():
     assert largest_radius(SIGMA, 0.001, 10**9, noise="uniform") <= 2 * SIGMA
     with pytest.raises(ValueError, match="reach"):
         SequentialTest(sigma=SIGMA, alpha=0.001, n_max=100, chunk_size=10, radius=2 * SIGMA, noise="uniform")
+
+
+@pytest.mark.parametrize("kind", NAMES)
+def test_training_adds_the_same_noise_kind(kind):
+    """`add_noise` (training and its evaluation) draws through the same kind as certification."""
+    from pipeline.objectives import add_noise
+
+    x = torch.zeros(20_000, 3)
+    drawn = add_noise(x, SIGMA, torch.Generator().manual_seed(3), kind)
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(drawn, noise_kind(kind).draw(generator, x.shape, SIGMA))
+    if kind == "uniform":
+        assert float(drawn.abs().max()) <= 2 * SIGMA
