@@ -31,7 +31,8 @@ class ReduceSettings(Settings):
     alpha: Alpha | None = option(None, metavar="A", help=(
         "recompute runs' certificates at this failure probability (default: each run's own, as it decided)"))
     radii: list[NonNegativeFloat] | None = option(None, metavar="R", min_length=1, help=(
-        "L2 radii of the table (default: 0 0.25 0.5 0.75 1.0 1.25 1.5 and each sequential run's R)"))
+        "radii of the table: l2, or l1 for uniform / laplace runs (default: 0 0.25 0.5 0.75 1.0 1.25 1.5 and "
+        "each sequential run's R)"))
     names: list[str] | None = option(None, metavar="NAME", help=(
         "one label per RUN argument (a directory's inputs become NAME/relative-path)"))
     envelope: bool = option(False, help="add the best certified accuracy per radius over all inputs")

@@ -105,7 +105,7 @@ def max_radius(record: dict[str, Any]) -> float | None:
     sequential = identity.get("sequential")
     if sequential:
         return largest_radius(sequential["sigma"], sequential["alpha"], sequential["n_max"], sequential=True,
-                              shape=sequential.get("shape", DEFAULT_SHAPE))
+                              shape=sequential.get("shape", DEFAULT_SHAPE), noise=identity.get("noise"))
     if identity.get("mode", "certify") != "certify" or not identity.get("sigma") or not identity.get("n"):
         return None
-    return largest_radius(identity["sigma"], recorded_alpha(record), identity["n"])
+    return largest_radius(identity["sigma"], recorded_alpha(record), identity["n"], noise=identity.get("noise"))
