@@ -57,7 +57,8 @@ ENVELOPE_NOTE = (
     "(clean accuracy of that input) certified accuracy, as in the papers' tables."
 )
 BOUNDS = "fixed n: σ·Φ⁻¹(α^(1/n)); sequential: the confidence sequence's ceiling at n_max"
-CAPPED_NOTE = f"{CAPPED}: above that input's largest certifiable radius ({BOUNDS}): capped by n."
+L1_BOUNDS = "fixed n: the noise's radius of α^(1/n); sequential: of the confidence sequence's ceiling at n_max"
+CAPPED_NOTE = "{capped}: above that input's largest certifiable radius ({bounds}): capped by n."
 AT_RADIUS = "certified at R"  # the first column's header when every input is a sequential run at R
 AT_RADIUS_NOTE = (
     "certified at R: a sequential run certified at R measures no clean accuracy (it tests only "
@@ -245,6 +246,7 @@ def _wide(table: pd.DataFrame) -> Wide:
             }
         )
     norm = table.attrs.get("norm", "ℓ2")
+    bounds = BOUNDS if norm == "ℓ2" else L1_BOUNDS
     notes = [CELLS_NOTE.format(norm=norm), *([L1_NOTE] if norm == "ℓ1" else []), *table.attrs.get("label_notes", [])]
     if all_at_r:
         notes.append(AT_RADIUS_NOTE)
@@ -261,10 +263,10 @@ def _wide(table: pd.DataFrame) -> Wide:
                  else f"at most {limits.max():.3g} over the inputs")
         notes.append(
             f"Not shown: r = {', '.join(f'{r:g}' for r in dropped)}, above the largest radius any input can "
-            f"certify ({where}; {BOUNDS}): capped by n; raise n to certify larger radii."
+            f"certify ({where}; {bounds}): capped by n; raise n to certify larger radii."
         )
     if any(cell == CAPPED for row in rows for cell in row["cells"]):
-        notes.append(CAPPED_NOTE)
+        notes.append(CAPPED_NOTE.format(capped=CAPPED, bounds=bounds))
     with_samples = _has_samples(inputs)
     if with_samples:
         notes.append("samples/image: mean samples a sequential run drew per image before deciding it "
