@@ -155,3 +155,18 @@ def test_smooth_certifies_l1_radii_under_uniform_noise():
     assert radius == pytest.approx(4 * 0.25 * (0.001 ** (1 / 1000) - 0.5))
     gaussian = dsmooth.Smooth(Constant(), num_classes=3, sigma=0.25).certify(image, n0=10, n=1000, alpha=0.001)[1]
     assert gaussian != pytest.approx(radius)
+
+
+def test_api_queries_carry_the_runs_noise():
+    """certify-api's noisy images (`pipeline.apis.sampling`) draw the run's noise kind at the
+    same addresses as the model engine."""
+    import torch
+
+    from pipeline.apis.sampling import noisy_images
+    from pipeline.sampling.noise import Chunk, chunk_noise
+
+    image, chunk = torch.full((3, 4, 4), 0.5), Chunk(0, 3, "estimation", 0, 8)
+    uniform = noisy_images(image, chunk, [1, 5], 0.25, noise="uniform")
+    assert torch.equal(uniform, image + chunk_noise(chunk, (3, 4, 4), 0.25, noise="uniform")[[1, 5]])
+    assert float((uniform - image).abs().max()) <= 0.5
+    assert torch.equal(noisy_images(image, chunk, [1, 5], 0.25), image + chunk_noise(chunk, (3, 4, 4), 0.25)[[1, 5]])
