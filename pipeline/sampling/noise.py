@@ -1,4 +1,5 @@
-"""Deterministic noise (Gaussian, uniform or Laplace: `pipeline.noise_kinds`), addressed by (seed, image id, phase, chunk).
+"""Deterministic noise (Gaussian, uniform or Laplace: `pipeline.noise_kinds`), addressed by
+(seed, image id, phase, chunk).
 
 Each image's samples in a phase are cut into fixed-size *chunks*; every chunk draws its noise
 from its own generator seeded from its address. So the noise an image sees is a pure

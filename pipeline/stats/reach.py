@@ -2,7 +2,8 @@
 sample count a radius needs -- one function for settings validation, reports and reduce.
 
 Why: with n samples even an image whose every vote goes to its class has a bounded lower
-confidence bound on p_A, so no radius above the noise's radius of that bound (Gaussian: sigma * Phi^-1) can be certified.
+confidence bound on p_A, so no radius above the noise's radius of that bound (Gaussian: sigma *
+Phi^-1) can be certified.
 Which bound depends on the run:
 
 * fixed n (CERTIFY, Clopper-Pearson at alpha): alpha^(1/n);

@@ -156,7 +156,8 @@ class SequentialTest:
         """The rule in a user's words (log lines show this, never the dataclass repr)."""
         goal = f"certify at R = {self.radius:g}" if self.radius is not None else "the largest radius per image"
         noise = "" if self.noise == DEFAULT_NOISE else f" ({self.noise} noise, {noise_kind(self.noise).norm} radii)"
-        return (f"{goal}{noise}, sigma = {self.sigma:g}, alpha = {self.alpha:g}, at most {self.n_max:,} samples per image "
+        return (f"{goal}{noise}, sigma = {self.sigma:g}, alpha = {self.alpha:g}, at most {self.n_max:,} samples "
+                f"per image "
                 f"in chunks of {self.chunk_size:,}")
 
     def __post_init__(self) -> None:
