@@ -165,3 +165,27 @@ def test_training_adds_the_same_noise_kind(kind):
     assert torch.equal(drawn, noise_kind(kind).draw(generator, x.shape, SIGMA))
     if kind == "uniform":
         assert float(drawn.abs().max()) <= 2 * SIGMA
+
+
+@pytest.mark.parametrize("kind", NAMES)
+def test_sequential_decisions_use_the_noise_radius(kind):
+    """A sequential run at R certifies once its lower confidence sequence passes the noise's q(R),
+    and a largest-radius run reports the noise's radius of its bound."""
+    from pipeline.stats.confidence_sequences import lower_confidence_sequence
+    from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, Status
+
+    for radius in (0.1, None):
+        test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=4096, chunk_size=256, radius=radius, noise=kind)
+        certifier = SequentialCertifier(test, labels=np.zeros(1, dtype=np.int64))
+        for chunk in range(16):
+            certifier.decide(ChunkVotes(ESTIMATION, np.array([0]), np.array([chunk]), np.array([256]),
+                                        np.array([250])))
+            if certifier.decisions().status[0] != Status.UNDECIDED:
+                break
+        decisions = certifier.decisions()
+        assert decisions.status[0] == Status.CERTIFIED
+        samples = int(decisions.estimation_samples[0])
+        low = float(lower_confidence_sequence(250 * samples // 256, samples, 0.001, test.shape))
+        assert decisions.p_lower[0] >= test.threshold
+        expected = max(radius or 0.0, float(certified_radii(np.array([low]), SIGMA, kind)[0]))
+        assert decisions.radius[0] == pytest.approx(expected)
