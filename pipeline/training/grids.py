@@ -43,7 +43,9 @@ def grid_title(run: dict[str, Any], dataset: str, epoch: int, epochs: int) -> tu
     label = str(run.get("surrogate_label") or "-")
     kind, _, names = label.partition(":")
     through = {"wb": f"white-box through {names}", "bb": f"black-box through surrogates {names.replace('+', ' + ')}"}
-    parts = [f"σ = {float(run['sigma']):g}", through.get(kind, ""), f"{dataset} test images", f"epoch {epoch}/{epochs}"]
+    noise = run.get("noise", "gaussian")
+    sigma = f"σ = {float(run['sigma']):g}" + ("" if noise == "gaussian" else f" ({noise} noise)")
+    parts = [sigma, through.get(kind, ""), f"{dataset} test images", f"epoch {epoch}/{epochs}"]
     return f"{run['name']}: {run['objective']} denoiser ({run['arch']})", " · ".join(p for p in parts if p)
 
 
