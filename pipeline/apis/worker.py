@@ -57,7 +57,7 @@ class QueryWorker:
     ) -> None:
         self.api, self.retry = api, retry
         self.sigma = sigma
-        self.noise = noise  # the smoothing noise kind (pipeline.noise_kinds)
+        self.noise = noise  # the smoothing noise kind (pipeline.sampling.noise_kinds)
         self.denoiser = denoiser.eval() if denoiser is not None else None
         self.name = name
         self._concurrency = concurrency

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Sigma, check_value
-from pipeline.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 
@@ -60,7 +60,7 @@ class VoteCounter:
         self.model = model.to(self.device).eval()
         self.num_classes = num_classes
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
-        self.noise = noise_kind(noise).name  # the smoothing noise (`pipeline.noise_kinds`)
+        self.noise = noise_kind(noise).name  # the smoothing noise (`pipeline.sampling.noise_kinds`)
         self.batch_size = batch_size
         self.precision = precision
         self.amp_dtype = _amp_dtype(amp, self.device, precision)

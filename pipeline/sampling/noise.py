@@ -1,4 +1,4 @@
-"""Deterministic noise (Gaussian, uniform or Laplace: `pipeline.noise_kinds`), addressed by
+"""Deterministic noise (Gaussian, uniform or Laplace: `pipeline.sampling.noise_kinds`), addressed by
 (seed, image id, phase, chunk).
 
 Each image's samples in a phase are cut into fixed-size *chunks*; every chunk draws its noise
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.chunks import chunk_span, count_chunks
 
 PHASES: dict[str, int] = {"selection": 0, "estimation": 1, "prediction": 2}
@@ -120,7 +120,7 @@ def chunk_noise(
     dtype: torch.dtype = torch.float32,
     noise: str = DEFAULT_NOISE,
 ) -> torch.Tensor:
-    """Noise of kind `noise` (`pipeline.noise_kinds`; Gaussian N(0, sigma^2 I) by default) of
+    """Noise of kind `noise` (`pipeline.sampling.noise_kinds`; Gaussian N(0, sigma^2 I) by default) of
     shape [chunk.size, *shape] for this chunk's address.
 
     Identical for equal addresses on the same device type (CPU and CUDA generators differ).
