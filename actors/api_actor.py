@@ -72,6 +72,7 @@ class ApiActor:
         denoiser: BlobKey | None = None,
         name: str = "api-0",
         precision: str = "fp32",
+        noise: str = "gaussian",
     ) -> None:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
         model = None
@@ -84,7 +85,7 @@ class ApiActor:
                 model.set_sigma(sigma)  # (checked when the job prepared the denoiser)
             model = freeze(model)
         self._ledger = ray.get_actor(ledger)
-        self._worker = QueryWorker(api, retry, concurrency, sigma, model, name, precision)
+        self._worker = QueryWorker(api, retry, concurrency, sigma, model, name, precision, noise)
 
     def describe(self) -> str:
         """The readiness ping: answers once the actor is built."""

@@ -72,7 +72,7 @@ class ApiSampler:
             lambda index: ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 2, max_restarts=2,
                                            max_task_retries=0).remote(
                 config.api, config.retry, per_actor, config.sigma, ledger_name, store_name, denoiser_key,
-                f"api-{index}", config.precision),
+                f"api-{index}", config.precision, config.noise),
             Demand(rate.actors, rate.actor_cpus, 0.0), per_actor=per_actor, wait_timeout_s=config.wait_timeout,
         )
         return self

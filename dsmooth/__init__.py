@@ -66,10 +66,13 @@ def load_model(
     classifier_mean: Sequence[float] | None = None,
     classifier_std: Sequence[float] | None = None,
     classifier_interpolation: str | None = None,
+    noise: str = "gaussian",
+    allow_foreign_denoiser: bool = False,
 ) -> Any:
     """f∘D (eval mode, CPU) as an `nn.Module` taking images in [0, 1], checked the way
     `dsmooth certify` checks it: each file's kind, that the classifier was trained on
-    `dataset` ("cifar10", "imagenet") and that the denoiser was trained for `sigma` (a
+    `dataset` ("cifar10", "imagenet") and that the denoiser was trained for `noise` (gaussian,
+    uniform, laplace; another one only with `allow_foreign_denoiser`) at `sigma` (a
     diffusion denoiser, a diffusers folder included, is set to it). Paths may be s3:// or
     gs:// URIs. `classifier` is any classifier spec (see `dsmooth models`: a checkpoint,
     timm:NAME, a timm or Hugging Face folder, a .pt2 / TorchScript archive,
@@ -99,6 +102,8 @@ def load_model(
         classifier_arch,
         allow_foreign_classifier,
         sigma=sigma,
+        noise=noise,
+        allow_foreign_denoiser=allow_foreign_denoiser,
     )
     return pair
 

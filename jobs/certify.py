@@ -273,7 +273,8 @@ def _check_models(config, selected, classifier_object=None):
     classifier = ModelBytes.classifier(spec)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
     pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
-                           config.allow_foreign_classifier, sigma=config.sigma)
+                           config.allow_foreign_classifier, sigma=config.sigma, noise=config.noise,
+                           allow_foreign_denoiser=config.allow_foreign_denoiser)
     return classifier, denoiser, info, pair
 
 

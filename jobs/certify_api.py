@@ -98,7 +98,8 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
     denoiser = None
     arch = sha = None
     if config.denoiser is not None:
-        denoiser, arch, sha = read_api_denoiser(config.denoiser, config.sigma, dataset)
+        denoiser, arch, sha = read_api_denoiser(config.denoiser, config.sigma, dataset, config.noise,
+                                                config.allow_foreign_denoiser)
     identity, extra = api_identity(config, split, arch, sha)
     run_dir = Location.of(config.output)
     price = config.budget.price(config.api.provider)

@@ -15,7 +15,7 @@ DESCRIPTION = """\
 dsmooth turns a pretrained image classifier -- or a vision API you can only query -- into a
 provably robust one with denoised smoothing (Salman et al., 2020): a denoiser D is put in
 front of the classifier f, and randomized smoothing (Cohen et al., 2019) of f(D(x)) gives a
-certified L2 radius for each prediction.
+certified radius (L2; L1 under --noise uniform|laplace) for each prediction.
 
 Jobs run on a local Ray started for you, or on a cluster given by --address / RAY_ADDRESS.
 Run `dsmooth COMMAND --help` for each command's options."""

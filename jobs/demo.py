@@ -54,8 +54,29 @@ SETTINGS = [
 DIFFUSION = Setting("ddpm_one_shot", "small DDPM, one-shot (off the shelf)", "ddpm_small")
 
 
+# --noise uniform: l1 certificates (Yang et al., 2020) with the classifier alone and behind the
+# small MSE denoiser trained for uniform noise (examples/demo/denoiser_mse_uniform.yaml).
+UNIFORM_SETTINGS = [
+    Setting("no_denoiser", "no denoiser", None),
+    Setting("mse", "MSE denoiser (trained for uniform noise)", "denoiser_mse_uniform_s0.25.pt"),
+]
+# The l1 radii shown under uniform noise: lambda = 2 sigma = 0.5 bounds every l1 radius.
+UNIFORM_RADII = [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
 def demo_settings(args: Any) -> list[Setting]:
+    if getattr(args, "noise", "gaussian") != "gaussian":
+        if getattr(args, "diffusion", False):
+            raise ValueError("--diffusion serves Gaussian noise only (its DDPM was trained for it); drop it "
+                             "or --noise")
+        return UNIFORM_SETTINGS
     return SETTINGS + ([DIFFUSION] if getattr(args, "diffusion", False) else [])
+
+
+def run_folder(output: Path, setting: Setting, noise: str = "gaussian") -> Path:
+    """A row's run directory: OUTPUT/<slug>, OUTPUT/<slug>-<noise> for a non-Gaussian noise (the
+    two noises never share a run)."""
+    return output / (setting.slug if noise == "gaussian" else f"{setting.slug}-{noise}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,11 +137,14 @@ def run(args: argparse.Namespace) -> int:
 
             ray.shutdown()
     table = _report(args, outcomes)
-    _denoising_grid(sample, args.output / "denoising.png", demo_settings(args))
-    print(f"\nvotes (Parquet): {args.output}/<setting>/votes/   plot: {args.output}/certified_accuracy.png   "
-          f"denoising examples: {args.output}/denoising.png")
+    suffix = "" if args.noise == "gaussian" else f"_{args.noise}"
+    _denoising_grid(sample, args.output / f"denoising{suffix}.png", demo_settings(args), noise=args.noise)
+    print(f"\nvotes (Parquet): {args.output}/<setting>/votes/   plot: {args.output}/certified_accuracy{suffix}.png   "
+          f"denoising examples: {args.output}/denoising{suffix}.png")
+    folders = " ".join(str(run_folder(args.output, s, args.noise)) for s in demo_settings(args))
+    radii = " ".join(f"{r:g}" for r in (RADII if args.noise == "gaussian" else UNIFORM_RADII))
     print(f"resume: rerun this command with the same --output; re-reduce at another alpha: "
-          f"dsmooth reduce {args.output}/* --alpha 0.01 --radii 0 0.25 0.5 0.75")
+          f"dsmooth reduce {folders} --alpha 0.01 --radii {radii}")
     return 0 if len(table) else 1
 
 
@@ -157,7 +181,8 @@ def _prepare(args: Any) -> tuple[Any, list[Any]]:
             "classifier": str(MODELS / "classifier.pt"),
             "denoiser": str(MODELS / setting.denoiser) if setting.denoiser else None,
             "sigma": SIGMA, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
-            "precision": args.precision, "actors": args.actors, "output": str(args.output / setting.slug),
+            "precision": args.precision, "actors": args.actors,
+            "output": str(run_folder(args.output, setting, args.noise)), "noise": args.noise,
         }
         try:
             config = parse_config(CertifyConfig, values)
@@ -198,8 +223,9 @@ def _remove_runs(output: Path) -> None:
 
     from pipeline.runs.storage import RUN_FILE
 
-    for setting in SETTINGS + [DIFFUSION]:
-        folder = output / setting.slug
+    folders = [output / s.slug for s in SETTINGS + [DIFFUSION]]
+    folders += [run_folder(output, s, "uniform") for s in UNIFORM_SETTINGS]
+    for folder in folders:
         if (folder / RUN_FILE).is_file():
             log.info("--fresh: removing %s", folder)
             shutil.rmtree(folder)
@@ -212,19 +238,23 @@ def _report(args: argparse.Namespace, outcomes: list[Any]):
     from pipeline.reduce import accuracy_table, plot_certified_accuracy, render
 
     inputs = [outcome.certificates(args.alpha, name=s.label) for s, outcome in zip(demo_settings(args), outcomes)]
-    table = accuracy_table(inputs, RADII)
+    gaussian = args.noise == "gaussian"
+    table = accuracy_table(inputs, RADII if gaussian else UNIFORM_RADII)
     markdown = render(table, "markdown")
-    print(f"\nCertified accuracy on {args.images} CIFAR-10 test images, sigma={SIGMA}, n={args.n}, "
+    noise = "" if gaussian else f", {args.noise} noise (certified ℓ1 radii)"
+    print(f"\nCertified accuracy on {args.images} CIFAR-10 test images, sigma={SIGMA}{noise}, n={args.n}, "
           f"alpha={args.alpha} (ResNet-20 trained without noise):\n")
     print(markdown)
-    (args.output / "table.md").write_text(markdown + "\n")
-    (args.output / "table.csv").write_text(render(table, "csv"))
-    plot_certified_accuracy(inputs, args.output / "certified_accuracy.png",
-                            title="CIFAR-10 sample: ResNet-20 trained without noise, alone and behind each denoiser")
+    suffix = "" if gaussian else f"_{args.noise}"
+    (args.output / f"table{suffix}.md").write_text(markdown + "\n")
+    (args.output / f"table{suffix}.csv").write_text(render(table, "csv"))
+    plot_certified_accuracy(inputs, args.output / f"certified_accuracy{suffix}.png",
+                            title="CIFAR-10 sample: ResNet-20 trained without noise, alone and behind each denoiser"
+                            + ("" if gaussian else f" ({args.noise} noise, ℓ1)"))
     return table
 
 
-def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, count: int = 8):
+def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, count: int = 8, noise: str = "gaussian"):
     """Rows: clean, noisy, then each denoiser's output (as the paper's Figure 5), each row
     labelled, so a reader can tell the noisy input from each denoiser. Returns the figure
     it wrote."""
@@ -237,7 +267,7 @@ def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, coun
 
     positions = range(0, len(sample), max(1, len(sample) // count))[:count]
     clean = torch.stack([sample[i][1] for i in positions])
-    noisy = clean + chunk_noise(Chunk(0, 0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA)
+    noisy = clean + chunk_noise(Chunk(0, 0, "prediction", 0, len(clean)), tuple(clean.shape[1:]), SIGMA, noise=noise)
     rows = [("clean", clean), (f"noisy σ={SIGMA:g}", noisy.clamp(0, 1))]
     trained = []  # each denoiser with its own sigma, so none is read against another's
     with torch.inference_mode():
@@ -251,7 +281,7 @@ def _denoising_grid(sample, path: Path, settings: list[Setting] = SETTINGS, coun
     _, classifier = load_checkpoint(MODELS / "classifier.pt")
     figure = image_grid(
         [(label, images.numpy()) for label, images in rows],
-        f"CIFAR-10 test images under Gaussian noise σ = {SIGMA:g}, and each denoiser's output",
+        f"CIFAR-10 test images under {noise.capitalize()} noise σ = {SIGMA:g}, and each denoiser's output",
         f"denoisers: {', '.join(dict.fromkeys(trained))}; the {classifier.arch} classifier sees the denoised rows",
     )
     save_png(figure, path)

@@ -31,7 +31,8 @@ class ReduceSettings(Settings):
     alpha: Alpha | None = option(None, metavar="A", help=(
         "recompute runs' certificates at this failure probability (default: each run's own, as it decided)"))
     radii: list[NonNegativeFloat] | None = option(None, metavar="R", min_length=1, help=(
-        "L2 radii of the table (default: 0 0.25 0.5 0.75 1.0 1.25 1.5 and each sequential run's R)"))
+        "radii of the table: l2, or l1 for uniform / laplace runs (default: 0 0.25 0.5 0.75 1.0 1.25 1.5 and "
+        "each sequential run's R)"))
     names: list[str] | None = option(None, metavar="NAME", help=(
         "one label per RUN argument (a directory's inputs become NAME/relative-path)"))
     envelope: bool = option(False, help="add the best certified accuracy per radius over all inputs")
@@ -59,6 +60,9 @@ class DemoSettings(Settings):
     actors: PositiveInt | None = option(None, metavar="N", help="certification actors (default: one per CPU)")
     output: Path = option(Path("runs/demo"), metavar="DIR", help=(
         "where runs, table and plots go; a rerun resumes the runs there, which needs the same --n0 and --n"))
+    noise: Literal["gaussian", "uniform"] = option("gaussian", help=(
+        "smoothing noise: gaussian (l2 radii, the four denoisers) or uniform (l1 radii, Yang et al. 2020: no "
+        "denoiser vs the shipped MSE denoiser trained for uniform noise; runs under OUTPUT/<row>-uniform)"))
     diffusion: bool = option(False, help=(
         "add a fifth row: the shipped small DDPM as a one-shot diffusion denoiser (off the shelf, one model "
         "for every sigma); its row alone takes 4-7x as long as another row (measured on 2 CPU cores: 560 s "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -81,6 +81,11 @@ def _known_scheme(value: str) -> str:
 # Shared setting types: validation and meaning declared once, used by every job.
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 Alpha = Annotated[float, Field(gt=0, lt=1, strict=True)]
+# The smoothing noise (`pipeline.sampling.noise_kinds`, where each is defined; the names are checked
+# equal there): the norm a run certifies follows from it. Gaussian unless said otherwise.
+Noise = Annotated[Literal["gaussian", "uniform", "laplace"], Field(description=(
+    "smoothing noise: gaussian (certifies l2 radii), uniform on [-2 sigma, 2 sigma]^d or laplace with scale "
+    "sigma (both certify l1 radii; sigma = E|delta_i|, the convention of Yang et al. 2020)"))]
 Seed = Annotated[int, Field(ge=0, strict=True)]
 PositiveInt = Annotated[int, Field(ge=1, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from pipeline.config import (
     Alpha,
     ConfigError,
+    Noise,
     NonNegativeFloat,
     NonNegativeInt,
     OptionalWhere,
@@ -112,8 +113,16 @@ class SmoothingSettings(Settings):
     """The smoothing: noise level and sample counts, the noise seed and chunking, and the
     optional denoiser in front of the classifier (or API)."""
 
-    sigma: Sigma = option(..., group="smoothing", metavar="S",
-                          help="Gaussian noise level sigma, in [0, 1] pixel units (required, > 0)")
+    sigma: Sigma = option(..., group="smoothing", metavar="S", help=(
+        "noise level sigma, in [0, 1] pixel units (required, > 0): the Gaussian's std; for uniform and "
+        "laplace the mean absolute noise per pixel (see --noise)"))
+    noise: Noise = option("gaussian", group="smoothing", help=(
+        "smoothing noise: gaussian certifies l2 radii; uniform (on [-2 sigma, 2 sigma]) and laplace (scale "
+        "sigma) certify l1 radii (Yang et al. 2020). Part of the run identity when not gaussian; the "
+        "denoiser must have been trained for it"))
+    allow_foreign_denoiser: bool = option(False, group="models", help=(
+        "accept a denoiser trained for another noise than --noise (an experiment: 'trained on Gaussian, "
+        "tested on uniform'); certificates stay valid, only weaker. Part of the run identity when set"))
     alpha: Alpha = option(0.001, group="smoothing", metavar="A", help=(
         "failure probability of the certificates reported at the end (with fixed n the votes do not "
         "depend on it: `dsmooth reduce --alpha` recomputes them; with --sequential it also decides "
@@ -141,7 +150,7 @@ class SmoothingSettings(Settings):
 
             # A fixed-n run asks no radius, but one whose n certifies none (not even R = 0)
             # would spend every sample for abstentions: say so in one line (it may be a dry test).
-            reach = check_reach(0.0, self.sigma, self.alpha, n)
+            reach = check_reach(0.0, self.sigma, self.alpha, n, noise=self.noise)
             if not reach.within:
                 log.warning("%s", reach.message())
         return self
@@ -166,13 +175,14 @@ class SequentialSettings(Settings):
         "stop sampling each image as soon as its certificate is decided, with the same (1 - alpha) "
         "guarantee (a confidence sequence, valid under any stopping); n becomes a cap, see --n-max"))
     radius: NonNegativeFloat | None = option(None, group=SEQUENTIAL_GROUP, metavar="R", help=(
-        "certify at this L2 radius: test p_A > Phi(R/sigma) and stop once decided; none = largest-radius "
+        "certify at this radius (l2 for gaussian noise, l1 for uniform/laplace): test p_A > q(R) (Gaussian: "
+        "Phi(R/sigma)) and stop once decided; none = largest-radius "
         "mode: sample until the certified radius grows by less than --tolerance per doubling"))
     n_max: PositiveInt | None = option(None, group=SEQUENTIAL_GROUP, metavar="N", help=(
         "at most N estimation samples per image; an image still undecided there is not certified "
         "(default: n)"))
     tolerance: PositiveFloat = option(0.01, group=SEQUENTIAL_GROUP, metavar="DR", help=(
-        "largest-radius mode: stop when the certified L2 radius grows by less than DR per doubling "
+        "largest-radius mode: stop when the certified radius grows by less than DR per doubling "
         "of the samples"))
     futility_alpha: Alpha = option(0.05, group=SEQUENTIAL_GROUP, metavar="B", help=(
         "give up on an image once an upper bound at level B falls below Phi(R/sigma) (certify: see "
@@ -197,7 +207,8 @@ class SequentialSettings(Settings):
         if getattr(self, "mode", "certify") != "certify":
             raise ConfigError("sequential", "sequential certification needs mode certify (PREDICT has no radius)")
         sigma = getattr(self, "sigma", None)
-        if self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
+        noise = getattr(self, "noise", "gaussian")
+        if noise == "gaussian" and self.radius is not None and sigma is not None and self.radius / sigma > 8.0:
             raise ConfigError("radius", f"radius {self.radius} = {self.radius / sigma:.1f} sigma cannot be "
                               "certified (Phi(R/sigma) rounds to 1); use R <= 8 sigma")
         if self.n_max is None and self.default_n_max is not None:
@@ -209,7 +220,7 @@ class SequentialSettings(Settings):
 
             # Refused before any sample or query: every image would spend a chunk and stop
             # unreachable (largest-radius mode: nothing at all, R = 0, can be certified).
-            reach = check_reach(self.radius or 0.0, sigma, alpha, n_max, sequential=True)
+            reach = check_reach(self.radius or 0.0, sigma, alpha, n_max, sequential=True, noise=noise)
             if not reach.within:
                 raise ConfigError("radius" if self.radius is not None else "n_max", reach.message())
         return self

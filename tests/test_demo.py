@@ -17,13 +17,13 @@ from scipy.stats import beta, norm
 
 from jobs.cli import main as dsmooth
 from jobs import demo
-from jobs.demo import MODELS, SAMPLE, SETTINGS, SIGMA, _denoising_grid
+from jobs.demo import MODELS, SAMPLE, SETTINGS, SIGMA, UNIFORM_SETTINGS, _denoising_grid
 
 
 def test_shipped_models_and_sample_are_small_and_documented():
     images = list(SAMPLE.rglob("*.jpg"))
     assert len(images) == 500 and sum(p.stat().st_size for p in images) < 3 * 2**20
-    for name in ["classifier", "surrogate"] + [s.denoiser[:-3] for s in SETTINGS if s.denoiser]:
+    for name in ["classifier", "surrogate"] + [s.denoiser[:-3] for s in SETTINGS + UNIFORM_SETTINGS if s.denoiser]:
         model = MODELS / f"{name}.pt"
         assert model.stat().st_size < 5 * 2**20
         assert (MODELS / f"{name}.yaml").is_file()  # the training config beside it
@@ -314,3 +314,11 @@ def test_demo_with_diffusion_adds_the_one_shot_ddpm_row(tmp_path):
     assert labels[-1] == demo.DIFFUSION.label and "diffusers_unet (any σ, diffusion)" in figure.get_suptitle()
     rows = [np.asarray(axes.images[0].get_array()) for axes in figure.axes]
     assert np.abs(rows[-1] - rows[0]).mean() < np.abs(rows[1] - rows[0]).mean()
+
+
+def test_the_uniform_denoiser_is_shipped_trained_for_uniform_noise():
+    from pipeline.models import ModelMeta, read_checkpoint
+
+    meta = ModelMeta.from_dict(read_checkpoint(MODELS / "denoiser_mse_uniform_s0.25.pt")["meta"])
+    assert (meta.kind, meta.noise, meta.sigma, meta.arch) == ("denoiser", "uniform", SIGMA, "dncnn_small")
+    assert (MODELS / "denoiser_mse_uniform_s0.25.pt").stat().st_size < 2 * 2**20

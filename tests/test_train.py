@@ -312,6 +312,21 @@ def test_run_local_resumes_without_ray(tmp_path):
     assert [s["start_epoch"] for s in record["sessions"]] == [1, 2]
 
 
+def test_a_denoiser_trained_under_uniform_noise_records_it(tmp_path):
+    """sweep.noises: the run trains on x + uniform noise, and its checkpoint records the noise
+    (what certify checks a denoiser against)."""
+    from pipeline.models import ModelMeta, read_checkpoint
+
+    config = load_train_config(denoiser_config(
+        tmp_path / "out", dataset=dataset(max_train=32, max_test=8), epochs=1,
+        sweep={"sigmas": [0.25], "noises": ["uniform"], "archs": ["dncnn_small"]}))
+    spec = worker_spec(config, plan_sweep(config)[0])
+    assert spec["run"]["noise"] == "uniform"
+    run_local(spec, tmp_path / "store")
+    meta = ModelMeta.from_dict(read_checkpoint(tmp_path / "store" / "epoch_0001" / "model.pt")["meta"])
+    assert meta.noise == "uniform" and meta.sigma == 0.25
+
+
 def test_training_grid_is_labelled_and_readable(tmp_path):
     """The grid a denoiser run writes names its rows (clean, noisy at its sigma, denoised)
     and the run in its title, and draws the images large enough to see."""

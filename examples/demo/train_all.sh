@@ -6,6 +6,7 @@
 #   3. mse          dncnn_small, sigma 0.25, MSE objective
 #   4. stab_mse     3. fine-tuned with STAB through the frozen classifier (white-box)
 #   5. blackbox     3. fine-tuned with STAB through the frozen surrogate (black-box)
+#   6. mse_uniform  dncnn_small, sigma 0.25, MSE objective under UNIFORM noise (l1; demo --noise uniform)
 # Each model is copied beside its training config and its final figures (metrics.json).
 # Rerunning skips finished trainings (dsmooth train resumes / skips by itself).
 set -euo pipefail
@@ -30,3 +31,4 @@ train surrogate surrogate
 train denoiser_mse denoiser_mse_s0.25
 train denoiser_stab_mse denoiser_stab_mse_s0.25
 train denoiser_blackbox denoiser_blackbox_s0.25
+train denoiser_mse_uniform denoiser_mse_uniform_s0.25

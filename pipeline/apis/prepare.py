@@ -26,9 +26,10 @@ def select_images(config: CertifyApiConfig) -> tuple[ImageDataset, ImageDataset]
     return split, config.select(split)
 
 
-def read_api_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple[Any, str, str]:
+def read_api_denoiser(where: str, sigma: float, selected: ImageDataset, noise: str = "gaussian",
+                      allow_foreign: bool = False) -> tuple[Any, str, str]:
     """(checkpoint bytes, architecture, sha256) of the denoiser, checked as the certify job
-    checks it (kind, data set, sigma); the API actors load it from the bytes. A diffusers
+    checks it (kind, data set, noise and sigma); the API actors load it from the bytes. A diffusers
     folder or guided-diffusion file is converted as `dsmooth certify` converts it, so its
     identity is the SHA-256 of the converted checkpoint."""
     from pipeline.certify.pair import ModelBytes, load_denoiser_bytes
@@ -36,7 +37,7 @@ def read_api_denoiser(where: str, sigma: float, selected: ImageDataset) -> tuple
 
     try:
         checkpoint = ModelBytes.read_denoiser(where)
-        _, meta = load_denoiser_bytes(checkpoint, selected.describe(), sigma)
+        _, meta = load_denoiser_bytes(checkpoint, selected.describe(), sigma, noise, allow_foreign)
     except CheckpointError as error:
         raise ConfigError("denoiser", str(error)) from None
     return checkpoint, meta.arch, checkpoint.sha256

@@ -26,6 +26,7 @@ def noisy_images(
     denoiser: nn.Module | None = None,
     batch_size: int = 8,
     precision: str = DEFAULT_PRECISION,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """[len(rows), C, H, W]: image + noise rows of `chunk` (a full noise address), through the
     denoiser when given, in `precision` (`pipeline.sampling.precision`; its output in fp32).
@@ -34,8 +35,8 @@ def noisy_images(
     denoiser's device. The result is not clipped: encoding does that.
     """
     image = image.to("cpu", torch.float32)
-    noise = chunk_noise(chunk, tuple(image.shape), sigma, device="cpu")
-    noisy = image.unsqueeze(0) + noise[list(rows)]
+    drawn = chunk_noise(chunk, tuple(image.shape), sigma, device="cpu", noise=noise)
+    noisy = image.unsqueeze(0) + drawn[list(rows)]
     if denoiser is None:
         return noisy
     device = next(denoiser.parameters(), torch.empty(0)).device

@@ -54,9 +54,11 @@ class QueryWorker:
         denoiser: nn.Module | None = None,
         name: str = "api-0",
         precision: str = "fp32",
+        noise: str = "gaussian",
     ) -> None:
         self.api, self.retry = api, retry
         self.sigma, self.precision = sigma, precision
+        self.noise = noise  # the smoothing noise kind (pipeline.sampling.noise_kinds)
         self.denoiser = denoiser.eval() if denoiser is not None else None
         self.name = name
         self._concurrency = concurrency
@@ -93,7 +95,8 @@ class QueryWorker:
     def images_for(self, unit: WorkUnit, image: torch.Tensor) -> list[torch.Tensor]:
         if unit.phase == CLEAN:
             return [image]
-        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser, precision=self.precision))
+        return list(noisy_images(image, unit.chunk, unit.rows, self.sigma, self.denoiser, precision=self.precision,
+                                 noise=self.noise))
 
     def run_unit(self, unit: WorkUnit, image: torch.Tensor, image_name: str, permit: Permit,
                  answered: Answered, reslot: Callable[[], float]) -> UnitResult:

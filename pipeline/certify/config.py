@@ -129,4 +129,5 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
         return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
                             allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
-                            optimize=self.optimize, precision=self.precision, sound=self.sound)
+                            optimize=self.optimize, precision=self.precision, sound=self.sound, noise=self.noise,
+                            allow_foreign_denoiser=self.allow_foreign_denoiser)

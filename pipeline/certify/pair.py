@@ -134,13 +134,15 @@ def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Modu
 
 
 def load_denoiser(path: Path, source: str, data: DataDescription, sigma: float | None = None,
-                  ) -> tuple[nn.Module, ModelMeta]:
-    """A denoiser checkpoint checked for its kind, its data set and its noise level; a
-    sigma-independent one (diffusion) is given the run's sigma instead."""
+                  noise: str = "gaussian", allow_foreign: bool = False) -> tuple[nn.Module, ModelMeta]:
+    """A denoiser checkpoint checked for its kind, its data set and its noise (kind and level,
+    `check_denoiser_sigma`); a sigma-independent one (diffusion) is given the run's sigma instead."""
     model, meta = load_checkpoint(path)
     if meta.kind != "denoiser":
         raise CheckpointMismatchError(f"{source}: holds a {meta.kind} ({meta.arch}), not a denoiser")
     check_fits_data(meta, data, source)
+    if sigma is not None:
+        check_denoiser_sigma(meta, sigma, source, noise, allow_foreign)
     if meta.sigma_independent:
         if sigma is None:
             raise CheckpointMismatchError(f"{source}: denoiser {meta.arch} serves any sigma and needs the run's")
@@ -148,8 +150,6 @@ def load_denoiser(path: Path, source: str, data: DataDescription, sigma: float |
             model.set_sigma(sigma)
         except ValueError as error:
             raise CheckpointMismatchError(f"{source}: {error}") from None
-    elif sigma is not None:
-        check_denoiser_sigma(meta, sigma, source)
     return model, meta
 
 
@@ -165,10 +165,10 @@ def _as_file(checkpoint: ModelBytes, name: str) -> Iterator[Path]:
 
 
 def load_denoiser_bytes(denoiser: ModelBytes, data: DataDescription, sigma: float | None = None,
-                        ) -> tuple[nn.Module, ModelMeta]:
+                        noise: str = "gaussian", allow_foreign: bool = False) -> tuple[nn.Module, ModelMeta]:
     """`load_denoiser` on shipped bytes (errors name the user's path, not a temporary file)."""
     with _as_file(denoiser, "denoiser.pt") as path:
-        return load_denoiser(path, denoiser.source, data, sigma)
+        return load_denoiser(path, denoiser.source, data, sigma, noise, allow_foreign)
 
 
 def _probe_num_classes(model: nn.Module, image_shape: Sequence[int], names: str) -> int:
@@ -198,6 +198,8 @@ def load_pair(
     classifier_arch: str | None = None,
     allow_foreign_classifier: bool = False,
     sigma: float | None = None,
+    noise: str = "gaussian",
+    allow_foreign_denoiser: bool = False,
 ) -> tuple[DenoisedClassifier, PairInfo]:
     """f∘D (eval, CPU) and its identity, checked against the data it will certify.
 
@@ -210,7 +212,8 @@ def load_pair(
     else:
         with _as_file(classifier, "classifier.pt") as path:
             f, f_name, f_meta = _load_classifier(path, classifier.source, classifier.arch or classifier_arch)
-    d, d_meta = load_denoiser_bytes(denoiser, data, sigma) if denoiser is not None else (None, None)
+    d, d_meta = (load_denoiser_bytes(denoiser, data, sigma, noise, allow_foreign_denoiser)
+                 if denoiser is not None else (None, None))
     pair = compose(f, d).eval()
     names = f_name if d_meta is None else f"{f_name} with denoiser {d_meta.arch}"
     image_shape = (3, *data.image_size)
@@ -243,13 +246,16 @@ class PairSettings:
     optimize: bool = True
     precision: str = "fp32"
     sound: bool = False
+    noise: str = "gaussian"
+    allow_foreign_denoiser: bool = False
 
     def counter(self, classifier: ModelBytes, denoiser: ModelBytes | None, expected: PairInfo,
                 data: DataDescription, device: str) -> PairCounter:
         return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
                            allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
                            device=device, amp=self.amp, optimize=self.optimize,
-                           precision=self.precision, sound=self.sound)
+                           precision=self.precision, sound=self.sound, noise=self.noise,
+                           allow_foreign_denoiser=self.allow_foreign_denoiser)
 
 
 class PairCounter:
@@ -271,8 +277,11 @@ class PairCounter:
         optimize: bool = True,
         precision: str = "fp32",
         sound: bool = False,
+        noise: str = "gaussian",
+        allow_foreign_denoiser: bool = False,
     ) -> None:
-        pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier, sigma)
+        pair, info = load_pair(classifier, denoiser, data, classifier_arch, allow_foreign_classifier, sigma,
+                               noise, allow_foreign_denoiser)
         if info != expected:
             # Another file than the driver checked (e.g. bytes corrupted in transit).
             raise CheckpointMismatchError(f"models loaded here ({info}) differ from the job's ({expected})")
@@ -281,7 +290,7 @@ class PairCounter:
         model = optimize_for_inference(pair, self.device) if optimize else pair.to(self.device).eval()
         self.counter = VoteCounter(
             model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp,
-            precision=precision, sound=sound,
+            precision=precision, sound=sound, noise=noise,
         )
 
     def count(

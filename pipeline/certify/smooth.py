@@ -34,13 +34,15 @@ class SmoothedClassifier:
         return SampleRequest(self.seed, image_id, phase, n, self.chunk_size)
 
     def certify(self, image_id: int, image: torch.Tensor, n0: int, n: int, alpha: float) -> tuple[Hashable, float]:
-        """(class, L2 radius) or (ABSTAIN, 0.0)."""
+        """(class, radius) or (ABSTAIN, 0.0); the radius is in the noise's norm (l2 Gaussian, l1
+        uniform / Laplace)."""
         if n0 > n:
             raise ValueError(f"n0={n0} must not exceed n={n}")
         selection, estimation = self.counter.count(
             {image_id: image}, [self._request(image_id, "selection", n0), self._request(image_id, "estimation", n)]
         )
-        decision = smoothing.certify_matrix(selection, estimation, self.counter.sigma, alpha)
+        decision = smoothing.certify_matrix(selection, estimation, self.counter.sigma, alpha,
+                                            noise=self.counter.noise)
         return int(decision.prediction[0]), float(decision.radius[0])
 
     def predict(self, image_id: int, image: torch.Tensor, n: int, alpha: float) -> Hashable:
@@ -75,13 +77,15 @@ class Smooth:
         amp: bool | str = False,
         precision: str = "fp32",
         sound: bool = False,
+        noise: str = "gaussian",
     ) -> None:
         counter = VoteCounter(base_classifier, num_classes, sigma, batch_size=batch_size, device=device, amp=amp,
-                              precision=precision, sound=sound)
+                              precision=precision, sound=sound, noise=noise)
         self.smoothed = SmoothedClassifier(counter, seed=seed, chunk_size=chunk_size)
         self.base_classifier = counter.model
         self.num_classes = num_classes
         self.sigma = counter.sigma
+        self.noise = counter.noise  # gaussian (l2 radii), uniform or laplace (l1 radii): pipeline.sampling.noise_kinds
         self._calls = 0
 
     @property
@@ -110,12 +114,13 @@ class Smooth:
             old = self.counter
             self.smoothed.counter = VoteCounter(old.model, old.num_classes, old.sigma, batch_size=batch_size,
                                                 device=old.device, amp=bool(old.amp_dtype), precision=old.precision,
-                                                sound=old.sound)
+                                                sound=old.sound, noise=old.noise)
             self.smoothed.counter.amp_dtype = old.amp_dtype
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int | None = None, *,
                 image_id: int | None = None) -> tuple[int, float]:
-        """(predicted class, certified L2 radius), or (ABSTAIN, 0.0)."""
+        """(predicted class, certified radius), or (ABSTAIN, 0.0): an l2 radius under Gaussian
+        noise, l1 under uniform or Laplace noise (`noise=`)."""
         self._batch(batch_size)
         return self.smoothed.certify(self._address(image_id), self._image(x), n0, n, alpha)
 

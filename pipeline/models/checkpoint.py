@@ -53,6 +53,7 @@ class ModelMeta:
     input_size: int | None = None  # side of the (square) images a classifier was trained on
     normalization: dict[str, list[float]] | None = None  # {"mean": [...], "std": [...]}
     sigma: float | None = None  # noise level a denoiser/classifier was trained for
+    noise: str | None = None  # smoothing noise it was trained for (pipeline.sampling.noise_kinds); None = gaussian
     sigma_independent: bool = False  # a denoiser that serves every sigma (diffusion): given the run's at load
     objective: str | None = None  # e.g. "mse", "stab", "clf"
     config: dict[str, Any] = field(default_factory=dict)  # training config (JSON-able)

@@ -20,11 +20,22 @@ class DataMismatchError(CheckpointMismatchError):
     """The model was made for other data than the data being certified."""
 
 
-def check_denoiser_sigma(meta: ModelMeta, sigma: float, source: str) -> None:
-    """Denoisers are trained per noise level (Salman et al. train one per sigma): at another
-    sigma the certificates stay valid but are needlessly weak, and for an API every one of
-    those queries is paid, so a mismatch is refused. A sigma-independent denoiser (one step of
-    a diffusion model) is told the run's sigma instead, so there is nothing to refuse."""
+def check_denoiser_sigma(meta: ModelMeta, sigma: float, source: str, noise: str = "gaussian",
+                         allow_foreign: bool = False) -> None:
+    """Denoisers are trained per noise (Salman et al. train one per sigma; Gaussian noise is not
+    uniform noise): for another noise or sigma the certificates stay valid but are needlessly
+    weak, and for an API every one of those queries is paid, so a mismatch is refused.
+
+    The noise kind: a checkpoint that records none was trained before noise kinds existed, on
+    Gaussian noise (diffusion models too); `allow_foreign` accepts another noise on purpose (the
+    "trained on Gaussian, tested on uniform" experiment). The sigma: a sigma-independent
+    denoiser (one step of a diffusion model) is told the run's sigma instead."""
+    trained = meta.noise or "gaussian"
+    if trained != noise and not allow_foreign:
+        raise DataMismatchError(
+            f"{source}: denoiser {meta.arch} was trained for {trained} noise but the run uses --noise {noise} "
+            "(pass --allow-foreign-denoiser to test it there anyway)"
+        )
     if meta.sigma_independent:
         return
     if meta.sigma is not None and abs(float(meta.sigma) - float(sigma)) > 1e-9:

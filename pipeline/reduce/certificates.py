@@ -8,7 +8,7 @@ lets old published results sit beside new runs in one table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,7 @@ class Certificates(pd.DataFrame):
     certificates were recomputed at another alpha than the run decided with."""
 
     _metadata = ["name", "sigma", "source", "alpha", "n", "dataset", "model", "sequence_shape", "at_radius",
-                 "run_alpha", "labels_from"]
+                 "run_alpha", "labels_from", "noise"]
     name: str = ""
     sigma: float | None = None
     source: str = ""
@@ -57,6 +57,14 @@ class Certificates(pd.DataFrame):
     at_radius: float | None = None
     run_alpha: float | None = None
     labels_from: str | None = None  # set when the labels are not the data's (unlabelled data)
+    noise: str = "gaussian"  # the smoothing noise (pipeline.sampling.noise_kinds): its norm is the radii's
+
+    @property
+    def norm(self) -> str:
+        """The norm the radii are measured in: ℓ2 (Gaussian) or ℓ1 (uniform, Laplace)."""
+        from pipeline.sampling.noise_kinds import noise_kind
+
+        return noise_kind(self.noise).norm
 
     @property
     def _constructor(self):  # keep the subclass (and its metadata) through pandas operations
@@ -71,12 +79,25 @@ class Certificates(pd.DataFrame):
             return None
         sequential = self.sequence_shape is not None
         return largest_radius(self.sigma, self.alpha, self.n, sequential=sequential,
-                              **({"shape": self.sequence_shape} if sequential else {}))
+                              **({"shape": self.sequence_shape} if sequential else {}), noise=self.noise)
 
     @property
     def recomputed(self) -> bool:
         """Certified at another alpha than the run recorded (`dsmooth reduce --alpha`)."""
         return self.run_alpha is not None and self.alpha is not None and self.alpha != self.run_alpha
+
+
+def common_norm(inputs: Sequence[Certificates]) -> str:
+    """The one norm of the inputs' radii (ℓ2 when there are none). ℓ1 and ℓ2 radii on one axis
+    or in one table column would read as comparable numbers, which they are not: refused."""
+    norms = {getattr(c, "norm", "ℓ2") for c in inputs} or {"ℓ2"}
+    if len(norms) > 1:
+        by_norm = {norm: [c.name for c in inputs if c.norm == norm] for norm in sorted(norms)}
+        listing = "; ".join(f"{norm}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+                            for norm, names in by_norm.items())
+        raise ValueError(f"ℓ1 and ℓ2 certificates cannot share one table or figure (their radii measure "
+                            f"different things): reduce them separately ({listing})")
+    return norms.pop()
 
 
 def make_certificates(
@@ -91,6 +112,7 @@ def make_certificates(
     sequence_shape: float | None = None,
     at_radius: float | None = None,
     run_alpha: float | None = None,
+    noise: str | None = None,
 ) -> Certificates:
     """Normalise column order and types (correct/abstained as bool) and attach metadata."""
     frame = frame.copy()
@@ -114,6 +136,7 @@ def make_certificates(
     certs.sequence_shape = None if sequence_shape is None else float(sequence_shape)
     certs.at_radius = None if at_radius is None else float(at_radius)
     certs.run_alpha = None if run_alpha is None else float(run_alpha)
+    certs.noise = noise or "gaussian"
     return certs
 
 

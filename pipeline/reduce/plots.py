@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.figures import LABEL_SIZE, SMALL_SIZE, new_figure, save_png, set_title
-from pipeline.reduce.certificates import Certificates
+from pipeline.reduce.certificates import Certificates, common_norm
 
 POINTS = 600
 MAX_INSIDE_LEGEND = 8  # legend entries drawn inside the axes; more go below the plot
@@ -107,7 +107,8 @@ def certified_accuracy_figure(
     if envelope and curves:
         axes.plot(grid, np.nanmax(np.vstack(curves), axis=0), "k--", linewidth=1.8, label="envelope")
     _mark_limits(axes, inputs, limits, colours, max_radius)
-    axes.set_xlabel("L2 radius", fontsize=LABEL_SIZE)
+    norm = common_norm(inputs)  # ℓ1 and ℓ2 curves on one axis are refused
+    axes.set_xlabel(f"certified {norm} radius", fontsize=LABEL_SIZE)
     axes.set_ylabel("certified accuracy (%)", fontsize=LABEL_SIZE)
     axes.tick_params(labelsize=SMALL_SIZE)
     axes.set_xlim(0.0, max_radius)

@@ -29,6 +29,7 @@ from pipeline.reduce.certificates import (
     average_certified_radius,
     certified_accuracy,
     clean_accuracy,
+    common_norm,
 )
 
 # The first five columns are the original CSV format; the later ones were added after them
@@ -46,15 +47,18 @@ ENVELOPE = "envelope"
 FORMATS = ("markdown", "csv", "latex")
 CAPPED = "—"  # a cell above its input's largest certifiable radius
 CELLS_NOTE = (
-    "Cells: certified accuracy (%) at L2 radius r; clean: accuracy of the smoothed classifier (r = 0: "
+    "Cells: certified accuracy (%) at {norm} radius r; clean: accuracy of the smoothed classifier (r = 0: "
     "correct, not abstained); ACR: average certified radius."
 )
+L1_NOTE = ("ℓ1 radii: uniform / Laplace noise (--noise), σ = E|δ_i| (uniform on [−2σ, 2σ], Laplace of "
+           "scale σ); not comparable with ℓ2 radii.")
 ENVELOPE_NOTE = (
     "envelope: per radius the best input (ties to the higher clean accuracy); its cells read "
     "(clean accuracy of that input) certified accuracy, as in the papers' tables."
 )
 BOUNDS = "fixed n: σ·Φ⁻¹(α^(1/n)); sequential: the confidence sequence's ceiling at n_max"
-CAPPED_NOTE = f"{CAPPED}: above that input's largest certifiable radius ({BOUNDS}): capped by n."
+L1_BOUNDS = "fixed n: the noise's radius of α^(1/n); sequential: of the confidence sequence's ceiling at n_max"
+CAPPED_NOTE = "{capped}: above that input's largest certifiable radius ({bounds}): capped by n."
 AT_RADIUS = "certified at R"  # the first column's header when every input is a sequential run at R
 AT_RADIUS_NOTE = (
     "certified at R: a sequential run certified at R measures no clean accuracy (it tests only "
@@ -84,6 +88,7 @@ def accuracy_table(
     above it, ACR, image count; `input` is the input's position (-1 for the envelope),
     `winner` the name of the input an envelope row comes from. `radii` default to
     `default_radii(inputs)`."""
+    norm = common_norm(inputs)  # ℓ1 and ℓ2 inputs in one table are refused
     radii = [float(r) for r in (default_radii(inputs) if radii is None else radii)]
     rows = []
     for position, certs in enumerate(inputs):
@@ -110,6 +115,7 @@ def accuracy_table(
     if envelope and len(table):
         table = pd.concat([table, envelope_rows(table, radii)], ignore_index=True)
     # Unlabelled data scored against the classifier's own clean predictions: the table says so.
+    table.attrs["norm"] = norm
     table.attrs["label_notes"] = [
         f"{certs.name}: no labels in the data; the label of each image is {certs.labels_from}, so "
         "'accuracy' is agreement with it" for certs in inputs if getattr(certs, "labels_from", None)]
@@ -193,6 +199,11 @@ class Wide:
     with_samples: bool = False
     with_alpha: bool = False  # the inputs' alphas differ, or --alpha overrode a run's own
     clean_header: str = "clean"
+    norm: str = "ℓ2"  # of every radius in the table (`common_norm`)
+
+    def radius_header(self, radius: float) -> str:
+        """"r = 0.5" for ℓ2 radii (the papers' tables), "ℓ1 r = 0.5" for ℓ1 ones."""
+        return f"r = {radius:g}" if self.norm == "ℓ2" else f"{self.norm} r = {radius:g}"
 
 
 def _wide(table: pd.DataFrame) -> Wide:
@@ -234,7 +245,9 @@ def _wide(table: pd.DataFrame) -> Wide:
                 "samples": "" if pd.isna(first.get(SAMPLES_COLUMN)) else f"{first[SAMPLES_COLUMN]:,.0f}",
             }
         )
-    notes = [CELLS_NOTE, *table.attrs.get("label_notes", [])]
+    norm = table.attrs.get("norm", "ℓ2")
+    bounds = BOUNDS if norm == "ℓ2" else L1_BOUNDS
+    notes = [CELLS_NOTE.format(norm=norm), *([L1_NOTE] if norm == "ℓ1" else []), *table.attrs.get("label_notes", [])]
     if all_at_r:
         notes.append(AT_RADIUS_NOTE)
     elif at_r.any():
@@ -250,16 +263,16 @@ def _wide(table: pd.DataFrame) -> Wide:
                  else f"at most {limits.max():.3g} over the inputs")
         notes.append(
             f"Not shown: r = {', '.join(f'{r:g}' for r in dropped)}, above the largest radius any input can "
-            f"certify ({where}; {BOUNDS}): capped by n; raise n to certify larger radii."
+            f"certify ({where}; {bounds}): capped by n; raise n to certify larger radii."
         )
     if any(cell == CAPPED for row in rows for cell in row["cells"]):
-        notes.append(CAPPED_NOTE)
+        notes.append(CAPPED_NOTE.format(capped=CAPPED, bounds=bounds))
     with_samples = _has_samples(inputs)
     if with_samples:
         notes.append("samples/image: mean samples a sequential run drew per image before deciding it "
                      "(its n is the cap n_max).")
     return Wide(shown, rows, with_n=bool(inputs["n"].notna().any()), notes=notes, with_samples=with_samples,
-                with_alpha=with_alpha, clean_header=AT_RADIUS if all_at_r else "clean")
+                with_alpha=with_alpha, clean_header=AT_RADIUS if all_at_r else "clean", norm=norm)
 
 
 def _alpha_cell(alpha: float, run_alpha: float | None) -> str:
@@ -288,7 +301,7 @@ def _markdown(wide: Wide) -> str:
 
     head = _columns(wide)
     out = [
-        line(head + [f"r = {r:g}" for r in wide.radii] + ["ACR"]),
+        line(head + [wide.radius_header(r) for r in wide.radii] + ["ACR"]),
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1 + len(wide.radii) + 1)) + "|",
     ]
     out += [line(_row_cells(wide, row)) for row in wide.rows]
@@ -307,6 +320,10 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
+def _latex_radius(norm: str, radius: float) -> str:
+    return f"$r={radius:g}$" if norm == "ℓ2" else f"$\\ell_1\\ r={radius:g}$"
+
+
 def _latex(wide: Wide) -> str:
     head = _columns(wide)
     spec = "l" + "r" * (len(head) - 1 + len(wide.radii) + 1)
@@ -315,7 +332,7 @@ def _latex(wide: Wide) -> str:
     out = [f"% {note}" for note in wide.notes] + [
         f"\\begin{{tabular}}{{{spec}}}",
         "\\hline",
-        " & ".join([names[c] for c in head] + [f"$r={r:g}$" for r in wide.radii] + ["ACR"]) + " \\\\",
+        " & ".join([names[c] for c in head] + [_latex_radius(wide.norm, r) for r in wide.radii] + ["ACR"]) + " \\\\",
         "\\hline",
     ]
     for row in wide.rows:

@@ -72,7 +72,8 @@ def describe_identity(identity: dict[str, Any]) -> dict[str, Any]:
     target = identity.get("classifier") or (f"{identity['provider']} API" if identity.get("provider") else None)
     denoiser = identity.get("denoiser")
     model = f"{denoiser} → {target}" if denoiser and target else target
-    return {"n": None if n is None else int(n), "dataset": dataset, "model": model}
+    return {"n": None if n is None else int(n), "dataset": dataset, "model": model,
+            "noise": identity.get("noise", "gaussian")}
 
 
 def certificates_from_votes(
@@ -84,6 +85,7 @@ def certificates_from_votes(
     n: int | None = None,
     dataset: str | None = None,
     model: str | None = None,
+    noise: str | None = None,
 ) -> Certificates:
     """Certify (selection + estimation rows) and predict (prediction rows) every image.
 
@@ -96,7 +98,7 @@ def certificates_from_votes(
     where = name or source or "votes"
     votes = votes.drop_duplicates([c for c in VOTE_KEY if c in votes], keep="first")  # as storage.read_votes
     parts = []
-    certify = _certify(votes, alpha, sigma, where)
+    certify = _certify(votes, alpha, sigma, where, noise)
     if certify is not None:
         parts.append(certify)
     predict = _predict(votes, alpha)
@@ -110,7 +112,8 @@ def certificates_from_votes(
     run_sigma = sigma if sigma is not None else _single_sigma(votes)
     n = None if predict is not None and len(predict) else _estimation_n(votes, n)
     return make_certificates(
-        frame, name=name, sigma=run_sigma, source=source, alpha=alpha, n=n, dataset=dataset, model=model
+        frame, name=name, sigma=run_sigma, source=source, alpha=alpha, n=n, dataset=dataset, model=model,
+        noise=noise,
     )
 
 
@@ -189,7 +192,8 @@ def _decided_classes(prediction: np.ndarray, columns: np.ndarray, labelled: np.n
     return out
 
 
-def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str) -> pd.DataFrame | None:
+def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str,
+             noise: str | None = None) -> pd.DataFrame | None:
     selection = votes[votes["phase"] == "selection"].set_index("image_id")
     estimation = votes[votes["phase"] == "estimation"].set_index("image_id")
     if selection.empty and estimation.empty:
@@ -225,7 +229,7 @@ def _certify(votes: pd.DataFrame, alpha: float, sigma: float | None, where: str)
             ReduceWarning,
             stacklevel=3,
         )
-    decisions = certify_matrix(chosen[valid], counted[valid], row_sigma[valid], alpha, n=n[valid])
+    decisions = certify_matrix(chosen[valid], counted[valid], row_sigma[valid], alpha, n=n[valid], noise=noise)
     selection, estimation, labelled = selection[valid], estimation[valid], labelled[valid]
     predict = _decided_classes(decisions.prediction, columns, labelled)
     certified = ~decisions.abstained
@@ -355,4 +359,4 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     meaning = describe_identity(identity)
     return make_certificates(frame, name=name, sigma=run_test.sigma, source=source, alpha=alpha, n=run_test.n_max,
                              dataset=meaning["dataset"], model=meaning["model"], sequence_shape=run_test.shape,
-                             at_radius=run_test.radius, run_alpha=run_test.alpha)
+                             at_radius=run_test.radius, run_alpha=run_test.alpha, noise=run_test.noise)

@@ -56,6 +56,9 @@ def run_identity(job: str, settings: SmoothingSettings, selection: DataSelection
         "seed": settings.seed,
         "chunk_size": settings.chunk_size,  # type: ignore[attr-defined]
         **sequential_identity(settings),
+        # Only when not Gaussian, so that runs recorded before noise kinds existed keep their identity.
+        **({"noise": settings.noise} if getattr(settings, "noise", "gaussian") != "gaussian" else {}),
+        **({"allow_foreign_denoiser": True} if getattr(settings, "allow_foreign_denoiser", False) else {}),
         **meaning,
     }
 
@@ -75,6 +78,8 @@ def sequential_identity(settings: SmoothingSettings) -> dict[str, Any]:
         del fields["first_chunks"]  # fixed chunks: the identity of runs made before the schedule existed
     if fields["futility"] == "mixture":
         del fields["futility"]  # the identity of runs made before the geometric futility rule existed
+    if fields["noise"] == "gaussian":
+        del fields["noise"]  # the identity of runs made before noise kinds existed
     return {"sequential": {**fields, "certify_class": settings.certify_class}}  # type: ignore[attr-defined]
 
 
@@ -108,7 +113,7 @@ def max_radius(record: dict[str, Any]) -> float | None:
     sequential = identity.get("sequential")
     if sequential:
         return largest_radius(sequential["sigma"], sequential["alpha"], sequential["n_max"], sequential=True,
-                              shape=sequential.get("shape", DEFAULT_SHAPE))
+                              shape=sequential.get("shape", DEFAULT_SHAPE), noise=identity.get("noise"))
     if identity.get("mode", "certify") != "certify" or not identity.get("sigma") or not identity.get("n"):
         return None
-    return largest_radius(identity["sigma"], recorded_alpha(record), identity["n"])
+    return largest_radius(identity["sigma"], recorded_alpha(record), identity["n"], noise=identity.get("noise"))

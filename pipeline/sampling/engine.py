@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Sigma, check_value
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 from pipeline.sampling.sound import image_levels, sound_inputs
@@ -53,6 +54,7 @@ class VoteCounter:
         amp: bool | str = False,
         precision: str = DEFAULT_PRECISION,
         sound: bool = False,
+        noise: str = DEFAULT_NOISE,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")
@@ -60,6 +62,7 @@ class VoteCounter:
         self.model = model.to(self.device).eval()
         self.num_classes = num_classes
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
+        self.noise = noise_kind(noise).name  # the smoothing noise (`pipeline.sampling.noise_kinds`)
         self.batch_size = batch_size
         self.precision = precision
         self.sound = sound  # floating-point-sound noise (`pipeline.sampling.sound`)
@@ -127,7 +130,7 @@ class VoteCounter:
                 if self.sound:  # q / 255 on the 8-bit grid, exact: `pipeline.sampling.sound`
                     noisy = sound_inputs(levels[request.image_id], chunk, self.sigma)
                 else:
-                    noise = chunk_noise(chunk, shape, self.sigma, self.device)
+                    noise = chunk_noise(chunk, shape, self.sigma, self.device, noise=self.noise)
                 start = 0
                 while start < chunk.size:
                     take = min(chunk.size - start, self.batch_size - filled)

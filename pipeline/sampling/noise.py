@@ -1,4 +1,5 @@
-"""Deterministic Gaussian noise, addressed by (seed, image id, phase, chunk).
+"""Deterministic noise (Gaussian, uniform or Laplace: `pipeline.sampling.noise_kinds`), addressed by
+(seed, image id, phase, chunk).
 
 Each image's samples in a phase are cut into fixed-size *chunks*; every chunk draws its noise
 from its own generator seeded from its address. So the noise an image sees is a pure
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.chunks import chunk_span, count_chunks
 
 PHASES: dict[str, int] = {"selection": 0, "estimation": 1, "prediction": 2}
@@ -116,12 +118,13 @@ def chunk_noise(
     sigma: float,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    noise: str = DEFAULT_NOISE,
 ) -> torch.Tensor:
-    """N(0, sigma^2 I) noise of shape [chunk.size, *shape] for this chunk's address.
+    """Noise of kind `noise` (`pipeline.sampling.noise_kinds`; Gaussian N(0, sigma^2 I) by default) of
+    shape [chunk.size, *shape] for this chunk's address.
 
     Identical for equal addresses on the same device type (CPU and CUDA generators differ).
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(chunk_seed(chunk.seed, chunk.image_id, chunk.phase, chunk.index))
-    noise = torch.randn((chunk.size, *shape), generator=generator, device=device, dtype=dtype)
-    return noise.mul_(sigma)
+    return noise_kind(noise).draw(generator, (chunk.size, *shape), sigma, device, dtype)

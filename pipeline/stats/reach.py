@@ -2,7 +2,8 @@
 sample count a radius needs -- one function for settings validation, reports and reduce.
 
 Why: with n samples even an image whose every vote goes to its class has a bounded lower
-confidence bound on p_A, so no radius above sigma * Phi^-1(that bound) can be certified.
+confidence bound on p_A, so no radius above the noise's radius of that bound (Gaussian: sigma *
+Phi^-1) can be certified.
 Which bound depends on the run:
 
 * fixed n (CERTIFY, Clopper-Pearson at alpha): alpha^(1/n);
@@ -22,34 +23,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
 
 from pipeline.stats.confidence_sequences import DEFAULT_SHAPE, lower_confidence_sequence, success_thresholds
-from pipeline.stats.smoothing import max_certifiable_radius
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.stats.smoothing import certified_radii, max_certifiable_radius
 
 # Beyond this many samples the search for the n a radius needs gives up ("more than ...").
 LARGEST_N = 10**12
 
 
 def largest_radius(sigma: float, alpha: float, n: int, sequential: bool = False,
-                   shape: float = DEFAULT_SHAPE) -> float:
-    """The largest L2 radius a run can certify with `n` estimation samples (n_max for a
-    sequential run) at `alpha`: sigma * Phi^-1(alpha^(1/n)) for fixed n, sigma * Phi^-1(L)
-    of the confidence sequence after n all-positive votes for a sequential run; 0 when n is
-    too small to certify anything."""
+                   shape: float = DEFAULT_SHAPE, noise: str | None = DEFAULT_NOISE) -> float:
+    """The largest radius (in the noise's norm) a run can certify with `n` estimation samples
+    (n_max for a sequential run) at `alpha`: radius(alpha^(1/n)) for fixed n, radius(L) of the
+    confidence sequence after n all-positive votes for a sequential run (Gaussian: sigma *
+    Phi^-1 of them); 0 when n is too small to certify anything."""
     if not sequential:
-        return float(max_certifiable_radius(int(n), alpha, sigma))
+        return float(max_certifiable_radius(int(n), alpha, sigma, noise))
     bound = float(lower_confidence_sequence(int(n), int(n), alpha, shape))
-    return float(sigma * norm.ppf(bound)) if bound > 0.5 else 0.0
+    return float(certified_radii(np.array([bound]), sigma, noise)[0])
 
 
 def reaches(radius: float, sigma: float, alpha: float, n: int, sequential: bool = False,
-            shape: float = DEFAULT_SHAPE) -> bool:
+            shape: float = DEFAULT_SHAPE, noise: str | None = DEFAULT_NOISE) -> bool:
     """Can some image be certified at `radius` with these settings? The exact test (not the
-    rounded ceiling): fixed n, alpha^(1/n) >= Phi(R/sigma) and > 1/2 (CERTIFY's radius is
-    sigma * Phi^-1(p_A_lower), abstaining unless p_A_lower > 1/2); sequential, n all-positive
-    votes pass the mixture test at q."""
-    q = float(norm.cdf(radius / sigma))
+    rounded ceiling): fixed n, alpha^(1/n) >= q (the p_A that R needs, Gaussian Phi(R/sigma))
+    and > 1/2 (CERTIFY abstains unless p_A_lower > 1/2); sequential, n all-positive votes pass
+    the mixture test at q."""
+    q = noise_kind(noise).needed_p(radius, sigma)
     if not q < 1.0:
         return False
     if not sequential:
@@ -59,17 +60,17 @@ def reaches(radius: float, sigma: float, alpha: float, n: int, sequential: bool 
 
 
 def samples_needed(radius: float, sigma: float, alpha: float, sequential: bool = False,
-                   shape: float = DEFAULT_SHAPE) -> int | None:
+                   shape: float = DEFAULT_SHAPE, noise: str | None = DEFAULT_NOISE) -> int | None:
     """The fewest samples (n, or n_max) with which `radius` can be certified; None when
     more than LARGEST_N would be needed (or Phi(R/sigma) rounds to 1)."""
-    if not reaches(radius, sigma, alpha, LARGEST_N, sequential, shape):
+    if not reaches(radius, sigma, alpha, LARGEST_N, sequential, shape, noise):
         return None
     low, high = 0, 1  # reaches() is monotone in n: not at low (or low = 0), yes at high
-    while not reaches(radius, sigma, alpha, high, sequential, shape):
+    while not reaches(radius, sigma, alpha, high, sequential, shape, noise):
         low, high = high, 2 * high
     while high - low > 1:
         mid = (low + high) // 2
-        if reaches(radius, sigma, alpha, mid, sequential, shape):
+        if reaches(radius, sigma, alpha, mid, sequential, shape, noise):
             high = mid
         else:
             low = mid
@@ -102,8 +103,9 @@ class Reach:
 
 
 def check_reach(radius: float, sigma: float, alpha: float, n: int, sequential: bool = False,
-                shape: float = DEFAULT_SHAPE) -> Reach:
+                shape: float = DEFAULT_SHAPE, noise: str | None = DEFAULT_NOISE) -> Reach:
     """Whether `radius` can be certified with these settings, and what to change if not."""
-    within = reaches(radius, sigma, alpha, n, sequential, shape)
-    needed = None if within else samples_needed(radius, sigma, alpha, sequential, shape)
-    return Reach(float(radius), largest_radius(sigma, alpha, n, sequential, shape), within, needed, int(n), sequential)
+    within = reaches(radius, sigma, alpha, n, sequential, shape, noise)
+    needed = None if within else samples_needed(radius, sigma, alpha, sequential, shape, noise)
+    return Reach(float(radius), largest_radius(sigma, alpha, n, sequential, shape, noise), within, needed, int(n),
+                 sequential)

@@ -85,7 +85,7 @@ from enum import IntEnum
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom, norm
+from scipy.stats import binom
 
 from pipeline.stats.confidence_sequences import (
     DEFAULT_SHAPE,
@@ -96,6 +96,7 @@ from pipeline.stats.confidence_sequences import (
     upper_confidence_sequence,
 )
 from pipeline.sampling.chunks import chunk_ends, chunk_span, count_chunks
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.stats.smoothing import ABSTAIN, Decisions, certified_radii
 
 SELECTION = "selection"
@@ -136,7 +137,8 @@ class SequentialTest:
 
     sigma, alpha: noise level and the certificates' failure probability (G1-G3).
     n_max: estimation samples per image at most. chunk_size: samples per noise chunk.
-    radius: the L2 radius to certify; None = largest-radius mode.
+    radius: the radius to certify, in the noise's norm (l2 Gaussian, l1 uniform/Laplace); None =
+    largest-radius mode.
     futility_alpha: level of the upper sequence that gives up on an image (power only).
     tolerance: largest-radius mode, the radius gain per doubling below which sampling stops.
     selection_alpha, selection_max: deployment mode, the selection's stopping level and cap.
@@ -148,6 +150,8 @@ class SequentialTest:
     long run still writes few rows). Fixed before any vote, as G1-G3 need of the decision points
     (the confidence sequences hold at every n, so any pre-set points keep them); () = every
     chunk of `chunk_size`, as runs made before the schedule existed.
+    noise: the smoothing noise (`pipeline.sampling.noise_kinds`): its radius function gives both the
+    threshold q a radius needs and the radius a bound certifies.
     """
 
     sigma: float
@@ -162,11 +166,14 @@ class SequentialTest:
     shape: float = DEFAULT_SHAPE
     first_chunks: tuple[int, ...] = ()
     futility: str = "mixture"
+    noise: str = DEFAULT_NOISE
 
     def describe(self) -> str:
         """The rule in a user's words (log lines show this, never the dataclass repr)."""
         goal = f"certify at R = {self.radius:g}" if self.radius is not None else "the largest radius per image"
-        return (f"{goal}, sigma = {self.sigma:g}, alpha = {self.alpha:g}, at most {self.n_max:,} samples per image "
+        noise = "" if self.noise == DEFAULT_NOISE else f" ({self.noise} noise, {noise_kind(self.noise).norm} radii)"
+        return (f"{goal}{noise}, sigma = {self.sigma:g}, alpha = {self.alpha:g}, at most {self.n_max:,} samples "
+                f"per image "
                 f"in chunks of {self.chunk_size:,}")
 
     def __post_init__(self) -> None:
@@ -183,8 +190,10 @@ class SequentialTest:
         for name in ("n_max", "chunk_size", "selection_max"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.radius is not None and not (0 <= self.radius and norm.cdf(self.radius / self.sigma) < 1):
-            raise ValueError(f"radius must be >= 0 and Phi(radius/sigma) < 1, got {self.radius!r}")
+        kind = noise_kind(self.noise)  # raises on an unknown noise
+        if self.radius is not None and not (0 <= self.radius and kind.needed_p(self.radius, self.sigma) < 1):
+            raise ValueError(f"radius must be >= 0 and within the {self.noise} noise's reach at sigma={self.sigma:g} "
+                             f"(the p_A it needs < 1), got {self.radius!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}")
         if not 0 < self.shape <= MAX_SHAPE:
@@ -192,8 +201,9 @@ class SequentialTest:
 
     @property
     def threshold(self) -> float:
-        """q = Phi(R/sigma): p_A above q certifies radius R (1/2 in largest-radius mode)."""
-        return 0.5 if self.radius is None else float(norm.cdf(self.radius / self.sigma))
+        """q, the p_A that certifies radius R (Gaussian: Phi(R/sigma); the inverse of the noise's
+        radius function); 1/2 in largest-radius mode."""
+        return 0.5 if self.radius is None else noise_kind(self.noise).needed_p(self.radius, self.sigma)
 
     def total(self, phase: str) -> int:
         """Samples planned in a phase: the `total` of its SampleRequest (fixes chunk sizes)."""
@@ -215,7 +225,8 @@ class SequentialTest:
                    radius=settings.radius, futility_alpha=settings.futility_alpha, tolerance=settings.tolerance,
                    selection_alpha=settings.selection_alpha, selection_max=settings.n0,
                    first_chunks=tuple(getattr(settings, "first_chunks", None) or ()),
-                   futility=getattr(settings, "futility", None) or "mixture")
+                   futility=getattr(settings, "futility", None) or "mixture",
+                   noise=getattr(settings, "noise", DEFAULT_NOISE))
 
     def chunk_ends(self, phase: str) -> np.ndarray:
         """The running sample count after each chunk of `phase`: where the rules look."""
@@ -561,7 +572,7 @@ class SequentialCertifier:
             low = lower_confidence_sequence(self.successes[done], self.samples[done], self.test.alpha, self.test.shape)
             low = np.maximum(low, self.test.threshold)  # certified means E_n(q) >= 1/alpha, i.e. L_n >= q
             self.p_lower[done] = low
-            self.radius[done] = np.maximum(self.test.radius, certified_radii(low, self.test.sigma))
+            self.radius[done] = np.maximum(self.test.radius, certified_radii(low, self.test.sigma, self.test.noise))
             self._stop(done, Status.CERTIFIED, Reason.LOWER_BOUND)
         reason = np.select([futile, unreachable, exhausted], [Reason.UPPER_BOUND, Reason.CANNOT_REACH, Reason.N_MAX],
                            Reason.NONE)
@@ -578,13 +589,12 @@ class SequentialCertifier:
         s, n = self.successes[img], self.samples[img]
         low = lower_confidence_sequence(s, n, self.test.alpha, self.test.shape)
         high = upper_confidence_sequence(s, n, self.test.futility_alpha, self.test.shape)
-        radius = certified_radii(low, self.test.sigma)
+        radius = certified_radii(low, self.test.sigma, self.test.noise)
         better = radius > self.radius[img]
         self.p_lower[img] = np.where(better | np.isnan(self.p_lower[img]), low, self.p_lower[img])
         best = np.maximum(self.radius[img], radius)
         self.radius[img] = best
-        with np.errstate(divide="ignore"):
-            ceiling = self.test.sigma * norm.ppf(high)  # -inf when U = 0, +inf when U = 1
+        ceiling = certified_radii(high, self.test.sigma, self.test.noise)  # 0 when U <= 1/2; Gaussian +inf at U = 1
         gain = best - self.checkpoint_radius[img]
         stalled = (self.checkpoint_samples[img] > 0) & (best > 0) & (gain < self.test.tolerance)
         capped = ceiling < best + self.test.tolerance  # the radius cannot grow by tolerance any more

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-from scipy.stats import binom, norm
+from scipy.stats import binom
 from statsmodels.stats.proportion import proportion_confint
 
 from pipeline.config import Alpha, Sigma, check_value
+from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 
 ABSTAIN = -1
 
@@ -82,29 +83,26 @@ def binomial_pvalues(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
     return np.where(n_a == n_b, 1.0, p)
 
 
-def certified_radius(p_a_lower: float, sigma: float) -> float:
-    """L2 radius sigma * Phi^-1(p_A) of Cohen et al.'s Theorem 1 (0 when p_A <= 1/2)."""
-    return float(certified_radii(np.array([p_a_lower]), _check_sigma(sigma))[0])
+def certified_radius(p_a_lower: float, sigma: float, noise: str = DEFAULT_NOISE) -> float:
+    """The radius a lower bound p_A certifies under `noise` (0 when p_A <= 1/2): Gaussian, the
+    L2 radius sigma * Phi^-1(p_A) of Cohen et al.'s Theorem 1; see `pipeline.sampling.noise_kinds`."""
+    return float(certified_radii(np.array([p_a_lower]), _check_sigma(sigma), noise)[0])
 
 
-def certified_radii(p_a_lower: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
-    """Vectorised `certified_radius` (sigma a scalar or one per row)."""
-    p = np.asarray(p_a_lower, dtype=np.float64)
-    sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), p.shape)
-    if np.any(~(sigma > 0)):
-        raise ValueError("sigma must be > 0")
-    above = p > 0.5
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(above, sigma * norm.ppf(np.where(above, p, 0.75)), 0.0)
+def certified_radii(p_a_lower: np.ndarray, sigma: float | np.ndarray, noise: str | None = DEFAULT_NOISE
+                    ) -> np.ndarray:
+    """Vectorised `certified_radius` (sigma a scalar or one per row): the noise kind's one
+    radius function."""
+    return noise_kind(noise).radius(p_a_lower, sigma)
 
 
 def max_certifiable_radius(
-    n: int | np.ndarray, alpha: float | np.ndarray, sigma: float | np.ndarray
+    n: int | np.ndarray, alpha: float | np.ndarray, sigma: float | np.ndarray, noise: str | None = DEFAULT_NOISE
 ) -> float | np.ndarray:
     """The largest radius CERTIFY can return with `n` estimation samples at `alpha`.
 
     Even when all n votes go to c_A, the one-sided Clopper-Pearson bound is only
-    alpha^(1/n), so no image can be certified beyond sigma * Phi^-1(alpha^(1/n)) (0 when
+    alpha^(1/n), so no image can be certified beyond radius(alpha^(1/n)) (0 when
     that bound is not above 1/2: n too small to certify anything). A table column or a plot
     region above it is empty because of n, not because of the model -- which is why tables
     drop such columns and plots mark this radius. Vectorised (arguments broadcast); a float
@@ -117,7 +115,7 @@ def max_certifiable_radius(
     for value in np.unique(alphas):
         _check_alpha(float(value))
     best_bound = np.exp(np.log(alphas) / n_array.astype(np.float64))  # alpha^(1/n): all n votes for c_A
-    radius = certified_radii(best_bound, sigmas)
+    radius = certified_radii(best_bound, sigmas, noise)
     return float(radius) if radius.ndim == 0 else radius
 
 
@@ -160,9 +158,11 @@ def certify_matrix(
     sigma: float | np.ndarray,
     alpha: float,
     n: np.ndarray | None = None,
+    noise: str | None = DEFAULT_NOISE,
 ) -> Decisions:
     """CERTIFY for every row: c_A from the *selection* counts, p_A bounded on the fresh
-    *estimation* counts, radius sigma * Phi^-1(p_A) when p_A > 1/2, else abstain.
+    *estimation* counts, the noise's radius of p_A (Gaussian: sigma * Phi^-1(p_A)) when
+    p_A > 1/2, else abstain.
 
     `n` (per row) is the number of estimation samples drawn; it defaults to the row sums and
     must be given when some samples gave no vote (a failed API query), so that those count
@@ -182,7 +182,7 @@ def certify_matrix(
     p_a = lower_confidence_bounds(estimation[rows, c_a], drawn, alpha)
     p_a = np.where(has_votes, p_a, 0.0)
     certified = p_a > 0.5
-    radius = certified_radii(np.where(certified, p_a, 0.0), sigma)
+    radius = certified_radii(np.where(certified, p_a, 0.0), sigma, noise)
     return Decisions(np.where(certified, c_a, ABSTAIN).astype(np.int64), radius, p_a)
 
 
@@ -266,6 +266,7 @@ def certify_counts(
     sigma: float,
     alpha: float,
     n: int | None = None,
+    noise: str = DEFAULT_NOISE,
 ) -> tuple[Hashable, float]:
     """CERTIFY for one image (a thin wrapper of `certify_matrix`): (c_A, radius), or
     (ABSTAIN, 0.0) when p_A's lower bound is not above 1/2.
@@ -286,7 +287,7 @@ def certify_counts(
     drawn = total(counts_estimation) if n is None else int(n)
     if n is not None and total(counts_estimation) > drawn:
         raise ValueError(f"estimation counts total {total(counts_estimation)} > n={drawn}")
-    decision = certify_matrix(selection, estimation, sigma, alpha, n=np.array([drawn]))
+    decision = certify_matrix(selection, estimation, sigma, alpha, n=np.array([drawn]), noise=noise)
     column = int(decision.prediction[0])
     if column == ABSTAIN:
         return ABSTAIN, 0.0

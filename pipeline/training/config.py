@@ -24,6 +24,7 @@ from pipeline.config import (
     OptionalPath,
     PositiveFloat,
     PositiveInt,
+    Noise,
     Seed,
     Settings,
     Sigma,
@@ -121,6 +122,10 @@ class SweepConfig(Settings):
     sigmas: Annotated[list[NonNegativeFloat], BeforeValidator(_one_or_more)] = option(
         ..., metavar="S", help=(
             "noise levels, one run each (> 0 for denoisers; classifiers: >= 0, 0 = standard training)"))
+    noises: Annotated[list[Noise], BeforeValidator(_one_or_more)] = option(
+        default_factory=lambda: ["gaussian"], metavar="NAME", help=(
+            "smoothing noises, one run each: gaussian (l2), uniform or laplace (l1); a model is trained "
+            "for one noise, and certify refuses a denoiser trained for another (default: gaussian)"))
     objectives: Annotated[list[Objective], BeforeValidator(_one_or_more)] | None = option(
         None, metavar="NAME", help=(
             f"training objectives, one run each: {', '.join(DENOISER_OBJECTIVES)} for denoisers, "

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from pipeline.objectives import add_noise
 from pipeline.training.data import to_float
 
 EVAL_SEED_OFFSET = 1_000_003  # keeps evaluation noise apart from training noise of the same seed
@@ -26,14 +27,16 @@ def psnr(mse: float, data_range: float = 1.0) -> float:
 
 
 def noisy_batches(
-    images: torch.Tensor, labels: torch.Tensor, sigma: float, seed: int, batch_size: int, device: torch.device
+    images: torch.Tensor, labels: torch.Tensor, sigma: float, seed: int, batch_size: int, device: torch.device,
+    noise: str = "gaussian",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(clean, clean + sigma*N(0,I), labels) batches on `device`; noise depends only on seed."""
+    """(clean, clean + delta, labels) batches on `device`, delta of kind `noise` at sigma
+    (Gaussian: sigma*N(0,I)); the noise depends only on seed."""
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
     for start in range(0, len(images), batch_size):
         clean = to_float(images[start:start + batch_size], torch.device("cpu"))
-        noise = torch.randn(clean.shape, generator=generator)
-        yield clean.to(device), (clean + sigma * noise).to(device), labels[start:start + batch_size].to(device)
+        noisy = add_noise(clean, sigma, generator, noise)
+        yield clean.to(device), noisy.to(device), labels[start:start + batch_size].to(device)
 
 
 @torch.no_grad()
@@ -46,6 +49,7 @@ def evaluate_denoiser(
     seed: int,
     batch_size: int,
     device: torch.device,
+    noise: str = "gaussian",
 ) -> dict[str, float]:
     """MSE/PSNR of D(x+delta) against x, and accuracy of f(D(x+delta)) (denoiser None: the
     noisy input itself, i.e. the no-denoiser baseline). MSE is on the unclipped output,
@@ -55,7 +59,7 @@ def evaluate_denoiser(
         denoiser.eval()
     squared, pixels, correct, clean_correct, total = 0.0, 0, 0, 0, 0
     try:
-        for clean, noisy, y in noisy_batches(images, labels, sigma, seed, batch_size, device):
+        for clean, noisy, y in noisy_batches(images, labels, sigma, seed, batch_size, device, noise):
             out = denoiser(noisy) if denoiser is not None else noisy
             squared += float(((out - clean) ** 2).sum())
             pixels += out.numel()
@@ -85,13 +89,14 @@ def evaluate_classifier(
     seed: int,
     batch_size: int,
     device: torch.device,
+    noise: str = "gaussian",
 ) -> dict[str, float]:
     """Clean accuracy, accuracy on x + sigma*N(0,I), and the clean test loss."""
     was_training = classifier.training
     classifier.eval()
     clean_correct, noisy_correct, loss, total = 0, 0, 0.0, 0
     try:
-        for clean, noisy, y in noisy_batches(images, labels, sigma, seed, batch_size, device):
+        for clean, noisy, y in noisy_batches(images, labels, sigma, seed, batch_size, device, noise):
             logits = classifier(clean)
             loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             clean_correct += int((logits.argmax(1) == y).sum())

@@ -20,12 +20,13 @@ def denoising_grid(
     seed: int,
     count: int,
     device: torch.device,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """[3*count, 3, H, W] in [0,1]: `count` clean test images spread over the set, their
     noisy versions, then the denoiser's outputs; clamped for display only."""
     picks = torch.linspace(0, len(images) - 1, count).round().long().unique()  # spread over the classes
     labels = torch.zeros(len(picks), dtype=torch.int64)
-    clean, noisy, _ = next(noisy_batches(images[picks], labels, sigma, seed, len(picks), device))
+    clean, noisy, _ = next(noisy_batches(images[picks], labels, sigma, seed, len(picks), device, noise))
     was_training = denoiser.training
     denoiser.eval()
     try:
@@ -42,7 +43,9 @@ def grid_title(run: dict[str, Any], dataset: str, epoch: int, epochs: int) -> tu
     label = str(run.get("surrogate_label") or "-")
     kind, _, names = label.partition(":")
     through = {"wb": f"white-box through {names}", "bb": f"black-box through surrogates {names.replace('+', ' + ')}"}
-    parts = [f"σ = {float(run['sigma']):g}", through.get(kind, ""), f"{dataset} test images", f"epoch {epoch}/{epochs}"]
+    noise = run.get("noise", "gaussian")
+    sigma = f"σ = {float(run['sigma']):g}" + ("" if noise == "gaussian" else f" ({noise} noise)")
+    parts = [sigma, through.get(kind, ""), f"{dataset} test images", f"epoch {epoch}/{epochs}"]
     return f"{run['name']}: {run['objective']} denoiser ({run['arch']})", " · ".join(p for p in parts if p)
 
 

@@ -130,6 +130,7 @@ class RunState:
         self.name: str = self.run["name"]
         self.task: str = self.run["task"]
         self.sigma: float = float(self.run["sigma"])
+        self.noise: str = str(self.run.get("noise", "gaussian"))  # the smoothing noise it is trained for
         self.seed: int = int(spec["seed"])
         self.device = hooks.device
         dataset = spec["dataset"]
@@ -220,7 +221,7 @@ class RunState:
             x, y = to_float(xb, self.device), yb.to(self.device)
             if self.hp.get("augment"):
                 x = augment(x, cpu_gen, pad)
-            noisy = add_noise(x, self.sigma, noise_gen)
+            noisy = add_noise(x, self.sigma, noise_gen, self.noise)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 if self.task == "classifier":
@@ -253,16 +254,17 @@ class RunState:
         batch, seed = int(self.spec["eval_batch_size"]), self.seed
         model = _unwrap(self.net)
         if self.task == "classifier":
-            result = evaluate_classifier(model, self.test_x, self.test_y, self.sigma, seed, batch, self.device)
+            result = evaluate_classifier(model, self.test_x, self.test_y, self.sigma, seed, batch, self.device,
+                                         self.noise)
             return {"acc_clean": result["acc_clean"], "acc_noisy_after": result["acc_noisy"],
                     "test_loss": result["test_loss"]}
         if self.baseline is None:
             base = evaluate_denoiser(None, self.eval_classifier, self.test_x, self.test_y, self.sigma, seed,
-                                     batch, self.device)
+                                     batch, self.device, self.noise)
             self.baseline = {"noisy_mse": base["mse"], "noisy_psnr": base["psnr"],
                              "acc_clean": base["acc_clean"], "acc_noisy_before": base["acc"]}
         result = evaluate_denoiser(model, self.eval_classifier, self.test_x, self.test_y, self.sigma, seed,
-                                   batch, self.device)
+                                   batch, self.device, self.noise)
         return {"test_mse": result["mse"], "test_psnr": result["psnr"], "acc_noisy_after": result["acc"]}
 
     def check_classifiers(self) -> list[dict[str, str]]:
@@ -302,7 +304,7 @@ class RunState:
         meta = ModelMeta(
             arch=self.run["arch"], kind=self.task, dataset=self.spec["dataset"]["kind"],
             num_classes=self.num_classes if self.task == "classifier" else None,
-            sigma=self.sigma, objective=self.run["objective"], config=json_safe(self.spec),
+            sigma=self.sigma, noise=self.noise, objective=self.run["objective"], config=json_safe(self.spec),
             arch_kwargs=self.arch_kwargs,
             extra={"epoch": epoch, "complete": complete, "metrics": summary,
                    "surrogates": list(self.run["surrogates"]), "init_checkpoint": self.run.get("init_checkpoint")},
@@ -318,7 +320,8 @@ class RunState:
         (folder / METRICS_FILE).write_text(json.dumps(json_safe(record), indent=2))
         count = min(int(self.spec.get("grid_images", 0)), len(self.test_x))
         if self.task == "denoiser" and count > 0:
-            tiles = denoising_grid(_unwrap(self.net), self.test_x, self.sigma, self.seed, count, self.device)
+            tiles = denoising_grid(_unwrap(self.net), self.test_x, self.sigma, self.seed, count, self.device,
+                                   self.noise)
             headline, detail = grid_title(self.run, self.spec["dataset"]["kind"], epoch, int(self.hp["epochs"]))
             save_grid(tiles, count, folder / GRID_FILE, self.sigma, headline, detail)
         return folder

@@ -34,6 +34,7 @@ class Combination:
     arch: str
     objective: str
     sigma: float
+    noise: str = "gaussian"  # the smoothing noise it is trained for (pipeline.sampling.noise_kinds)
     surrogates: tuple[str, ...] = ()  # classifiers in the loss (white-box: the one classifier)
     surrogate_label: str = "-"  # "-" none, "wb:<stem>" white-box, "bb:<stem>+<stem>" black-box
     eval_classifier: str | None = None  # f in "accuracy of f∘D under noise"
@@ -70,9 +71,12 @@ def _sigma_text(sigma: float) -> str:
     return f"{sigma:g}"
 
 
-def _name(config: TrainConfig, objective: str, arch: str, sigma: float, label: str, identity: dict) -> str:
+def _name(config: TrainConfig, objective: str, arch: str, sigma: float, label: str, identity: dict,
+          noise: str = "gaussian") -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     parts = [config.name, objective, arch, f"s{_sigma_text(sigma)}"]
+    if noise != "gaussian":  # Gaussian runs keep the names (and identities) they had before noise kinds
+        parts.append(noise)
     if label != "-":
         parts.append(label.replace(":", "-").replace("+", "_")[:40])
     parts.append(digest)
@@ -97,10 +101,10 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
     from pipeline.models import ModelMeta, read_checkpoint
 
     shas: dict[str, str] = {}
-    inits: dict[tuple[str, float], str] = {}
+    inits: dict[tuple[str, float, str], str] = {}
     for path in config.init_checkpoints:
         meta = ModelMeta.from_dict(read_checkpoint(path)["meta"])
-        inits.setdefault((meta.arch, float(meta.sigma)), str(path))
+        inits.setdefault((meta.arch, float(meta.sigma), meta.noise or "gaussian"), str(path))
 
     if config.sweep.surrogate_sets:
         settings = [
@@ -116,6 +120,7 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
 
     def add(objective: str, arch: str, sigma: float, surrogates: tuple[str, ...], label: str,
             init: str | None = None, depends_on: str | None = None) -> Combination:
+        noise_part = {"noise": noise} if noise != "gaussian" else {}  # Gaussian identities as before
         hparams = config.hparams(objective)
         eval_classifier = default_eval if config.classifier or not surrogates else surrogates[0]
         if config.task == "classifier":
@@ -124,34 +129,35 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
             config, arch=arch, objective=objective, sigma=sigma, hparams=hparams,
             surrogates=[_sha(p, shas) for p in surrogates],
             eval_classifier=_sha(eval_classifier, shas) if eval_classifier else None,
-            init=(depends_on or _sha(init, shas)) if init else None,
+            init=(depends_on or _sha(init, shas)) if init else None, **noise_part,
         )
-        name = _name(config, objective, arch, sigma, label, identity)
+        name = _name(config, objective, arch, sigma, label, identity, noise)
         if name not in runs:
             runs[name] = Combination(
-                name=name, task=config.task, arch=arch, objective=objective, sigma=float(sigma),
+                name=name, task=config.task, arch=arch, objective=objective, sigma=float(sigma), noise=noise,
                 surrogates=surrogates, surrogate_label=label, eval_classifier=eval_classifier,
                 init_checkpoint=init, depends_on=depends_on, hparams=hparams,
             )
         return runs[name]
 
-    for sigma in config.sweep.sigmas:
-        for arch in config.archs:
-            for objective in config.objectives:
-                if objective not in NEEDS_CLASSIFIER:
-                    add(objective, arch, sigma, (), "-")
-                    continue
-                for surrogates, label in settings:
-                    if objective not in NEEDS_MSE_INIT:
-                        add(objective, arch, sigma, surrogates, label)
+    for noise in config.sweep.noises:
+        for sigma in config.sweep.sigmas:
+            for arch in config.archs:
+                for objective in config.objectives:
+                    if objective not in NEEDS_CLASSIFIER:
+                        add(objective, arch, sigma, (), "-")
                         continue
-                    init = inits.get((arch, float(sigma)))
-                    if init is not None:
-                        add(objective, arch, sigma, surrogates, label, init=init)
-                        continue
-                    mse = add("mse", arch, sigma, (), "-")
-                    add(objective, arch, sigma, surrogates, label,
-                        init=str(config.output_dir / mse.name / MODEL_FILE), depends_on=mse.name)
+                    for surrogates, label in settings:
+                        if objective not in NEEDS_MSE_INIT:
+                            add(objective, arch, sigma, surrogates, label)
+                            continue
+                        init = inits.get((arch, float(sigma), noise))
+                        if init is not None:
+                            add(objective, arch, sigma, surrogates, label, init=init)
+                            continue
+                        mse = add("mse", arch, sigma, (), "-")
+                        add(objective, arch, sigma, surrogates, label,
+                            init=str(config.output_dir / mse.name / MODEL_FILE), depends_on=mse.name)
     return order(list(runs.values()))
 
 
