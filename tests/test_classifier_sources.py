@@ -241,6 +241,43 @@ def test_identity_in_run_json_keys(tmp_path):
     assert certify_identity(config, split, bundled)["classifier_pipeline"] == pipe
 
 
+def _flip_a_weight_byte(archive: bytes) -> bytes:
+    """The archive with one byte of one stored weight changed: still loadable, other content."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        info = next(i for i in z.infolist() if "/data/weights/weight_" in i.filename)
+    start = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", archive[start + 26:start + 30])
+    at = start + 30 + name_len + extra_len + 3
+    return archive[:at] + bytes([archive[at] ^ 1]) + archive[at + 1:]
+
+
+@needs_imagenet
+def test_identity_is_the_archives_content_not_its_name(tmp_path, timm_1k, imagenet):
+    """The same .pt2 under another name in another folder is the same run; one byte changed
+    is another. (run.json keeps the path, beside the identity, for humans.)"""
+    from pipeline.certify.plan import CertifyConfig, certify_identity
+
+    (tmp_path / "elsewhere").mkdir()
+    original = timm_1k["pt2"]
+    renamed, changed = tmp_path / "elsewhere" / "deployed-v2.pt2", tmp_path / "changed.pt2"
+    renamed.write_bytes(original.read_bytes())
+    changed.write_bytes(_flip_a_weight_byte(original.read_bytes()))
+    flags = timm_flags()
+
+    def identity(path: Path) -> dict:
+        config = CertifyConfig(dataset="folder", data_root=str(IMAGENET_100), classifier=str(path), sigma=0.25,
+                               output="o")
+        return certify_identity(config, imagenet, _pair(ClassifierSpec(str(path), **flags), imagenet.describe())[1])
+
+    assert identity(original) == identity(renamed)
+    assert identity(original) != identity(changed)
+    assert identity(original)["classifier"] != identity(changed)["classifier"]  # the name is the content's too
+
+
 # ----------------------------------------------------------------------------- classes
 
 
