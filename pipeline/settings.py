@@ -217,8 +217,10 @@ class SequentialSettings(Settings):
 class ClassifierFlags(Settings):
     """What completes a classifier spec (`pipeline.models.sources.ClassifierSpec.of`): its
     weights and its preprocessing. `certify` and `train` (the frozen white-box classifier)
-    share them, so a classifier is named the same way wherever one is named."""
+    share them, so a classifier is named the same way wherever one is named. Each job
+    declares its own `classifier` (required or not); this one fixes its place in --help."""
 
+    classifier: str | None = option(None, group="models", metavar="SPEC", help="the classifier spec")
     classifier_weights: str | None = option(None, group="models", metavar="FILE", help=(
         "weights of a timm:NAME, registry NAME or factory classifier (.safetensors, or .pth/.bin read "
         "with weights_only)"))

@@ -269,7 +269,7 @@ class TrainConfig(ClassifierFlags):
                 raise ConfigError(f"sweep.archs[{i}]", str(error)) from None
             if info.kind != self.task:
                 raise ConfigError(f"sweep.archs[{i}]", f"{arch!r} is a {info.kind}, but task is {self.task!r}")
-        flags = [name for name in ClassifierFlags.model_fields if getattr(self, name) is not None]
+        flags = [name for name in ClassifierFlags.model_fields if name != "classifier" and getattr(self, name) is not None]
         if self.task == "classifier" and (self.sweep.surrogate_sets or self.classifier or self.init_checkpoints
                                           or flags):
             bad = "sweep.surrogate_sets" if self.sweep.surrogate_sets else (
