@@ -5,8 +5,10 @@ as a timm spec (`timm:resnet50`, the same state-dict keys; timm's own preprocess
 at 224 px data is the ImageNet mean/std only) and as a torch.export `.pt2` archive (mean/std
 by flags). Each goes through `ModelBytes.classifier` + `PairCounter` as an actor does, and the
 forms are timed interleaved (A, B, C, C, B, A, ...) so machine load hits them alike. The
-preprocessing adapter runs in the batch on the device, so the forms should differ only by
-what the network itself costs: an archive is not BatchNorm-folded (fx cannot retrace it).
+preprocessing adapter runs in the batch on the device, and `optimize_for_inference` gives
+every form the same program (BatchNorm folded -- at the aten level inside an archive -- and
+residual additions in place, which fx tracing had made out-of-place for the nn.Module forms
+only), so the forms should differ by noise alone.
 """
 
 from __future__ import annotations

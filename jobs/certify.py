@@ -291,7 +291,10 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     selected = prepared.selected
     labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
-    record = open_run(output, identity, extra={**speed, **({"labels_from": labels_from} if labels_from else {})})
+    # The classifier as the user named it (a path, a spec): for humans; the identity holds its content's hash.
+    source = {"classifier_source": str(prepared.classifier.source)}
+    record = open_run(output, identity, extra={**speed, **source,
+                                               **({"labels_from": labels_from} if labels_from else {})})
     context = RunContext(output, record, selected.records, lease, config, config.on_bad_image)
     started = time.monotonic()
     schedule, summarise = (_sequential_schedule if config.sequential else _fixed_schedule)(config, context, output,

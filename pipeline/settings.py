@@ -224,3 +224,26 @@ class SequentialSettings(Settings):
             if not reach.within:
                 raise ConfigError("radius" if self.radius is not None else "n_max", reach.message())
         return self
+
+
+class ClassifierFlags(Settings):
+    """What completes a classifier spec (`pipeline.models.sources.ClassifierSpec.of`): its
+    weights and its preprocessing. `certify` and `train` (the frozen white-box classifier)
+    share them, so a classifier is named the same way wherever one is named. Each job
+    declares its own `classifier` (required or not); this one fixes its place in --help."""
+
+    classifier: str | None = option(None, group="models", metavar="SPEC", help="the classifier spec")
+    classifier_weights: str | None = option(None, group="models", metavar="FILE", help=(
+        "weights of a timm:NAME, registry NAME or factory classifier (.safetensors, or .pth/.bin read "
+        "with weights_only)"))
+    classifier_input_size: PositiveInt | None = option(None, group="models", metavar="PX", help=(
+        "resize (shorter side) and centre-crop to PX inside f, after the noise and the denoiser "
+        "(default: the model's own config; none for archives/factories)"))
+    classifier_resize: PositiveInt | None = option(None, group="models", metavar="PX", help=(
+        "resize the shorter side to PX before the centre crop (default: the input size)"))
+    classifier_mean: list[float] | None = option(None, group="models", metavar="M", help=(
+        "per-channel mean the classifier subtracts (default: the model's own config)"))
+    classifier_std: list[float] | None = option(None, group="models", metavar="S", help=(
+        "per-channel std the classifier divides by (default: the model's own config)"))
+    classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
+        None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")

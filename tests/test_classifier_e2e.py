@@ -130,6 +130,9 @@ def test_python_api_every_form(models, tmp_path, monkeypatch):
         assert sorted(certificates.image_id) == IDS, name
         record = json.loads((tmp_path / name / "run.json").read_text())
         assert record["identity"]["classifier_pipeline"]["kind"] == {"object": "module", "pt2": "export"}.get(name, name)
+        if name in ("pt2", "torchscript"):  # the identity names the content; run.json keeps the path for humans
+            assert record["extra"]["classifier_source"] == str(models[name]), record["extra"]
+            assert record["identity"]["classifier"].startswith(f"{record['identity']['classifier_pipeline']['kind']}:")
         counts[name] = np.stack(votes(tmp_path / name).sort_values(["image_id", "phase"]).counts.to_list())
     assert np.array_equal(counts["object"], counts["factory"])
     for name in ("pt2", "torchscript"):

@@ -241,6 +241,43 @@ def test_identity_in_run_json_keys(tmp_path):
     assert certify_identity(config, split, bundled)["classifier_pipeline"] == pipe
 
 
+def _flip_a_weight_byte(archive: bytes) -> bytes:
+    """The archive with one byte of one stored weight changed: still loadable, other content."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        info = next(i for i in z.infolist() if "/data/weights/weight_" in i.filename)
+    start = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", archive[start + 26:start + 30])
+    at = start + 30 + name_len + extra_len + 3
+    return archive[:at] + bytes([archive[at] ^ 1]) + archive[at + 1:]
+
+
+@needs_imagenet
+def test_identity_is_the_archives_content_not_its_name(tmp_path, timm_1k, imagenet):
+    """The same .pt2 under another name in another folder is the same run; one byte changed
+    is another. (run.json keeps the path, beside the identity, for humans.)"""
+    from pipeline.certify.plan import CertifyConfig, certify_identity
+
+    (tmp_path / "elsewhere").mkdir()
+    original = timm_1k["pt2"]
+    renamed, changed = tmp_path / "elsewhere" / "deployed-v2.pt2", tmp_path / "changed.pt2"
+    renamed.write_bytes(original.read_bytes())
+    changed.write_bytes(_flip_a_weight_byte(original.read_bytes()))
+    flags = timm_flags()
+
+    def identity(path: Path) -> dict:
+        config = CertifyConfig(dataset="folder", data_root=str(IMAGENET_100), classifier=str(path), sigma=0.25,
+                               output="o")
+        return certify_identity(config, imagenet, _pair(ClassifierSpec(str(path), **flags), imagenet.describe())[1])
+
+    assert identity(original) == identity(renamed)
+    assert identity(original) != identity(changed)
+    assert identity(original)["classifier"] != identity(changed)["classifier"]  # the name is the content's too
+
+
 # ----------------------------------------------------------------------------- classes
 
 
@@ -349,6 +386,50 @@ def test_exported_program_gets_its_batchnorm_folded(timm_1k):
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(optimized(x), pair(x), rtol=1e-4, atol=1e-4)
+
+
+KERNELS = ("aten::add", "aten::add_", "aten::batch_norm", "aten::convolution", "aten::relu", "aten::relu_")
+
+
+def _kernels(model, x) -> dict[str, int]:
+    """How many times each kernel of interest runs in one forward (torch.profiler, CPU)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    return dict(Counter(e.name for e in prof.events() if e.name in KERNELS))
+
+
+def test_every_form_runs_the_same_kernels_after_optimisation(timm_1k, tmp_path):
+    """`optimize_for_inference` is the one place every form is optimised, and gives them the
+    same program: BatchNorm folded and residual additions in place (fx records `x += y` as
+    an out-of-place add, which an exported program does not: that alone made the .pt2 ~8%
+    faster than the same ResNet as an nn.Module). The function does not change."""
+    import torchvision
+
+    from pipeline.sampling.inference import optimize_for_inference
+
+    data = DataDescription(None, None, (TIMM_INPUT, TIMM_INPUT))
+    forms = {
+        "timm spec": ClassifierSpec("timm:test_resnet", str(timm_1k["safetensors"])),
+        "timm folder": ClassifierSpec(str(timm_1k["folder"])),
+        ".pt2": ClassifierSpec(str(timm_1k["pt2"]), **timm_flags()),
+    }
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    torchvision_form = ClassifierSpec("resnet18", str(tmp_path / "r18.pth"))
+    x = torch.rand(2, 3, TIMM_INPUT, TIMM_INPUT)
+    kernels = {}
+    for name, spec in {**forms, "torchvision": torchvision_form}.items():
+        pair = load_pair(ModelBytes.classifier(spec), None, data, allow_foreign_classifier=True)[0]
+        optimized = optimize_for_inference(pair)
+        kernels[name] = _kernels(optimized, x)
+        assert "aten::add" not in kernels[name] and "aten::batch_norm" not in kernels[name], (name, kernels[name])
+        assert kernels[name].get("aten::add_", 0) > 0, (name, kernels[name])
+        with torch.inference_mode():
+            torch.testing.assert_close(optimized(x), pair(x), rtol=1e-4, atol=1e-4)
+    assert kernels["timm spec"] == kernels["timm folder"] == kernels[".pt2"], kernels
 
 
 def test_models_command_lists_the_forms(capsys):

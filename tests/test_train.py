@@ -164,7 +164,7 @@ def tiny_checkpoints(tmp_path_factory):
         ({"sweep": {"sigmas": [0.25], "objectives": ["xent"]}}, "sweep.objectives[0]", "does not train a denoiser"),
         ({"sweep": {"sigmas": [0.25], "objectives": ["stab"]}}, "classifier", "needs a classifier"),
         ({"classifier": "{d}/missing.pt", "sweep": {"sigmas": [0.25], "objectives": ["stab"]}},
-         "classifier", "does not exist"),
+         "classifier", "classifier not found"),
         ({"sweep": {"sigmas": [0.25], "objectives": ["stab"],
                     "surrogate_sets": [["{d}/c10.pt"], ["{d}/c10.pt", "{d}/c5.pt"]]}},
          "sweep.surrogate_sets[1][1]", "5 classes"),
@@ -183,6 +183,15 @@ def tiny_checkpoints(tmp_path_factory):
         ({"optimizer": {"mse": {"gamma": 0}}}, "optimizer.mse.gamma", "> 0"),
         ({"task": "classifier", "sweep": {"sigmas": [0.0], "archs": ["cifar_resnet20"]},
           "classifier": "{d}/c10.pt"}, "classifier", "only applies to task 'denoiser'"),
+        # any classifier spec certify takes, with certify's one-line errors
+        ({"classifier": "timm:test_resnet", "sweep": {"sigmas": [0.25], "objectives": ["stab"]}},
+         "classifier", "needs its weights"),
+        ({"classifier": "no_such_package.models:make", "sweep": {"sigmas": [0.25], "objectives": ["stab"]}},
+         "classifier", "cannot import no_such_package.models"),
+        ({"sweep": {"sigmas": [0.25], "objectives": ["stab"], "surrogate_sets": [[{"classifier": "{d}/c10.pt",
+                                                                                    "weights": "w.pth"}]]}},
+         "sweep.surrogate_sets[0][0].weights", "unknown field"),
+        ({"classifier_input_size": 64, "sweep": {"sigmas": [0.25]}}, "classifier_input_size", "give classifier too"),
         ({"dataset": {"root": "{d}/nowhere"}}, "dataset.root", "does not exist"),
         ({"use_gpu": "sometimes"}, "use_gpu", "auto, true or false"),
         ({"augment": "yes"}, "augment", "boolean"),
@@ -227,13 +236,13 @@ def test_flags_come_from_the_config_and_override_the_yaml(tmp_path, tiny_checkpo
                   str(tmp_path / "store"), "--epochs", "7", "--num-workers", "1", "--max-concurrent", "2",
                   "--stop-after-epochs", "1", "--use-gpu", "false", "--sigmas", "0.25", "0.5", "--no-augment")
     assert (config.classifier, config.output_dir, config.storage_path) == (
-        c10, tmp_path / "other", str(tmp_path / "store"))
+        str(c10), tmp_path / "other", str(tmp_path / "store"))
     assert (config.epochs, config.num_workers, config.max_concurrent, config.stop_after_epochs) == (7, 1, 2, 1)
     assert (config.use_gpu, config.sweep.sigmas, config.augment) == (False, [0.25, 0.5], False)
     assert config.dataset.max_train == 500 and config.batch_size == 32  # the YAML's, untouched
     assert load("--use-gpu", "auto").use_gpu == "auto" and load().use_gpu == "auto"
     assert load_train_config(to_dict(config)) == config  # YAML-able round trip
-    with pytest.raises(ConfigError, match=r"'classifier'.*does not exist.*\(--classifier\)"):
+    with pytest.raises(ConfigError, match=r"'classifier'.*classifier not found.*\(--classifier\)"):
         load("--classifier", str(tmp_path / "missing.pt"), "--objectives", "stab")
     with pytest.raises(ConfigError, match=r"'epochs': must be >= 1.*\(--epochs\)"):
         load("--epochs", "0")
@@ -296,6 +305,49 @@ def test_frozen_classifier_never_changes_in_a_training_step(tmp_path, tiny_check
     assert all(torch.equal(v, before[k]) for k, v in classifier.state_dict().items())
     assert any(not torch.equal(v, denoiser_before[k]) for k, v in state.model.state_dict().items())
     assert state.check_classifiers()[0]["digest_after"] == state_digest(load_checkpoint(path)[0])
+
+
+def test_frozen_classifiers_may_be_any_spec(tmp_path):
+    """In-process (no Ray): the white-box classifier as `timm:NAME` + weights (with an input
+    size flag) and a black-box surrogate as a `.pt2` archive, given as `certify` takes them,
+    are checked against the data, loaded with their preprocessing inside, and frozen: one
+    STAB step trains the denoiser through each and changes neither classifier."""
+    from safetensors.torch import save_file
+
+    from classifier_support import timm_net
+    from pipeline.models.preprocess import Preprocess
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_net(10).state_dict().items()}, weights)
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 10)).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    archive = tmp_path / "surrogate.pt2"
+    torch.export.save(torch.export.export(small, (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: batch},)), archive)
+    common = dict(dataset=dataset(max_train=16, max_test=8), batch_size=16, epochs=1,
+                  sweep={"sigmas": [0.25], "objectives": ["stab"], "archs": ["dncnn_small"]})
+    white = load_train_config(denoiser_config(tmp_path / "wb", classifier="timm:test_resnet",
+                                              classifier_weights=str(weights), classifier_input_size=32, **common))
+    common["sweep"]["surrogate_sets"] = [[{"classifier": str(archive), "classifier_mean": [0.5, 0.5, 0.5],
+                                           "classifier_std": [0.25, 0.25, 0.25]}]]
+    black = load_train_config(denoiser_config(tmp_path / "bb", **common))
+    for config, label in ((white, "wb:timm-test_resnet"), (black, "bb:surrogate.pt2")):
+        run = plan_sweep(config)[0]
+        assert run.surrogate_label == label
+        state = RunState(worker_spec(config, run), WorkerHooks())
+        (classifier,) = state.loss_classifiers
+        assert isinstance(classifier[0], Preprocess)  # the spec's preprocessing, inside f
+        before = state.check_classifiers()
+        denoiser_before = {k: v.clone() for k, v in state.model.state_dict().items()}
+        state.train_epoch(1, *state.loader())
+        assert state.check_classifiers() == before
+        assert any(not torch.equal(v, denoiser_before[k]) for k, v in state.model.state_dict().items())
+    # The same spec with other preprocessing is another classifier: another run.
+    other = load_train_config(denoiser_config(tmp_path / "wb", classifier="timm:test_resnet",
+                                              classifier_weights=str(weights), classifier_input_size=48, **{
+                                                  **common, "sweep": {**common["sweep"], "surrogate_sets": []}}))
+    assert plan_sweep(other)[0].name != plan_sweep(white)[0].name
 
 
 def test_run_local_resumes_without_ray(tmp_path):

@@ -11,6 +11,7 @@ from pydantic import model_validator
 from pipeline.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
 from pipeline.settings import (
     ChunkSize,
+    ClassifierFlags,
     DataSelection,
     EstimationSamples,
     PoolSettings,
@@ -34,7 +35,7 @@ SPEED_NOTE = (
 )
 
 
-class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings):
+class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSettings, ClassifierFlags):
     """Settings of `dsmooth certify` (YAML keys = these field names; flags override them)."""
 
     classifier: Where = option(..., group="models", metavar="SPEC", help=(
@@ -42,20 +43,6 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "registry/torchvision NAME, timm:NAME or package.module:callable (with --classifier-weights); a "
         "timm or Hugging Face folder; a torch.export .pt2 or TorchScript file (archives run their own "
         "code: trusted files only). See `dsmooth models`"))
-    classifier_weights: str | None = option(None, group="models", metavar="FILE", help=(
-        "weights of a timm:NAME, registry NAME or factory classifier (.safetensors, or .pth/.bin read "
-        "with weights_only)"))
-    classifier_input_size: PositiveInt | None = option(None, group="models", metavar="PX", help=(
-        "resize (shorter side) and centre-crop to PX inside f, after the noise and the denoiser "
-        "(default: the model's own config; none for archives/factories)"))
-    classifier_resize: PositiveInt | None = option(None, group="models", metavar="PX", help=(
-        "resize the shorter side to PX before the centre crop (default: the input size)"))
-    classifier_mean: list[float] | None = option(None, group="models", metavar="M", help=(
-        "per-channel mean the classifier subtracts (default: the model's own config)"))
-    classifier_std: list[float] | None = option(None, group="models", metavar="S", help=(
-        "per-channel std the classifier divides by (default: the model's own config)"))
-    classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
-        None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
     classifier_arch: str | None = option(None, group="models", metavar="NAME", help=(
         "architecture of a raw state-dict classifier (e.g. resnet50; see `dsmooth models`)"))
     allow_foreign_classifier: bool = option(False, group="models", help=(

@@ -38,7 +38,7 @@ from pipeline.models import (
     load_classifier,
 )
 from pipeline.models.fit import check_classes_fit
-from pipeline.models.sources import ClassifierSpec, is_bundle, load_bundle, resolve_classifier
+from pipeline.models.sources import ClassifierSpec, LoadedClassifier, is_bundle, load_bundle, resolve_classifier
 from pipeline.sampling.noise import SampleRequest
 
 
@@ -191,6 +191,18 @@ def load_from_bytes(checkpoint: ModelBytes) -> tuple[nn.Module, ModelMeta]:
         return load_checkpoint(path)
 
 
+def load_classifier_source(classifier: ModelBytes, arch: str | None = None,
+                           ) -> tuple[nn.Module, str, ModelMeta | None, LoadedClassifier | None]:
+    """(f taking [0, 1] pixels, its name, its checkpoint metadata or None, the bundle or None)
+    from a resolved classifier spec: what certify's actors and `train`'s frozen classifiers load."""
+    if is_bundle(classifier.data):
+        bundled = load_bundle(classifier.data, classifier.source)
+        return bundled.module, bundled.name, None, bundled
+    with _as_file(classifier, "classifier.pt") as path:
+        f, f_name, f_meta = _load_classifier(path, classifier.source, classifier.arch or arch)
+    return f, f_name, f_meta, None
+
+
 def load_pair(
     classifier: ModelBytes,
     denoiser: ModelBytes | None,
@@ -206,12 +218,7 @@ def load_pair(
     CheckpointError / CheckpointMismatchError (DataMismatchError for models made for other
     data) name the user's file.
     """
-    bundled = load_bundle(classifier.data, classifier.source) if is_bundle(classifier.data) else None
-    if bundled is not None:
-        f, f_name, f_meta = bundled.module, bundled.name, None
-    else:
-        with _as_file(classifier, "classifier.pt") as path:
-            f, f_name, f_meta = _load_classifier(path, classifier.source, classifier.arch or classifier_arch)
+    f, f_name, f_meta, bundled = load_classifier_source(classifier, classifier_arch)
     d, d_meta = (load_denoiser_bytes(denoiser, data, sigma, noise, allow_foreign_denoiser)
                  if denoiser is not None else (None, None))
     pair = compose(f, d).eval()

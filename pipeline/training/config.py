@@ -5,7 +5,7 @@ range and help: the YAML key, the `dsmooth train` flag (`jobs/options.py`) and t
 validation message all come from it. Two validation passes, both before any training
 starts and both naming the bad field: the models' own validation (types, ranges, and the
 cross-field rules in their `model_validator`s) when the config is parsed, and
-``check_files``, which opens every checkpoint the sweep will use and checks it against the
+``check_files``, which loads every classifier the sweep will use and checks it against the
 training data, because a surrogate trained on another data set found after an hour of
 training is an hour lost.
 """
@@ -32,7 +32,7 @@ from pipeline.config import (
     load_config,
     option,
 )
-from pipeline.settings import DatasetLayout, Precision
+from pipeline.settings import ClassifierFlags, DatasetLayout, Precision
 
 # The training objectives by name (their losses: pipeline.objectives), declared here so that
 # the settings import no torch.
@@ -114,6 +114,28 @@ class OptimizerConfig(Settings):
                                  help="learning-rate decay factor, in (0, 1]")
 
 
+class ClassifierEntry(ClassifierFlags):
+    """A classifier of the sweep given in full: any spec `certify` takes (a checkpoint,
+    timm:NAME, a timm or Hugging Face folder, a .pt2 / TorchScript archive, a registry
+    name or package.module:callable) with its weights and preprocessing, as in certify's
+    flags (classifier_weights, classifier_input_size, ...). A plain string is a spec alone."""
+
+    classifier: str = option(..., metavar="SPEC", help="the classifier spec (see `dsmooth models`)")
+
+
+def _none_or_text(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return str(value) if isinstance(value, Path) else value
+
+
+def _entry(value: Any) -> Any:
+    return {"classifier": str(value)} if isinstance(value, (str, Path)) else value
+
+
+SurrogateEntry = Annotated[ClassifierEntry, BeforeValidator(_entry)]
+
+
 class SweepConfig(Settings):
     """The grid: one training run per combination (see pipeline.training.sweep)."""
 
@@ -135,9 +157,10 @@ class SweepConfig(Settings):
             "architectures, one run each (default: dncnn for denoisers, cifar_resnet110 for "
             "classifiers; see `dsmooth models`)"))
     surrogate_sets: Annotated[
-        list[Annotated[list[Path], BeforeValidator(_one_or_more)]], BeforeValidator(_one_or_more)
+        list[Annotated[list[SurrogateEntry], BeforeValidator(_one_or_more)]], BeforeValidator(_one_or_more)
     ] = option(default_factory=list, cli=False, help=(
-        "black-box: sets of frozen surrogate classifier checkpoints, one run per set (YAML only)"))
+        "black-box: sets of frozen surrogate classifiers, one run per set (YAML only); each a spec as "
+        "`certify --classifier` takes, or {classifier: SPEC, classifier_weights: FILE, ...}"))
 
     @field_validator("sigmas")
     @classmethod
@@ -165,7 +188,7 @@ RUNS = "runs and resources"
 OUTPUTS = "outputs"
 
 
-class TrainConfig(Settings):
+class TrainConfig(ClassifierFlags):
     """A whole `dsmooth train` job; see examples/train_cifar10_small.yaml."""
 
     dataset: DatasetConfig = option(..., help="the training and test images")
@@ -173,9 +196,11 @@ class TrainConfig(Settings):
     task: Task = option("denoiser", group="sweep", help="what the sweep trains")
     name: str = option("train", group="sweep", metavar="NAME", help=(
         "prefix of every run's name (letters, digits, '-', '_', '.')"))
-    classifier: OptionalPath = option(None, group="sweep", metavar="CKPT", help=(
-        "white-box: the classifier to defend (gradients flow through it, it never changes) and to "
-        "evaluate classifier∘denoiser with; needed by stab / stab_mse / clf unless sweep.surrogate_sets is given"))
+    classifier: Annotated[str | None, BeforeValidator(_none_or_text)] = option(
+        None, group="sweep", metavar="SPEC", help=(
+            "white-box: the classifier to defend (gradients flow through it, it never changes) and to "
+            "evaluate classifier∘denoiser with; needed by stab / stab_mse / clf unless sweep.surrogate_sets is "
+            "given. Any spec `certify --classifier` takes, completed by --classifier-weights / -input-size / ..."))
     init_checkpoints: Annotated[list[Path], BeforeValidator(_one_or_more)] = option(
         default_factory=list, group="sweep", metavar="CKPT", help=(
             "MSE denoisers that stab_mse runs of the same arch and sigma start from "
@@ -253,10 +278,14 @@ class TrainConfig(Settings):
                 raise ConfigError(f"sweep.archs[{i}]", str(error)) from None
             if info.kind != self.task:
                 raise ConfigError(f"sweep.archs[{i}]", f"{arch!r} is a {info.kind}, but task is {self.task!r}")
-        if self.task == "classifier" and (self.sweep.surrogate_sets or self.classifier or self.init_checkpoints):
+        flags = [name for name in ClassifierFlags.model_fields if name != "classifier" and getattr(self, name) is not None]
+        if self.task == "classifier" and (self.sweep.surrogate_sets or self.classifier or self.init_checkpoints
+                                          or flags):
             bad = "sweep.surrogate_sets" if self.sweep.surrogate_sets else (
-                "classifier" if self.classifier else "init_checkpoints")
+                "classifier" if self.classifier else "init_checkpoints" if self.init_checkpoints else flags[0])
             raise ConfigError(bad, "only applies to task 'denoiser'")
+        if flags and self.classifier is None:
+            raise ConfigError(flags[0], "completes the white-box classifier: give classifier too")
         needs = [o for o in self.objectives if o in NEEDS_CLASSIFIER]
         if needs and self.classifier is None and not self.sweep.surrogate_sets:
             raise ConfigError(
@@ -315,12 +344,25 @@ def resolve_paths(config: TrainConfig, base: Path | None = None) -> TrainConfig:
     # model_copy(update=...) does not validate: every value below has its field's type already.
     dataset = config.dataset.model_copy(
         update={"root": absolute(config.dataset.root), "cache_dir": absolute(config.dataset.cache_dir)})
+    def located(text: str | None) -> str | None:
+        """A spec or weights file made absolute when it names a local file or folder;
+        timm:NAME, registry names, module:callable and URIs stay as they are."""
+        if text is None or _is_uri(text):
+            return text
+        path = (base / Path(text).expanduser())
+        return str(path.resolve()) if path.exists() else text
+
+    def entry(e: ClassifierEntry) -> ClassifierEntry:
+        return e.model_copy(update={"classifier": located(e.classifier),
+                                    "classifier_weights": located(e.classifier_weights)})
+
     sweep = config.sweep.model_copy(
-        update={"surrogate_sets": [[absolute(p) for p in s] for s in config.sweep.surrogate_sets]})
+        update={"surrogate_sets": [[entry(e) for e in s] for s in config.sweep.surrogate_sets]})
     return config.model_copy(update={
         "dataset": dataset,
         "sweep": sweep,
-        "classifier": absolute(config.classifier),
+        "classifier": located(config.classifier),
+        "classifier_weights": located(config.classifier_weights),
         "init_checkpoints": [absolute(p) for p in config.init_checkpoints],
         "output_dir": absolute(config.output_dir),
         "storage_path": storage,
@@ -352,19 +394,19 @@ def _read_meta(path: Path, field_name: str) -> Any:
         raise ConfigError(field_name, f"{path} is not a usable dsmooth checkpoint: {error}") from None
 
 
-def _check_classifier(path: Path, field_name: str, data: DataDescription) -> None:
-    """A classifier checkpoint that fits the training data (the check `certify` applies too).
+def _check_classifier(entry: Any, field_name: str, data: DataDescription) -> None:
+    """A classifier spec that loads and fits the training data, checked as `certify` checks
+    one (`load_pair`: its kind, classes, label order and input size; one line naming the field).
 
     Checkpoints that do not record their data set are accepted, as `dsmooth train` always
     did (it has no --allow-foreign-classifier); their classes and input size are still checked."""
-    from pipeline.models import DataMismatchError, check_fits_data
+    from pipeline.certify.pair import ModelBytes, load_pair
+    from pipeline.models import CheckpointError
+    from pipeline.models.sources import ClassifierSpec
 
-    meta = _read_meta(path, field_name)
-    if meta.kind != "classifier":
-        raise ConfigError(field_name, f"{path} holds a {meta.kind} ({meta.arch}), not a classifier")
     try:
-        check_fits_data(meta, data, str(path), allow_foreign=True)
-    except DataMismatchError as error:
+        load_pair(ModelBytes.classifier(ClassifierSpec.of(entry)), None, data, allow_foreign_classifier=True)
+    except CheckpointError as error:
         raise ConfigError(field_name, str(error)) from None
 
 
@@ -380,10 +422,10 @@ def check_files(config: TrainConfig) -> None:
     except DatasetError as error:
         raise ConfigError("dataset.root", str(error)) from None
     if config.classifier is not None:
-        _check_classifier(config.classifier, "classifier", data)
+        _check_classifier(config, "classifier", data)
     for i, surrogates in enumerate(config.sweep.surrogate_sets):
-        for j, path in enumerate(surrogates):
-            _check_classifier(path, f"sweep.surrogate_sets[{i}][{j}]", data)
+        for j, entry in enumerate(surrogates):
+            _check_classifier(entry, f"sweep.surrogate_sets[{i}][{j}]", data)
     for i, path in enumerate(config.init_checkpoints):
         meta = _read_meta(path, f"init_checkpoints[{i}]")
         if meta.kind != "denoiser":

@@ -96,14 +96,18 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def load_frozen_classifier(path: str, device: torch.device) -> nn.Module:
-    """A classifier checkpoint, frozen (no grads, eval mode that survives .train())."""
-    from pipeline.models import freeze, load_checkpoint
+def load_frozen_classifier(spec: dict[str, Any], device: torch.device) -> nn.Module:
+    """A classifier spec's network (any form `certify` takes, `pipeline.models.sources`),
+    loaded as certify's actors load it, then frozen (no grads, eval mode that survives
+    .train()); its preprocessing is inside it, so gradients flow from its logits to the
+    denoiser's [0, 1] output."""
+    from pipeline.certify.pair import ModelBytes, load_classifier_source
+    from pipeline.models import freeze
+    from pipeline.models.sources import ClassifierSpec
 
-    model, meta = load_checkpoint(path, map_location=device)
-    if meta.kind != "classifier":
-        raise ValueError(f"{path} holds a {meta.kind}, not a classifier")
-    return freeze(model)
+    source = ModelBytes.classifier(ClassifierSpec(**spec))
+    model = load_classifier_source(source)[0]
+    return freeze(model.to(device))
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -151,10 +155,12 @@ class RunState:
 
         cache: dict[str, nn.Module] = {}
 
-        def classifier(path: str) -> nn.Module:
-            if path not in cache:
-                cache[path] = load_frozen_classifier(path, self.device)
-            return cache[path]
+        specs = self.run.get("classifier_specs") or {}
+
+        def classifier(key: str) -> nn.Module:
+            if key not in cache:
+                cache[key] = load_frozen_classifier(specs.get(key, {"classifier": key}), self.device)
+            return cache[key]
 
         self.loss_classifiers = (
             [classifier(p) for p in self.run["surrogates"]] if self.run["objective"] in NEEDS_CLASSIFIER else []

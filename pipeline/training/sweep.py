@@ -35,12 +35,14 @@ class Combination:
     objective: str
     sigma: float
     noise: str = "gaussian"  # the smoothing noise it is trained for (pipeline.sampling.noise_kinds)
-    surrogates: tuple[str, ...] = ()  # classifiers in the loss (white-box: the one classifier)
+    surrogates: tuple[str, ...] = ()  # keys of the classifiers in the loss (white-box: the one classifier)
     surrogate_label: str = "-"  # "-" none, "wb:<stem>" white-box, "bb:<stem>+<stem>" black-box
     eval_classifier: str | None = None  # f in "accuracy of f∘D under noise"
     init_checkpoint: str | None = None  # STAB+MSE: the MSE denoiser to start from
     depends_on: str | None = None  # run that must finish first (it produces init_checkpoint)
     hparams: dict[str, Any] = field(default_factory=dict)
+    # key -> the ClassifierSpec fields of each classifier above (`pipeline.models.sources`)
+    classifier_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -52,6 +54,24 @@ def _sha(path: str | Path, cache: dict[str, str]) -> str:
     key = str(path)
     if key not in cache:
         cache[key] = file_sha256(path)
+    return cache[key]
+
+
+def classifier_key(spec: Any) -> str:
+    """How a run names one of its classifiers: the spec itself when nothing completes it (a
+    checkpoint's path, as before specs), else the spec with its flags, as JSON."""
+    fields = {k: v for k, v in asdict(spec).items() if v is not None}
+    return str(spec.classifier) if fields.keys() == {"classifier"} else json.dumps(fields, sort_keys=True, default=list)
+
+
+def _classifier_sha(spec: Any, cache: dict[str, str]) -> str:
+    """SHA-256 of the classifier as certify ships it: a checkpoint's file hash (so run names
+    made before specs do not change), a bundle's (weights, preprocessing, kind) otherwise."""
+    from pipeline.models.sources import resolve_classifier
+
+    key = classifier_key(spec)
+    if key not in cache:
+        cache[key] = hashlib.sha256(resolve_classifier(spec).data).hexdigest()
     return cache[key]
 
 
@@ -99,6 +119,7 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
     ``init_checkpoints`` entry or else from the sweep's own MSE run, added when missing.
     """
     from pipeline.models import ModelMeta, read_checkpoint
+    from pipeline.models.sources import ClassifierSpec
 
     shas: dict[str, str] = {}
     inits: dict[tuple[str, float, str], str] = {}
@@ -106,15 +127,22 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
         meta = ModelMeta.from_dict(read_checkpoint(path)["meta"])
         inits.setdefault((meta.arch, float(meta.sigma), meta.noise or "gaussian"), str(path))
 
+    specs: dict[str, ClassifierSpec] = {}
+
+    def keyed(spec: ClassifierSpec) -> str:
+        specs[classifier_key(spec)] = spec
+        return classifier_key(spec)
+
     if config.sweep.surrogate_sets:
         settings = [
-            (tuple(str(p) for p in s), "bb:" + "+".join(_stem(p) for p in s)) for s in config.sweep.surrogate_sets
+            (tuple(keyed(ClassifierSpec.of(e)) for e in s), "bb:" + "+".join(_stem(e.classifier) for e in s))
+            for s in config.sweep.surrogate_sets
         ]
     elif config.classifier is not None:
-        settings = [((str(config.classifier),), "wb:" + _stem(config.classifier))]
+        settings = [((keyed(ClassifierSpec.of(config)),), "wb:" + _stem(config.classifier))]
     else:
         settings = [((), "-")]
-    default_eval = str(config.classifier) if config.classifier else (settings[0][0][0] if settings[0][0] else None)
+    default_eval = settings[0][0][0] if settings[0][0] else None
 
     runs: dict[str, Combination] = {}
 
@@ -127,8 +155,8 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
             eval_classifier = None
         identity = _identity(
             config, arch=arch, objective=objective, sigma=sigma, hparams=hparams,
-            surrogates=[_sha(p, shas) for p in surrogates],
-            eval_classifier=_sha(eval_classifier, shas) if eval_classifier else None,
+            surrogates=[_classifier_sha(specs[k], shas) for k in surrogates],
+            eval_classifier=_classifier_sha(specs[eval_classifier], shas) if eval_classifier else None,
             init=(depends_on or _sha(init, shas)) if init else None, **noise_part,
         )
         name = _name(config, objective, arch, sigma, label, identity, noise)
@@ -137,6 +165,7 @@ def plan_sweep(config: TrainConfig) -> list[Combination]:
                 name=name, task=config.task, arch=arch, objective=objective, sigma=float(sigma), noise=noise,
                 surrogates=surrogates, surrogate_label=label, eval_classifier=eval_classifier,
                 init_checkpoint=init, depends_on=depends_on, hparams=hparams,
+                classifier_specs={k: asdict(specs[k]) for k in sorted({*surrogates, *([eval_classifier] or [])} - {None})},
             )
         return runs[name]
 

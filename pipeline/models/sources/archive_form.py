@@ -32,8 +32,12 @@ def archive_kind(path: Path, data: bytes) -> str | None:
 
 
 def resolve(path: Path, data: bytes, kind: str) -> Resolved:
+    """The archive's bundle. Its name is its content's (kind + the start of its SHA-256), never
+    its file name: the same archive renamed or moved is the same classifier, so a run resumes
+    (run.json still records the path, beside the identity, for humans)."""
     file = "model.pt2" if kind == "export" else "model.torchscript.pt"
-    resolved = Resolved(kind, f"{kind}:{path.name}", {file: data}, sha256(data), Preprocessing(),
+    digest = sha256(data)
+    resolved = Resolved(kind, f"{kind}:{digest[:12]}", {file: data}, digest, Preprocessing(),
                         extra={"file": file})
     load({"kind": kind, "extra": resolved.extra}, resolved.files, str(path))  # refuse a broken archive now
     return resolved
