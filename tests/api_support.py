@@ -61,7 +61,7 @@ def job_config(provider: str, endpoint: str, output: Path, ids: list[int], **ove
 
 def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int, seed: int = 0,
                   denoiser: Any = None, precision: str = "fp32",
-                  image_size: int | None = None) -> dict[tuple[int, str, int], str]:
+                  image_size: int | None = None, noise: str = "gaussian") -> dict[tuple[int, str, int], str]:
     """(image id, phase, sample) -> the top label the emulator's built-in classifier must
     give, computed locally from the same noise addressing, denoiser and PNG rounding."""
     from pipeline.apis.emulator import ColourClassifier
@@ -79,7 +79,7 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
             if unit.phase == CLEAN:
                 batch = [image]
             else:
-                batch = noisy_images(image, unit.chunk, unit.rows, sigma, denoiser, precision=precision)
+                batch = noisy_images(image, unit.chunk, unit.rows, sigma, denoiser, precision=precision, noise=noise)
             for sample, x in zip(unit.samples, batch):
                 labels = classifier.labels(decode_png(encode_png(x)))
                 answers[(record.image_id, unit.phase, sample)] = labels[0][0]

@@ -194,6 +194,29 @@ def test_denoiser_precision_reaches_the_api_actors(emulator, tmp_path):
     assert logged == {k: normalise(v) for k, v in bf16.items()}
 
 
+def test_uniform_noise_reaches_the_api_and_certifies_l1(emulator, tmp_path):
+    """--noise uniform end to end: every query carries the uniform draw of its address (the
+    emulator answers what the uniform oracle predicts, not the Gaussian one), the run records the
+    noise, and its radii are uniform's l1 radii 4 sigma (p_A - 1/2)."""
+    from pipeline.runs.storage import read_run_record
+
+    ids = [0, 1, 2]
+    config = job_config("google", emulator.url, tmp_path / "run", ids, noise="uniform", image_size=32, n=60)
+    assert certify_api(load_job_config(config)).status == "complete"
+    assert read_run_record(tmp_path / "run")["identity"]["noise"] == "uniform"
+    uniform = oracle_labels(ids, 0.25, 5, 60, 8, image_size=32, noise="uniform")
+    gaussian = oracle_labels(ids, 0.25, 5, 60, 8, image_size=32)
+    logged = {k: normalise(v) for k, v in top_labels_in_log(tmp_path / "run").items()}
+    assert logged == {k: normalise(v) for k, v in uniform.items()}
+    assert uniform != gaussian, "the two noises should move some answers, or the test proves nothing"
+
+    certificates = load_run(tmp_path / "run")
+    assert certificates.noise == "uniform" and len(certificates) == len(ids)
+    decided = certificates[~certificates.abstained]
+    assert len(decided), "some image should be certified, or the radius check proves nothing"
+    assert np.allclose(decided.radius, 4 * 0.25 * (decided.p_a_lower - 0.5))  # not sigma * Phi^-1(p)
+
+
 def test_rate_limit_caps_calls_in_flight(emulator, tmp_path):
     emulator.reset()
     config = job_config("aws", emulator.url, tmp_path / "run", [RGB_IDS[0]],
