@@ -110,6 +110,16 @@ def check_value(kind: Any, value: Any, name: str) -> Any:
         raise ValueError(f"{name} {_message(detail)}") from None
 
 
+def sound_noise_problem(sound: bool, noise: str) -> str | None:
+    """Why `sound` cannot go with `noise`, or None: the sound construction
+    (`pipeline.sampling.sound`) rounds a Gaussian to the 8-bit grid; other noises have none yet,
+    and a radius of their kind over Gaussian votes would be wrong. One rule for configs and the
+    engine (`dsmooth.Smooth` reaches the engine without a config)."""
+    if sound and noise != "gaussian":
+        return f"--sound is implemented for Gaussian noise only, not {noise}"
+    return None
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from scipy.stats import chisquare, norm
 
 from pipeline.certify.plan import CertifyConfig, certify_identity
 from pipeline.certify.pair import ModelIdentity, PairInfo
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset
 from pipeline.sampling.engine import VoteCounter
 from pipeline.sampling.noise import Chunk, SampleRequest
@@ -204,6 +204,18 @@ def test_a_sound_run_resumes_to_the_votes_of_one_run(tmp_path):
     resumed, once = votes(tmp_path / "resumed"), votes(tmp_path / "once")
     assert set(resumed) == {(i, p) for i in (0, 150) for p in ("selection", "estimation")}
     assert resumed == once
+
+
+def test_sound_with_another_noise_is_refused_by_the_config_and_by_smooth():
+    """Gaussian votes certified with a uniform (l1) radius would be wrong: the one rule
+    (`pipeline.config.sound_noise_problem`) holds for configs and for `dsmooth.Smooth`, which
+    reaches the engine without one."""
+    from dsmooth import Smooth
+
+    with pytest.raises(ConfigError, match="Gaussian noise only, not uniform"):
+        parse_config(CertifyConfig, {**BASE, "sound": True, "noise": "uniform"})
+    with pytest.raises(ValueError, match="Gaussian noise only, not laplace"):
+        Smooth(_linear_model(), num_classes=4, sigma=0.25, device="cpu", sound=True, noise="laplace")
 
 
 def test_smooth_keeps_sound_across_batch_sizes():

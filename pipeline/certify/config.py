@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator
 
-from pipeline.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Where, option
+from pipeline.config import (
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Where,
+    option,
+    sound_noise_problem,
+)
 from pipeline.settings import (
     ChunkSize,
     ClassifierFlags,
@@ -87,10 +96,10 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
     @model_validator(mode="after")
     def _sound_is_gaussian(self) -> CertifyConfig:
-        """The sound construction rounds a Gaussian to the grid; other noises have none yet."""
-        noise = getattr(self, "noise", "gaussian")  # issue 24's --noise, where it exists
-        if self.sound and noise != "gaussian":
-            raise ConfigError("sound", f"--sound is implemented for Gaussian noise only, not {noise}")
+        """`pipeline.config.sound_noise_problem`, before any work."""
+        problem = sound_noise_problem(self.sound, self.noise)
+        if problem:
+            raise ConfigError("sound", problem)
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Sigma, check_value
+from pipeline.config import Sigma, check_value, sound_noise_problem
 from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
@@ -63,6 +63,9 @@ class VoteCounter:
         self.num_classes = num_classes
         self.sigma = float(check_value(Sigma, sigma, "sigma"))
         self.noise = noise_kind(noise).name  # the smoothing noise (`pipeline.sampling.noise_kinds`)
+        problem = sound_noise_problem(sound, self.noise)
+        if problem:
+            raise ValueError(problem)
         self.batch_size = batch_size
         self.precision = precision
         self.sound = sound  # floating-point-sound noise (`pipeline.sampling.sound`)
