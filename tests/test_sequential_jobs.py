@@ -171,6 +171,45 @@ def test_chunks_coming_back_out_of_order_are_decided_in_order():
     assert (scheduler.cert.decisions().status != Status.UNDECIDED).all()
 
 
+def _drawn_per_image(test: SequentialTest, p: np.ndarray, items_in_flight: int = 2, seed: int = 0) -> np.ndarray:
+    """Drive a `ChunkScheduler` as one actor with `items_in_flight` work items does (the pool's
+    per_actor), answering the oldest item each step; the samples drawn per image."""
+    rng = np.random.default_rng(seed)
+    scheduler = ChunkScheduler(SequentialCertifier(test, labels=np.zeros(len(p), dtype=np.int64)))
+    drawn, items = np.zeros(len(p), dtype=np.int64), []
+    while not scheduler.finished:
+        tasks = scheduler.next_chunks(10_000) if len(items) < items_in_flight else []
+        if tasks:
+            items.append(tasks)
+            for t in tasks:
+                drawn[t.row] += test.chunk_samples(t.phase, t.chunk)
+            continue
+        for t in items.pop(0):  # the oldest item comes back
+            size = test.chunk_samples(t.phase, t.chunk)
+            scheduler.accept(t.phase, [t.row], [t.chunk], [size], np.array([rng.binomial(size, p[t.row])]))
+    return drawn
+
+
+def test_clear_images_draw_no_chunk_ahead_in_the_growing_first_chunks():
+    """An image whose votes all go one way (R = sigma = 0.25, alpha = 0.001) is decided by 64
+    samples; with a second work item in flight, as the pool keeps per actor, it must not have
+    drawn its next chunk (64 more) already. A hard image, past the first chunks, still runs
+    ahead so the actor never waits on the driver."""
+    from pipeline.sampling.chunks import growing_schedule
+
+    test = SequentialTest(sigma=0.25, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
+                          first_chunks=growing_schedule(256), futility="geometric")
+    clear = _drawn_per_image(test, np.ones(20))
+    assert clear.max() <= 100 and clear.min() == 64, clear
+    hard = ChunkScheduler(SequentialCertifier(test, labels=np.zeros(1, dtype=np.int64)))
+    for chunk in range(len(test.first_chunks) + 4):  # past the first chunks, votes at the threshold
+        size = test.chunk_samples(ESTIMATION, chunk)
+        assert [t.chunk for t in hard.next_chunks(size)] == [chunk]
+        hard.accept(ESTIMATION, [0], [chunk], [size], np.array([round(size * test.threshold)]))
+    first = hard.next_chunks(256)
+    assert first and hard.next_chunks(256), "no chunk ahead for a hard image: the actor would idle"
+
+
 def test_old_fixed_n_parts_without_chunk_column_still_read(tmp_path):
     """Parts written before the `chunk` column existed read it as null: fixed-n rows."""
     from pipeline.reduce import certificates_from_votes

@@ -43,7 +43,10 @@ class ChunkScheduler:
     `growth` is `SequentialCertifier.pending`'s: an image gets up to max(1, growth * chunks
     decided) chunks in flight. When that leaves no work while actors are idle (few undecided
     images), an image may run up to `ahead` times as many chunks ahead: samples possibly
-    wasted on an image decided meanwhile, never a different decision.
+    wasted on an image decided meanwhile, never a different decision. Not while an image is
+    still in the growing first chunks (`SequentialTest.first_chunks`): that is where clear and
+    hopeless images stop, and a chunk drawn ahead there would double what they cost (64 samples
+    decide an all-one-class image; with its next chunk ahead it drew 128).
     """
 
     def __init__(self, certifier: SequentialCertifier, growth: float = DEFAULT_GROWTH, ahead: int = 2) -> None:
@@ -78,7 +81,9 @@ class ChunkScheduler:
         offers = []
         for work in self.cert.pending(self.growth):
             first, count = work.first_chunk, work.num_chunks
-            limit = np.minimum(first + stretch * count, test.num_chunks(work.phase))
+            # Ahead only past the growing first chunks, where images are the hard ones.
+            reach = np.where(first >= len(test.first_chunks), stretch * count, count)
+            limit = np.minimum(first + reach, test.num_chunks(work.phase))
             start = np.maximum(self.requested[work.phase][work.image], first)
             for row, begin, stop in zip(work.image.tolist(), start.tolist(), limit.tolist()):
                 if begin < stop and not self.held[row]:
