@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from pipeline.config import (
     Alpha,
@@ -46,10 +46,20 @@ ChunkSize = Annotated[int, Field(ge=1, strict=True, description=(
     "samples per noise chunk; part of every sample's noise address (seed, image, phase, chunk)"))]
 # The arithmetic of f∘D's forward passes (`pipeline.sampling.precision`): in the run identity
 # when not fp32, since votes are those of the model as computed.
-Precision = Annotated[Literal["fp32", "bf16", "fp16", "auto"], Field(description=(
+def _resolve_auto_precision(value: str) -> str:
+    """`auto` becomes fp32 or bf16 as the settings are made (`resolve_here`): what is recorded
+    is the arithmetic used. Only `auto` imports torch, so parsing stays fast."""
+    if value != "auto":
+        return value
+    from pipeline.sampling.precision import resolve_here
+
+    return resolve_here(value)
+
+
+Precision = Annotated[Literal["fp32", "bf16", "fp16", "auto"], AfterValidator(_resolve_auto_precision), Field(description=(
     "arithmetic of the forward passes: fp32, bf16 or fp16 autocast (CPU too), or auto = bf16 where the "
-    "device has it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32. Part of the run "
-    "identity when not fp32: a certificate is of the model as computed"))]
+    "device has it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32, resolved where the "
+    "run is set up and recorded as what it resolved to. Part of the run identity when not fp32: a certificate is of the model as computed"))]
 
 DatasetLayout = Annotated[DatasetKind, Field(description=(
     "layout: cifar10 (pickled batches, class folders or their .tar.gz), imagenet "

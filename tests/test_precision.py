@@ -43,6 +43,15 @@ def test_precision_is_in_the_identity_only_when_not_fp32():
     assert caught.value.field == "precision"
 
 
+def test_auto_is_recorded_as_the_arithmetic_it_resolves_to():
+    """A run asked for `auto` records fp32 or bf16, as computed here: its identity is that of the
+    same run asked for the resolved precision, so `auto` never names two arithmetics at once."""
+    here = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    assert parse_config(CertifyConfig, {**BASE, "precision": "auto"}).precision == here
+    assert _identity(precision="auto") == _identity(precision=here)
+    assert "auto" not in str(_identity(precision="auto"))
+
+
 def test_auto_is_bf16_exactly_where_native():
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve_precision("fp16", "cpu") == "fp16"

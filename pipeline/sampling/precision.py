@@ -55,6 +55,15 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+def resolve_here(precision: str) -> str:
+    """`auto` resolved where the run is set up (CUDA when this machine has a GPU, else its
+    CPU), as settings record it: a run's identity names the arithmetic its votes were computed
+    in, so a resume elsewhere that would compute another one is refused, never mixed in."""
+    if precision != "auto":
+        return precision
+    return resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of `precision` on `device` (None = plain fp32)."""
     return _DTYPES[resolve_precision(precision, device)]
