@@ -814,7 +814,7 @@ def test_a_paused_certify_on_s3_stops_in_one_line_after_losing_its_lease(tmp_pat
     job = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "certify", "--dataset", "cifar10", "--data-root", str(cifar_root),
          "--classifier", str(checkpoints["classifier"]), "--denoiser", str(checkpoints["denoiser"]),
-         "--sigma", str(SIGMA), "--n0", "20", "--n", "3000", "--shard-size", "1", "--actors", "1",
+         "--sigma", str(SIGMA), "--n0", "20", "--n", "1000", "--shard-size", "1", "--actors", "1",
          "--output", output],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
@@ -849,7 +849,7 @@ def test_ctrl_c_keeps_what_the_progress_counted(tmp_path, cifar_root, checkpoint
     job = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "certify", "--dataset", "cifar10", "--data-root", str(cifar_root),
          "--classifier", str(checkpoints["classifier"]), "--denoiser", str(checkpoints["denoiser"]),
-         "--sigma", str(SIGMA), "--n0", "20", "--n", "2000", "--shard-size", "10", "--actors", "1",
+         "--sigma", str(SIGMA), "--n0", "20", "--n", "600", "--shard-size", "10", "--actors", "1",
          "--output", str(output)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     lines: list[tuple[float, str]] = []
