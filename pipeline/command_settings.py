@@ -65,8 +65,8 @@ class DemoSettings(Settings):
         "denoiser vs the shipped MSE denoiser trained for uniform noise; runs under OUTPUT/<row>-uniform)"))
     diffusion: bool = option(False, help=(
         "add a fifth row: the shipped small DDPM as a one-shot diffusion denoiser (off the shelf, one model "
-        "for every sigma); its row alone takes 4-7x as long as another row (measured on 2 CPU cores: 560 s "
-        "vs 75-151 s), so the demo takes about twice as long"))
+        "for every sigma); its row alone takes about 3x as long as a denoiser row (measured on 2 idle CPU cores: "
+        "350 s vs 111-115 s), so the demo takes about twice as long"))
     fresh: bool = option(False, help="delete the demo's runs under --output first (to change --n0 or --n there)")
 
 
