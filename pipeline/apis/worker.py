@@ -127,8 +127,11 @@ class QueryWorker:
             def record(call: str, status: str, **fields: Any) -> Any:
                 return answered(call, unit.image_id, unit.phase, sample, status, **fields)
 
-            return query_with_retries(client, encode_png(noisy), grant, record, self.retry, random.Random(seed),
-                                      reslot=reslot)
+            outcome = query_with_retries(client, encode_png(noisy), grant, record, self.retry, random.Random(seed),
+                                         reslot=reslot)
+            if outcome.state == FATAL:  # stop here, in the pool thread, before it takes the next query
+                self.stop(outcome.reason or "error", outcome.error or "")
+            return outcome
 
         # The pool is shared by every unit of this worker and serves in submission order,
         # so the queries of earlier images go first and images complete early.
