@@ -44,8 +44,6 @@ EstimationSamples = Annotated[int, Field(ge=1, strict=True, description=(
     "estimation samples per image (CERTIFY's fresh second draw; PREDICT's only draw)"))]
 ChunkSize = Annotated[int, Field(ge=1, strict=True, description=(
     "samples per noise chunk; part of every sample's noise address (seed, image, phase, chunk)"))]
-# The arithmetic of f∘D's forward passes (`pipeline.sampling.precision`): in the run identity
-# when not fp32, since votes are those of the model as computed.
 def _resolve_auto_precision(value: str) -> str:
     """`auto` becomes fp32 or bf16 as the settings are made (`resolve_here`): what is recorded
     is the arithmetic used. Only `auto` imports torch, so parsing stays fast."""
@@ -56,6 +54,8 @@ def _resolve_auto_precision(value: str) -> str:
     return resolve_here(value)
 
 
+# The arithmetic of f∘D's forward passes (`pipeline.sampling.precision`): in the run identity
+# when not fp32, since votes are those of the model as computed.
 Precision = Annotated[Literal["fp32", "bf16", "fp16", "auto"], AfterValidator(_resolve_auto_precision), Field(description=(
     "arithmetic of the forward passes: fp32, bf16 or fp16 autocast (CPU too), or auto = bf16 where the "
     "device has it natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32, resolved where the "

@@ -137,9 +137,7 @@ class QueryWorker:
         # so the queries of earlier images go first and images complete early.
         futures = [self._pool.submit(ask, s, x, seed) for s, x, seed in zip(unit.samples, images, seeds)]
         for sample, future in zip(unit.samples, futures):
-            outcome = future.result()
-            if outcome.state == FATAL:
-                self.stop(outcome.reason or "error", outcome.error or "")
+            outcome = future.result()  # a FATAL one has stopped the worker already, in `ask`
             if outcome.state == STOPPED:
                 if result.stop is None:
                     result.stop, result.message = outcome.reason or "budget", "budget exhausted"

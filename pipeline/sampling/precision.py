@@ -59,8 +59,6 @@ def resolve_here(precision: str) -> str:
     """`auto` resolved where the run is set up (CUDA when this machine has a GPU, else its
     CPU), as settings record it: a run's identity names the arithmetic its votes were computed
     in, so a resume elsewhere that would compute another one is refused, never mixed in."""
-    if precision != "auto":
-        return precision
     return resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
