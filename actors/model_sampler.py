@@ -7,15 +7,13 @@ entry and stopped on exit; the run itself (what to draw, what to write) is Ray-f
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import ray
 
+from pipeline.certify.plan import vote_rows_of
 from pipeline.certify.run import Finished, Item, RunContext, Work
 
 log = logging.getLogger("dsmooth")
@@ -35,6 +33,7 @@ class ModelSampler:
         self._key = 0
         self._last_poll = 0.0
         self._in_flight = (0, 0)
+        self.rows = vote_rows_of(context, self.config, context.records, info, selected.classes, per_chunk)
 
     # -- lifetime
 
@@ -60,9 +59,7 @@ class ModelSampler:
             denoiser_key = put_blob(store, self.denoiser.data, self.denoiser.source) if self.denoiser else None
             self.counter = start_progress_counter()
             self._actors.append(self.counter)
-            settings = config.pair_settings()
-            if getattr(self.classifier, "arch", None):  # `NAME --classifier-weights FILE`: the spec named it
-                settings = dataclasses.replace(settings, classifier_arch=self.classifier.arch)
+            settings = config.pair_settings(self.classifier)
             self.pool = WorkPool(
                 lambda index: start_model_actor(
                     index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=self.info,
@@ -102,18 +99,10 @@ class ModelSampler:
         return [(key, lambda actor, r=requests, ref=images: actor.count.remote(r, ref, counter, key))], []
 
     def take(self, key: Any, result: Any) -> list[Finished]:
-        from pipeline.certify.plan import model_vote_rows
-
         counts, compute_s, worker = result
         work = self.pending.pop(key)
         self.counter.forget.remote(key)
-        records = [self.context.records[r] for r in work.rows]
-        rows = model_vote_rows(
-            run_id=self.context.run_id, config=self.config, records=records, requests=work.requests, counts=counts,
-            compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
-            classifier=self.info.classifier, denoiser=self.info.denoiser, class_names=self.selected.classes,
-            per_chunk=self.per_chunk,
-        )
+        rows = self.rows(work, counts, compute_s, worker)
         self._last_poll = 0.0  # the counter forgot this item: ask it again at the next tick
         return [Finished(work, rows, counts, worker=worker.split("@")[0])]
 

@@ -109,7 +109,7 @@ def load_model(
 
 
 def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: str | None = None,
-            progress: bool = True, **settings: Any) -> Any:
+            progress: bool = True, in_process: bool = False, **settings: Any) -> Any:
     """Run `dsmooth certify` and return the per-image certificates of the images it selected
     (a `pipeline.reduce.Certificates` DataFrame: image_id, label, predict, p_a_lower, radius,
     correct, abstained, time_s; with .sigma, .n, .alpha, .dataset, .model).
@@ -120,7 +120,8 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
     mapping) the keywords override, as flags override --config. The run directory `output`
     resumes like the command's: images already there are not sampled again.
     `progress` shows the command's progress bar (on stderr; a widget in a notebook);
-    `progress=False` shows nothing.
+    `progress=False` shows nothing. `in_process=True` counts the votes in this process on its
+    CPU, without Ray: the same votes as a pool of actors, for small runs and debugging.
     """
     from torch import nn
 
@@ -135,7 +136,8 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
     else:
         module = None
     with shown(progress):
-        outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module)
+        outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module,
+                         in_process=in_process)
     return outcome.certificates()
 
 

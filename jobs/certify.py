@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import warnings
+from contextlib import contextmanager
 
 from dataclasses import dataclass, field
 
@@ -248,15 +249,17 @@ def _keep_recorded_schedule(config: Any) -> Any:
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
-            classifier: Any = None) -> CertifyOutcome:
+            classifier: Any = None, in_process: bool = False) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
-    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier.
+    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier;
+    `in_process`: count in this process, without Ray (`pipeline.certify.inprocess`: the same
+    votes, for small runs, notebooks and debuggers).
     The run's lock comes first: a second writer is refused before any data or model is loaded."""
     from pipeline.certify.run import claimed_run
 
     with claimed_run(config.output, "dsmooth certify") as lease:
         prepared = prepared if prepared is not None else prepare(config, classifier)
-        return _certify(prepared.config, address, prepared, lease)
+        return _certify(prepared.config, address, prepared, lease, in_process)
 
 
 def _check_models(config, selected, classifier_object=None):
@@ -278,7 +281,7 @@ def _check_models(config, selected, classifier_object=None):
     return classifier, denoiser, info, pair
 
 
-def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
+def _certify(config, address, prepared: Prepared, lease, in_process: bool = False) -> CertifyOutcome:
     """Wire one `CertifyRun`: the model sampler with the fixed or the sequential schedule."""
     from actors.model_sampler import ModelSampler
     from pipeline.certify.run import CertifyRun, RunContext
@@ -302,14 +305,33 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
     run = None
     if schedule is not None:
         _warn_relative_output(config.output)
-        with ModelSampler(context, selected, prepared.classifier, prepared.denoiser, prepared.info, address,
-                          per_chunk=config.sequential) as sampler:
+        sampler_of = _in_process_sampler if in_process else ModelSampler
+        with sampler_of(context, selected, prepared.classifier, prepared.denoiser, prepared.info, address,
+                        per_chunk=config.sequential) as sampler:
             if callable(schedule):  # fixed n: shards sized for the pool just started
                 schedule = schedule(sampler.demand.actors)
             run = CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict")
             run.run()
     return summarise(CertifyOutcome(str(output), context.image_ids, 0, time.monotonic() - started, config.alpha,
                                     context.skipped, mode=config.mode), run)
+
+
+@contextmanager
+def _in_process_sampler(context, selected, classifier, denoiser, info, address, per_chunk: bool):
+    """The model sampler's counterpart without Ray: the pair counted on this machine's CPU."""
+    from types import SimpleNamespace
+
+    from pipeline.certify.inprocess import InProcessSampler
+    from pipeline.certify.plan import vote_rows_of
+
+    config = context.settings
+    counter = config.pair_settings(classifier).counter(classifier, denoiser, info, selected.describe(), "cpu")
+    sampler = InProcessSampler(
+        context, read=lambda row: selected.by_ids([context.records[row].image_id]).as_uint8()[0],
+        count=lambda requests, images: counter.count(requests, images)[0],
+        rows=vote_rows_of(context, config, context.records, info, selected.classes, per_chunk))
+    sampler.demand = SimpleNamespace(actors=1)
+    yield sampler
 
 
 def _fixed_schedule(config, context, output, selected):

@@ -4,16 +4,45 @@ an oracle that predicts every answer of the emulator without Ray, HTTP or a clie
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-IMAGES = DATA / "imagenet-val-100"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "pipeline" / "assets" / "cifar10-sample"
 # Positions 0 and 3 are RGB; 11 and 74 are grayscale PNGs (colour type 0).
 RGB_IDS = [0, 3]
 GRAY_IDS = [11, 74]
+
+
+def make_api_images(folder: Path, count: int = 100, size: int = 224) -> Path:
+    """A folder laid out like the paper's API benchmark (`ILSVRC2012_val_*.png`, 224 px, some
+    grayscale), made from the shipped CIFAR-10 sample so that every clone has it: every 5th
+    sample image, upscaled; positions `GRAY_IDS` saved as 8-bit grayscale."""
+    from PIL import Image
+
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return folder
+    sources = sorted(SAMPLE.glob("test/*/*.jpg"))[::5][:count]
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    for position, source in enumerate(sources):
+        image = Image.open(source).convert("RGB").resize((size, size), Image.BICUBIC)
+        if position in GRAY_IDS:
+            image = image.convert("L")
+        image.save(staging / f"ILSVRC2012_val_{position + 1:08d}.png")
+    try:
+        staging.rename(folder)  # atomic: a concurrent test run sees all images or none
+    except OSError:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)  # another process made it first
+    return folder
+
+
+IMAGES = make_api_images(Path(tempfile.gettempdir()) / "dsmooth-test-api-images-v1")
 
 # Recognisable fake secrets: no output file or log may ever contain them.
 FAKE_CREDENTIALS = {

@@ -9,23 +9,15 @@ sweeps, benchmark smoke runs, large coverage simulations). `.ci/run` runs both.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
+from data_support import shared_data  # noqa: F401 - re-exported for tests that need real data
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub from a test
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under `../shared/data`; the calling test skips with a one-line reason when it is
-    absent (a user's clone has no `../shared`; CI has it)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs {Path('..', 'shared', 'data', *parts)} (real data beside the checkout; absent here)")
-    return path
 
 
 def _start_shared_ray() -> None:
@@ -37,34 +29,57 @@ def _start_shared_ray() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_local():
-    """The test session's one local Ray (started on first use, kept for the next test).
+    """The test session's one local Ray, started on first use and kept to the end.
 
     Jobs called in-process find it initialised and use it (`jobs.ray_env.connect`), so a test
     pays Ray's start-up once per session, not once per module. A test that needs a cluster of
-    its own takes `own_ray` instead."""
+    its own takes `own_ray` (or a module fixture `own_ray_module`) instead."""
     import ray
 
     if not ray.is_initialized():
         _start_shared_ray()
     yield
-    if not ray.is_initialized():  # the test shut it down: the next one starts it again
-        return
+
+
+@pytest.fixture(autouse=True)
+def _ray_local_is_up(request):
+    """A test that takes `ray_local` after one that shut it down (`own_ray`) starts it again."""
+    if "ray_local" in request.fixturenames:
+        import ray
+
+        if not ray.is_initialized():
+            _start_shared_ray()
+
+
+@contextmanager
+def _no_shared_ray() -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # a job given --address would otherwise find it and use it
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture
 def own_ray():
     """For a test that starts its own Ray or cluster (node loss, `ray start`, a job that must
-    start Ray itself): the shared one is shut down first and started again by the next
-    `ray_local` user; whatever the test started is shut down after it."""
-    import ray
+    start Ray itself): the shared Ray is shut down first (the next `ray_local` user starts it
+    again), and whatever this test connected to is shut down after it."""
+    with _no_shared_ray():
+        yield
 
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+
+@pytest.fixture(scope="module")
+def own_ray_module():
+    """`own_ray` for a module's fixtures (a cluster shared by the module's tests)."""
+    with _no_shared_ray():
+        yield
 
 
 def pytest_sessionfinish(session, exitstatus):

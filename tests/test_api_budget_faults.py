@@ -18,7 +18,6 @@ from api_support import (
     GRAY_IDS,
     RGB_IDS,
     files_containing,
-    install_fake_credentials,
     job_config,
     normalise,
     oracle_labels,
@@ -35,12 +34,7 @@ IDS = [RGB_IDS[0], GRAY_IDS[1]]
 NEEDED = len(IDS) * (1 + 5 + 20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    install_fake_credentials()
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # the session's one Ray (tests/conftest.py)
 
 
 @pytest.fixture()

@@ -7,13 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from api_support import (
     GRAY_IDS,
     RGB_IDS,
-    install_fake_credentials,
     job_config,
     normalise,
     oracle_labels,
@@ -32,12 +30,7 @@ IDS = [RGB_IDS[0], GRAY_IDS[0], RGB_IDS[1]]
 QUERIES_PER_IMAGE = 1 + 5 + 20  # clean + n0 + n
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    install_fake_credentials()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # the session's one Ray (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -48,14 +48,13 @@ from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.smoothing import ABSTAIN, certify_counts, predict_counts
 from pipeline.runs.storage import VOTE_SCHEMA, read_votes, vote_parts
 
-from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
+from cifar_support import two_per_class
 from noise_support import direct_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
 N0, N = 20, 200  # small, but enough votes to split between classes and to certify some images
 
-needs_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"{CIFAR_ARCHIVE} not found")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -64,7 +63,7 @@ needs_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"{CIFAR_AR
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
     """20 CIFAR-10 test images (2 per class) in the class-folder layout."""
-    root = extract_two_per_class(tmp_path_factory.mktemp("cifar"))
+    root = two_per_class(tmp_path_factory.mktemp("cifar"))
     assert len(list(root.glob("test/*/*.jpg"))) == 20
     return root
 
@@ -155,7 +154,7 @@ def _stop_cluster(temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(cifar_root) -> Iterator[dict[str, str]]:
+def ray_cluster(cifar_root, own_ray_module) -> Iterator[dict[str, str]]:
     """A real head node (`ray start --head`) with the dashboard, for job submission."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the test cluster's clean-up reads /proc")
@@ -393,7 +392,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
     return code, [line for line in err.splitlines() if "error:" in line]
 
 
-@needs_cifar
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, cifar_root, checkpoints):
     common = ["--dataset", "cifar10", "--data-root", str(cifar_root), "--classifier", str(checkpoints["classifier"])]
     out = tmp_path / "run"
@@ -411,7 +409,6 @@ def test_bad_settings_are_one_line_errors(capsys, tmp_path, cifar_root, checkpoi
     assert not out.exists()
 
 
-@needs_cifar
 def test_mismatched_checkpoints_are_refused(capsys, tmp_path, cifar_root, checkpoints):
     common = ["--dataset", "cifar10", "--data-root", str(cifar_root), "--sigma", "0.25", "--output", str(tmp_path / "o")]
     # A denoiser where the classifier belongs.
@@ -445,7 +442,6 @@ def test_mismatched_checkpoints_are_refused(capsys, tmp_path, cifar_root, checkp
     assert not (tmp_path / "o").exists()
 
 
-@needs_cifar
 def test_classifier_of_another_data_set_is_refused(capsys, tmp_path, cifar_root, checkpoints):
     """An ImageNet ResNet-18 (1000 classes, 224x224) on CIFAR-10 images runs without an error and
     certifies nonsense; it must be refused before any work, naming both data sets."""

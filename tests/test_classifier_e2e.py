@@ -1,5 +1,5 @@
-"""Classifiers people already have, certified end to end on the paper's 100 ImageNet
-validation images (../shared/data/imagenet-val-100, unlabelled, 224 px): the CLI (fixed n
+"""Classifiers people already have, certified end to end on unlabelled 224 px images laid out
+like the paper's 100 ImageNet validation images (`api_support.IMAGES`): the CLI (fixed n
 and --sequential, with and without a denoiser), `reduce` with its table and figure, the
 Python API with every form, bad input in one line before Ray, and (slow) a multi-node
 `ray.cluster_utils.Cluster`. Stand-ins are tiny and built at test time; no network."""
@@ -17,16 +17,15 @@ import pytest
 import torch
 
 import dsmooth
-from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
+from api_support import IMAGES as IMAGENET_100
+from cifar_support import two_per_class
 from classifier_support import FACTORY_MODULE, factory_module, hf_folder, timm_files, timm_net
 from jobs.cli import main as cli_main
 from pipeline.certify.clean_labels import LABELS_FROM_CLASSIFIER
 from pipeline.data import open_dataset
 from pipeline.models import ModelMeta, build_model, file_sha256, save_checkpoint
+from ray_support import forbid_ray_start
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-IMAGENET_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-val-100"
-pytestmark = pytest.mark.skipif(not IMAGENET_100.is_dir(), reason="../shared/data/imagenet-val-100 missing")
 IDS = [0, 3]  # an RGB and a grayscale PNG
 SIGMA = 0.25
 
@@ -62,7 +61,7 @@ def clean_predictions(classifier, **spec) -> list[int]:
         return [int(model(data.load(i)[None]).argmax()) for i in IDS]
 
 
-def test_cli_timm_with_denoiser_fixed_then_reduce(models, tmp_path, capsys):
+def test_cli_timm_with_denoiser_fixed_then_reduce(models, tmp_path, capsys, ray_local):
     run = tmp_path / "run"
     assert certify_cli("--classifier", "timm:test_resnet", "--classifier-weights", str(models["safetensors"]),
                        "--denoiser", str(models["denoiser"]), "--n0", "4", "--n", "16", "--output", str(run)) == 0
@@ -84,7 +83,7 @@ def test_cli_timm_with_denoiser_fixed_then_reduce(models, tmp_path, capsys):
     assert plot.is_file() and plot.stat().st_size > 1000
 
 
-def test_cli_hf_folder_sequential(models, tmp_path, capsys):
+def test_cli_hf_folder_sequential(models, tmp_path, capsys, ray_local):
     run = tmp_path / "seq"
     assert certify_cli("--classifier", str(models["hf"]), "--sequential", "--n0", "16", "--n", "64",
                        "--chunk-size", "16", "--output", str(run)) == 0
@@ -98,12 +97,12 @@ def test_cli_hf_folder_sequential(models, tmp_path, capsys):
     assert sorted(reduced.certificates.image_id) == IDS and reduced.inputs[0].labels_from == LABELS_FROM_CLASSIFIER
 
 
-def test_python_api_every_form(models, tmp_path, monkeypatch):
-    """dsmooth.certify with an nn.Module object (shipped to the actors), a factory imported on
-    the workers, a .pt2 and a TorchScript archive; the object and the .pt2 of one network,
-    given the same preprocessing, give the same votes for the same seed."""
-    import ray
-
+@pytest.mark.parametrize("where", [pytest.param("ray", marks=pytest.mark.slow), "in-process"])
+def test_python_api_every_form(models, tmp_path, monkeypatch, request, where):
+    """dsmooth.certify with an nn.Module object, a factory, a .pt2 and a TorchScript archive;
+    the object and the .pt2 of one network, given the same preprocessing, give the same votes
+    for the same seed. On Ray (slow tier) the object is shipped to the actors and the factory
+    imported on the workers; in this process (fast tier) the same four runs without Ray."""
     from test_classifier_sources import timm_flags
 
     monkeypatch.setenv("PYTHONPATH", f"{models['factories']}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -111,7 +110,7 @@ def test_python_api_every_form(models, tmp_path, monkeypatch):
     flags = {f"classifier_{k}": v for k, v in timm_flags().items()}
     flags["classifier_mean"], flags["classifier_std"] = list(flags["classifier_mean"]), list(flags["classifier_std"])
     common = dict(dataset="folder", data_root=str(IMAGENET_100), ids=IDS, sigma=SIGMA, n0=4, n=16, seed=3,
-                  actors=1, batch_size=32)
+                  actors=1, batch_size=32, in_process=where == "in-process")
     forms = {
         "object": dict(classifier=timm_net(1000), **flags),
         "factory": dict(classifier=f"{FACTORY_MODULE}:timm_net", classifier_weights=str(models["safetensors"]),
@@ -119,11 +118,14 @@ def test_python_api_every_form(models, tmp_path, monkeypatch):
         "pt2": dict(classifier=str(models["pt2"]), **flags),
         "torchscript": dict(classifier=str(models["torchscript"]), **flags),
     }
-    ray.init(num_cpus=2, log_to_driver=False)  # one local Ray for the four runs
+    if where == "ray":  # a Ray of its own: its workers must see PYTHONPATH, set above, to import the factory
+        import ray
+
+        request.getfixturevalue("own_ray")
+        ray.init(num_cpus=2, log_to_driver=False)
     try:
         results = {name: dsmooth.certify(**common, **spec, output=str(tmp_path / name)) for name, spec in forms.items()}
     finally:
-        ray.shutdown()
         sys.modules.pop(FACTORY_MODULE, None)
     counts = {}
     for name, certificates in results.items():
@@ -141,8 +143,6 @@ def test_python_api_every_form(models, tmp_path, monkeypatch):
 
 
 def test_bad_input_is_one_line_before_ray(models, tmp_path, capsys):
-    import ray
-
     neither = tmp_path / "neither"
     neither.mkdir()
     (neither / "config.json").write_text("{}")
@@ -154,15 +154,15 @@ def test_bad_input_is_one_line_before_ray(models, tmp_path, capsys):
         (["--classifier", str(models["pt2"]), "--classifier-mean", "0.5"], "mean and std together"),
     ]
     for argv, message in cases:
-        code = certify_cli(*argv, "--n0", "2", "--n", "4", "--output", str(tmp_path / "out"))
+        with forbid_ray_start():
+            code = certify_cli(*argv, "--n0", "2", "--n", "4", "--output", str(tmp_path / "out"))
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert code == 2 and len(errors) == 1 and message in errors[0], (argv, errors)
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="no CIFAR-10 archive")
 def test_class_count_mismatch_is_one_line(models, tmp_path, capsys):
-    cifar = extract_two_per_class(tmp_path / "cifar")
+    cifar = two_per_class(tmp_path / "cifar")
     code = cli_main(["certify", "--dataset", "cifar10", "--data-root", str(cifar), "--classifier", "timm:test_resnet",
                      "--classifier-weights", str(models["safetensors"]), "--sigma", "0.25", "--output", str(tmp_path / "o")])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
@@ -170,7 +170,7 @@ def test_class_count_mismatch_is_one_line(models, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_multi_node_cluster_certifies_an_archive(models, tmp_path):
+def test_multi_node_cluster_certifies_an_archive(models, tmp_path, own_ray):
     """Two worker nodes of a `ray.cluster_utils.Cluster` (the head has no CPU): the archive
     travels as bytes in the blob store (no model code on the workers) and worker-node actors
     load it and count every vote.
@@ -206,11 +206,10 @@ def test_multi_node_cluster_certifies_an_archive(models, tmp_path):
         cluster.shutdown()
 
 
-def test_diffusion_beit_recipe(models, tmp_path):
+def test_diffusion_beit_recipe(models, tmp_path, ray_local):
     """examples/certify_imagenet_diffusion_beit.yaml as shipped, with tiny random stand-ins in
     its formats: a guided-diffusion checkpoint (+ its flags .yaml) as the denoiser and a timm
     folder as the classifier, on ImageNet images; only paths and sizes are overridden."""
-    import ray
     import yaml
 
     from pipeline.models.diffusion.convert import guided_unet_kwargs
@@ -227,20 +226,17 @@ def test_diffusion_beit_recipe(models, tmp_path):
     unet = GuidedUNet(**guided_unet_kwargs(flags)).eval()
     torch.save({k: torch.randn_like(v) * 0.02 for k, v in unet.state_dict().items()}, tmp_path / "guided.pt")
     (tmp_path / "guided.yaml").write_text(yaml.safe_dump(flags))
-    try:
-        certificates = dsmooth.certify(
-            recipe, dataset="folder", data_root=str(IMAGENET_100), split="test", skip=1, ids=[0], image_size=64,
-            denoiser=str(tmp_path / "guided.pt"), classifier=str(models["folder"]), n0=2, n=4, batch_size=8,
-            actors=1, output=str(tmp_path / "recipe"))
-    finally:
-        ray.shutdown()
+    certificates = dsmooth.certify(
+        recipe, dataset="folder", data_root=str(IMAGENET_100), split="test", skip=1, ids=[0], image_size=64,
+        denoiser=str(tmp_path / "guided.pt"), classifier=str(models["folder"]), n0=2, n=4, batch_size=8,
+        actors=1, output=str(tmp_path / "recipe"))
     assert list(certificates.image_id) == [0]
     identity = json.loads((tmp_path / "recipe" / "run.json").read_text())["identity"]
     assert identity["denoiser"] == "guided_unet" and identity["classifier_pipeline"]["kind"] == "timm"
     assert identity["sigma"] == config["sigma"] and identity["n0"] == 2
 
 
-def test_cli_registry_name_with_weights(tmp_path):
+def test_cli_registry_name_with_weights(tmp_path, ray_local):
     """`NAME --classifier-weights FILE` (a raw state dict of a registry architecture): the
     name travels to the actors, which rebuild the same network (the identity is the file's)."""
     from pipeline.models import build_model as build

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from api_support import GRAY_IDS, install_fake_credentials, job_config, normalise, oracle_labels, top_labels_in_log
@@ -58,7 +57,7 @@ def save_tiny_unet(folder: Path) -> None:
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
 
 
-def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path):
+def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path, ray_local):
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
     from pipeline.apis.prepare import load_job_config
@@ -67,15 +66,11 @@ def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path
     install_fake_credentials()
     save_tiny_unet(tmp_path / "unet")
     ids = [GRAY_IDS[1]]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with EmulatorServer() as emulator:
-            for sigma in (0.25, 0.5):  # one model serves every sigma: no sigma mismatch to refuse
-                run = tmp_path / f"run-{sigma}"
-                config = job_config("clarifai", emulator.url, run, ids, denoiser=str(tmp_path / "unet"), sigma=sigma)
-                assert certify_api(load_job_config(config)).status == "complete"
-    finally:
-        ray.shutdown()
+    with EmulatorServer() as emulator:
+        for sigma in (0.25, 0.5):  # one model serves every sigma: no sigma mismatch to refuse
+            run = tmp_path / f"run-{sigma}"
+            config = job_config("clarifai", emulator.url, run, ids, denoiser=str(tmp_path / "unet"), sigma=sigma)
+            assert certify_api(load_job_config(config)).status == "complete"
     converted = ModelBytes.read_denoiser(tmp_path / "unet")
     votes = read_votes(tmp_path / "run-0.25")
     assert set(votes.denoiser) == {"diffusers_unet"} and set(votes.denoiser_sha256) == {converted.sha256}

@@ -54,13 +54,13 @@ def cifar_root(tmp_path_factory) -> Path:
     return extract_two_per_class(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture(params=[pytest.param("ray", marks=pytest.mark.slow), "in-process"])
+def where(request):
+    """Where the votes are counted: the pool of Ray actors (slow tier) or this process (fast
+    tier, `in_process=True`). Both must give exactly the pinned counts."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_local")
+    return request.param
 
 
 def _settings(cifar_root: Path, output: Path, **overrides) -> dict:
@@ -73,15 +73,14 @@ def _settings(cifar_root: Path, output: Path, **overrides) -> dict:
     return values
 
 
-def _certify(**values):
+def _certify(where: str, **values):
     from jobs.certify import certify
 
-    return certify(CertifyConfig(**values))
+    return certify(CertifyConfig(**values), in_process=where == "in-process")
 
 
-@pytest.mark.slow
-def test_fixed_n_counts_are_pinned(local_ray, cifar_root, tmp_path):
-    outcome = _certify(**_settings(cifar_root, tmp_path / "fixed"))
+def test_fixed_n_counts_are_pinned(where, cifar_root, tmp_path):
+    outcome = _certify(where, **_settings(cifar_root, tmp_path / "fixed"))
     votes = read_votes(tmp_path / "fixed")
     got: dict[int, dict[str, list[int]]] = {}
     for row in votes.itertuples():
@@ -96,9 +95,8 @@ def test_fixed_n_counts_are_pinned(local_ray, cifar_root, tmp_path):
     assert 0 < abstained < 6, "the pinned run should have both kinds"
 
 
-@pytest.mark.slow
-def test_sequential_counts_are_pinned(local_ray, cifar_root, tmp_path):
-    outcome = _certify(**_settings(cifar_root, tmp_path / "seq", n=600, sequential=True, radius=0.25))
+def test_sequential_counts_are_pinned(where, cifar_root, tmp_path):
+    outcome = _certify(where, **_settings(cifar_root, tmp_path / "seq", n=600, sequential=True, radius=0.25))
     d = outcome.decisions
     got = {image_id: (int(d.status[row]), int(d.estimation_samples[row]), int(d.estimation_votes[row]))
            for row, image_id in enumerate(IDS)}

@@ -16,16 +16,16 @@ import pytest
 import ray
 import torch
 
-from cifar_support import CIFAR_ARCHIVE, extract_two_per_class
+from cifar_support import two_per_class
 from log_support import dsmooth_records
 from pipeline.config import parse_config
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="no CIFAR-10 archive")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray_module):
     from ray.cluster_utils import Cluster
 
     from api_support import install_fake_credentials
@@ -42,7 +42,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
-    return extract_two_per_class(tmp_path_factory.mktemp("cifar"))
+    return two_per_class(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="module")

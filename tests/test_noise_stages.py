@@ -105,22 +105,18 @@ def test_tables_name_the_norm_and_refuse_to_mix_l1_with_l2():
 
 
 @pytest.mark.slow
-def test_uniform_noise_certifies_the_sample_end_to_end_in_l1(tmp_path, capsys):
+def test_uniform_noise_certifies_the_sample_end_to_end_in_l1(tmp_path, capsys, ray_local):
     """Real Ray, real Parquet: `demo --noise uniform` certifies 10 sample images with the
     classifier alone and behind the shipped uniform-noise denoiser, and `dsmooth reduce` of the
     two runs gives a table whose radii are l1 (and whose radii come from the uniform formula:
     no certified radius reaches lambda = 0.5)."""
-    import ray
 
     from pipeline.reduce import load_run
     from pipeline.runs.storage import read_run_record
 
     output = tmp_path / "demo"
-    try:
-        status = dsmooth(["demo", "--noise", "uniform", "--images", "10", "--n0", "10", "--n", "100",
-                          "--output", str(output)])
-    finally:
-        ray.shutdown()
+    status = dsmooth(["demo", "--noise", "uniform", "--images", "10", "--n0", "10", "--n", "100",
+                      "--output", str(output)])
     assert status == 0
     runs = [output / f"{s.slug}-uniform" for s in UNIFORM_SETTINGS]
     assert all(read_run_record(run)["identity"]["noise"] == "uniform" for run in runs)

@@ -9,7 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 
 from jobs.cli import main as cli_main
 from pipeline.apis.runstate import Summary, format_summary
@@ -62,11 +61,8 @@ def test_api_summary_says_finished_or_decided_and_certified_only_for_certificate
     assert "every image is certified" not in sequential
 
 
-@pytest.mark.slow
-def test_certify_api_skips_an_unreadable_image_without_a_query(tmp_path):
-    import ray
-
-    from api_support import IMAGES, install_fake_credentials, job_config
+def test_certify_api_skips_an_unreadable_image_without_a_query(tmp_path, ray_local):
+    from api_support import IMAGES, job_config
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
     from pipeline.apis.prepare import load_job_config
@@ -77,16 +73,11 @@ def test_certify_api_skips_an_unreadable_image_without_a_query(tmp_path):
     for png in sorted(IMAGES.glob("*.png"))[:2]:
         shutil.copy(png, folder / png.name)
     (folder / "ILSVRC2012_val_00000000.png").write_bytes(b"not a png")  # sorts first: image 0
-    install_fake_credentials()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with EmulatorServer() as emulator:
-            out = tmp_path / "run"
-            config = job_config("aws", emulator.url, out, [0, 1, 2], data_root=str(folder), on_bad_image="skip")
-            summary = certify_api(load_job_config(config))
-            calls = emulator.calls("aws")
-    finally:
-        ray.shutdown()
+    with EmulatorServer() as emulator:
+        out = tmp_path / "run"
+        config = job_config("aws", emulator.url, out, [0, 1, 2], data_root=str(folder), on_bad_image="skip")
+        summary = certify_api(load_job_config(config))
+        calls = emulator.calls("aws")
     assert summary.status == "complete" and summary.images_complete == 2 and summary.skipped == 1
     assert calls == summary.attempts == 2 * (1 + 5 + 20)  # not one query for the skipped image
     assert set(read_query_log(out)["image_id"]) == {1, 2}

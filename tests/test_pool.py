@@ -12,11 +12,7 @@ import ray
 from actors.pool import Demand, PlacementError, WorkFailed, WorkPool, drive, placement_problem
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # the session's one Ray (tests/conftest.py)
 
 
 @ray.remote

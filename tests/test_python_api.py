@@ -13,7 +13,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,7 +26,8 @@ from pipeline.models import CheckpointMismatchError, DataMismatchError
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.smoothing import certify_counts, predict_counts
 
-from test_certify_job import cifar_root  # noqa: F401 - fixture: 20 CIFAR-10 test images from ../shared/data
+from ray_support import forbid_ray_start
+from test_certify_job import cifar_root  # noqa: F401 - fixture: 20 CIFAR-10 test images (the shipped sample)
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 0.25
@@ -122,24 +122,23 @@ def test_smooth_seed_decides_the_noise(model, images):
 
 
 def test_certify_bad_argument_is_a_config_error_naming_the_field(cifar_root, tmp_path):  # noqa: F811
-    import ray
-
     common = dict(dataset="cifar10", data_root=str(cifar_root), classifier=str(CLASSIFIER), sigma=SIGMA,
                   output=str(tmp_path / "run"))
     started = time.monotonic()
-    with pytest.raises(ConfigError) as error:
-        dsmooth.certify(**common, n0=0, n=N)
-    assert error.value.field == "n0"
-    with pytest.raises(ConfigError) as error:
-        dsmooth.certify(**{**common, "sigma": -1.0})
-    assert error.value.field == "sigma"
-    with pytest.raises(ConfigError, match="did you mean 'batch_size'") as error:
-        dsmooth.certify(**common, batch=10)
-    assert error.value.field == "batch"
-    with pytest.raises(ConfigError) as error:
-        dsmooth.certify(**common, n0=100, n=10)  # the settings' own cross-field rule
-    assert error.value.field == "n0"
-    assert time.monotonic() - started < 20 and not ray.is_initialized()
+    with forbid_ray_start():  # every bad setting is refused before Ray
+        with pytest.raises(ConfigError) as error:
+            dsmooth.certify(**common, n0=0, n=N)
+        assert error.value.field == "n0"
+        with pytest.raises(ConfigError) as error:
+            dsmooth.certify(**{**common, "sigma": -1.0})
+        assert error.value.field == "sigma"
+        with pytest.raises(ConfigError, match="did you mean 'batch_size'") as error:
+            dsmooth.certify(**common, batch=10)
+        assert error.value.field == "batch"
+        with pytest.raises(ConfigError) as error:
+            dsmooth.certify(**common, n0=100, n=10)  # the settings' own cross-field rule
+        assert error.value.field == "n0"
+    assert time.monotonic() - started < 20
     assert not (tmp_path / "run").exists()
 
 
@@ -168,20 +167,16 @@ def test_progress_in_a_library_call_is_a_bar_or_nothing(capsys):
         logger.propagate = True
 
 
-def test_certify_returns_the_runs_certificates(cifar_root, tmp_path, model, capsys):  # noqa: F811
+def test_certify_returns_the_runs_certificates(cifar_root, tmp_path, model, capsys, ray_local):  # noqa: F811
     """End to end on real Ray: the frame holds the selected images' certificates, equal to
     `dsmooth.reduce` of the run directory, and to `Smooth` at the same noise addresses."""
-    import ray
 
     output = tmp_path / "run"
     ids, seed = [0, 7, 13], 5
-    try:
-        certificates = dsmooth.certify(
-            dataset="cifar10", data_root=str(cifar_root), ids=ids, classifier=str(CLASSIFIER), denoiser=str(DENOISER),
-            sigma=SIGMA, n0=N0, n=N, alpha=0.01, seed=seed, batch_size=128, actors=1, optimize=False,
-            output=str(output))
-    finally:
-        ray.shutdown()
+    certificates = dsmooth.certify(
+        dataset="cifar10", data_root=str(cifar_root), ids=ids, classifier=str(CLASSIFIER), denoiser=str(DENOISER),
+        sigma=SIGMA, n0=N0, n=N, alpha=0.01, seed=seed, batch_size=128, actors=1, optimize=False,
+        output=str(output))
     assert re.search(r"certify: 100%.*3/3", capsys.readouterr().err)  # the progress bar, by default
     assert sorted(certificates["image_id"]) == ids
     assert certificates.sigma == SIGMA and certificates.n == N and certificates.alpha == 0.01
@@ -224,10 +219,9 @@ def readme_python_example() -> str:
     return blocks[0]
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, ray_local):
     """The README's example, executed from the repository root with small n and its output
     in a temporary folder: the documented API is the one that runs."""
-    import ray
 
     code = readme_python_example()
     smaller = {"n0=100": f"n0={N0}", "n=1000": f"n={N}", "skip=50": "skip=250",
@@ -236,10 +230,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
         assert text in code, text
         code = code.replace(text, replacement)
     monkeypatch.chdir(REPO)
-    try:
-        exec(compile(code, "README.md (Python API)", "exec"), {})
-    finally:
-        ray.shutdown()
+    exec(compile(code, "README.md (Python API)", "exec"), {})
     out = capsys.readouterr().out
     assert "certified_accuracy" in out and "radius" in out
     assert (tmp_path / "python-api" / "run.json").is_file()

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cifar_support import extract_two_per_class
+from cifar_support import two_per_class
 from jobs.cli import main as cli_main
 from pipeline.certify.plan import CertifyConfig, certify_identity
 from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
@@ -35,19 +35,12 @@ IDS = [0, 6, 11, 14, 16, 18]
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
-    return extract_two_per_class(tmp_path_factory.mktemp("cifar"))
+    return two_per_class(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from api_support import install_fake_credentials
-
-    install_fake_credentials()  # before ray.init: the API actors inherit them, as on a real machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(ray_local):
+    """The session's one Ray (tests/conftest.py), fake API credentials in its workers."""
 
 
 def settings(cifar_root: Path, output: Path, **overrides) -> dict:
@@ -60,10 +53,10 @@ def settings(cifar_root: Path, output: Path, **overrides) -> dict:
     return values
 
 
-def run_certify(**values):
+def run_certify(in_process: bool = False, **values):
     from jobs.certify import certify
 
-    return certify(CertifyConfig(**values))
+    return certify(CertifyConfig(**values), in_process=in_process)
 
 
 def stored_replay(output: Path, alpha: float | None = None) -> tuple[np.ndarray, object]:
@@ -405,13 +398,14 @@ def test_certify_api_sequential_flags_are_checked(capsys, tmp_path):
                                    certify_class="top"))
 
 
-def test_sequential_run_with_a_diffusion_denoiser(local_ray, cifar_root, tmp_path):
+def test_sequential_run_with_a_diffusion_denoiser(cifar_root, tmp_path):
     """A sigma-independent diffusion denoiser (the shipped small DDPM, a diffusers folder)
     works in a sequential run like any denoiser: the run's sigma picks its timestep, chunks
-    are stored and the decisions are their replay."""
+    are stored and the decisions are their replay (counted in this process: no Ray needed)."""
     pytest.importorskip("diffusers")
     output = tmp_path / "run"
-    outcome = run_certify(**settings(cifar_root, output, denoiser=str(MODELS / "ddpm_small"), ids=IDS[:3]))
+    outcome = run_certify(in_process=True, **settings(cifar_root, output, denoiser=str(MODELS / "ddpm_small"),
+                                                      ids=IDS[:3]))
     frame = read_votes(output)
     assert set(frame["denoiser"]) == {"diffusers_unet"} and frame["chunk"].notna().all()
     frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()

@@ -174,10 +174,9 @@ def test_sound_is_in_the_identity_only_when_set():
 
 
 @pytest.mark.slow
-def test_a_sound_run_resumes_to_the_votes_of_one_run(tmp_path):
+def test_a_sound_run_resumes_to_the_votes_of_one_run(tmp_path, ray_local):
     """`dsmooth certify --sound` on the shipped pair: run.json says sound; a run stopped after
     image 0 and resumed with image 1 holds exactly the votes of one run over both (~60 s: Ray)."""
-    import ray
 
     from jobs.cli import main as dsmooth
     from pipeline.runs.storage import read_votes
@@ -188,12 +187,9 @@ def test_a_sound_run_resumes_to_the_votes_of_one_run(tmp_path):
                         "--sigma", "0.25", "--n0", "8", "--n", "48", "--chunk-size", "16", "--actors", "1",
                         "--sound", "--output", str(output), "--ids", *ids])
 
-    try:
-        assert certify(tmp_path / "resumed", ["0"]) == 0
-        assert certify(tmp_path / "resumed", ["0", "150"]) == 0
-        assert certify(tmp_path / "once", ["0", "150"]) == 0
-    finally:
-        ray.shutdown()
+    assert certify(tmp_path / "resumed", ["0"]) == 0
+    assert certify(tmp_path / "resumed", ["0", "150"]) == 0
+    assert certify(tmp_path / "once", ["0", "150"]) == 0
     record = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert record["identity"]["sound"] is True
 

@@ -4,7 +4,7 @@ validation. Light on purpose (pydantic only, no torch, Ray or data loaders), so 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import model_validator
 
@@ -119,11 +119,13 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
             self.__dict__["futility"] = "geometric"
         return self
 
-    def pair_settings(self) -> PairSettings:
-        """What each model actor builds its pair with."""
+    def pair_settings(self, classifier: Any = None) -> PairSettings:
+        """What each model actor builds its pair with; `classifier` (`ModelBytes`): where a spec
+        (`NAME --classifier-weights FILE`) named the architecture, that name."""
         from pipeline.certify.pair import PairSettings
 
-        return PairSettings(sigma=self.sigma, classifier_arch=self.classifier_arch, batch_size=self.batch_size,
+        arch = getattr(classifier, "arch", None) or self.classifier_arch
+        return PairSettings(sigma=self.sigma, classifier_arch=arch, batch_size=self.batch_size,
                             allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
                             optimize=self.optimize, precision=self.precision, sound=self.sound, noise=self.noise,
                             allow_foreign_denoiser=self.allow_foreign_denoiser)

@@ -141,6 +141,21 @@ def model_vote_rows(
     return rows
 
 
+def vote_rows_of(context: Any, config: CertifyConfig, records: Sequence[ImageRecord], info: PairInfo,
+                 class_names: Sequence[str] | None, per_chunk: bool):
+    """(work, counts, compute seconds, worker) -> that work's `VoteRow`s: what a model sampler
+    (on Ray or in this process) turns one item's counts into."""
+    from datetime import timezone
+
+    def rows(work: Any, counts: np.ndarray, compute_s: float, worker: str) -> list[VoteRow]:
+        return model_vote_rows(
+            run_id=context.run_id, config=config, records=[records[r] for r in work.rows], requests=work.requests,
+            counts=counts, compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
+            classifier=info.classifier, denoiser=info.denoiser, class_names=class_names, per_chunk=per_chunk)
+
+    return rows
+
+
 def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int,
                    first_chunks: tuple[int, ...] = ()) -> list[SampleRequest]:
     """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
