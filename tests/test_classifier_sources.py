@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from api_support import IMAGES as IMAGENET_100  # unlabelled 224 px PNGs every clone can make
 from classifier_support import (
     FACTORY_MODULE,
     IMAGENET_MEAN,
-    IMAGENET_STD,
     TIMM_INPUT,
     factory_module,
     hf_folder,
@@ -36,8 +36,6 @@ from pipeline.models.sources.bundle import MAGIC, read_bundle
 from pipeline.sampling.noise import SampleRequest, chunk_noise
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-IMAGENET_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-val-100"
-needs_imagenet = pytest.mark.skipif(not IMAGENET_100.is_dir(), reason="../shared/data/imagenet-val-100 missing")
 SIGMA = 0.25
 
 
@@ -79,7 +77,6 @@ def _pipeline(info) -> dict:
 # ----------------------------------------------------------------------------- forms
 
 
-@needs_imagenet
 def test_forms_of_one_network_vote_the_same(timm_1k, imagenet, factories):
     """timm name + .safetensors / .pth, timm folder, the Python object and a factory (+ weights)
     give identical counts for one seed on ImageNet images; the .pt2 and TorchScript archives
@@ -255,7 +252,6 @@ def _flip_a_weight_byte(archive: bytes) -> bytes:
     return archive[:at] + bytes([archive[at] ^ 1]) + archive[at + 1:]
 
 
-@needs_imagenet
 def test_identity_is_the_archives_content_not_its_name(tmp_path, timm_1k, imagenet):
     """The same .pt2 under another name in another folder is the same run; one byte changed
     is another. (run.json keeps the path, beside the identity, for humans.)"""

@@ -20,15 +20,14 @@ from pipeline.runs.storage import read_votes
 pytest.importorskip("diffusers")
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SAMPLE = REPO / "pipeline" / "assets" / "cifar10-sample"
 ASSETS = REPO / "pipeline" / "assets" / "models" / "cifar10"
 SMALL_DDPM = ASSETS / "ddpm_small"
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
-def test_certify_names_a_diffusers_folder_and_resumes(tmp_path, capsys):
+def test_certify_names_a_diffusers_folder_and_resumes(tmp_path, capsys, ray_local):
     out = tmp_path / "run"
-    argv = ["certify", "--dataset", "cifar10", "--data-root", str(CIFAR), "--max", "4",
+    argv = ["certify", "--dataset", "cifar10", "--data-root", str(SAMPLE), "--max", "4",
             "--classifier", str(ASSETS / "classifier.pt"), "--denoiser", str(SMALL_DDPM),
             "--sigma", "0.25", "--n0", "10", "--n", "50",
             "--actors", "1", "--cpus-per-actor", "1", "--output", str(out)]
