@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from pipeline.certify.plan import vote_rows_of
-from pipeline.certify.run import Finished, Item, RunContext, Work
+from pipeline.certify.run import Finished, Item, RunContext, Work, raise_run_error
 
 log = logging.getLogger("dsmooth")
 
@@ -130,11 +130,7 @@ class ModelSampler:
         from actors.pool import drive
 
         self.pool.on_requeue = lambda key: self.counter.forget.remote(key)
-        error = drive(self.pool, items, on_result, on_lost=on_lost, tick=tick)
-        if error is not None:
-            if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
-                raise error  # a job's own errors as they are (one-line exit 2)
-            raise RuntimeError(f"certification failed: {error}") from error
+        raise_run_error(drive(self.pool, items, on_result, on_lost=on_lost, tick=tick))
 
 
 def demand(config: Any) -> Any:

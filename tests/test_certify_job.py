@@ -366,6 +366,7 @@ def test_example_config_and_help_cover_every_setting(capsys):
         assert needed.lower() in text.lower()
 
 
+@pytest.mark.slow
 def test_benchmark_runs_without_ray(tmp_path):
     """benchmarks/certify_throughput.py on a machine where `import ray` fails (no figures checked)."""
     blocker = tmp_path / "no_ray" / "ray"

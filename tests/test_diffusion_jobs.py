@@ -80,6 +80,7 @@ def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path
     assert expected != oracle_labels(ids, 0.25, 5, 20, 8), "the denoiser should change some answers"
 
 
+@pytest.mark.slow
 def test_benchmark_prices_a_diffusion_denoiser_against_dncnn(tmp_path):
     save_tiny_unet(tmp_path / "unet")
     result = subprocess.run(

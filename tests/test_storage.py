@@ -274,6 +274,7 @@ def test_a_second_writer_is_refused_at_once_and_admitted_after(run_dir):
         lease.check()
 
 
+@pytest.mark.slow
 def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(tmp_path):
     run = f"s3://{new_bucket()}/runs/leased"
     holder = hold(run, lease_s=2.0)
@@ -292,6 +293,7 @@ def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(tmp_path):
         assert record["job"] == "taker"
 
 
+@pytest.mark.slow
 def test_a_local_lock_dies_with_its_holder(tmp_path):
     run = str(tmp_path / "run")
     holder = hold(run)
@@ -351,6 +353,7 @@ with exclusive_run(sys.argv[1], "paused", lease_s=2.0):
 """
 
 
+@pytest.mark.slow
 def test_a_paused_s3_writer_writes_nothing_after_losing_its_lease():
     """The reproduction of issue 21: SIGSTOP a writer past its lease, let another job take the
     run, SIGCONT it: it stops with LeaseLost and no part appears after the takeover."""

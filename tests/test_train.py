@@ -75,15 +75,14 @@ def rows_by(rows: list[dict], **match) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def train_ray(own_ray_module):
+    """A local Ray of this module's own, started in Ray Train's fast-polling environment."""
     import ray
 
     from pipeline.data import open_dataset
 
     for split in ("train", "test"):  # extract + decode the archive once, before workers race for it
         open_dataset("cifar10", CIFAR, split)
-    if ray.is_initialized():
-        ray.shutdown()
     # In the environment of the whole local cluster, so that `dsmooth train` processes that
     # attach to it (tests below) get them too; so is the test S3 server's address.
     saved = {key: os.environ.get(key) for key in FAST_RAY_TRAIN}
@@ -107,7 +106,7 @@ def _no_stale_log_handler():
 
 
 @pytest.fixture(scope="module")
-def classifiers(ray_local, tmp_path_factory):
+def classifiers(train_ray, tmp_path_factory):
     """Two classifiers trained by `dsmooth train` itself, concurrently: A standard, B with
     Gaussian noise augmentation at sigma 0.25 (Cohen et al.'s baseline)."""
     from jobs.train import train_sweep
@@ -545,7 +544,7 @@ def _assert_no_ray_noise(text: str) -> None:
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_a_failed_run_stops_nothing_and_output_is_dsmooths(ray_local, tiny_checkpoints, tmp_path):
+def test_killed_sweep_resumes_a_failed_run_stops_nothing_and_output_is_dsmooths(train_ray, tiny_checkpoints, tmp_path):
     """`dsmooth train` as a user runs it, in its own process, with its checkpoints on S3 (the
     test server), on a sweep of two concurrent runs: an MSE denoiser, and a STAB+MSE one that
     starts from a checkpoint whose weights do not fit its architecture (the file passes the

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+import time
 from typing import Any
 
 import numpy as np
 
-from pipeline.certify.run import Finished, Item, RunContext, Work
+from pipeline.certify.run import Finished, Item, RunContext, Work, raise_run_error
 from pipeline.sampling.noise import SampleRequest
 
 Count = Callable[[Sequence[SampleRequest], dict[int, np.ndarray]], np.ndarray]
@@ -65,26 +65,38 @@ class InProcessSampler:
         """Pixels travel with each item: nothing is held per image."""
 
     def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+        """As the actor pool drives (`actors.pool.drive`): on the first error -- an image that
+        cannot be read, an item's own exception -- stop taking work, finish what was taken,
+        then raise it (`raise_run_error`)."""
         queue: deque[Any] = deque()
-        exhausted = False
+        feeding, error = True, None
         while True:
-            while not exhausted and len(queue) < self.in_flight_items:
-                item = next(items, StopIteration)
-                if item is StopIteration:
-                    exhausted = True
-                elif item is None:  # the schedule waits for a result
+            while feeding and error is None and len(queue) < self.in_flight_items:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    feeding = False
                     break
-                else:
-                    queue.append(item[0])
+                except Exception as failure:  # noqa: BLE001 - stop taking work, keep what was taken
+                    error = failure
+                    break
+                if item is None:  # the schedule waits for a result
+                    break
+                queue.append(item[0])
             if not queue:
-                if exhausted:
-                    return
-                raise RuntimeError("the schedule waits for a result but nothing is in flight")
+                if feeding and error is None:
+                    raise RuntimeError("the schedule waits for a result but nothing is in flight")
+                raise_run_error(error)
+                return
             key = queue.popleft()
             work, pixels = self.pending[key]
-            started = datetime.now(timezone.utc)
-            counts = np.asarray(self._count(list(work.requests), pixels))
-            seconds = (datetime.now(timezone.utc) - started).total_seconds()
-            if not on_result(key, (counts, seconds)):
-                return
+            started = time.perf_counter()
+            try:
+                counts = np.asarray(self._count(list(work.requests), pixels))
+            except Exception as failure:  # noqa: BLE001 - the item's own error ends the run
+                on_lost(key)
+                error = error or failure
+                continue
+            if on_result(key, (counts, time.perf_counter() - started)) is False:
+                feeding = False
             tick()

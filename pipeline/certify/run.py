@@ -327,6 +327,16 @@ class CertifyRun:
             self.context.record = update_run_record(self.context.output, skipped_images=before + new)
 
 
+def raise_run_error(error: BaseException | None) -> None:
+    """How a model sampler ends on the first error of a run (after what was in flight is
+    saved): a job's own errors as they are (a one-line exit 2), anything else as a failure."""
+    if error is None:
+        return
+    if isinstance(error, (ValueError, KeyError, FileNotFoundError, PermissionError)):
+        raise error
+    raise RuntimeError(f"certification failed: {error}") from error
+
+
 @contextmanager
 def claimed_run(output: str | Location, job: str) -> Iterator[Any]:
     """The run's lock, taken before anything is loaded: a second writer is refused in
