@@ -82,6 +82,15 @@ def own_ray_module():
         yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """A slow test says in its docstring what it proves (what the fast tier cannot)."""
+    missing = sorted({item.nodeid.split("[")[0] for item in items
+                      if item.get_closest_marker("slow") and not (getattr(item, "function", None) and
+                                                                  (item.function.__doc__ or "").strip())})
+    if missing:
+        raise pytest.UsageError("slow tests without a docstring saying what they prove: " + ", ".join(missing))
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray

@@ -85,6 +85,8 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigkill_and_resume_pays_only_for_calls_in_flight(emulator, uninterrupted, tmp_path, point):
+    """A certify-api process SIGKILLed at each kill point and resumed pays only for the calls that were in
+    flight: the provider's count equals the run's books."""
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", emulator.url, run)
     emulator.reset()  # repeats are counted against this run's own earlier requests only
@@ -141,6 +143,7 @@ def test_the_rate_limit_holds_in_every_second_across_actors(emulator, tmp_path):
 
 
 def test_a_run_held_by_another_job_is_refused_in_one_line(emulator, tmp_path, capsys):
+    """A certify-api run whose directory another job holds is refused in one line (exit 2)."""
     from pipeline.runs.lock import exclusive_run
 
     config = write_config(tmp_path / "c.yaml", emulator.url, tmp_path / "run")

@@ -490,6 +490,8 @@ def uninterrupted(ray_cluster, cifar_root, checkpoints, tmp_path_factory) -> dic
 
 @pytest.mark.slow
 def test_job_submission_writes_complete_recomputable_votes(uninterrupted, cifar_root, checkpoints):
+    """`ray job submit` to a `ray start --head` node: every image once per phase, votes recomputable offline
+    from their noise addresses."""
     output, logs = uninterrupted["output"], uninterrupted["logs"]
     table = raw_rows(output).to_pandas()
     data = open_dataset("cifar10", cifar_root, "test")
@@ -555,6 +557,8 @@ def test_job_submission_writes_complete_recomputable_votes(uninterrupted, cifar_
 @pytest.mark.slow
 def test_killed_actor_and_stopped_job_resume_to_identical_counts(ray_cluster, uninterrupted, cifar_root,
                                                                    checkpoints, tmp_path):
+    """A submitted job whose actor is killed, then the job stopped and resubmitted, ends with counts
+    identical to the uninterrupted run."""
     output = tmp_path / "run"
     # Other speed settings than the reference run: they must not change a single count.
     # One actor, one image per shard: a kill stops all progress until the actor is back.
@@ -608,6 +612,8 @@ def test_killed_actor_and_stopped_job_resume_to_identical_counts(ray_cluster, un
 
 @pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_and_keeps_votes(capsys, uninterrupted):
+    """A finished submitted run rerun with other settings is refused in one line, and no vote part is
+    rewritten."""
     output = uninterrupted["output"]
     before = {p: p.read_bytes() for p in vote_parts(output)}
     code, errors = run_cli(capsys, "--config", str(uninterrupted["config"]), "--seed", "4")

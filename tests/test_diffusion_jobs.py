@@ -82,6 +82,8 @@ def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path
 
 @pytest.mark.slow
 def test_benchmark_prices_a_diffusion_denoiser_against_dncnn(tmp_path):
+    """Benchmark smoke run: certify_throughput.py prices a diffusers denoiser against DnCNN and prints its
+    figures."""
     save_tiny_unet(tmp_path / "unet")
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "certify_throughput.py"), "--device", "cpu",

@@ -80,6 +80,8 @@ def _certify(where: str, **values):
 
 
 def test_fixed_n_counts_are_pinned(where, cifar_root, tmp_path):
+    """Fixed n: the per-image counts of the shipped pair on 6 CIFAR-10 images are exactly the pinned ones,
+    counted on Ray and in this process."""
     outcome = _certify(where, **_settings(cifar_root, tmp_path / "fixed"))
     votes = read_votes(tmp_path / "fixed")
     got: dict[int, dict[str, list[int]]] = {}
@@ -96,6 +98,8 @@ def test_fixed_n_counts_are_pinned(where, cifar_root, tmp_path):
 
 
 def test_sequential_counts_are_pinned(where, cifar_root, tmp_path):
+    """Sequential: decisions, sample counts and the chunk votes they rest on are exactly the pinned ones,
+    counted on Ray and in this process."""
     outcome = _certify(where, **_settings(cifar_root, tmp_path / "seq", n=600, sequential=True, radius=0.25))
     d = outcome.decisions
     got = {image_id: (int(d.status[row]), int(d.estimation_samples[row]), int(d.estimation_votes[row]))

@@ -89,6 +89,8 @@ def busy_worker_node(head, workers, actor_class: str):
 
 
 def test_certify_survives_the_loss_of_a_worker_node(cluster, cifar, classifier, tmp_path):
+    """A worker node of a multi-node cluster is removed mid-run: the run finishes on the other node with
+    counts identical to a reference run."""
     from jobs.certify import certify
 
     head, workers = cluster

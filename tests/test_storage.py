@@ -276,6 +276,8 @@ def test_a_second_writer_is_refused_at_once_and_admitted_after(run_dir):
 
 @pytest.mark.slow
 def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(tmp_path):
+    """S3 leases: a live holder's heartbeat keeps the run; a SIGKILLed holder's lease runs out and the run
+    can be taken."""
     run = f"s3://{new_bucket()}/runs/leased"
     holder = hold(run, lease_s=2.0)
     try:
@@ -295,6 +297,7 @@ def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(tmp_path):
 
 @pytest.mark.slow
 def test_a_local_lock_dies_with_its_holder(tmp_path):
+    """A local run lock held by a SIGKILLed process is free at once (the kernel releases the flock)."""
     run = str(tmp_path / "run")
     holder = hold(run)
     holder.kill()
