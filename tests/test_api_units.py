@@ -474,5 +474,16 @@ def test_one_job_per_run_directory(tmp_path):
         pass
 
 
-def test_data_folder_is_the_shared_benchmark():
-    assert len(list(IMAGES.glob("*.png"))) == 100
+def test_test_images_are_laid_out_like_the_paper_s_api_benchmark():
+    """The images the API tests make stand for the paper's 100 ImageNet validation images:
+    as many, named and sized alike, grayscale where the tests expect it."""
+    from PIL import Image
+
+    from api_support import GRAY_IDS, RGB_IDS
+    from data_support import shared_data
+
+    made = sorted(IMAGES.glob("*.png"))
+    assert len(made) == 100 and all(p.name.startswith("ILSVRC2012_val_") for p in made)
+    assert [Image.open(made[i]).mode for i in RGB_IDS + GRAY_IDS] == ["RGB"] * len(RGB_IDS) + ["L"] * len(GRAY_IDS)
+    real = sorted(shared_data("imagenet-val-100").glob("*.png"))
+    assert len(real) == len(made) and Image.open(real[0]).size == Image.open(made[0]).size
