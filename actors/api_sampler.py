@@ -52,7 +52,7 @@ class ApiSampler:
         from actors.api_actor import ApiActor, start_ledger
         from actors.blob_store import put_blob, start_blob_store
         from actors.pool import Demand, WorkPool
-        from jobs.ray_env import connect
+        from actors.ray_env import connect
         from pipeline.apis.querylog import spend
 
         config = self.config

@@ -43,7 +43,7 @@ class ModelSampler:
         from actors.model_actor import start_model_actor
         from actors.pool import PlacementError, WorkPool, placement_problem
         from actors.progress_counter import start_progress_counter
-        from jobs.ray_env import connect
+        from actors.ray_env import connect
 
         config = self.config
         self.started_here = connect(self.address)

@@ -314,7 +314,8 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
 
 def _fixed_schedule(config, context, output, selected):
     """(a FixedSchedule maker or None when nothing is left, the outcome's finisher)."""
-    from pipeline.certify.plan import default_shard_size, plan_shards, shard_requests
+    from pipeline.certify.plan import default_shard_size, shard_requests
+    from pipeline.certify.shards import plan_shards
     from pipeline.certify.run import FixedSchedule
 
     todo = _pending(config, selected)

@@ -31,13 +31,12 @@ from jobs.cli import main as cli_main
 from jobs.options import flags
 from pipeline.certify.plan import (
     CertifyConfig,
-    Shard,
     certify_identity,
     default_shard_size,
-    plan_shards,
     shard_requests,
     model_vote_rows as vote_rows,
 )
+from pipeline.certify.shards import Shard, plan_shards
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
 from pipeline.data.core import ImageRecord

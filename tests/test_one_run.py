@@ -104,7 +104,8 @@ def test_model_and_api_rows_are_one_vote_row_type_that_round_trips(tmp_path):
 
     from pipeline.apis.querylog import answer_vote_row
     from pipeline.certify.pair import ModelIdentity
-    from pipeline.certify.plan import CertifyConfig, Shard, model_vote_rows, shard_requests
+    from pipeline.certify.plan import CertifyConfig, model_vote_rows, shard_requests
+    from pipeline.certify.shards import Shard
     from pipeline.config import parse_config
     from pipeline.data.core import ImageRecord
     from pipeline.runs.storage import VOTE_SCHEMA, read_votes, write_votes

@@ -38,7 +38,7 @@ class FixedPlan:
                  run_dir)
 
     def run(self, sampler: Any) -> None:
-        from pipeline.certify.plan import plan_shards
+        from pipeline.certify.shards import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule
 
         sampler.mode = FIXED
@@ -136,7 +136,7 @@ class SequentialPlan:
 
     def run(self, sampler: Any) -> None:
         """The labels first (one CertifyRun of clean queries), then the chunks (another)."""
-        from pipeline.certify.plan import plan_shards
+        from pipeline.certify.shards import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule, SequentialSchedule
 
         progress = self.progress = _progress(sampler, self.undecided(), sequential=True)

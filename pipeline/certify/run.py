@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.certify.plan import Shard
+from pipeline.certify.shards import Shard
 from pipeline.certify.schedule import ChunkScheduler, ChunkTask
 from pipeline.runs.fs import Location
 from pipeline.runs.votes import VoteRow
@@ -112,7 +112,7 @@ class Sampler(Protocol):
 
 
 class FixedSchedule:
-    """Fixed n: the shards of pending images (`pipeline.certify.plan.plan_shards`), one work
+    """Fixed n: the shards of pending images (`pipeline.certify.shards.plan_shards`), one work
     item each, in selection order; `requests(shard)` says what to draw for one (a model
     sampler: `shard_requests`; an API sampler asks what the journal lacks, so none)."""
 
@@ -151,7 +151,7 @@ class SequentialSchedule:
         self.total = int(np.count_nonzero(scheduler.cert.decisions().needs_samples))
 
     def items(self) -> Iterator[Work | None]:
-        from pipeline.certify.plan import chunk_requests
+        from pipeline.certify.shards import chunk_requests
 
         while not self.scheduler.finished:
             tasks = self.scheduler.next_chunks(self.item_samples)

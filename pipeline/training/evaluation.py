@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from pipeline.objectives import add_noise
+from pipeline.training.objectives import add_noise
 from pipeline.training.data import to_float
 
 EVAL_SEED_OFFSET = 1_000_003  # keeps evaluation noise apart from training noise of the same seed

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from pipeline.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, denoiser_loss
+from pipeline.training.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, denoiser_loss
 from pipeline.progress import Progress
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 from pipeline.training.data import CIFAR_CROP_PADDING, augment, load_split, to_float
