@@ -19,11 +19,10 @@ import torch
 
 from actors.blob_store import BlobKey, fetch_blob, on_driver_node
 from pipeline.apis.budget import Budget
-from pipeline.apis.config import ApiSettings, RetrySettings
 from pipeline.apis.ledger import Ledger, Permit
 from pipeline.apis.plan import WorkUnit
 from pipeline.apis.ratelimit import RateLimiter
-from pipeline.apis.worker import QueryWorker, UnitResult
+from pipeline.apis.worker import QuerySettings, QueryWorker, UnitResult
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=512)
@@ -61,19 +60,8 @@ def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], qps
 class ApiActor:
     """Queries one provider for work units; see pipeline.apis.worker."""
 
-    def __init__(
-        self,
-        api: ApiSettings,
-        retry: RetrySettings,
-        concurrency: int,
-        sigma: float,
-        ledger: str,
-        store: str | None = None,
-        denoiser: BlobKey | None = None,
-        name: str = "api-0",
-        precision: str = "fp32",
-        noise: str = "gaussian",
-    ) -> None:
+    def __init__(self, settings: QuerySettings, ledger: str, store: str | None = None,
+                 denoiser: BlobKey | None = None) -> None:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
         model = None
         if denoiser is not None:
@@ -82,10 +70,10 @@ class ApiActor:
 
             model, meta = load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))
             if meta.sigma_independent:  # a diffusion model: the run's sigma picks its timestep
-                model.set_sigma(sigma)  # (checked when the job prepared the denoiser)
+                model.set_sigma(settings.sigma)  # (checked when the job prepared the denoiser)
             model = freeze(model)
         self._ledger = ray.get_actor(ledger)
-        self._worker = QueryWorker(api, retry, concurrency, sigma, model, name, precision, noise)
+        self._worker = QueryWorker(settings, model)
 
     def describe(self) -> str:
         """The readiness ping: answers once the actor is built."""

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from pipeline.apis.schedule import CLEAN_QUERIES, FIXED, SEQUENTIAL
+from pipeline.apis.worker import QuerySettings
 from pipeline.certify.run import Finished, Item, RunContext, Work
 
 log = logging.getLogger("dsmooth")
@@ -71,8 +72,8 @@ class ApiSampler:
         self.pool = WorkPool(
             lambda index: ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 2, max_restarts=2,
                                            max_task_retries=0).remote(
-                config.api, config.retry, per_actor, config.sigma, ledger_name, store_name, denoiser_key,
-                f"api-{index}", config.precision, config.noise),
+                QuerySettings(config.api, config.retry, per_actor, config.sigma, f"api-{index}", config.precision,
+                              config.noise), ledger_name, store_name, denoiser_key),
             Demand(rate.actors, rate.actor_cpus, 0.0), per_actor=per_actor, wait_timeout_s=config.wait_timeout,
         )
         return self

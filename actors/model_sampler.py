@@ -40,7 +40,7 @@ class ModelSampler:
 
     def __enter__(self) -> ModelSampler:
         from actors.blob_store import put_blob, start_blob_store
-        from actors.model_actor import start_model_actor
+        from actors.model_actor import PairLoad, start_model_actor
         from actors.pool import PlacementError, WorkPool, placement_problem
         from actors.progress_counter import start_progress_counter
         from actors.ray_env import connect
@@ -63,12 +63,10 @@ class ModelSampler:
             settings = config.pair_settings()
             if getattr(self.classifier, "arch", None):  # `NAME --classifier-weights FILE`: the spec named it
                 settings = dataclasses.replace(settings, classifier_arch=self.classifier.arch)
+            load = PairLoad(store_name, classifier_key, denoiser_key, self.info, self.selected.describe(), settings)
             self.pool = WorkPool(
-                lambda index: start_model_actor(
-                    index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=self.info,
-                    data=self.selected.describe(), settings=settings, num_cpus=self.demand.cpus,
-                    num_gpus=self.demand.gpus, max_restarts=config.max_restarts,
-                ),
+                lambda index: start_model_actor(index, load, num_cpus=self.demand.cpus, num_gpus=self.demand.gpus,
+                                                max_restarts=config.max_restarts),
                 self.demand,
                 wait_timeout_s=config.wait_timeout,
             )

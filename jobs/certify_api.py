@@ -91,8 +91,6 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
     from pipeline.apis.runstate import QueryState, Summary
     from pipeline.apis.schedule import FixedPlan, SequentialPlan
     from pipeline.certify.run import RunContext
-    from pipeline.runs.fs import Location
-    from pipeline.runs.storage import open_run
 
     split, dataset = select_images(config)
     denoiser = None
@@ -101,14 +99,13 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
         denoiser, arch, sha = read_api_denoiser(config.denoiser, config.sigma, dataset, config.noise,
                                                 config.allow_foreign_denoiser)
     identity, extra = api_identity(config, split, arch, sha)
-    run_dir = Location.of(config.output)
     price = config.budget.price(config.api.provider)
-    record = open_run(run_dir, identity, extra)
+    context = RunContext.open(config.output, identity, extra, dataset.records, lease, config)
+    run_dir, record = context.output, context.record
     compact(run_dir)  # the journals of earlier invocations (killed ones included) into the log
     state = QueryState(run_dir, record, [(r.image_id, r.name) for r in dataset.records])
     state.write_missing_votes()
     summary = Summary("complete", config.api.provider, images_total=len(dataset), price_per_1000=price)
-    context = RunContext(run_dir, record, dataset.records, lease, config, config.on_bad_image)
     plan = (SequentialPlan if config.sequential else FixedPlan)(config, context, state)
     if dry_run or plan.finished():
         plan.summarise(summary)

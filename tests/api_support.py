@@ -65,7 +65,7 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
     """(image id, phase, sample) -> the top label the emulator's built-in classifier must
     give, computed locally from the same noise addressing, denoiser and PNG rounding."""
     from pipeline.apis.emulator import ColourClassifier
-    from pipeline.apis.encoding import decode_png, encode_png
+    from pipeline.apis.encoding import encode_png
     from pipeline.apis.plan import CLEAN, plan_image
     from pipeline.apis.sampling import noisy_images
     from pipeline.data import open_dataset
@@ -115,3 +115,13 @@ def top_labels_in_log(run_dir: Path) -> dict[tuple[int, str, int], Any]:
         (int(i), str(p), int(s)): (None if t is None or (isinstance(t, float) and np.isnan(t)) else t)
         for i, p, s, t in zip(frame.image_id, frame.phase, frame["sample"], frame.top_label)
     }
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.encoding` writes it)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))

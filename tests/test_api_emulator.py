@@ -21,7 +21,7 @@ from api_support import GRAY_IDS, IMAGES, RGB_IDS, install_fake_credentials
 from pipeline.apis.config import ApiSettings, RetrySettings
 from pipeline.apis.emulator import CheckpointClassifier, ColourClassifier, EmulatorServer, FaultSettings
 from pipeline.apis.emulator.faults import FaultInjector
-from pipeline.apis.encoding import decode_png
+from api_support import decode_png
 from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, ServerError, ThrottledError
 from pipeline.apis.providers import make_client, top_label
 from pipeline.apis.retry import query_with_retries

@@ -29,7 +29,7 @@ BASE = {"dataset": "cifar10", "classifier": "c", "sigma": 0.25, "output": "o", "
 
 def _identity(**values):
     split = ImageDataset.from_array(np.zeros((2, 32, 32, 3), dtype=np.uint8), [0, 1], name="cifar10/test")
-    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10, 0.25)
+    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10)
     return certify_identity(parse_config(CertifyConfig, {**BASE, **values}), split, info)
 
 

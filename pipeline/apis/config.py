@@ -33,7 +33,6 @@ from pipeline.settings import (
 )
 
 Provider = Literal["aws", "google", "azure", "clarifai"]
-PROVIDERS: tuple[str, ...] = ("aws", "google", "azure", "clarifai")
 
 # List prices in USD per 1,000 label-detection calls (first pricing tier, as published by
 # each provider); only used to account spending against `budget.max_cost`.

@@ -103,10 +103,6 @@ class Ledger:
                 self._halted = (kind, message)
         self.budget.halt(kind)
 
-    def halted(self) -> tuple[str, str] | None:
-        with self._lock:
-            return self._halted
-
     def snapshot(self) -> dict[str, Any]:
         """This invocation's figures: the budget's, and answers by status, billable calls."""
         budget: BudgetSnapshot = self.budget.snapshot()

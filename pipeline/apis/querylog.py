@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.apis import journal
 from pipeline.apis.billing import billable
-from pipeline.apis.plan import CLEAN, Key, phase_sizes
+from pipeline.apis.plan import CLEAN, phase_sizes
 from pipeline.runs.fs import Location, StorageError
 from pipeline.runs.storage import PartStream, read_run_record, write_json
 from pipeline.runs.votes import VoteRow
@@ -158,15 +158,6 @@ def compact(run_dir: str | Location, keep_invocation: str | None = None) -> int:
     for segment in segments:
         segment.delete()
     return len(rows)
-
-
-def done_keys(frame: pd.DataFrame) -> dict[int, set[Key]]:
-    """image id -> {(phase, sample)} answered (`ok`)."""
-    done = frame[frame["status"] == OK]
-    result: dict[int, set[Key]] = {}
-    for image_id, phase, sample in zip(done["image_id"], done["phase"], done["sample"]):
-        result.setdefault(int(image_id), set()).add((str(phase), int(sample)))
-    return result
 
 
 @dataclass(frozen=True)

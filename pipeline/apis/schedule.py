@@ -38,11 +38,10 @@ class FixedPlan:
                  run_dir)
 
     def run(self, sampler: Any) -> None:
-        from pipeline.certify.shards import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule
 
         sampler.mode = FIXED
-        schedule = FixedSchedule(plan_shards([self.context.records[r] for r in self.rows], 1), _rows_of(self.context))
+        schedule = FixedSchedule.of(self.context, [self.context.records[r] for r in self.rows], 1)
         self.progress = _progress(sampler, len(self.rows))
         CertifyRun(self.context, sampler, schedule, progress=self.progress).run()
 
@@ -136,14 +135,13 @@ class SequentialPlan:
 
     def run(self, sampler: Any) -> None:
         """The labels first (one CertifyRun of clean queries), then the chunks (another)."""
-        from pipeline.certify.shards import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule, SequentialSchedule
 
         progress = self.progress = _progress(sampler, self.undecided(), sequential=True)
         clean = [row for row in range(self.total) if self.needs_clean(row)]
         if clean:
             sampler.mode = CLEAN_QUERIES
-            schedule = FixedSchedule(plan_shards([self.context.records[r] for r in clean], 1), _rows_of(self.context))
+            schedule = FixedSchedule.of(self.context, [self.context.records[r] for r in clean], 1)
             CertifyRun(self.context, sampler, schedule, progress=progress).run()
             self.failed |= sampler.failed
             if sampler.stopped:
@@ -176,10 +174,6 @@ class SequentialPlan:
         summary.fixed_queries = self.config.n0 + self.config.n + 1
         if summary.undecided and summary.status == "complete":
             summary.status = "failed"
-
-
-def _rows_of(context: Any) -> dict[int, int]:
-    return {image_id: row for row, image_id in enumerate(context.image_ids)}
 
 
 class _NoProgress:

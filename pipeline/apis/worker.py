@@ -44,24 +44,29 @@ class UnitResult:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class QuerySettings:
+    """How one worker queries: the provider, retries, its share of the job's concurrency, and
+    how the noisy images are made (sigma, noise kind, the denoiser's precision). Made once by
+    the job's sampler; the Ray actor passes it through unchanged."""
+
+    api: ApiSettings
+    retry: RetrySettings
+    concurrency: int
+    sigma: float
+    name: str = "api-0"
+    precision: str = "fp32"
+    noise: str = "gaussian"  # the smoothing noise kind (pipeline.sampling.noise_kinds)
+
+
 class QueryWorker:
-    def __init__(
-        self,
-        api: ApiSettings,
-        retry: RetrySettings,
-        concurrency: int,
-        sigma: float,
-        denoiser: nn.Module | None = None,
-        name: str = "api-0",
-        precision: str = "fp32",
-        noise: str = "gaussian",
-    ) -> None:
-        self.api, self.retry = api, retry
-        self.sigma, self.precision = sigma, precision
-        self.noise = noise  # the smoothing noise kind (pipeline.sampling.noise_kinds)
+    def __init__(self, settings: QuerySettings, denoiser: nn.Module | None = None) -> None:
+        self.settings = settings
+        self.api, self.retry = settings.api, settings.retry
+        self.sigma, self.precision, self.noise = settings.sigma, settings.precision, settings.noise
         self.denoiser = denoiser.eval() if denoiser is not None else None
-        self.name = name
-        self._concurrency = concurrency
+        self.name = name = settings.name
+        self._concurrency = concurrency = settings.concurrency
         self._client: LabelClient | None = None
         self._lock = threading.Lock()
         self._stopped: tuple[str, str] | None = None

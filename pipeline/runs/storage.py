@@ -252,10 +252,6 @@ def write_votes(run: str | Location, rows: Iterable[Mapping[str, Any]], worker: 
     return VOTES.write(run, rows, worker)
 
 
-def vote_parts(run: str | Location) -> list[Location]:
-    return VOTES.parts(run)
-
-
 def read_votes(run: str | Location) -> pd.DataFrame:
     """All vote rows of a run, one per VOTE_KEY (image_id, phase[, chunk]); later duplicates
     are dropped. CorruptPartError for a damaged part: resume must not redo work around it."""
