@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None) -> Any:
-    """Run (or resume) one API certification; returns its pipeline.apis.runstate.Summary. The
+    """Run (or resume) one API certification; returns its pipeline.apis.run.state.Summary. The
     run's lock comes first: a second writer is refused before the images or the denoiser load."""
     from pipeline.certify.run import claimed_run
 
@@ -79,17 +79,17 @@ def certify_api(config: Any, address: str | None = None, dry_run: bool = False, 
 
 
 def summary_text(summary: Any, run_dir: Any) -> str:
-    from pipeline.apis.runstate import format_summary
+    from pipeline.apis.run.state import format_summary
 
     return format_summary(summary, run_dir)
 
 
 def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) -> Any:
     """Wire one `CertifyRun`: the API sampler with the fixed or the sequential schedule."""
-    from pipeline.apis.prepare import api_identity, read_api_denoiser, select_images
-    from pipeline.apis.querylog import compact
-    from pipeline.apis.runstate import QueryState, Summary
-    from pipeline.apis.schedule import FixedPlan, SequentialPlan
+    from pipeline.apis.run.prepare import api_identity, read_api_denoiser, select_images
+    from pipeline.apis.books.querylog import compact
+    from pipeline.apis.run.state import QueryState, Summary
+    from pipeline.apis.run.modes import FixedPlan, SequentialPlan
     from pipeline.certify.run import RunContext
 
     split, dataset = select_images(config)
@@ -129,7 +129,7 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
 
 def _finish(summary: Any, state: Any, run_dir: Any, price: float, plan: Any) -> None:
     """The run's totals (from the journal) and spend.json; queries left make it `failed`."""
-    from pipeline.apis.querylog import spend
+    from pipeline.apis.books.querylog import spend
 
     summary.run = spend(run_dir)
     _write_spend_record(run_dir, price)
@@ -140,7 +140,7 @@ def _finish(summary: Any, state: Any, run_dir: Any, price: float, plan: Any) -> 
 def _write_spend_record(run_dir: Any, price: float) -> None:
     """RUN/spend.json: what each invocation sent and owes, recomputed from the journal (so an
     invocation that was killed appears too), never below what it recorded before."""
-    from pipeline.apis.querylog import write_spend_record
+    from pipeline.apis.books.querylog import write_spend_record
 
     write_spend_record(run_dir, price)
 

@@ -65,9 +65,9 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
     """(image id, phase, sample) -> the top label the emulator's built-in classifier must
     give, computed locally from the same noise addressing, denoiser and PNG rounding."""
     from pipeline.apis.emulator import ColourClassifier
-    from pipeline.apis.encoding import encode_png
-    from pipeline.apis.plan import CLEAN, plan_image
-    from pipeline.apis.sampling import noisy_images
+    from pipeline.apis.query.encoding import encode_png
+    from pipeline.apis.query.units import CLEAN, plan_image
+    from pipeline.apis.query.noisy_images import noisy_images
     from pipeline.data import open_dataset
 
     classifier = ColourClassifier()
@@ -108,7 +108,7 @@ def normalise(label: Any) -> Any:
 
 
 def top_labels_in_log(run_dir: Path) -> dict[tuple[int, str, int], Any]:
-    from pipeline.apis.querylog import read_query_log
+    from pipeline.apis.books.querylog import read_query_log
 
     frame = read_query_log(run_dir)
     return {
@@ -118,7 +118,7 @@ def top_labels_in_log(run_dir: Path) -> dict[tuple[int, str, int], Any]:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.encoding` writes it)."""
+    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.query.encoding` writes it)."""
     import io
 
     from PIL import Image

@@ -21,15 +21,15 @@ from scipy import stats
 
 from api_support import IMAGES, RGB_IDS, job_config
 from pipeline.apis.emulator.server import max_in_window
-from pipeline.apis.budget import Budget
+from pipeline.apis.books.budget import Budget
 from pipeline.apis.config import RetrySettings
 from api_support import decode_png
-from pipeline.apis.encoding import encode_png, to_uint8
-from pipeline.apis.plan import CLEAN, needed_keys, plan_image
-from pipeline.apis.prepare import load_job_config
-from pipeline.apis.journal import Journal, read_segment, segments
-from pipeline.apis.ledger import Ledger
-from pipeline.apis.querylog import (
+from pipeline.apis.query.encoding import encode_png, to_uint8
+from pipeline.apis.query.units import CLEAN, needed_keys, plan_image
+from pipeline.apis.run.prepare import load_job_config
+from pipeline.apis.books.journal import Journal, read_segment, segments
+from pipeline.apis.books.ledger import Ledger
+from pipeline.apis.books.querylog import (
     CALLS,
     Spend,
     _normalise,
@@ -43,9 +43,9 @@ from pipeline.apis.querylog import (
     answer_vote_rows as vote_rows,
 )
 from pipeline.apis.ratelimit import LATE_S, RateLimiter, start_at
-from pipeline.apis.retry import backoff_delay
+from pipeline.apis.query.retry import backoff_delay
 from pipeline.runs.lock import RunLockedError, exclusive_run
-from pipeline.apis.sampling import noisy_images
+from pipeline.apis.query.noisy_images import noisy_images
 from pipeline.apis.secrets import describe, scrub
 from pipeline.config import ConfigError
 from pipeline.sampling.noise import SampleRequest
@@ -333,7 +333,7 @@ def test_deleting_a_damaged_query_part_keeps_earlier_invocations_spend(tmp_path)
     deleted, its answers are gone but its calls stay in spend.json and in the run total."""
     import json
 
-    from pipeline.apis.querylog import SPEND_FILE, write_spend_record
+    from pipeline.apis.books.querylog import SPEND_FILE, write_spend_record
     from pipeline.runs.storage import CorruptPartError
 
     run = tmp_path / "run"

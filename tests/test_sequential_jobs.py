@@ -337,7 +337,7 @@ def emulator():
 def run_api(emulator, output: Path, **overrides):
     from api_support import job_config
     from jobs.certify_api import certify_api
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
 
     values = {"n0": 20, "n": 100, "alpha": 0.001, "budget.max_queries": 10_000, **overrides}
     config = job_config("aws", emulator.url, output, API_IDS, **values)
@@ -391,7 +391,7 @@ def test_certify_api_sequential_fewer_queries_same_certificates_budget_and_resum
 
 def test_certify_api_sequential_flags_are_checked(capsys, tmp_path):
     from api_support import job_config
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
     from pipeline.config import ConfigError
 
     config = job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, sequential=True, radius=API_RADIUS)

@@ -107,9 +107,9 @@ def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
     import pandas as pd
     import pyarrow.dataset as ds
 
-    from pipeline.apis.querylog import CALLS, compact
-    from pipeline.apis.journal import Journal
-    from pipeline.apis.querylog import answer_record, sent_record
+    from pipeline.apis.books.querylog import CALLS, compact
+    from pipeline.apis.books.journal import Journal
+    from pipeline.apis.books.querylog import answer_record, sent_record
 
     run = tmp_path / "run"
     open_run(run, {"sigma": 0.25})

@@ -3,7 +3,7 @@ it makes of the API sampler (`actors.api_sampler`), and what its summary says.
 
 - fixed n (`FixedPlan`): every query each unvoted image still needs, one image per work item;
 - sequential (`SequentialPlan`): the clean query of every image first (its label), then
-  estimation chunks of undecided images only (`pipeline.apis.sequential`).
+  estimation chunks of undecided images only (`pipeline.apis.run.chunk_votes`).
 
 An image that cannot be read is skipped by the run before any of its queries is sent.
 """
@@ -56,7 +56,7 @@ class FixedPlan:
 
 
 class SequentialPlan:
-    """Sequential (`pipeline.apis.sequential`): the clean query of every image first (its
+    """Sequential (`pipeline.apis.run.chunk_votes`): the clean query of every image first (its
     label), then estimation chunks of undecided images only, one chunk per work item and one
     in flight per image (growth 0: every query is paid, none is spent after a decision). A
     chunk counts once every query in it is answered (the answers are in the journal
@@ -80,7 +80,7 @@ class SequentialPlan:
         decision. Skipped (unreadable) images are withdrawn."""
         import numpy as np
 
-        from pipeline.apis.sequential import api_certifier
+        from pipeline.apis.run.chunk_votes import api_certifier
         from pipeline.certify.schedule import ChunkScheduler
 
         self.certifier = api_certifier(self.test, [self._answers(row) for row in range(self.total)])
@@ -94,7 +94,7 @@ class SequentialPlan:
         return self.state.images[self.context.image_ids[row]].rows
 
     def needs_clean(self, row: int) -> bool:
-        from pipeline.apis.plan import CLEAN
+        from pipeline.apis.query.units import CLEAN
 
         skipped = {s["image_id"] for s in self.context.skipped}
         return (CLEAN, 0) not in self._answers(row) and self.context.image_ids[row] not in skipped
@@ -117,7 +117,7 @@ class SequentialPlan:
 
     def _write_missing_rows(self) -> None:
         """Chunks answered in full whose vote rows are missing (a kill in between): write them."""
-        from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label
+        from pipeline.apis.run.chunk_votes import chunk_answers, chunk_vote_row, clean_label
         from pipeline.runs.storage import read_votes, write_votes
 
         stored = read_votes(self.state.run_dir)

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from pipeline.apis.config import ApiSettings, RetrySettings
-from pipeline.apis.encoding import encode_png
+from pipeline.apis.query.encoding import encode_png
 from pipeline.apis.errors import ApiError, FatalError
-from pipeline.apis.plan import CLEAN, WorkUnit
+from pipeline.apis.query.units import CLEAN, WorkUnit
 from pipeline.apis.providers import LabelClient, make_client
-from pipeline.apis.retry import FATAL, OK, STOPPED, query_with_retries
-from pipeline.apis.sampling import noisy_images
+from pipeline.apis.query.retry import FATAL, OK, STOPPED, query_with_retries
+from pipeline.apis.query.retry import Permit as Grant  # `Permit` here names the callable that gives one
+from pipeline.apis.query.noisy_images import noisy_images
 from pipeline.apis.secrets import describe
 
 Permit = Callable[..., Any]  # (image_id, image_name, phase, sample, attempt, worker) -> Permit
@@ -124,8 +125,6 @@ class QueryWorker:
         def ask(sample: int, noisy: torch.Tensor, seed: float) -> Any:
             def grant(attempt: int) -> Any:
                 if self._stopped is not None:
-                    from pipeline.apis.ledger import Permit as Grant
-
                     return Grant("stop", reason=self._stopped[0])
                 return permit(unit.image_id, image_name, unit.phase, sample, attempt, self.name)
 

@@ -28,6 +28,18 @@ from pipeline.apis.secrets import describe
 OK, FAILED, STOPPED, FATAL = "ok", "failed", "stopped", "fatal"
 
 
+@dataclass(frozen=True)
+class Permit:
+    """The ledger's answer to one attempt (`pipeline.apis.books.ledger`): `send` (with the
+    call's id), `answered` (the recorded answer: do not send), or `stop`."""
+
+    kind: str
+    call: str | None = None
+    answer: dict[str, Any] | None = None
+    reason: str | None = None
+    start_at: float | None = None  # the call's slot (wall clock); see pipeline.apis.ratelimit
+
+
 @dataclass
 class QueryOutcome:
     state: str
@@ -64,7 +76,7 @@ def query_with_retries(
 ) -> QueryOutcome:
     """Ask `client` for labels of `image`; see the module doc for the rules.
 
-    `permit(attempt)` returns a pipeline.apis.ledger.Permit; `answered(call, status, **fields)`
+    `permit(attempt)` returns a `Permit` (from the ledger); `answered(call, status, **fields)`
     journals each call's outcome; `reslot()` gives a new start time to a call found late."""
     from pipeline.apis.providers import top_label
 
