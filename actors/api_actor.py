@@ -1,6 +1,6 @@
 """Ray actors for API certification: the job's ledger, and one actor per API client.
 
-Thin wrappers: the work is `pipeline.apis.ledger.Ledger` and `pipeline.apis.worker.QueryWorker`.
+Thin wrappers: the work is `pipeline.apis.books.ledger.Ledger` and `pipeline.apis.query.worker.QueryWorker`.
 The ledger actor is threaded (every call of every API actor asks it first and reports to it
 after) and pinned to the driver's node, where the run directory is written; API actors find
 it by name. An API actor is threaded too (max_concurrency = its share of the job's
@@ -18,12 +18,12 @@ import ray
 import torch
 
 from actors.blob_store import BlobKey, fetch_blob, on_driver_node
-from pipeline.apis.budget import Budget
-from pipeline.apis.config import ApiSettings, RetrySettings
-from pipeline.apis.ledger import Ledger, Permit
-from pipeline.apis.plan import WorkUnit
+from pipeline.apis.books.budget import Budget
+from pipeline.apis.books.ledger import Ledger
+from pipeline.apis.query.retry import Permit
+from pipeline.apis.query.units import WorkUnit
 from pipeline.apis.ratelimit import RateLimiter
-from pipeline.apis.worker import QueryWorker, UnitResult
+from pipeline.apis.query.worker import QuerySettings, QueryWorker, UnitResult
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=512)
@@ -59,21 +59,10 @@ def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], qps
 
 @ray.remote
 class ApiActor:
-    """Queries one provider for work units; see pipeline.apis.worker."""
+    """Queries one provider for work units; see pipeline.apis.query.worker."""
 
-    def __init__(
-        self,
-        api: ApiSettings,
-        retry: RetrySettings,
-        concurrency: int,
-        sigma: float,
-        ledger: str,
-        store: str | None = None,
-        denoiser: BlobKey | None = None,
-        name: str = "api-0",
-        precision: str = "fp32",
-        noise: str = "gaussian",
-    ) -> None:
+    def __init__(self, settings: QuerySettings, ledger: str, store: str | None = None,
+                 denoiser: BlobKey | None = None) -> None:
         torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
         model = None
         if denoiser is not None:
@@ -82,10 +71,10 @@ class ApiActor:
 
             model, meta = load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))
             if meta.sigma_independent:  # a diffusion model: the run's sigma picks its timestep
-                model.set_sigma(sigma)  # (checked when the job prepared the denoiser)
+                model.set_sigma(settings.sigma)  # (checked when the job prepared the denoiser)
             model = freeze(model)
         self._ledger = ray.get_actor(ledger)
-        self._worker = QueryWorker(api, retry, concurrency, sigma, model, name, precision, noise)
+        self._worker = QueryWorker(settings, model)
 
     def describe(self) -> str:
         """The readiness ping: answers once the actor is built."""

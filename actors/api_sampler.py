@@ -2,7 +2,7 @@
 a vision API the queries of each work item, under the job-wide ledger (budget, rate limit,
 call journal).
 
-Work items become query units (`pipeline.apis.plan.WorkUnit`, one noise chunk's unanswered
+Work items become query units (`pipeline.apis.query.units.WorkUnit`, one noise chunk's unanswered
 queries each); answers are kept in the run's `QueryState`, and a work item is finished when
 its answers are complete: an image's every query (fixed n), its clean query (the label a
 sequential run tests), or one estimation chunk (sequential). Ray, the ledger, the blob
@@ -17,7 +17,8 @@ from typing import Any
 
 import ray
 
-from pipeline.apis.schedule import CLEAN_QUERIES, FIXED, SEQUENTIAL
+from pipeline.apis.run.modes import CLEAN_QUERIES, FIXED, SEQUENTIAL
+from pipeline.apis.query.worker import QuerySettings
 from pipeline.certify.run import Finished, Item, RunContext, Work
 
 log = logging.getLogger("dsmooth")
@@ -52,8 +53,8 @@ class ApiSampler:
         from actors.api_actor import ApiActor, start_ledger
         from actors.blob_store import put_blob, start_blob_store
         from actors.pool import Demand, WorkPool
-        from jobs.ray_env import connect
-        from pipeline.apis.querylog import spend
+        from actors.ray_env import connect
+        from pipeline.apis.books.querylog import spend
 
         config = self.config
         self.started_here = connect(self.address)
@@ -71,8 +72,8 @@ class ApiSampler:
         self.pool = WorkPool(
             lambda index: ApiActor.options(num_cpus=rate.actor_cpus, max_concurrency=per_actor + 2, max_restarts=2,
                                            max_task_retries=0).remote(
-                config.api, config.retry, per_actor, config.sigma, ledger_name, store_name, denoiser_key,
-                f"api-{index}", config.precision, config.noise),
+                QuerySettings(config.api, config.retry, per_actor, config.sigma, f"api-{index}", config.precision,
+                              config.noise), ledger_name, store_name, denoiser_key),
             Demand(rate.actors, rate.actor_cpus, 0.0), per_actor=per_actor, wait_timeout_s=config.wait_timeout,
         )
         return self
@@ -110,8 +111,8 @@ class ApiSampler:
         return self.dataset.load(row)
 
     def submit(self, work: Work, pixels: dict[int, Any]) -> tuple[list[Item], list[Finished]]:
-        from pipeline.apis.plan import CLEAN, WorkUnit
-        from pipeline.apis.sequential import chunk_unit
+        from pipeline.apis.query.units import CLEAN, WorkUnit
+        from pipeline.apis.run.chunk_votes import chunk_unit
 
         units = []
         if self.mode == FIXED:
@@ -141,7 +142,7 @@ class ApiSampler:
         return items, []
 
     def take(self, key: Any, result: Any) -> list[Finished]:
-        from pipeline.apis.querylog import OK
+        from pipeline.apis.books.querylog import OK
 
         summary = self.summary
         for row in result.rows:
@@ -180,7 +181,7 @@ class ApiSampler:
     def _chunk(self, work: Work, failed: bool = False) -> Finished:
         """A sequential chunk back: its vote row and the votes for the clean answer, or held
         when a query of it has no answer (retries spent, or the budget)."""
-        from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label, label_votes
+        from pipeline.apis.run.chunk_votes import chunk_answers, chunk_vote_row, clean_label, label_votes
 
         (task,) = work.tasks
         answers = self._answers(task.row)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,21 +27,25 @@ from pipeline.certify.pair import ModelBytes, PairInfo, PairSettings
 from pipeline.sampling.noise import SampleRequest
 
 
+@dataclass(frozen=True)
+class PairLoad:
+    """What a model actor loads, all small and plain (a restart fetches the bytes again): the
+    job's `BlobStore` name, the two checkpoints' keys in it, the pair the driver checked, the
+    data it must fit and how to run it."""
+
+    store: str
+    classifier: BlobKey
+    denoiser: BlobKey | None
+    expected: PairInfo
+    data: DataDescription
+    settings: PairSettings
+
+
 @ray.remote
 class ModelActor:
     """One f∘D on one device (the GPU Ray assigned, else CPU)."""
 
-    def __init__(
-        self,
-        name: str,
-        store: str,
-        classifier: BlobKey,
-        denoiser: BlobKey | None,
-        expected: PairInfo,
-        data: DataDescription,
-        settings: PairSettings,
-        num_threads: int = 1,
-    ) -> None:
+    def __init__(self, name: str, load: PairLoad, num_threads: int = 1) -> None:
         import torch
 
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -48,9 +53,10 @@ class ModelActor:
         if not use_gpu:
             # One intra-op thread per CPU Ray gave us: more would fight the other actors.
             torch.set_num_threads(max(1, num_threads))
-        f = ModelBytes(classifier.source, fetch_blob(store, classifier))
-        d = ModelBytes(denoiser.source, fetch_blob(store, denoiser)) if denoiser is not None else None
-        self.counter = settings.counter(f, d, expected, data, device)
+        f = ModelBytes(load.classifier.source, fetch_blob(load.store, load.classifier))
+        d = (ModelBytes(load.denoiser.source, fetch_blob(load.store, load.denoiser))
+             if load.denoiser is not None else None)
+        self.counter = load.settings.counter(f, d, load.expected, load.data, device)
         self.worker = f"{name}@{socket.gethostname()}:{os.getpid()}/{device}"
 
     def describe(self) -> dict[str, Any]:
@@ -75,13 +81,8 @@ class ModelActor:
 
 def start_model_actor(
     index: int,
+    load: PairLoad,
     *,
-    store: str,
-    classifier: BlobKey,
-    denoiser: BlobKey | None,
-    expected: PairInfo,
-    data: DataDescription,
-    settings: PairSettings,
     num_cpus: float,
     num_gpus: float,
     max_restarts: int,
@@ -94,13 +95,4 @@ def start_model_actor(
         resources=dict(resources or {}),
         max_restarts=max_restarts,
         max_task_retries=0,  # the pool resubmits lost work at once, to any ready actor
-    ).remote(
-        f"actor-{index}",
-        store,
-        classifier,
-        denoiser,
-        expected,
-        data,
-        settings,
-        max(1, int(num_cpus)),
-    )
+    ).remote(f"actor-{index}", load, max(1, int(num_cpus)))

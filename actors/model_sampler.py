@@ -39,10 +39,10 @@ class ModelSampler:
 
     def __enter__(self) -> ModelSampler:
         from actors.blob_store import put_blob, start_blob_store
-        from actors.model_actor import start_model_actor
+        from actors.model_actor import PairLoad, start_model_actor
         from actors.pool import PlacementError, WorkPool, placement_problem
         from actors.progress_counter import start_progress_counter
-        from jobs.ray_env import connect
+        from actors.ray_env import connect
 
         config = self.config
         self.started_here = connect(self.address)
@@ -60,12 +60,10 @@ class ModelSampler:
             self.counter = start_progress_counter()
             self._actors.append(self.counter)
             settings = config.pair_settings(self.classifier)
+            load = PairLoad(store_name, classifier_key, denoiser_key, self.info, self.selected.describe(), settings)
             self.pool = WorkPool(
-                lambda index: start_model_actor(
-                    index, store=store_name, classifier=classifier_key, denoiser=denoiser_key, expected=self.info,
-                    data=self.selected.describe(), settings=settings, num_cpus=self.demand.cpus,
-                    num_gpus=self.demand.gpus, max_restarts=config.max_restarts,
-                ),
+                lambda index: start_model_actor(index, load, num_cpus=self.demand.cpus, num_gpus=self.demand.gpus,
+                                                max_restarts=config.max_restarts),
                 self.demand,
                 wait_timeout_s=config.wait_timeout,
             )

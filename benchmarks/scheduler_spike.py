@@ -82,7 +82,8 @@ def run_ray_data(images: int, actors: int) -> float:
     from datetime import datetime, timezone
 
     from pipeline.certify.pair import ModelBytes, load_pair
-    from pipeline.certify.plan import Shard, model_vote_rows, shard_requests
+    from pipeline.certify.plan import model_vote_rows, shard_requests
+    from pipeline.certify.shards import Shard
     from pipeline.runs.storage import write_votes
 
     cfg = config(Path("unused"), images, actors)

@@ -231,7 +231,7 @@ def api_config(url: str, output: Path, ids: list[int], **overrides) -> dict:
 def run_api(args, ledger: Ledger) -> list[dict]:
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
     from pipeline.reduce import load_run
 
     ids = list(range(args.api_images))

@@ -286,19 +286,17 @@ def _certify(config, address, prepared: Prepared, lease, in_process: bool = Fals
     from actors.model_sampler import ModelSampler
     from pipeline.certify.run import CertifyRun, RunContext
     from pipeline.config import to_dict
-    from pipeline.runs.fs import Location
-    from pipeline.runs.storage import open_run
 
-    output = Location.of(config.output)
     identity = prepared.identity
     speed = {k: v for k, v in to_dict(config).items() if k not in identity}
     selected = prepared.selected
     labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
     # The classifier as the user named it (a path, a spec): for humans; the identity holds its content's hash.
     source = {"classifier_source": str(prepared.classifier.source)}
-    record = open_run(output, identity, extra={**speed, **source,
-                                               **({"labels_from": labels_from} if labels_from else {})})
-    context = RunContext(output, record, selected.records, lease, config, config.on_bad_image)
+    context = RunContext.open(config.output, identity, {**speed, **source,
+                                                        **({"labels_from": labels_from} if labels_from else {})},
+                              selected.records, lease, config)
+    output = context.output
     started = time.monotonic()
     schedule, summarise = (_sequential_schedule if config.sequential else _fixed_schedule)(config, context, output,
                                                                                        selected)
@@ -336,7 +334,7 @@ def _in_process_sampler(context, selected, classifier, denoiser, info, address, 
 
 def _fixed_schedule(config, context, output, selected):
     """(a FixedSchedule maker or None when nothing is left, the outcome's finisher)."""
-    from pipeline.certify.plan import default_shard_size, plan_shards, shard_requests
+    from pipeline.certify.plan import default_shard_size, shard_requests
     from pipeline.certify.run import FixedSchedule
 
     todo = _pending(config, selected)
@@ -345,11 +343,10 @@ def _fixed_schedule(config, context, output, selected):
 
     def make(actors: int) -> FixedSchedule:
         shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), actors)
-        shards = plan_shards(todo, shard_size)
-        log.info("%d shards of <= %d images, %s samples per image", len(shards), shard_size,
+        schedule = FixedSchedule.of(context, todo, shard_size, lambda shard: shard_requests(shard, config))
+        log.info("%d shards of <= %d images, %s samples per image", len(schedule.shards), shard_size,
                  f"{config.samples_per_image():,}")
-        return FixedSchedule(shards, {image_id: row for row, image_id in enumerate(context.image_ids)},
-                             lambda shard: shard_requests(shard, config))
+        return schedule
 
     def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
         outcome.finished_now = run.finished if run is not None else 0

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None) -> Any:
-    """Run (or resume) one API certification; returns its pipeline.apis.runstate.Summary. The
+    """Run (or resume) one API certification; returns its pipeline.apis.run.state.Summary. The
     run's lock comes first: a second writer is refused before the images or the denoiser load."""
     from pipeline.certify.run import claimed_run
 
@@ -79,20 +79,18 @@ def certify_api(config: Any, address: str | None = None, dry_run: bool = False, 
 
 
 def summary_text(summary: Any, run_dir: Any) -> str:
-    from pipeline.apis.runstate import format_summary
+    from pipeline.apis.run.state import format_summary
 
     return format_summary(summary, run_dir)
 
 
 def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) -> Any:
     """Wire one `CertifyRun`: the API sampler with the fixed or the sequential schedule."""
-    from pipeline.apis.prepare import api_identity, read_api_denoiser, select_images
-    from pipeline.apis.querylog import compact
-    from pipeline.apis.runstate import QueryState, Summary
-    from pipeline.apis.schedule import FixedPlan, SequentialPlan
+    from pipeline.apis.run.prepare import api_identity, read_api_denoiser, select_images
+    from pipeline.apis.books.querylog import compact
+    from pipeline.apis.run.state import QueryState, Summary
+    from pipeline.apis.run.modes import FixedPlan, SequentialPlan
     from pipeline.certify.run import RunContext
-    from pipeline.runs.fs import Location
-    from pipeline.runs.storage import open_run
 
     split, dataset = select_images(config)
     denoiser = None
@@ -101,14 +99,13 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
         denoiser, arch, sha = read_api_denoiser(config.denoiser, config.sigma, dataset, config.noise,
                                                 config.allow_foreign_denoiser)
     identity, extra = api_identity(config, split, arch, sha)
-    run_dir = Location.of(config.output)
     price = config.budget.price(config.api.provider)
-    record = open_run(run_dir, identity, extra)
+    context = RunContext.open(config.output, identity, extra, dataset.records, lease, config)
+    run_dir, record = context.output, context.record
     compact(run_dir)  # the journals of earlier invocations (killed ones included) into the log
     state = QueryState(run_dir, record, [(r.image_id, r.name) for r in dataset.records])
     state.write_missing_votes()
     summary = Summary("complete", config.api.provider, images_total=len(dataset), price_per_1000=price)
-    context = RunContext(run_dir, record, dataset.records, lease, config, config.on_bad_image)
     plan = (SequentialPlan if config.sequential else FixedPlan)(config, context, state)
     if dry_run or plan.finished():
         plan.summarise(summary)
@@ -132,7 +129,7 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
 
 def _finish(summary: Any, state: Any, run_dir: Any, price: float, plan: Any) -> None:
     """The run's totals (from the journal) and spend.json; queries left make it `failed`."""
-    from pipeline.apis.querylog import spend
+    from pipeline.apis.books.querylog import spend
 
     summary.run = spend(run_dir)
     _write_spend_record(run_dir, price)
@@ -143,7 +140,7 @@ def _finish(summary: Any, state: Any, run_dir: Any, price: float, plan: Any) -> 
 def _write_spend_record(run_dir: Any, price: float) -> None:
     """RUN/spend.json: what each invocation sent and owes, recomputed from the journal (so an
     invocation that was killed appears too), never below what it recorded before."""
-    from pipeline.apis.querylog import write_spend_record
+    from pipeline.apis.books.querylog import write_spend_record
 
     write_spend_record(run_dir, price)
 

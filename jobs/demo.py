@@ -111,7 +111,7 @@ def demo_options(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from jobs import certify
-    from jobs.ray_env import connect
+    from actors.ray_env import connect
 
     address, args = args.address, demo_options(args)
     sample, plans = _prepare(args)  # every option checked, models loaded: no Ray yet
@@ -163,7 +163,7 @@ def _prepare(args: Any) -> tuple[Any, list[Any]]:
     from pipeline.config import ConfigError, parse_config
     from pipeline.data import open_dataset
     from pipeline.runs.fs import Location
-    from pipeline.runs.storage import check_writable
+    from pipeline.runs.fs import check_writable
 
     args = demo_options(args)
     sample = open_dataset("cifar10", SAMPLE, "test")

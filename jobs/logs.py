@@ -59,27 +59,5 @@ def setup(verbosity: int = NORMAL, stream=None) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def no_colour_reset_at_exit() -> None:
-    """Ray's `ray.init` imports its CLI logger, which calls `colorama.init()` (Ray's own copy of
-    colorama); that registers an exit hook writing a colour reset (ESC[0m) to stdout when it
-    is a terminal, a stray escape code after the result. dsmooth colours nothing (Ray's
-    coloured lines, with --verbose, reset themselves), so the hook goes."""
-    import atexit
-
-    initialise = sys.modules.get("colorama.initialise")
-    if initialise is not None and hasattr(initialise, "reset_all"):
-        atexit.unregister(initialise.reset_all)
-
-
 def verbose() -> bool:
     return _verbosity >= VERBOSE
-
-
-def ray_init_options() -> dict:
-    """ray.init options for the current verbosity: worker logs and Ray's INFO only if verbose."""
-    import logging as _logging
-
-    return {
-        "log_to_driver": verbose(),
-        "logging_level": _logging.INFO if verbose() else _logging.ERROR,
-    }

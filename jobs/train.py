@@ -175,7 +175,7 @@ def _train_pending(config: Any, pending: list[Any], rows: dict[str, dict[str, An
 
     from actors.train_runner import run_stage
     from jobs.logs import verbose
-    from jobs.ray_env import connect
+    from actors.ray_env import connect
     from pipeline.training.sweep import stages, worker_spec
 
     started_ray = connect(address)
@@ -223,7 +223,7 @@ def _no_colour_unless_terminal() -> Iterator[None]:
     import ray  # noqa: F401 - Ray puts its own copy of colorama on sys.path
     import colorama
 
-    from jobs.logs import no_colour_reset_at_exit
+    from actors.ray_env import no_colour_reset_at_exit
 
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")

@@ -71,10 +71,27 @@ def _path_text(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _known_scheme(value: str) -> str:
-    from pipeline.runs.fs import Location
+# The object stores a location may name (`pipeline.runs.fs.Location` opens them).
+STORAGE_SCHEMES = ("s3", "gs", "gcs")
 
-    Location.of(value)  # an unknown scheme (ftp://...) is refused here, before any work
+
+def location_problem(text: str) -> str | None:
+    """Why `text` names no usable location (an unknown scheme, no bucket), or None: checked
+    here for every setting that takes one, and by `Location.of` for every path it opens."""
+    if "://" not in text or text.startswith("file://"):
+        return None
+    scheme, rest = text.split("://", 1)
+    if scheme.lower() not in STORAGE_SCHEMES:
+        return f"unknown storage scheme {scheme.lower()!r} in {text}: use a local path, s3://bucket/... or gs://bucket/..."
+    if not rest.strip("/"):
+        return f"{text}: no bucket given"
+    return None
+
+
+def _known_scheme(value: str) -> str:
+    problem = location_problem(value)  # an unknown scheme (ftp://...) is refused here, before any work
+    if problem:
+        raise ValueError(problem)
     return value
 
 

@@ -9,7 +9,7 @@ default (an API run samples 100, a model run 100,000), never its own meaning.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -28,12 +28,11 @@ from pipeline.config import (
     Where,
     option,
 )
+from pipeline.data.kinds import KINDS, DatasetKind  # noqa: F401 - light (no torch); KINDS for the callers here
 
 if TYPE_CHECKING:  # declarations import nothing heavy: `dsmooth COMMAND --help` loads no torch
     from pipeline.data.core import ImageDataset
 
-DatasetKind = Literal["cifar10", "imagenet", "folder"]
-KINDS: tuple[str, ...] = get_args(DatasetKind)
 
 log = logging.getLogger(__name__)
 

@@ -94,9 +94,9 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
     """(image id, phase, sample) -> the top label the emulator's built-in classifier must
     give, computed locally from the same noise addressing, denoiser and PNG rounding."""
     from pipeline.apis.emulator import ColourClassifier
-    from pipeline.apis.encoding import decode_png, encode_png
-    from pipeline.apis.plan import CLEAN, plan_image
-    from pipeline.apis.sampling import noisy_images
+    from pipeline.apis.query.encoding import encode_png
+    from pipeline.apis.query.units import CLEAN, plan_image
+    from pipeline.apis.query.noisy_images import noisy_images
     from pipeline.data import open_dataset
 
     classifier = ColourClassifier()
@@ -137,10 +137,20 @@ def normalise(label: Any) -> Any:
 
 
 def top_labels_in_log(run_dir: Path) -> dict[tuple[int, str, int], Any]:
-    from pipeline.apis.querylog import read_query_log
+    from pipeline.apis.books.querylog import read_query_log
 
     frame = read_query_log(run_dir)
     return {
         (int(i), str(p), int(s)): (None if t is None or (isinstance(t, float) and np.isnan(t)) else t)
         for i, p, s, t in zip(frame.image_id, frame.phase, frame["sample"], frame.top_label)
     }
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.query.encoding` writes it)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))

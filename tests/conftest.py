@@ -33,7 +33,7 @@ def _start_shared_ray() -> None:
 def ray_local():
     """The test session's one local Ray, started on first use and kept to the end.
 
-    Jobs called in-process find it initialised and use it (`jobs.ray_env.connect`), so a test
+    Jobs called in-process find it initialised and use it (`actors.ray_env.connect`), so a test
     pays Ray's start-up once per session, not once per module. A test that needs a cluster of
     its own takes `own_ray` (or a module fixture `own_ray_module`) instead."""
     import ray

@@ -30,3 +30,21 @@ def direct_counts(model: nn.Module, image: torch.Tensor, seed: int, image_id: in
             noise = direct_noise(seed, image_id, phase, index, size, tuple(image.shape), sigma)
             counts += np.bincount(model(image + noise).argmax(1).numpy(), minlength=num_classes)
     return counts
+
+
+def chunk_of(request, sample: int):
+    """(chunk, row) of `request` (a `pipeline.sampling.noise.SampleRequest`) holding sample
+    `sample` (0-based within the phase): the inverse of the cut the tests check it against
+    (unlike the rest of this module, built on `pipeline.sampling.chunks.chunk_span`)."""
+    from pipeline.sampling.chunks import chunk_span
+    from pipeline.sampling.noise import Chunk
+
+    if not 0 <= sample < request.total:
+        raise ValueError(f"sample {sample} outside [0, {request.total})")
+    index, head = 0, request.first_chunks
+    while index < len(head) and sample >= sum(head[: index + 1]):
+        index += 1
+    if index == len(head):
+        index += (sample - sum(head)) // request.chunk_size
+    start, size = chunk_span(index, request.total, request.chunk_size, head)
+    return Chunk(request.seed, request.image_id, request.phase, index, size), sample - start

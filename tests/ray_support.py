@@ -10,14 +10,14 @@ from contextlib import contextmanager
 @contextmanager
 def forbid_ray_start() -> Iterator[None]:
     """Inside, a job that reaches Ray fails the test: every job connects through
-    `jobs.ray_env.connect` (looked up at call time), which raises here."""
-    import jobs.ray_env
+    `actors.ray_env.connect` (looked up at call time), which raises here."""
+    import actors.ray_env
 
     def refuse(*_, **__):
         raise AssertionError("the command connected to Ray; it should have stopped before")
 
-    real, jobs.ray_env.connect = jobs.ray_env.connect, refuse
+    real, actors.ray_env.connect = actors.ray_env.connect, refuse
     try:
         yield
     finally:
-        jobs.ray_env.connect = real
+        actors.ray_env.connect = real

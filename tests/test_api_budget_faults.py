@@ -26,8 +26,8 @@ from api_support import (
 from jobs.certify_api import certify_api
 from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
-from pipeline.apis.prepare import load_job_config
-from pipeline.apis.querylog import read_query_log
+from pipeline.apis.run.prepare import load_job_config
+from pipeline.apis.books.querylog import read_query_log
 from pipeline.runs.storage import read_votes
 
 IDS = [RGB_IDS[0], GRAY_IDS[1]]

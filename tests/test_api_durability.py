@@ -19,8 +19,8 @@ import yaml
 from api_support import FAKE_CREDENTIALS, GRAY_IDS, RGB_IDS, install_fake_credentials, job_config
 from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
-from pipeline.apis.journal import segments
-from pipeline.apis.querylog import CALLS, read_calls, spend
+from pipeline.apis.books.journal import segments
+from pipeline.apis.books.querylog import CALLS, read_calls, spend
 from pipeline.runs.storage import read_votes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,21 +159,21 @@ def test_a_paused_certify_api_on_s3_stops_in_one_line_after_losing_its_lease(emu
     `kill -CONT` it: no vote or query-log part is written after the takeover, and the job ends
     with one error line (exit 2), no traceback."""
     from pipeline.runs.lock import exclusive_run
-    from pipeline.runs.storage import vote_parts
+    from pipeline.runs.storage import VOTES
     from s3_support import new_bucket
 
     output = f"s3://{new_bucket()}/runs/paused"
     config = write_config(tmp_path / "c.yaml", emulator.url, output, **{"rate.qps": 4})
     process = start(config, DSMOOTH_LEASE_S="3")
     try:
-        wait_for(lambda: bool(vote_parts(output)), process, every_s=0.05)
+        wait_for(lambda: bool(VOTES.parts(output)), process, every_s=0.05)
         process.send_signal(signal.SIGSTOP)
         time.sleep(5.0)  # past its 3 s lease
         with exclusive_run(output, "intruder", lease_s=120):
-            parts = set(vote_parts(output)), set(CALLS.parts(output))
+            parts = set(VOTES.parts(output)), set(CALLS.parts(output))
             process.send_signal(signal.SIGCONT)
             process.wait(timeout=300)
-            assert (set(vote_parts(output)), set(CALLS.parts(output))) == parts
+            assert (set(VOTES.parts(output)), set(CALLS.parts(output))) == parts
     finally:
         process.kill()
         _, err = process.communicate(timeout=60)

@@ -21,10 +21,10 @@ from api_support import GRAY_IDS, IMAGES, RGB_IDS, install_fake_credentials
 from pipeline.apis.config import ApiSettings, RetrySettings
 from pipeline.apis.emulator import CheckpointClassifier, ColourClassifier, EmulatorServer, FaultSettings
 from pipeline.apis.emulator.faults import FaultInjector
-from pipeline.apis.encoding import decode_png
+from api_support import decode_png
 from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, ServerError, ThrottledError
 from pipeline.apis.providers import make_client, top_label
-from pipeline.apis.retry import query_with_retries
+from pipeline.apis.query.retry import query_with_retries
 
 PROVIDERS = ["aws", "google", "azure", "clarifai"]
 FILES = sorted(IMAGES.glob("*.png"))
@@ -103,7 +103,7 @@ def test_fault_rates_are_the_requested_probabilities():
 
 
 def test_retry_loop_retries_transient_and_malformed_answers_and_books_every_call(emulator):
-    from pipeline.apis.ledger import Permit
+    from pipeline.apis.books.ledger import Permit
 
     api = client("aws", emulator.url)
     settings = RetrySettings(max_attempts=4, base_delay_s=0.0, max_delay_s=0.0)
@@ -148,7 +148,7 @@ def test_each_client_waits_for_its_slot_just_before_the_request_leaves(emulator,
     """The rate-limit wait runs inside the client library, once per call, after the request
     is built and signed (so their time does not fall between the wait and the provider's
     clock); through the retry loop a call reaches the provider at its slot, not before."""
-    from pipeline.apis.ledger import Permit
+    from pipeline.apis.books.ledger import Permit
     from pipeline.apis.ratelimit import LATE_S, SendGate
 
     api = client(provider, emulator.url)
@@ -179,7 +179,7 @@ def test_rate_limit_holds_on_the_emulators_clock_on_a_loaded_machine(tmp_path):
     """8 threads share one limiter at qps 10 (as the API actors share the ledger's) while two
     busy processes load the CPUs; the emulator, in its own process as a provider would be,
     counts arrivals: never more than 10 in any 1-second window. Bounded: 60 calls, ~10 s."""
-    from pipeline.apis.ledger import Permit
+    from pipeline.apis.books.ledger import Permit
     from pipeline.apis.ratelimit import RateLimiter
 
     qps, total, threads = 10, 60, 8

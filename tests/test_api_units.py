@@ -21,21 +21,21 @@ from scipy import stats
 
 from api_support import IMAGES, RGB_IDS, job_config
 from pipeline.apis.emulator.server import max_in_window
-from pipeline.apis.budget import Budget
+from pipeline.apis.books.budget import Budget
 from pipeline.apis.config import RetrySettings
-from pipeline.apis.encoding import decode_png, encode_png, to_uint8
-from pipeline.apis.plan import CLEAN, needed_keys, plan_image
-from pipeline.apis.prepare import load_job_config
-from pipeline.apis.journal import Journal, read_segment, segments
-from pipeline.apis.ledger import Ledger
-from pipeline.apis.querylog import (
+from api_support import decode_png
+from pipeline.apis.query.encoding import encode_png, to_uint8
+from pipeline.apis.query.units import CLEAN, needed_keys, plan_image
+from pipeline.apis.run.prepare import load_job_config
+from pipeline.apis.books.journal import Journal, read_segment, segments
+from pipeline.apis.books.ledger import Ledger
+from pipeline.apis.books.querylog import (
     CALLS,
     Spend,
     _normalise,
     answer_record,
     calls_from_records,
     compact,
-    done_keys,
     read_calls,
     read_query_log,
     sent_record,
@@ -43,14 +43,14 @@ from pipeline.apis.querylog import (
     answer_vote_rows as vote_rows,
 )
 from pipeline.apis.ratelimit import LATE_S, RateLimiter, start_at
-from pipeline.apis.retry import backoff_delay
+from pipeline.apis.query.retry import backoff_delay
 from pipeline.runs.lock import RunLockedError, exclusive_run
-from pipeline.apis.sampling import noisy_images
+from pipeline.apis.query.noisy_images import noisy_images
 from pipeline.apis.secrets import describe, scrub
 from pipeline.config import ConfigError
 from pipeline.sampling.noise import SampleRequest
 
-from noise_support import direct_noise
+from noise_support import chunk_of, direct_noise
 from pipeline.runs.storage import RunMismatchError
 
 # -- secrets ---------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_budget_grants_exactly_its_limit_under_contention():
         t.join()
     snapshot = budget.snapshot()
     assert sum(granted) == 137 == snapshot.queries and snapshot.exhausted == "max_queries"
-    assert snapshot.cost == pytest.approx(137 * 0.0015) and snapshot.queries_left == 0
+    assert snapshot.cost == pytest.approx(137 * 0.0015) and snapshot.queries == snapshot.max_queries
 
 
 def test_cost_limit_is_exact_and_halt_stops_everything():
@@ -244,7 +244,7 @@ def test_each_sample_gets_its_own_addressed_noise():
     units = [u for u in plan_image(3, 5, 20, 8, seed=11) if u.phase == "estimation"]
     batches = {s: x for u in units for s, x in zip(u.samples, noisy_images(image, u.chunk, u.rows, 0.5))}
     for sample in (0, 7, 8, 19):
-        chunk, row = SampleRequest(11, 3, "estimation", 20, 8).chunk_of(sample)
+        chunk, row = chunk_of(SampleRequest(11, 3, "estimation", 20, 8), sample)
         expected = image + direct_noise(11, 3, "estimation", chunk.index, chunk.size, (3, 8, 8), 0.5)[row]
         assert torch.equal(batches[sample], expected)
     # Re-planning after a partial run re-creates the same noisy image for a sample.
@@ -296,7 +296,9 @@ def test_call_journal_replay_compaction_and_the_query_view(tmp_path, where):
     view = read_query_log(run).set_index("sample")
     assert view.loc[0, "top_label"] == "Snow" and view.loc[0, "attempts"] == 3 and view.loc[1, "status"] == "ok"
     assert pd.isna(view.loc[2, "status"])
-    assert done_keys(read_query_log(run)) == {0: {("selection", 0), ("selection", 1)}}
+    answered = read_query_log(run).query("status == 'ok'")
+    assert {(int(i), p, int(k)) for i, p, k in zip(answered["image_id"], answered["phase"], answered["sample"])} == {
+        (0, "selection", 0), (0, "selection", 1)}
     second = Journal(run)  # the next invocation: compacts the first one's journal, keeps its own
     journal_call(second, 1, "clean", 0, "ok", label="Cat")
     moved = compact(run, keep_invocation=second.invocation)
@@ -331,7 +333,7 @@ def test_deleting_a_damaged_query_part_keeps_earlier_invocations_spend(tmp_path)
     deleted, its answers are gone but its calls stay in spend.json and in the run total."""
     import json
 
-    from pipeline.apis.querylog import SPEND_FILE, write_spend_record
+    from pipeline.apis.books.querylog import SPEND_FILE, write_spend_record
     from pipeline.runs.storage import CorruptPartError
 
     run = tmp_path / "run"

@@ -31,13 +31,12 @@ from jobs.cli import main as cli_main
 from jobs.options import flags
 from pipeline.certify.plan import (
     CertifyConfig,
-    Shard,
     certify_identity,
     default_shard_size,
-    plan_shards,
     shard_requests,
     model_vote_rows as vote_rows,
 )
+from pipeline.certify.shards import Shard, plan_shards
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
 from pipeline.data.core import ImageRecord
@@ -46,7 +45,7 @@ from pipeline.certify.pair import ModelBytes, ModelIdentity, PairCounter, PairIn
 from pipeline.models import DataMismatchError, ModelMeta, build_model, compose, file_sha256, save_checkpoint
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.smoothing import ABSTAIN, certify_counts, predict_counts
-from pipeline.runs.storage import VOTE_SCHEMA, read_votes, vote_parts
+from pipeline.runs.storage import VOTE_SCHEMA, VOTES, read_votes
 
 from cifar_support import two_per_class
 from noise_support import direct_counts
@@ -244,7 +243,7 @@ def wait_job(client, job_id: str, timeout_s: float = 420.0):
 
 def raw_rows(run_dir: Path) -> pa.Table:
     """Every row of every part, duplicates included (read_votes would hide them)."""
-    parts = vote_parts(run_dir)
+    parts = VOTES.parts(run_dir)
     if not parts:
         return VOTE_SCHEMA.empty_table()
     return pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in parts)
@@ -277,7 +276,7 @@ def test_identity_holds_meaning_not_speed_or_location(tmp_path):
     base = {"dataset": "cifar10", "classifier": "c", "sigma": 0.5, "output": "o"}
     images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
     split = ImageDataset.from_array(images, [0, 1, 2, 3], name="cifar10/test")
-    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), ModelIdentity("dncnn", "bb"), 10, 0.5)
+    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), ModelIdentity("dncnn", "bb"), 10)
     config = parse_config(CertifyConfig, {**base, "data_root": "/x/cifar.tgz", "batch_size": 7, "actors": 3,
                                           "skip": 2, "max": 3})
     identity = certify_identity(config, split, info)
@@ -508,7 +507,7 @@ def test_job_submission_writes_complete_recomputable_votes(uninterrupted, cifar_
         assert row.denoiser == "dncnn_small" and row.denoiser_sha256 == file_sha256(checkpoints["denoiser"])
         assert row.elapsed_s > 0 and row.worker.startswith("actor-") and row.run_id == table.run_id[0]
     # Both phases of an image share a part file (an image is complete or absent).
-    for part in vote_parts(output):
+    for part in VOTES.parts(output):
         rows = pq.read_table(part).to_pandas()
         assert (rows.groupby("image_id").phase.nunique() == 2).all()
     # Certificates from the Parquet counts agree with pipeline.stats.smoothing, and make sense.
@@ -615,7 +614,7 @@ def test_rerun_with_other_settings_is_refused_and_keeps_votes(capsys, uninterrup
     """A finished submitted run rerun with other settings is refused in one line, and no vote part is
     rewritten."""
     output = uninterrupted["output"]
-    before = {p: p.read_bytes() for p in vote_parts(output)}
+    before = {p: p.read_bytes() for p in VOTES.parts(output)}
     code, errors = run_cli(capsys, "--config", str(uninterrupted["config"]), "--seed", "4")
     assert code == 2 and len(errors) == 1 and "seed: run has 3, now 4" in errors[0]
     # A denoiser used at another sigma than it was trained for is refused before that.
@@ -623,7 +622,7 @@ def test_rerun_with_other_settings_is_refused_and_keeps_votes(capsys, uninterrup
     assert code == 2 and len(errors) == 1 and "trained for sigma=0.25 but the run uses sigma=0.5" in errors[0]
     # Finished: nothing to redo, and nothing lost or rewritten.
     assert run_cli(capsys, "--config", str(uninterrupted["config"]), "--batch", "8")[0] == 0
-    assert {p: p.read_bytes() for p in vote_parts(output)} == before
+    assert {p: p.read_bytes() for p in VOTES.parts(output)} == before
 
 
 @pytest.mark.slow
@@ -822,16 +821,16 @@ def test_a_paused_certify_on_s3_stops_in_one_line_after_losing_its_lease(tmp_pat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 400
-        while not vote_parts(output) and job.poll() is None and time.monotonic() < deadline:
+        while not VOTES.parts(output) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert job.poll() is None and vote_parts(output), "no part was written while the job ran"
+        assert job.poll() is None and VOTES.parts(output), "no part was written while the job ran"
         job.send_signal(signal.SIGSTOP)  # just after a part: waiting for the next one
         time.sleep(5.0)  # past its 3 s lease
         with exclusive_run(output, "intruder", lease_s=120):
-            parts = set(vote_parts(output))
+            parts = set(VOTES.parts(output))
             job.send_signal(signal.SIGCONT)
             job.wait(timeout=300)
-            assert set(vote_parts(output)) == parts
+            assert set(VOTES.parts(output)) == parts
     finally:
         job.kill()
         _, stderr = job.communicate(timeout=60)
@@ -860,10 +859,10 @@ def test_ctrl_c_keeps_what_the_progress_counted(tmp_path, cifar_root, checkpoint
     reader.start()
     try:
         deadline = time.monotonic() + 400
-        while not vote_parts(str(output)) and job.poll() is None and time.monotonic() < deadline:
+        while not VOTES.parts(str(output)) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         first_part = time.monotonic()
-        assert job.poll() is None and vote_parts(str(output)), "no part was written while the job ran"
+        assert job.poll() is None and VOTES.parts(str(output)), "no part was written while the job ran"
         started = next(t for t, line in list(lines) if "shards of" in line)
         time.sleep(0.6 * (first_part - started))  # about half the next shard's images finished, unsaved
         job.send_signal(signal.SIGINT)

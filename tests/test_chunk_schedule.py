@@ -12,6 +12,7 @@ from pipeline.config import parse_config
 from pipeline.runs.identity import sequential_identity
 from pipeline.runs.storage import open_run
 from pipeline.sampling.chunks import growing_schedule
+from noise_support import chunk_of
 from pipeline.sampling.noise import SampleRequest
 
 BASE = {"dataset": "cifar10", "classifier": "c", "sigma": 0.25, "data_root": "x", "sequential": True,
@@ -24,7 +25,7 @@ def test_first_chunks_cut_the_phase_without_gap_or_overlap():
     assert sizes == [32, 32, 64, 128, 256, 256, 232] and request.num_samples == 1000
     starts = np.cumsum([0, *sizes[:-1]])
     for index, start in enumerate(starts):  # chunk_of agrees with the cut
-        assert request.chunk_of(int(start))[0].index == index and request.chunk_of(int(start))[1] == 0
+        assert chunk_of(request, int(start))[0].index == index and chunk_of(request, int(start))[1] == 0
     short = SampleRequest(1, 2, "estimation", 50, 256, first_chunks=(32, 32, 64, 128))
     assert [c.size for c in short.chunks()] == [32, 18]
     # No first chunks: exactly the fixed cut of every run made before them.

@@ -231,9 +231,9 @@ def test_identity_in_run_json_keys(tmp_path):
 
     split = open_dataset("folder", IMAGENET_100, "test") if IMAGENET_100.is_dir() else pytest.skip("no data")
     config = CertifyConfig(dataset="folder", data_root=str(IMAGENET_100), classifier="x", sigma=0.25, output="o")
-    plain = PairInfo(ModelIdentity("resnet50", "ab"), None, 1000, None)
+    plain = PairInfo(ModelIdentity("resnet50", "ab"), None, 1000)
     pipe = {"kind": "timm", "weights_sha256": "cd", "preprocessing": {"crop": 224}}
-    bundled = PairInfo(ModelIdentity("timm:x", "ef"), None, 1000, None, json.dumps(pipe))
+    bundled = PairInfo(ModelIdentity("timm:x", "ef"), None, 1000, json.dumps(pipe))
     assert "classifier_pipeline" not in certify_identity(config, split, plain)
     assert certify_identity(config, split, bundled)["classifier_pipeline"] == pipe
 

@@ -13,7 +13,7 @@ import pytest
 from jobs.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "ray", "scipy", "pandas", "PIL", "pipeline.data")
+HEAVY = ("torch", "ray", "scipy", "pandas", "PIL", "pipeline.data.core", "pipeline.data.sources")
 
 PROBE = """
 import sys

@@ -59,7 +59,7 @@ def save_tiny_unet(folder: Path) -> None:
 def test_certify_api_denoises_with_a_diffusers_folder_before_each_query(tmp_path, ray_local):
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
     from pipeline.data import DataDescription
 
     install_fake_credentials()

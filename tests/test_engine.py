@@ -12,7 +12,7 @@ from pipeline.sampling.engine import VoteCounter
 from pipeline.sampling.noise import Chunk, SampleRequest, chunk_noise, chunk_seed
 from pipeline.stats.smoothing import ABSTAIN, certify_matrix
 
-from noise_support import direct_counts
+from noise_support import chunk_of, direct_counts
 
 
 def tiny_classifier(num_classes: int = 4) -> nn.Module:
@@ -39,7 +39,7 @@ def test_requests_cover_all_samples_in_addressed_chunks():
     # A chunk range of the same plan: the same addresses and sizes (a sequential draw's slices).
     part = SampleRequest(3, 7, "estimation", 1000, 256, first_chunk=2, stop_chunk=4)
     assert part.chunks() == chunks[2:] and part.num_samples == 488
-    assert request.chunk_of(999) == (chunks[3], 231)
+    assert chunk_of(request, 999) == (chunks[3], 231)
     assert SampleRequest(0, 7, "selection", 0, 256).chunks() == []
     for bad in (dict(phase="warmup"), dict(seed=-1), dict(chunk_size=0), dict(first_chunk=5)):
         with pytest.raises(ValueError):

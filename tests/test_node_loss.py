@@ -132,7 +132,7 @@ def test_certify_api_survives_the_loss_of_a_worker_node(cluster, tmp_path):
     from api_support import GRAY_IDS, RGB_IDS, job_config
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
     from pipeline.runs.storage import read_votes
 
     head, workers = cluster

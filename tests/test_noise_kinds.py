@@ -157,7 +157,7 @@ def test_uniform_cannot_certify_beyond_its_half_width():
 @pytest.mark.parametrize("kind", NAMES)
 def test_training_adds_the_same_noise_kind(kind):
     """`add_noise` (training and its evaluation) draws through the same kind as certification."""
-    from pipeline.objectives import add_noise
+    from pipeline.training.objectives import add_noise
 
     x = torch.zeros(20_000, 3)
     drawn = add_noise(x, SIGMA, torch.Generator().manual_seed(3), kind)

@@ -1,4 +1,4 @@
-"""Training objectives (pipeline.objectives): values against hand computation, gradients
+"""Training objectives (pipeline.training.objectives): values against hand computation, gradients
 reach the denoiser and never the frozen classifiers, black-box losses average surrogates."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.models import build_model, freeze
-from pipeline.objectives import (
+from pipeline.training.objectives import (
     add_noise,
     classifier_loss,
     clf_loss,

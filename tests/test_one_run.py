@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from jobs.cli import main as cli_main
-from pipeline.apis.runstate import Summary, format_summary
+from pipeline.apis.run.state import Summary, format_summary
 from pipeline.runs.lock import exclusive_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,8 +65,8 @@ def test_certify_api_skips_an_unreadable_image_without_a_query(tmp_path, ray_loc
     from api_support import IMAGES, job_config
     from jobs.certify_api import certify_api
     from pipeline.apis.emulator import EmulatorServer
-    from pipeline.apis.prepare import load_job_config
-    from pipeline.apis.querylog import read_query_log
+    from pipeline.apis.run.prepare import load_job_config
+    from pipeline.apis.books.querylog import read_query_log
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -93,9 +93,10 @@ def test_model_and_api_rows_are_one_vote_row_type_that_round_trips(tmp_path):
 
     import numpy as np
 
-    from pipeline.apis.querylog import answer_vote_row
+    from pipeline.apis.books.querylog import answer_vote_row
     from pipeline.certify.pair import ModelIdentity
-    from pipeline.certify.plan import CertifyConfig, Shard, model_vote_rows, shard_requests
+    from pipeline.certify.plan import CertifyConfig, model_vote_rows, shard_requests
+    from pipeline.certify.shards import Shard
     from pipeline.config import parse_config
     from pipeline.data.core import ImageRecord
     from pipeline.runs.storage import VOTE_SCHEMA, read_votes, write_votes

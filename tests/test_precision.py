@@ -29,7 +29,7 @@ BASE = {"dataset": "cifar10", "classifier": "c", "sigma": 0.25, "output": "o", "
 
 def _identity(**values):
     split = ImageDataset.from_array(np.zeros((2, 32, 32, 3), dtype=np.uint8), [0, 1], name="cifar10/test")
-    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10, 0.25)
+    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10)
     return certify_identity(parse_config(CertifyConfig, {**BASE, **values}), split, info)
 
 
@@ -105,7 +105,7 @@ def _dtypes_seen(model: torch.nn.Module) -> list[torch.dtype]:
 def test_api_denoiser_runs_in_its_precision_and_returns_fp32():
     """certify-api's denoiser (`noisy_images`, what each API actor's worker calls): bf16 runs
     its convolutions in bf16 and hands fp32 images to the encoder; fp32 is bitwise the default."""
-    from pipeline.apis.sampling import noisy_images
+    from pipeline.apis.query.noisy_images import noisy_images
     from pipeline.models import build_model
 
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_api_denoiser_runs_in_its_precision_and_returns_fp32():
 
 
 def test_api_precision_is_in_the_identity_only_when_not_fp32_and_needs_a_denoiser(tmp_path):
-    from pipeline.apis.prepare import api_identity, load_job_config
+    from pipeline.apis.run.prepare import api_identity, load_job_config
 
     def config(**values):
         return load_job_config({"api": {"provider": "aws", "endpoint": "http://127.0.0.1:9"}, "data_root": "x",

@@ -699,8 +699,8 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
     class 1 and abstains. Choosing c_A from the estimation counts would certify class 0 with a
     large radius, the textbook error that voids the guarantee. Checked on model votes in
     Parquet and on API votes rebuilt from a query log."""
-    from pipeline.apis.journal import Journal
-    from pipeline.apis.querylog import answer_record, sent_record, votes_from_queries
+    from pipeline.apis.books.journal import Journal
+    from pipeline.apis.books.querylog import answer_record, sent_record, votes_from_queries
     from pipeline.reduce import certificates_from_votes
 
     run = tmp_path / "model-run"

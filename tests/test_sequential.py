@@ -20,9 +20,9 @@ from scipy import integrate
 from scipy.stats import norm
 
 from pipeline.stats.confidence_sequences import (
+    DEFAULT_SHAPE,
     failure_thresholds,
     log_evidence_above,
-    log_evidence_below,
     lower_confidence_sequence,
     success_thresholds,
     upper_confidence_sequence,
@@ -46,6 +46,13 @@ from pipeline.stats.smoothing import ABSTAIN, lower_confidence_bounds
 TRIALS = 20_000
 SIGMA = 0.25
 NEVER = 1e-12  # a futility level that never gives up: the longest chance to go wrong
+
+
+def log_evidence_below(successes, samples, q, shape=DEFAULT_SHAPE):
+    """The mirror image of `log_evidence_above`, the evidence that p < q: what
+    `failure_thresholds` must agree with."""
+    successes, samples = np.asarray(successes), np.asarray(samples)
+    return log_evidence_above(samples - successes, samples, 1.0 - np.asarray(q, dtype=np.float64), shape)
 
 
 def within_alpha(wrong: int, trials: int, alpha: float) -> bool:

@@ -23,7 +23,7 @@ from jobs.cli import main as cli_main
 from pipeline.certify.plan import CertifyConfig, certify_identity
 from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, Status, replay
 from pipeline.certify.schedule import ChunkScheduler, chunk_votes_from_rows
-from pipeline.runs.storage import VOTE_SCHEMA, RunMismatchError, open_run, read_votes, vote_parts
+from pipeline.runs.storage import VOTE_SCHEMA, VOTES, RunMismatchError, open_run, read_votes
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
@@ -61,7 +61,7 @@ def run_certify(in_process: bool = False, **values):
 
 def stored_replay(output: Path, alpha: float | None = None) -> tuple[np.ndarray, object]:
     """Decisions rebuilt here from the raw Parquet chunk rows (not through the job's code)."""
-    frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in VOTES.parts(output)).to_pandas()
     test_fields = {k: v for k, v in _identity(output)["sequential"].items() if k != "certify_class"}
     test = SequentialTest(**{**test_fields, **({"alpha": alpha} if alpha else {})})
     rows_of = {image_id: row for row, image_id in enumerate(IDS)}
@@ -225,7 +225,7 @@ def test_old_fixed_n_parts_without_chunk_column_still_read(tmp_path):
 def test_sequential_run_stores_chunks_and_its_decisions_are_their_replay(uninterrupted):
     output, outcome = uninterrupted
     frame = read_votes(output)
-    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in VOTES.parts(output)).to_pandas()
     assert len(frame) == len(raw.drop_duplicates(["image_id", "phase", "chunk"]))  # one row per chunk
     assert frame["chunk"].notna().all() and set(frame["phase"]) == {ESTIMATION}  # labelled: no selection
     assert (frame["n"] == CHUNK).all() and (frame["counts"].map(sum) <= frame["n"]).all()
@@ -259,12 +259,12 @@ def test_resume_after_lost_votes_gives_identical_decisions(local_ray, uninterrup
     reference_dir, reference = uninterrupted
     output = tmp_path / "run"
     shutil.copytree(reference_dir, output)
-    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    raw = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in VOTES.parts(output)).to_pandas()
     chunks = raw.groupby("image_id")["chunk"].transform("max") + 1
     longest = raw.loc[chunks.idxmax(), "image_id"]
     keep = (raw["chunk"] < (chunks + 1) // 2) & ~((raw["image_id"] == longest) & (raw["chunk"] == 1))
     keep |= (raw["image_id"] == longest) & (raw["chunk"] == 2)
-    for part in vote_parts(output):
+    for part in VOTES.parts(output):
         part.delete()
         (output / "votes" / (part.name + ".json")).unlink(missing_ok=True)  # runs before manifests/ had it here
     write_votes(output, raw[keep].to_dict("records"))
@@ -275,9 +275,9 @@ def test_resume_after_lost_votes_gives_identical_decisions(local_ray, uninterrup
     assert same_decisions(outcome.decisions, reference.decisions)
     assert 0 < outcome.sequential.drawn_now < reference.sequential.drawn_now  # only what was lost
     assert same_decisions(stored_replay(output)[1], reference.decisions)
-    before = sorted(p.name for p in vote_parts(output))
+    before = sorted(p.name for p in VOTES.parts(output))
     again = run_certify(**settings(cifar_root, output))
-    assert same_decisions(again.decisions, reference.decisions) and sorted(p.name for p in vote_parts(output)) == before
+    assert same_decisions(again.decisions, reference.decisions) and sorted(p.name for p in VOTES.parts(output)) == before
     assert again.sequential.drawn_now == 0
 
 
@@ -330,7 +330,7 @@ def emulator():
 def run_api(emulator, output: Path, **overrides):
     from api_support import job_config
     from jobs.certify_api import certify_api
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
 
     values = {"n0": 20, "n": 100, "alpha": 0.001, "budget.max_queries": 10_000, **overrides}
     config = job_config("aws", emulator.url, output, API_IDS, **values)
@@ -384,7 +384,7 @@ def test_certify_api_sequential_fewer_queries_same_certificates_budget_and_resum
 
 def test_certify_api_sequential_flags_are_checked(capsys, tmp_path):
     from api_support import job_config
-    from pipeline.apis.prepare import load_job_config
+    from pipeline.apis.run.prepare import load_job_config
     from pipeline.config import ConfigError
 
     config = job_config("aws", "http://127.0.0.1:1", tmp_path, API_IDS, sequential=True, radius=API_RADIUS)
@@ -408,7 +408,7 @@ def test_sequential_run_with_a_diffusion_denoiser(cifar_root, tmp_path):
                                                       ids=IDS[:3]))
     frame = read_votes(output)
     assert set(frame["denoiser"]) == {"diffusers_unet"} and frame["chunk"].notna().all()
-    frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in vote_parts(output)).to_pandas()
+    frame = pa.concat_tables(pq.read_table(p, schema=VOTE_SCHEMA) for p in VOTES.parts(output)).to_pandas()
     test_fields = {k: v for k, v in _identity(output)["sequential"].items() if k != "certify_class"}
     rows_of = {image_id: row for row, image_id in enumerate(IDS[:3])}
     labels = frame.drop_duplicates("image_id").set_index("image_id").loc[IDS[:3], "label"].to_numpy()

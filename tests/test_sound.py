@@ -161,7 +161,7 @@ def test_sound_refuses_an_image_off_the_8_bit_grid():
 
 def _identity(**values):
     split = ImageDataset.from_array(np.zeros((2, 32, 32, 3), dtype=np.uint8), [0, 1], name="cifar10/test")
-    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10, 0.25)
+    info = PairInfo(ModelIdentity("cifar_resnet20", "aa"), None, 10)
     return certify_identity(parse_config(CertifyConfig, {**BASE, **values}), split, info)
 
 

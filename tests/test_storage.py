@@ -21,12 +21,12 @@ from pipeline.runs.fs import Location, StorageError
 from pipeline.progress import Progress, format_duration
 from pipeline.runs.lock import LeaseLost, RunLease, RunLockedError, exclusive_run
 from pipeline.runs.storage import (
+    VOTES,
     CorruptPartError,
     RunMismatchError,
     completed_images,
     open_run,
     read_votes,
-    vote_parts,
     write_votes,
 )
 from s3_support import new_bucket
@@ -56,7 +56,7 @@ def test_votes_round_trip_through_parquet(run_dir):
     api["n"] = 5
     write_votes(run_dir, [api])
     frame = read_votes(run_dir)
-    assert len(vote_parts(run_dir)) == 3
+    assert len(VOTES.parts(run_dir)) == 3
     assert list(frame.image_id) == [0, 0, 5, 7]
     row = frame[(frame.image_id == 0) & (frame.phase == "estimation")].iloc[0]
     assert list(row.counts) == [10, 990] and row.n == 1000 and row.sigma == 0.25
@@ -81,14 +81,14 @@ def test_a_failed_write_leaves_no_part(run_dir):
     write_votes(run_dir, [vote(1, "selection", [1, 2])])
     with pytest.raises(Exception):
         write_votes(run_dir, [vote(2, "selection", [1, 2]), {"image_id": 3, "counts": "not a list"}])
-    assert len(vote_parts(run_dir)) == 1 and set(read_votes(run_dir).image_id) == {1}
+    assert len(VOTES.parts(run_dir)) == 1 and set(read_votes(run_dir).image_id) == {1}
 
 
 def test_a_corrupt_part_names_its_images_and_the_recovery(run_dir):
     write_votes(run_dir, [vote(3, "selection", [1, 2]), vote(3, "estimation", [4, 5]),
                           vote(8, "selection", [1, 2]), vote(8, "estimation", [4, 5])])
     good = write_votes(run_dir, [vote(9, "selection", [1, 2]), vote(9, "estimation", [4, 5])])
-    bad = next(p for p in vote_parts(run_dir) if p != good)
+    bad = next(p for p in VOTES.parts(run_dir) if p != good)
     bad.write_bytes(bad.read_bytes()[:40])  # a truncated file, as a disk fault leaves it
     with pytest.raises(CorruptPartError) as caught:
         read_votes(run_dir)
@@ -107,9 +107,9 @@ def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
     import pandas as pd
     import pyarrow.dataset as ds
 
-    from pipeline.apis.querylog import CALLS, compact
-    from pipeline.apis.journal import Journal
-    from pipeline.apis.querylog import answer_record, sent_record
+    from pipeline.apis.books.querylog import CALLS, compact
+    from pipeline.apis.books.journal import Journal
+    from pipeline.apis.books.querylog import answer_record, sent_record
 
     run = tmp_path / "run"
     open_run(run, {"sigma": 0.25})
@@ -370,13 +370,13 @@ def test_a_paused_s3_writer_writes_nothing_after_losing_its_lease():
         writer.send_signal(signal.SIGSTOP)  # asleep between two writes
         time.sleep(3.0)
         with exclusive_run(run, "new", lease_s=30):
-            parts = set(vote_parts(run))
+            parts = set(VOTES.parts(run))
             writer.send_signal(signal.SIGCONT)
             try:
                 writer.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
-            assert set(vote_parts(run)) == parts
+            assert set(VOTES.parts(run)) == parts
     finally:
         writer.kill()
         _, stderr = writer.communicate(timeout=30)

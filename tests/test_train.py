@@ -28,7 +28,7 @@ from s3_support import new_bucket, s3_server
 from pipeline.config import ConfigError
 from pipeline.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from pipeline.training.config import load_train_config
-from pipeline.training.evaluation import evaluate_classifier, state_digest
+from pipeline.training.evaluation import NoisyTestSet, evaluate_classifier, state_digest
 from pipeline.training.loops import RunState, WorkerHooks, run_local
 from pipeline.training.sweep import plan_sweep, stages, worker_spec
 
@@ -418,8 +418,9 @@ def test_classifiers_standard_and_gaussian_augmented(classifiers):
             "classifier", "cifar_resnet20", 10, sigma, "xent")
     a = load_checkpoint(classifiers["A"])[0]
     b = load_checkpoint(classifiers["B"])[0]
-    acc_a = evaluate_classifier(a, test_x, test_y, 0.25, 0, 200, torch.device("cpu"))
-    acc_b = evaluate_classifier(b, test_x, test_y, 0.25, 0, 200, torch.device("cpu"))
+    test = NoisyTestSet(test_x, test_y, 0.25, 0, 200, torch.device("cpu"))
+    acc_a = evaluate_classifier(a, test)
+    acc_b = evaluate_classifier(b, test)
     assert acc_a["acc_clean"] > 0.2  # chance is 0.1, held-out test images
     assert acc_a["acc_noisy"] < acc_a["acc_clean"] - 0.05  # noise hurts the standard classifier
     assert acc_b["acc_noisy"] > acc_a["acc_noisy"]  # Cohen et al.'s point

@@ -33,7 +33,6 @@ from pipeline.settings import (
 )
 
 Provider = Literal["aws", "google", "azure", "clarifai"]
-PROVIDERS: tuple[str, ...] = ("aws", "google", "azure", "clarifai")
 
 # List prices in USD per 1,000 label-detection calls (first pricing tier, as published by
 # each provider); only used to account spending against `budget.max_cost`.
@@ -102,7 +101,7 @@ class BudgetSettings(Settings):
         return self
 
     def limits(self) -> dict[str, float | int | None]:
-        """The pipeline.apis.budget.Budget arguments (price aside)."""
+        """The pipeline.apis.books.budget.Budget arguments (price aside)."""
         return {"max_queries": self.max_queries, "max_cost": self.max_cost,
                 "run_max_queries": self.run_max_queries, "run_max_cost": self.run_max_cost}
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    """Base class; `str(error)` is safe to log (secrets removed)."""
+    """Base class; `str(error)` is safe to log (secrets removed). `kind` is the status the
+    failed call is journaled with (the two families below are no status of their own)."""
 
     kind = "error"
 
 
 class TransientError(ApiError):
     """Worth retrying after a back-off: the same query may well succeed later."""
-
-    kind = "transient"
 
 
 class ThrottledError(TransientError):
@@ -44,8 +43,6 @@ class QueryTimeout(TransientError):
 
 class FatalError(ApiError):
     """Every further query would fail the same way: stop the whole job at once."""
-
-    kind = "fatal"
 
 
 class AuthError(FatalError):

@@ -99,7 +99,6 @@ class PairInfo:
     classifier: ModelIdentity
     denoiser: ModelIdentity | None
     num_classes: int
-    denoiser_sigma: float | None  # noise level the denoiser was trained for, if recorded
     # JSON of a bundled classifier's pipeline (kind, name, weights_sha256, preprocessing);
     # None for a dsmooth checkpoint / raw state dict, whose file hash says it all.
     classifier_pipeline: str | None = None
@@ -234,7 +233,6 @@ def load_pair(
         classifier=ModelIdentity(f_name, classifier.sha256),
         denoiser=ModelIdentity(d_meta.arch, denoiser.sha256) if d_meta and denoiser else None,
         num_classes=num_classes,
-        denoiser_sigma=d_meta.sigma if d_meta else None,
         classifier_pipeline=json.dumps(bundled.pipeline, sort_keys=True) if bundled is not None else None,
     )
     return pair, info

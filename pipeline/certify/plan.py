@@ -1,9 +1,10 @@
-"""What a certification run is made of: its identity, its shards and its vote rows (its
-settings are declared in `pipeline.certify.config`).
+"""What a `certify` run (a model pair's) is made of: its identity, the samples of its shards
+and its vote rows (its settings are declared in `pipeline.certify.config`; the shards, which
+`certify-api` cuts too, in `pipeline.certify.shards`).
 
-Plain Python (no Ray), so the rules that make a run resumable -- which settings define the
-votes, how images are cut into shards, what a Parquet row holds -- can be tested and reused
-without a cluster. `jobs/certify.py` is the Ray layer on top.
+Plain Python (no Ray, and no model code: the pair is only named in type hints), so the rules
+that make a run resumable -- which settings define the votes, what a Parquet row holds -- can
+be tested and reused without a cluster. `jobs/certify.py` is the Ray layer on top.
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data.core import ImageRecord
-from pipeline.data.core import ImageDataset
-from pipeline.certify.pair import ModelIdentity, PairInfo
+from pipeline.certify.shards import Shard
 from pipeline.runs.identity import precision_identity, run_identity
 from pipeline.runs.votes import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.certify.config import CertifyConfig  # declared there (light, for --help)
 
-# A shard is the unit of work sent to an actor, of what is saved (one Parquet part) and so of
-# what the progress counts and Ctrl-C keeps: about this many noisy samples, so that the bar
+if TYPE_CHECKING:
+    from pipeline.certify.pair import ModelIdentity, PairInfo
+    from pipeline.data.core import ImageDataset, ImageRecord
+
+# A shard (`pipeline.certify.shards`) is the unit of work sent to an actor, of what is saved
+# (one Parquet part) and so of what the progress counts and Ctrl-C keeps: about this many noisy samples, so that the bar
 # moves image by image once an image takes as many (n0 + n >= 10,000), and at least every
 # ~10,000 samples per actor below that (n = 400: 23 images). Small shards cost little: the
 # pool keeps two in flight per actor, so the driver writes one part while the actor counts
@@ -53,18 +55,6 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
     )
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Images certified together by one actor call and written together as one Parquet part."""
-
-    index: int
-    records: tuple[ImageRecord, ...]
-
-    @property
-    def image_ids(self) -> list[int]:
-        return [r.image_id for r in self.records]
-
-
 def shard_requests(shard: Shard, config: CertifyConfig) -> list[SampleRequest]:
     """The sample requests of a shard, image by image, phases in a fixed order; each carries
     the full noise address (seed, image, phase, chunks) of its samples."""
@@ -82,16 +72,6 @@ def default_shard_size(samples_per_image: int, pending: int, actors: int) -> int
     by_samples = max(1, TARGET_SHARD_SAMPLES // max(1, samples_per_image))
     by_balance = max(1, math.ceil(pending / (SHARDS_PER_ACTOR * max(1, actors))))
     return max(1, min(by_samples, by_balance, MAX_SHARD_IMAGES))
-
-
-def plan_shards(records: Sequence[ImageRecord], shard_size: int) -> list[Shard]:
-    """Cut the images still to do into shards, in data-set order."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    return [
-        Shard(index, tuple(records[start : start + shard_size]))
-        for index, start in enumerate(range(0, len(records), shard_size))
-    ]
 
 
 def model_vote_rows(
@@ -141,7 +121,7 @@ def model_vote_rows(
     return rows
 
 
-def vote_rows_of(context: Any, config: CertifyConfig, records: Sequence[ImageRecord], info: PairInfo,
+def vote_rows_of(context: Any, config: CertifyConfig, records: Sequence[Any], info: Any,
                  class_names: Sequence[str] | None, per_chunk: bool):
     """(work, counts, compute seconds, worker) -> that work's `VoteRow`s: what a model sampler
     (on Ray or in this process) turns one item's counts into."""
@@ -155,10 +135,3 @@ def vote_rows_of(context: Any, config: CertifyConfig, records: Sequence[ImageRec
 
     return rows
 
-
-def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int,
-                   first_chunks: tuple[int, ...] = ()) -> list[SampleRequest]:
-    """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
-    `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
-    return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
-                          stop_chunk=t.chunk + 1, first_chunks=first_chunks) for t in tasks]

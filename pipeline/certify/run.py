@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.certify.plan import Shard
+from pipeline.certify.shards import Shard
 from pipeline.certify.schedule import ChunkScheduler, ChunkTask
 from pipeline.runs.fs import Location
 from pipeline.runs.votes import VoteRow
@@ -81,9 +81,25 @@ class RunContext:
     on_bad_image: str = "fail"
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def open(cls, output: str | Location, identity: Mapping[str, Any], extra: Mapping[str, Any] | None,
+             records: Sequence[Any], lease: Any, settings: Any) -> RunContext:
+        """The one start of a run, for both jobs: its record opened (created, or checked
+        against `identity` on a resume: `pipeline.runs.storage.open_run`), then its context."""
+        from pipeline.runs.storage import open_run
+
+        output = Location.of(output)
+        record = open_run(output, identity, extra)
+        return cls(output, record, records, lease, settings, getattr(settings, "on_bad_image", "fail"))
+
     @property
     def run_id(self) -> str:
         return self.record["run_id"]
+
+    @property
+    def rows_of(self) -> dict[int, int]:
+        """image id -> row of the selection."""
+        return {image_id: row for row, image_id in enumerate(self.image_ids)}
 
     @property
     def image_ids(self) -> list[int]:
@@ -112,7 +128,7 @@ class Sampler(Protocol):
 
 
 class FixedSchedule:
-    """Fixed n: the shards of pending images (`pipeline.certify.plan.plan_shards`), one work
+    """Fixed n: the shards of pending images (`pipeline.certify.shards.plan_shards`), one work
     item each, in selection order; `requests(shard)` says what to draw for one (a model
     sampler: `shard_requests`; an API sampler asks what the journal lacks, so none)."""
 
@@ -120,6 +136,14 @@ class FixedSchedule:
                  requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> None:
         self.shards, self.rows_of, self.requests = shards, rows_of, requests
         self.total = sum(len(shard.records) for shard in shards)
+
+    @classmethod
+    def of(cls, context: RunContext, records: Sequence[Any], shard_size: int,
+           requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> FixedSchedule:
+        """`records` (of `context`'s selection) in shards of `shard_size` images."""
+        from pipeline.certify.shards import plan_shards
+
+        return cls(plan_shards(records, shard_size), context.rows_of, requests)
 
     def items(self) -> Iterator[Work | None]:
         for shard in self.shards:
@@ -151,7 +175,7 @@ class SequentialSchedule:
         self.total = int(np.count_nonzero(scheduler.cert.decisions().needs_samples))
 
     def items(self) -> Iterator[Work | None]:
-        from pipeline.certify.plan import chunk_requests
+        from pipeline.certify.shards import chunk_requests
 
         while not self.scheduler.finished:
             tasks = self.scheduler.next_chunks(self.item_samples)

@@ -10,22 +10,32 @@ Modules:
     archive  cache directory and atomic ``.tar.gz`` extraction
     sources  ``open_dataset`` and the CIFAR-10 / ImageNet / folder layouts
     specs    what a known data set is: classes, input size, normalisation
+    kinds    the layouts (cifar10, imagenet, folder), light: the settings declare with them
 """
 
-from pipeline.data.archive import cache_root, extract_archive
-from pipeline.data.core import (
-    CIFAR10_CLASSES,
-    IMAGE_EXTENSIONS,
-    DatasetError,
-    ImageDataset,
-    ImageRecord,
-    UnknownImageIdError,
-    collate_items,
-    decode_image,
-    stack_batch,
-)
-from pipeline.data.sources import KINDS, DatasetKind, open_dataset
-from pipeline.data.specs import CIFAR10, IMAGENET, DataDescription, DatasetSpec, dataset_spec
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Where each public name lives: loaded on first use, so that the light modules (`kinds`,
+# `specs`) are importable by the settings without torch or PIL.
+_HOME = {
+    "cache_root": "archive", "extract_archive": "archive",
+    "CIFAR10_CLASSES": "core", "IMAGE_EXTENSIONS": "core", "DatasetError": "core", "ImageDataset": "core",
+    "ImageRecord": "core", "UnknownImageIdError": "core", "collate_items": "core", "decode_image": "core",
+    "stack_batch": "core",
+    "KINDS": "kinds", "DatasetKind": "kinds", "open_dataset": "sources",
+    "CIFAR10": "specs", "IMAGENET": "specs", "DataDescription": "specs", "DatasetSpec": "specs",
+    "dataset_spec": "specs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.data.{_HOME[name]}"), name)
+
 
 __all__ = [
     "CIFAR10",

@@ -26,7 +26,7 @@ from pipeline.data.core import (
     parallel_map,
 )
 from pipeline.data.specs import CIFAR10, CIFAR10_CLASSES, IMAGENET
-from pipeline.settings import KINDS, DatasetKind  # declared with the settings, which import no torch
+from pipeline.data.kinds import KINDS  # light: the settings take them too
 
 CIFAR10_SPLITS: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),

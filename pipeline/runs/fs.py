@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline.config import location_problem
 from pipeline.runs.atomic import atomic_open
 
-SCHEMES = ("s3", "gs", "gcs")
 
 
 class StorageError(ValueError):
@@ -72,15 +72,11 @@ class Location:
         if not is_uri(text) or text.startswith("file://"):
             local = Path(text.removeprefix("file://")).expanduser().absolute()
             return cls(str(local), str(local), pafs.LocalFileSystem())
+        problem = location_problem(text)
+        if problem:
+            raise StorageError(problem)
         scheme, rest = text.split("://", 1)
-        scheme = scheme.lower()
-        if scheme not in SCHEMES:
-            raise StorageError(
-                f"unknown storage scheme {scheme!r} in {text}: use a local path, s3://bucket/... or gs://bucket/..."
-            )
-        rest = rest.strip("/")
-        if not rest:
-            raise StorageError(f"{text}: no bucket given")
+        scheme, rest = scheme.lower(), rest.strip("/")
         try:
             fs = _object_store(scheme)
         except Exception as error:  # noqa: BLE001 - e.g. no GCS support in this pyarrow build
@@ -267,3 +263,16 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
     except (PermissionError, NotADirectoryError, FileExistsError) as error:
         raise PermissionError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def check_writable(run: Location) -> None:
+    """Fail before any work when results could not be saved."""
+    import uuid
+
+    probe = run / f".write-test-{uuid.uuid4().hex}"
+    try:
+        run.mkdir()
+        probe.write_bytes(b"")
+        probe.delete()
+    except (OSError, StorageError, PermissionError) as error:
+        raise PermissionError(f"output directory {run} is not writable: {error}") from None

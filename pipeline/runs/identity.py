@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.data.core import ImageDataset
-from pipeline.settings import DataSelection, SmoothingSettings
+if TYPE_CHECKING:  # what the identity is computed from; the run's record sits below the settings
+    from pipeline.data.core import ImageDataset
+    from pipeline.settings import DataSelection, SmoothingSettings
 
 
 def listing_fingerprint(dataset: ImageDataset) -> str:

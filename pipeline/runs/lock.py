@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from pipeline.errors import Refused
-from pipeline.runs.fs import Location
+from pipeline.runs.fs import Location, check_writable
 
 log = logging.getLogger("dsmooth")
 
@@ -115,8 +115,6 @@ class RunLease:
         return self._valid_until is not None and time.time() >= self._valid_until - EXPIRY_MARGIN * self.lease_s
 
     def acquire(self) -> RunLease:
-        from pipeline.runs.storage import check_writable
-
         check_writable(self.run)  # "not writable" before anything else
         if self.run.is_local:
             self._acquire_local()

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.runs.fs import Location, StorageError
+from pipeline.runs.fs import Location, StorageError, check_writable  # noqa: F401 - declared beside Location
 from pipeline.runs.lock import check_held
 from pipeline.runs.votes import VOTE_KEY, VOTE_SCHEMA, VoteRow  # noqa: F401 - the row type lives there
 
@@ -132,17 +132,6 @@ def update_run_record(run: str | Location, **fields: Any) -> dict:
     record.update(fields)
     write_json(record, run / RUN_FILE)
     return record
-
-
-def check_writable(run: Location) -> None:
-    """Fail before any work when results could not be saved."""
-    probe = run / f".write-test-{uuid.uuid4().hex}"
-    try:
-        run.mkdir()
-        probe.write_bytes(b"")
-        probe.delete()
-    except (OSError, StorageError, PermissionError) as error:
-        raise PermissionError(f"output directory {run} is not writable: {error}") from None
 
 
 # -- part streams --------------------------------------------------------------------------------
@@ -261,10 +250,6 @@ VOTES = PartStream(VOTES_DIR, VOTE_SCHEMA)
 
 def write_votes(run: str | Location, rows: Iterable[Mapping[str, Any]], worker: str = "main") -> Location | None:
     return VOTES.write(run, rows, worker)
-
-
-def vote_parts(run: str | Location) -> list[Location]:
-    return VOTES.parts(run)
 
 
 def read_votes(run: str | Location) -> pd.DataFrame:

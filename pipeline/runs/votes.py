@@ -11,7 +11,7 @@ each entry of `counts` (null for local models).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -50,9 +50,6 @@ class VoteRow:
     # Null for a fixed-n row, which holds the whole phase; parts written before this column
     # existed read it as null.
     chunk: int | None = _column(pa.int64(), "noise chunk of a sequential run; null for a whole phase")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def get(self, name: str, default: Any = None) -> Any:
         return getattr(self, name, default)

@@ -99,18 +99,6 @@ class SampleRequest:
     def num_samples(self) -> int:
         return sum(chunk.size for chunk in self.chunks())
 
-    def chunk_of(self, sample: int) -> tuple[Chunk, int]:
-        """(chunk, row) holding sample `sample` (0-based within the phase)."""
-        if not 0 <= sample < self.total:
-            raise ValueError(f"sample {sample} outside [0, {self.total})")
-        index, head = 0, self.first_chunks
-        while index < len(head) and sample >= sum(head[: index + 1]):
-            index += 1
-        if index == len(head):
-            index += (sample - sum(head)) // self.chunk_size
-        start, size = chunk_span(index, self.total, self.chunk_size, head)
-        return Chunk(self.seed, self.image_id, self.phase, index, size), sample - start
-
 
 def chunk_noise(
     chunk: Chunk,

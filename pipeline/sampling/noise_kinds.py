@@ -155,11 +155,6 @@ class NoiseKind:
         noise cannot certify that far at all): the inverse of `radius`, the sequential test's q."""
         return self._needed(float(radius), float(sigma))
 
-    @property
-    def radius_label(self) -> str:
-        """How tables and figures name the radius axis."""
-        return f"certified {self.norm} radius"
-
 
 KINDS: dict[str, NoiseKind] = {
     "gaussian": NoiseKind("gaussian", "ℓ2", 1.0, _draw_gaussian, _radius_gaussian, _needed_gaussian),

@@ -112,15 +112,6 @@ def _log_evidence(s: np.ndarray, n: np.ndarray, q: float | np.ndarray, b: float)
     return np.where(n == 0, 0.0, value)
 
 
-def log_evidence_below(successes: np.ndarray, samples: np.ndarray, q: float | np.ndarray,
-                       shape: float = DEFAULT_SHAPE) -> np.ndarray:
-    """The mirror image of `log_evidence_above`: the evidence that p < q.
-
-    Under p >= q it exceeds log(1/alpha) at some n with probability <= alpha."""
-    s, n = _counts(successes, samples)
-    return log_evidence_above(n - s, n, 1.0 - np.asarray(q, dtype=np.float64), shape)
-
-
 def success_thresholds(samples: np.ndarray, q: float, alpha: float, shape: float = DEFAULT_SHAPE) -> np.ndarray:
     """Per n: the fewest successes s with E_n(q) >= 1/alpha (n + 1 when even s = n is not enough).
 

@@ -5,6 +5,7 @@ Modules:
     config      the `dsmooth train` YAML config, its defaults and validation
     sweep       the sweep's runs: names, deduplication, dependency order and stages, finished runs
     data        uint8 training tensors and on-device augmentation
+    objectives  the losses (mse, stab, stab_mse, clf; xent) and the noise they train under
     loops       one run on one data-parallel worker (hooks for Ray Train or a local process)
     evaluation  test MSE / PSNR / accuracy under fixed noise; frozen-classifier digests
     grids       clean / noisy / denoised PNG grids

@@ -34,7 +34,7 @@ from pipeline.config import (
 )
 from pipeline.settings import ClassifierFlags, DatasetLayout, Precision
 
-# The training objectives by name (their losses: pipeline.objectives), declared here so that
+# The training objectives by name (their losses: pipeline.training.objectives), declared here so that
 # the settings import no torch.
 DENOISER_OBJECTIVES: tuple[str, ...] = ("mse", "stab", "stab_mse", "clf")
 CLASSIFIER_OBJECTIVES: tuple[str, ...] = ("xent",)

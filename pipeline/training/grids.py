@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.figures import image_grid, save_png
-from pipeline.training.evaluation import noisy_batches
+from pipeline.training.evaluation import evaluating, noisy_batches
 
 
 @torch.no_grad()
@@ -27,12 +27,8 @@ def denoising_grid(
     picks = torch.linspace(0, len(images) - 1, count).round().long().unique()  # spread over the classes
     labels = torch.zeros(len(picks), dtype=torch.int64)
     clean, noisy, _ = next(noisy_batches(images[picks], labels, sigma, seed, len(picks), device, noise))
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
+    with evaluating(denoiser):
         denoised = denoiser(noisy)
-    finally:
-        denoiser.train(was_training)
     return torch.cat([clean, noisy, denoised]).clamp_(0, 1).cpu()
 
 

@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from pipeline.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, denoiser_loss
+from pipeline.training.objectives import NEEDS_CLASSIFIER, add_noise, classifier_loss, denoiser_loss
 from pipeline.progress import Progress
 from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
 from pipeline.training.data import CIFAR_CROP_PADDING, augment, load_split, to_float
-from pipeline.training.evaluation import evaluate_classifier, evaluate_denoiser, state_digest
+from pipeline.training.evaluation import NoisyTestSet, evaluate_classifier, evaluate_denoiser, state_digest
 from pipeline.training.grids import denoising_grid, grid_title, save_grid
 from pipeline.training.sweep import GRID_FILE, METRICS_FILE, MODEL_FILE, json_safe
 
@@ -257,20 +257,18 @@ class RunState:
     # -- evaluation (rank 0) -------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        batch, seed = int(self.spec["eval_batch_size"]), self.seed
+        test = NoisyTestSet(self.test_x, self.test_y, self.sigma, self.seed, int(self.spec["eval_batch_size"]),
+                            self.device, self.noise)
         model = _unwrap(self.net)
         if self.task == "classifier":
-            result = evaluate_classifier(model, self.test_x, self.test_y, self.sigma, seed, batch, self.device,
-                                         self.noise)
+            result = evaluate_classifier(model, test)
             return {"acc_clean": result["acc_clean"], "acc_noisy_after": result["acc_noisy"],
                     "test_loss": result["test_loss"]}
         if self.baseline is None:
-            base = evaluate_denoiser(None, self.eval_classifier, self.test_x, self.test_y, self.sigma, seed,
-                                     batch, self.device, self.noise)
+            base = evaluate_denoiser(None, self.eval_classifier, test)
             self.baseline = {"noisy_mse": base["mse"], "noisy_psnr": base["psnr"],
                              "acc_clean": base["acc_clean"], "acc_noisy_before": base["acc"]}
-        result = evaluate_denoiser(model, self.eval_classifier, self.test_x, self.test_y, self.sigma, seed,
-                                   batch, self.device, self.noise)
+        result = evaluate_denoiser(model, self.eval_classifier, test)
         return {"test_mse": result["mse"], "test_psnr": result["psnr"], "acc_noisy_after": result["acc"]}
 
     def check_classifiers(self) -> list[dict[str, str]]:

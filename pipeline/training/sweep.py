@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import to_dict
-from pipeline.objectives import NEEDS_CLASSIFIER, NEEDS_MSE_INIT
+from pipeline.training.objectives import NEEDS_CLASSIFIER, NEEDS_MSE_INIT
 from pipeline.training.config import TrainConfig
 
 MODEL_FILE = "model.pt"

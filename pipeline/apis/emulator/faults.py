@@ -7,7 +7,6 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-FAULTS: tuple[str, ...] = ("auth_failure", "throttle", "server_error", "malformed")
 
 
 @dataclass

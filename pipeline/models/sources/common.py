@@ -17,7 +17,6 @@ from torch import nn
 from ..checkpoint import CheckpointError, CheckpointMismatchError, _adapt_raw_state_dict, _check_fits
 from ..preprocess import Preprocessing
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 class ClassifierSourceError(CheckpointError):

@@ -31,9 +31,3 @@ def encode_png(image: torch.Tensor) -> bytes:
         buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
     )
     return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """uint8 [H, W, 3] (for tests and the emulator's side of the wire)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))

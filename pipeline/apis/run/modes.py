@@ -3,7 +3,7 @@ it makes of the API sampler (`actors.api_sampler`), and what its summary says.
 
 - fixed n (`FixedPlan`): every query each unvoted image still needs, one image per work item;
 - sequential (`SequentialPlan`): the clean query of every image first (its label), then
-  estimation chunks of undecided images only (`pipeline.apis.sequential`).
+  estimation chunks of undecided images only (`pipeline.apis.run.chunk_votes`).
 
 An image that cannot be read is skipped by the run before any of its queries is sent.
 """
@@ -38,11 +38,10 @@ class FixedPlan:
                  run_dir)
 
     def run(self, sampler: Any) -> None:
-        from pipeline.certify.plan import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule
 
         sampler.mode = FIXED
-        schedule = FixedSchedule(plan_shards([self.context.records[r] for r in self.rows], 1), _rows_of(self.context))
+        schedule = FixedSchedule.of(self.context, [self.context.records[r] for r in self.rows], 1)
         self.progress = _progress(sampler, len(self.rows))
         CertifyRun(self.context, sampler, schedule, progress=self.progress).run()
 
@@ -57,7 +56,7 @@ class FixedPlan:
 
 
 class SequentialPlan:
-    """Sequential (`pipeline.apis.sequential`): the clean query of every image first (its
+    """Sequential (`pipeline.apis.run.chunk_votes`): the clean query of every image first (its
     label), then estimation chunks of undecided images only, one chunk per work item and one
     in flight per image (growth 0: every query is paid, none is spent after a decision). A
     chunk counts once every query in it is answered (the answers are in the journal
@@ -81,7 +80,7 @@ class SequentialPlan:
         decision. Skipped (unreadable) images are withdrawn."""
         import numpy as np
 
-        from pipeline.apis.sequential import api_certifier
+        from pipeline.apis.run.chunk_votes import api_certifier
         from pipeline.certify.schedule import ChunkScheduler
 
         self.certifier = api_certifier(self.test, [self._answers(row) for row in range(self.total)])
@@ -95,7 +94,7 @@ class SequentialPlan:
         return self.state.images[self.context.image_ids[row]].rows
 
     def needs_clean(self, row: int) -> bool:
-        from pipeline.apis.plan import CLEAN
+        from pipeline.apis.query.units import CLEAN
 
         skipped = {s["image_id"] for s in self.context.skipped}
         return (CLEAN, 0) not in self._answers(row) and self.context.image_ids[row] not in skipped
@@ -118,7 +117,7 @@ class SequentialPlan:
 
     def _write_missing_rows(self) -> None:
         """Chunks answered in full whose vote rows are missing (a kill in between): write them."""
-        from pipeline.apis.sequential import chunk_answers, chunk_vote_row, clean_label
+        from pipeline.apis.run.chunk_votes import chunk_answers, chunk_vote_row, clean_label
         from pipeline.runs.storage import read_votes, write_votes
 
         stored = read_votes(self.state.run_dir)
@@ -136,14 +135,13 @@ class SequentialPlan:
 
     def run(self, sampler: Any) -> None:
         """The labels first (one CertifyRun of clean queries), then the chunks (another)."""
-        from pipeline.certify.plan import plan_shards
         from pipeline.certify.run import CertifyRun, FixedSchedule, SequentialSchedule
 
         progress = self.progress = _progress(sampler, self.undecided(), sequential=True)
         clean = [row for row in range(self.total) if self.needs_clean(row)]
         if clean:
             sampler.mode = CLEAN_QUERIES
-            schedule = FixedSchedule(plan_shards([self.context.records[r] for r in clean], 1), _rows_of(self.context))
+            schedule = FixedSchedule.of(self.context, [self.context.records[r] for r in clean], 1)
             CertifyRun(self.context, sampler, schedule, progress=progress).run()
             self.failed |= sampler.failed
             if sampler.stopped:
@@ -176,10 +174,6 @@ class SequentialPlan:
         summary.fixed_queries = self.config.n0 + self.config.n + 1
         if summary.undecided and summary.status == "complete":
             summary.status = "failed"
-
-
-def _rows_of(context: Any) -> dict[int, int]:
-    return {image_id: row for row, image_id in enumerate(context.image_ids)}
 
 
 class _NoProgress:

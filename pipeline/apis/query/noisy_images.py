@@ -2,8 +2,7 @@
 
 Sample k of a phase takes row k % chunk_size of noise chunk k // chunk_size, drawn by
 `pipeline.sampling.noise` from its address (seed, image id, phase, chunk) exactly as the local engine
-draws it (`SampleRequest.chunk_of` finds the chunk of any sample): so a resumed run
-re-creates the very same noisy images, and any sample can be (re)queried alone.
+draws it: so a resumed run re-creates the very same noisy images, and any sample can be (re)queried alone.
 """
 
 from __future__ import annotations

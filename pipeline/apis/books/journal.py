@@ -12,7 +12,7 @@ to a buffer and wait, and one committer thread writes whatever has gathered in o
 a local disk appended to the invocation's open segment and fsync'd, on object storage (no
 appends there) as one new segment object per commit. A torn last line (a crash mid-append)
 is ignored on replay. `compact` later turns finished segments into bounded Parquet parts of
-the query log (pipeline.apis.querylog) and deletes them.
+the query log (pipeline.apis.books.querylog) and deletes them.
 """
 
 from __future__ import annotations

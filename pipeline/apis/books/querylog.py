@@ -7,7 +7,7 @@ n0/n, are recomputed from this log without a new query (`votes_from_queries`). A
 an `ok` answer is never asked again; one whose calls all failed (malformed answers
 included, after every retry) is asked again by a later run.
 
-Calls live first in the call journal (pipeline.apis.journal), then, once their invocation
+Calls live first in the call journal (pipeline.apis.books.journal), then, once their invocation
 has ended, in `RUN/queries/part-*.parquet` parts of at most PART_CALLS calls each, each
 with a manifest of its images: a damaged part costs those images' answers, named in the
 error, never the whole log -- and never the record of what was spent: `RUN/spend.json` keeps
@@ -28,9 +28,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.apis import journal
-from pipeline.apis.billing import billable
-from pipeline.apis.plan import CLEAN, Key, phase_sizes
+from pipeline.apis.books import journal
+from pipeline.apis.books.billing import billable
+from pipeline.apis.query.units import CLEAN, phase_sizes
 from pipeline.runs.fs import Location, StorageError
 from pipeline.runs.storage import PartStream, read_run_record, write_json
 from pipeline.runs.votes import VoteRow
@@ -58,7 +58,7 @@ CALL_SCHEMA = pa.schema(
         ("sent_at", pa.timestamp("ms", tz="UTC")),
         ("status", pa.string()),  # ok | malformed | throttled | server_error | timeout | auth | rejected
         #                           | error; null: unconfirmed (no answer recorded: killed in flight)
-        ("billable", pa.bool_()),  # what the provider bills (pipeline.apis.billing)
+        ("billable", pa.bool_()),  # what the provider bills (pipeline.apis.books.billing)
         ("top_label", pa.string()),  # the query's class; null when no label came back
         ("labels", pa.list_(pa.string())),  # every returned label, in the provider's order
         ("scores", pa.list_(pa.float64())),  # their scores in [0, 1]
@@ -158,15 +158,6 @@ def compact(run_dir: str | Location, keep_invocation: str | None = None) -> int:
     for segment in segments:
         segment.delete()
     return len(rows)
-
-
-def done_keys(frame: pd.DataFrame) -> dict[int, set[Key]]:
-    """image id -> {(phase, sample)} answered (`ok`)."""
-    done = frame[frame["status"] == OK]
-    result: dict[int, set[Key]] = {}
-    for image_id, phase, sample in zip(done["image_id"], done["phase"], done["sample"]):
-        result.setdefault(int(image_id), set()).add((str(phase), int(sample)))
-    return result
 
 
 @dataclass(frozen=True)

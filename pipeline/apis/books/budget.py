@@ -44,13 +44,6 @@ class BudgetSnapshot:
     exhausted: str | None  # which limit stopped a reservation
     halted: str | None
 
-    @property
-    def queries_left(self) -> int | None:
-        left = [v for v in (None if self.max_queries is None else self.max_queries - self.queries,
-                            None if self.run_max_queries is None else self.run_max_queries - self.run_queries)
-                if v is not None]
-        return min(left) if left else None
-
     def describe(self) -> str:
         parts = []
         if self.max_queries is not None:

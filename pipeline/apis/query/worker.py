@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from pipeline.apis.config import ApiSettings, RetrySettings
-from pipeline.apis.encoding import encode_png
+from pipeline.apis.query.encoding import encode_png
 from pipeline.apis.errors import ApiError, FatalError
-from pipeline.apis.plan import CLEAN, WorkUnit
+from pipeline.apis.query.units import CLEAN, WorkUnit
 from pipeline.apis.providers import LabelClient, make_client
-from pipeline.apis.retry import FATAL, OK, STOPPED, query_with_retries
-from pipeline.apis.sampling import noisy_images
+from pipeline.apis.query.retry import FATAL, OK, STOPPED, query_with_retries
+from pipeline.apis.query.retry import Permit as Grant  # `Permit` here names the callable that gives one
+from pipeline.apis.query.noisy_images import noisy_images
 from pipeline.apis.secrets import describe
 
 Permit = Callable[..., Any]  # (image_id, image_name, phase, sample, attempt, worker) -> Permit
@@ -44,24 +45,29 @@ class UnitResult:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class QuerySettings:
+    """How one worker queries: the provider, retries, its share of the job's concurrency, and
+    how the noisy images are made (sigma, noise kind, the denoiser's precision). Made once by
+    the job's sampler; the Ray actor passes it through unchanged."""
+
+    api: ApiSettings
+    retry: RetrySettings
+    concurrency: int
+    sigma: float
+    name: str = "api-0"
+    precision: str = "fp32"
+    noise: str = "gaussian"  # the smoothing noise kind (pipeline.sampling.noise_kinds)
+
+
 class QueryWorker:
-    def __init__(
-        self,
-        api: ApiSettings,
-        retry: RetrySettings,
-        concurrency: int,
-        sigma: float,
-        denoiser: nn.Module | None = None,
-        name: str = "api-0",
-        precision: str = "fp32",
-        noise: str = "gaussian",
-    ) -> None:
-        self.api, self.retry = api, retry
-        self.sigma, self.precision = sigma, precision
-        self.noise = noise  # the smoothing noise kind (pipeline.sampling.noise_kinds)
+    def __init__(self, settings: QuerySettings, denoiser: nn.Module | None = None) -> None:
+        self.settings = settings
+        self.api, self.retry = settings.api, settings.retry
+        self.sigma, self.precision, self.noise = settings.sigma, settings.precision, settings.noise
         self.denoiser = denoiser.eval() if denoiser is not None else None
-        self.name = name
-        self._concurrency = concurrency
+        self.name = name = settings.name
+        self._concurrency = concurrency = settings.concurrency
         self._client: LabelClient | None = None
         self._lock = threading.Lock()
         self._stopped: tuple[str, str] | None = None
@@ -119,8 +125,6 @@ class QueryWorker:
         def ask(sample: int, noisy: torch.Tensor, seed: float) -> Any:
             def grant(attempt: int) -> Any:
                 if self._stopped is not None:
-                    from pipeline.apis.ledger import Permit as Grant
-
                     return Grant("stop", reason=self._stopped[0])
                 return permit(unit.image_id, image_name, unit.phase, sample, attempt, self.name)
 

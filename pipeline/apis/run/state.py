@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.apis.plan import Key, WorkUnit, needed_keys, plan_image
-from pipeline.apis.querylog import OK, Spend, answer_vote_rows, read_query_log
+from pipeline.apis.query.units import Key, WorkUnit, needed_keys, plan_image
+from pipeline.apis.books.querylog import OK, Spend, answer_vote_rows, read_query_log
 from pipeline.runs.fs import Location
 from pipeline.runs.storage import completed_images, write_votes
 from pipeline.runs.votes import VoteRow

@@ -18,27 +18,16 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from pipeline.apis.budget import Budget, BudgetSnapshot
-from pipeline.apis.journal import Journal
-from pipeline.apis.querylog import OK, answer_record, sent_record
+from pipeline.apis.books.budget import Budget, BudgetSnapshot
+from pipeline.apis.books.journal import Journal
+from pipeline.apis.books.querylog import OK, answer_record, sent_record
 from pipeline.apis.ratelimit import RateLimiter
+from pipeline.apis.query.retry import Permit
 from pipeline.runs.fs import Location
 
 QueryKey = tuple[int, str, int]  # (image id, phase, sample)
-
-
-@dataclass(frozen=True)
-class Permit:
-    """`send` (with the call's id), `answered` (the recorded answer: do not send), or `stop`."""
-
-    kind: str
-    call: str | None = None
-    answer: dict[str, Any] | None = None
-    reason: str | None = None
-    start_at: float | None = None  # the call's slot (wall clock); see pipeline.apis.ratelimit
 
 
 class Ledger:
@@ -102,10 +91,6 @@ class Ledger:
             if self._halted is None:
                 self._halted = (kind, message)
         self.budget.halt(kind)
-
-    def halted(self) -> tuple[str, str] | None:
-        with self._lock:
-            return self._halted
 
     def snapshot(self) -> dict[str, Any]:
         """This invocation's figures: the budget's, and answers by status, billable calls."""

@@ -18,15 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.apis.config import RetrySettings
-from pipeline.apis.errors import (
-    ApiError,
-    AuthError,
-    MalformedResponse,
-    QueryTimeout,
-    RequestRejected,
-    ServerError,
-    ThrottledError,
-)
+from pipeline.apis.errors import ApiError, ThrottledError
 from pipeline.apis.providers.base import Label, LabelClient
 from pipeline.apis.ratelimit import SendGate, start_at
 from pipeline.apis.secrets import describe
@@ -34,7 +26,18 @@ from pipeline.apis.secrets import describe
 # Final states of a query. OK: answered. FAILED: every attempt failed (asked again by a
 # later run). STOPPED: the budget or a halt stopped it. FATAL: the provider refused us.
 OK, FAILED, STOPPED, FATAL = "ok", "failed", "stopped", "fatal"
-RETRIED = ("malformed", "throttled", "server_error", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Permit:
+    """The ledger's answer to one attempt (`pipeline.apis.books.ledger`): `send` (with the
+    call's id), `answered` (the recorded answer: do not send), or `stop`."""
+
+    kind: str
+    call: str | None = None
+    answer: dict[str, Any] | None = None
+    reason: str | None = None
+    start_at: float | None = None  # the call's slot (wall clock); see pipeline.apis.ratelimit
 
 
 @dataclass
@@ -61,23 +64,6 @@ def backoff_delay(attempt: int, settings: RetrySettings, rng: random.Random, flo
     return delay
 
 
-def classify(error: BaseException) -> str:
-    """The status a failed call is journaled with."""
-    if isinstance(error, MalformedResponse):
-        return "malformed"
-    if isinstance(error, ThrottledError):
-        return "throttled"
-    if isinstance(error, ServerError):
-        return "server_error"
-    if isinstance(error, QueryTimeout):
-        return "timeout"
-    if isinstance(error, AuthError):
-        return "auth"
-    if isinstance(error, RequestRejected):
-        return "rejected"
-    return "error"
-
-
 def query_with_retries(
     client: LabelClient,
     image: bytes,
@@ -90,7 +76,7 @@ def query_with_retries(
 ) -> QueryOutcome:
     """Ask `client` for labels of `image`; see the module doc for the rules.
 
-    `permit(attempt)` returns a pipeline.apis.ledger.Permit; `answered(call, status, **fields)`
+    `permit(attempt)` returns a `Permit` (from the ledger); `answered(call, status, **fields)`
     journals each call's outcome; `reslot()` gives a new start time to a call found late."""
     from pipeline.apis.providers import top_label
 
@@ -120,7 +106,7 @@ def query_with_retries(
                 labels = client.labels(image)
             status, error_text = "ok", None
         except ApiError as error:
-            labels, status, error_text = [], classify(error), describe(error)
+            labels, status, error_text = [], error.kind, describe(error)  # the journal status: `errors`
             retry_after = error.retry_after_s if isinstance(error, ThrottledError) else None
         except Exception as error:  # noqa: BLE001 - an unknown failure: retried as transient
             labels, status, error_text = [], "error", describe(error)
