@@ -127,7 +127,8 @@ class Summary:
     provider: str
     attempts: int = 0  # calls sent by this invocation, retries included (what the budget counts)
     billable: int = 0  # of those, what the provider bills
-    cost: float = 0.0  # attempts x price: what the budget holds against its limits
+    cost: float = 0.0  # attempts x price (+ tokens x price): what the budget holds against its limits
+    tokens: int = 0  # token-priced providers: tokens this invocation spent
     answered: int = 0  # queries answered now
     retried: dict[str, int] = field(default_factory=dict)  # failed calls by status (all retried)
     failed: int = 0  # queries with no valid answer after every retry
@@ -189,10 +190,12 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
     retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
     lines.append(
         f"  this invocation: {s.attempts} calls sent ({s.billable} billable), {s.answered} queries answered, "
-        f"calls retried: {retried}; cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
+        f"calls retried: {retried}; " + (f"{s.tokens} tokens, " if s.tokens else "")
+        + f"cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
     )
     unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
-    lines.append(f"  run total: {s.run.calls} calls, ${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
+    tokens = f"{s.run.tokens} tokens, " if s.run.tokens else ""
+    lines.append(f"  run total: {s.run.calls} calls, {tokens}${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
     done = "decided" if s.certified is not None else "finished"
     lines.append(f"  images: {s.images_complete}/{s.images_total} {done}" + (f", {s.skipped} skipped (unreadable)"
                                                                              if s.skipped else ""))

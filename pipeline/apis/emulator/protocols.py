@@ -287,4 +287,6 @@ class Clarifai(Protocol):
         return _json(status, {"status": {"code": code, "description": text}})
 
 
-PROTOCOLS: tuple[Protocol, ...] = (AwsRekognition(), GoogleVision(), AzureVision(), Clarifai())
+from pipeline.apis.emulator.openai_chat import OpenAIChat  # noqa: E402 - it builds on the classes above
+
+PROTOCOLS: tuple[Protocol, ...] = (AwsRekognition(), GoogleVision(), AzureVision(), Clarifai(), OpenAIChat())
