@@ -285,6 +285,7 @@ def test_a_model_that_answers_at_random_is_certified_with_the_promised_error_rat
         wrong += picked != ABSTAIN and (picked != "Sky" or radius > true_radius + 1e-12)
     assert no_class_votes / (trials * n) == pytest.approx(0.18, abs=0.02)  # outside the set: no class
     bound = alpha * trials + 3 * math.sqrt(trials * alpha * (1 - alpha))
+    print(f"[figures] randomised model: {wrong} wrong certificates in {trials} (alpha bound {bound:.0f})")
     assert wrong <= bound, (wrong, bound)
     assert wrong >= 0.2 * alpha * trials  # the test has power: the bound is nearly tight
 
