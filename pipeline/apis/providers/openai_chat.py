@@ -35,7 +35,7 @@ import re
 from typing import Any
 
 from pipeline.apis.config import ApiSettings
-from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout
+from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, RequestRejected
 from pipeline.apis.providers.base import Label, error_for_status
 from pipeline.apis.ratelimit import before_send
 from pipeline.apis.secrets import scrub
@@ -92,7 +92,10 @@ class OpenAIChat:
     gates_sends = True  # httpx's request hook calls before_send()
 
     def __init__(self, settings: ApiSettings, timeout_s: float, pool_size: int = 10) -> None:
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise RequestRejected("the openai provider needs the `openai` package: pip install 'dsmooth[openai]'") from None
 
         chat = settings.chat
         key = os.environ.get(chat.key_env) or ""
