@@ -241,8 +241,8 @@ def spend_record(run_dir: str | Location, price_per_1000: float) -> dict[str, An
                     "cost": round(int(entry["billable"]) * price_per_1000 / 1000
                                   + float(entry.get("token_cost") or 0.0), 9)}
                    for entry in invocation_spend(run_dir)]
-    total = {key: sum(int(entry[key]) for entry in invocations) for key in ("calls", "billable", "unconfirmed",
-                                                                             "tokens")}
+    keys = ("calls", "billable", "unconfirmed") + (("tokens",) if any(e["tokens"] for e in invocations) else ())
+    total = {key: sum(int(entry[key]) for entry in invocations) for key in keys}
     return {"price_per_1000": price_per_1000, "invocations": invocations,
             "total": {**total, "cost": round(sum(entry["cost"] for entry in invocations), 9)}}
 
