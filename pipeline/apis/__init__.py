@@ -5,7 +5,9 @@ jobs/certify_api.py):
 
     config      the certify-api YAML schema (no secrets: only the names of variables)
     providers/  AWS Rekognition (boto3), Google Cloud Vision (google-cloud-vision, REST),
-                Azure AI Vision (REST), Clarifai (REST): image -> labels with scores
+                Azure AI Vision (REST), Clarifai (REST): image -> labels with scores; and
+                vision-language models behind OpenAI-compatible chat APIs (openai_chat)
+    chat_settings the chat model, prompt, classes, token prices and per-minute limits
     errors      transient / fatal / malformed, as the retry loop needs them
     secrets     scrubbing of credentials from every error text
     ratelimit   queries per second and in flight, per client

@@ -162,7 +162,10 @@ class Summary:
 
     @property
     def estimated_cost_left(self) -> float:
-        return self.pending_queries * self.price_per_1000 / 1000.0
+        """Queries left x the price of a call: the list price, plus for token-priced calls the
+        run's average token cost per call so far (0 before any)."""
+        per_call = self.price_per_1000 / 1000.0 + (self.run.token_cost / self.run.calls if self.run.calls else 0.0)
+        return self.pending_queries * per_call
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left,
@@ -215,9 +218,11 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
         lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
                      f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")
     if s.pending_queries:
+        rate = (f"the run's ${s.run.token_cost / s.run.calls:.6f} per call so far" if s.run.tokens and s.run.calls
+                else f"${s.price_per_1000:.2f}/1000")
         lines.append(
             f"  left to do: {s.pending_queries} queries (about ${s.estimated_cost_left:.4f} at "
-            f"${s.price_per_1000:.2f}/1000, retries extra); rerun the same command to resume"
+            f"{rate}, retries extra); rerun the same command to resume"
         )
     if s.images_complete:
         lines.append(f"  certificates: dsmooth reduce {run_dir}")
