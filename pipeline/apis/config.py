@@ -170,6 +170,9 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
         set none; the label is the API's answer on the clean image, so only `certify_class: label`."""
         if self.precision != "fp32" and self.denoiser is None:
             raise ConfigError("precision", "precision applies to the denoiser's forward passes: give --denoiser too")
+        if self.api.provider != "openai" and (self.budget.max_tokens is not None or self.budget.run_max_tokens is not None):
+            raise ConfigError("budget.max_tokens", f"{self.api.provider} is priced per call, not per token: "
+                                                   "use max_queries / max_cost")
         if not self.sequential:
             return self
         if self.certify_class != "label":
