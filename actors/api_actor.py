@@ -28,9 +28,10 @@ from pipeline.apis.query.worker import QuerySettings, QueryWorker, UnitResult
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=512)
 class LedgerActor:
-    def __init__(self, run: str, provider: str, budget: dict[str, Any], qps: float,
+    def __init__(self, run: str, provider: str, budget: dict[str, Any], limits: dict[str, Any],
                  answered: dict, invocation: str) -> None:
-        self._ledger = Ledger(run, provider, Budget(**budget), RateLimiter(qps), answered, invocation)
+        """`limits`: the RateLimiter's arguments (qps, requests_per_minute, tokens_per_minute)."""
+        self._ledger = Ledger(run, provider, Budget(**budget), RateLimiter(**limits), answered, invocation)
 
     def reserve(self, *args: Any) -> Permit:
         return self._ledger.reserve(*args)
@@ -51,10 +52,11 @@ class LedgerActor:
         self._ledger.close()
 
 
-def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], qps: float, answered: dict,
-                 invocation: str) -> Any:
+def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], limits: dict[str, Any],
+                 answered: dict, invocation: str) -> Any:
     """The job's ledger, on the driver's node, found by API actors under `name`."""
-    return LedgerActor.options(name=name, **on_driver_node()).remote(run, provider, budget, qps, answered, invocation)
+    return LedgerActor.options(name=name, **on_driver_node()).remote(run, provider, budget, limits, answered,
+                                                                      invocation)
 
 
 @ray.remote

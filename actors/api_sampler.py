@@ -61,9 +61,14 @@ class ApiSampler:
         rate = config.rate
         per_actor = max(1, rate.concurrency // rate.actors)
         ledger_name = f"dsmooth-ledger-{self.invocation}"
-        budget = {**config.budget.limits(), "price_per_1000": self.price,
-                  "run_queries_before": spend(config.output).calls}
-        self.ledger = start_ledger(ledger_name, str(config.output), config.api.provider, budget, rate.qps,
+        before = spend(config.output)
+        budget = {**config.budget.limits(), "price_per_1000": self.price, "run_queries_before": before.calls}
+        if config.api.provider == "openai":  # money is tokens (pipeline.apis.books.budget)
+            from pipeline.apis.chat_settings import token_budget
+
+            budget.update(token_budget(config, before, self.state))
+        limits = {"qps": rate.qps, **rate.per_minute.model_dump()}
+        self.ledger = start_ledger(ledger_name, str(config.output), config.api.provider, budget, limits,
                                    self.state.answered_map(), self.invocation)
         self.store, store_name, denoiser_key = None, None, None
         if self.denoiser is not None:
@@ -87,6 +92,7 @@ class ApiSampler:
             ray.get(self.ledger.close.remote(), timeout=120)
             budget_now = final["budget"]
             summary.attempts, summary.cost, summary.billable = budget_now.queries, budget_now.cost, final["billable"]
+            summary.tokens = budget_now.tokens
             summary.retried = {k: v for k, v in final["statuses"].items() if k != "ok"}
             summary.limits = budget_now.describe()
             if summary.status == "budget" or self.stop_kind == "budget":

@@ -1,5 +1,6 @@
 """Serve a local emulator of the AWS Rekognition, Google Cloud Vision, Azure AI Vision and
-Clarifai label-detection APIs on 127.0.0.1, for trying and testing `certify-api` without
+Clarifai label-detection APIs, and of an OpenAI-compatible chat endpoint (/v1/chat/completions,
+a vision-language model used as a classifier), on 127.0.0.1, for trying and testing `certify-api` without
 an account, a network connection or a bill.
 
 The real client libraries talk to it through the endpoint override (`api.endpoint` in a
@@ -9,7 +10,8 @@ readable labels ("Sky", "Snow", "Foliage"...), or any dsmooth classifier checkpo
 (--classifier). Any non-empty credentials are accepted (use --auth-failure to refuse them).
 
 Faults, drawn per request: --throttle P, --server-error P, --malformed P (probabilities),
---latency S with --latency-rate P, --auth-failure. They can be changed while it runs:
+--latency S with --latency-rate P, --auth-failure; chat only: --refusal P,
+--garbage P (a reply naming no class), --retry-after S (on each 429). They can be changed while it runs:
   curl -X POST localhost:PORT/_emulator/faults -d '{"provider": "aws", "throttle": 0.2}'
   curl localhost:PORT/_emulator/calls          # calls received per provider
   curl -X POST localhost:PORT/_emulator/reset
@@ -49,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
     faults = FaultSettings(
         auth_failure=args.auth_failure, throttle=args.throttle, server_error=args.server_error,
         malformed=args.malformed, latency_s=args.latency, latency_rate=args.latency_rate,
+        refusal=args.refusal, garbage=args.garbage, retry_after_s=args.retry_after,
     )
     try:
         server = EmulatorServer(classifier, port=args.port, seed=args.seed, faults=faults, verbose=verbose)  # -v: method and path of each call (never headers)
     except OSError as error:
         raise ValueError(f"cannot listen on 127.0.0.1:{args.port}: {error.strerror or error}") from None
-    print(f"api-emulator: listening on {server.url} (aws, google, azure, clarifai; "
+    print(f"api-emulator: listening on {server.url} (aws, google, azure, clarifai, openai at /v1; "
           f"classifier: {args.classifier or 'built-in colour classifier'})", flush=True)
     print(f"api-emulator: use `api: {{provider: aws, endpoint: {server.url}}}` in a certify-api config; "
           "Ctrl-C stops", flush=True)

@@ -1,5 +1,7 @@
 """Certify a commercial vision API (AWS Rekognition, Google Cloud Vision, Azure AI Vision,
-Clarifai) with denoised smoothing, under hard query and cost budgets.
+Clarifai), or a vision-language model behind an OpenAI-compatible chat API (--provider openai:
+OpenAI, or vLLM / llama.cpp / Ollama serving one locally; docs/guides/vlm-chat-apis.md), with
+denoised smoothing, under hard query, cost and token budgets.
 
 For each image: one clean query (its label, as in Salman et al.), then n0 selection and n
 estimation queries on noisy copies x + delta (through the optional local denoiser, sent
@@ -20,7 +22,7 @@ sent, so no limit can be passed. The rate limit holds job-wide (never more than 
 starts in any second), slowing down after throttling. Credentials come from each
 provider's standard variables, never from the config: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
 (boto3's chain), GOOGLE_API_KEY or GOOGLE_APPLICATION_CREDENTIALS, VISION_KEY + VISION_ENDPOINT
-(Azure), CLARIFAI_PAT.
+(Azure), CLARIFAI_PAT, OPENAI_API_KEY (or --openai-key-env VAR).
 
 exit status: 0 every image finished (fixed n: all its queries answered) or decided
 (sequential); 3 stopped early (budget spent, or queries with no valid answer after every

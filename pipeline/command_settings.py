@@ -83,3 +83,6 @@ class EmulatorSettings(Settings):
     latency: NonNegativeFloat = option(0.0, metavar="S", help="seconds added before answering")
     latency_rate: Probability = option(1.0, metavar="P", help="fraction of answers delayed")
     auth_failure: bool = option(False, help="refuse every call as with invalid credentials")
+    refusal: Probability = option(0.0, metavar="P", help="chat models: probability of a refusal")
+    garbage: Probability = option(0.0, metavar="P", help="chat models: probability of a reply naming no class")
+    retry_after: NonNegativeFloat = option(0.0, metavar="S", help="the Retry-After of a 429, where one is sent")

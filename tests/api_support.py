@@ -51,6 +51,7 @@ FAKE_CREDENTIALS = {
     "GOOGLE_API_KEY": "AIzaFakeGoogleKey-dsmooth-do-not-log-5678",
     "VISION_KEY": "fakeazurekeydsmoothdonotlog9012",
     "CLARIFAI_PAT": "fakeclarifaipatdsmoothdonotlog3456",
+    "OPENAI_API_KEY": "sk-fakeopenaikeydsmoothdonotlog7890",
 }
 
 

@@ -20,8 +20,9 @@ the books (books/): what was asked, answered, spent
                      never loses or repeats a paid answer
     books/querylog   the journals compacted into a Parquet log of every query; vote rows
                      rebuilt from it (any n0 <= n0, n <= n); what the run spent
-    books/budget     max queries and max cost, per invocation and per run, reserved per attempt
-                     so that no limit can be passed
+    books/budget     max queries, cost and tokens, per invocation and per run, reserved per
+                     attempt (a chat call: its largest prompt so far plus the answer cap) so
+                     that no limit can be passed
     books/ledger     the one place a call is granted: budget, journal and rate limit together
     books/billing    which answers a provider bills
 
@@ -42,7 +43,13 @@ shared by the three groups
     ratelimit    query starts per second and queries in flight, one limit for the whole job
                  (held by the ledger), slower after throttling
     providers/   AWS Rekognition (boto3), Google Cloud Vision (google-cloud-vision, REST),
-                 Azure AI Vision (REST), Clarifai (REST): image -> labels with scores
+                 Azure AI Vision (REST), Clarifai (REST): image -> labels with scores; and
+                 vision-language models behind OpenAI-compatible chat APIs (openai_chat:
+                 image + prompt -> one class, refusals and answers outside the classes a
+                 "no class" vote)
+    chat_settings  the chat model, prompt, classes, temperature/seed, token prices and
+                 per-minute limits of the `openai` provider (all but the prices and limits
+                 in the run identity)
 
 apart
     emulator/    `dsmooth api-emulator`: a local stand-in for the providers' wire protocols,

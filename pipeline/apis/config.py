@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.apis.chat_settings import ChatSettings, TokenPrices, TokenRate
 from pipeline.config import (
     ConfigError,
     NonNegativeFloat,
@@ -32,11 +33,12 @@ from pipeline.settings import (
     SmoothingSettings,
 )
 
-Provider = Literal["aws", "google", "azure", "clarifai"]
+Provider = Literal["aws", "google", "azure", "clarifai", "openai"]
 
 # List prices in USD per 1,000 label-detection calls (first pricing tier, as published by
 # each provider); only used to account spending against `budget.max_cost`.
-DEFAULT_PRICES_PER_1000: dict[str, float] = {"aws": 1.00, "google": 1.50, "azure": 1.00, "clarifai": 1.20}
+DEFAULT_PRICES_PER_1000: dict[str, float] = {"aws": 1.00, "google": 1.50, "azure": 1.00, "clarifai": 1.20,
+                                                   "openai": 0.0}  # openai: priced per token (TokenPrices)
 
 
 class ApiSettings(Settings):
@@ -57,6 +59,7 @@ class ApiSettings(Settings):
     clarifai_app: str = option("main", help="Clarifai application")
     clarifai_model: str = option("general-image-recognition", help="Clarifai model id")
     clarifai_model_version: str | None = option(None, help="Clarifai model version (default: latest)")
+    chat: ChatSettings = option(default_factory=ChatSettings, help="openai: the chat model and its prompt")
 
     @field_validator("endpoint")
     @classmethod
@@ -89,21 +92,28 @@ class BudgetSettings(Settings):
                                                     help="calls the whole run may send, every invocation included")
     run_max_cost: NonNegativeFloat | None = option(None, flag="--run-max-cost", metavar="USD",
                                                    help="money the whole run may spend, every invocation included")
+    max_tokens: NonNegativeInt | None = option(None, flag="--max-tokens", metavar="K",
+                                               help="openai: tokens this invocation may spend (prompt + answer)")
+    run_max_tokens: NonNegativeInt | None = option(None, flag="--run-max-tokens", metavar="K",
+                                                   help="openai: tokens the whole run may spend")
+    tokens: TokenPrices = option(default_factory=TokenPrices, help="openai: prices per million tokens")
     price_per_1000: dict[Provider, NonNegativeFloat] = option(
         default_factory=lambda: dict(DEFAULT_PRICES_PER_1000), cli=False,
         help="list price per 1,000 calls, per provider (YAML only)")
 
     @model_validator(mode="after")
     def _bounded(self) -> BudgetSettings:
-        if all(v is None for v in (self.max_queries, self.max_cost, self.run_max_queries, self.run_max_cost)):
-            raise ConfigError("max_queries", "set budget.max_queries, max_cost, run_max_queries and/or run_max_cost "
-                                             "(no unbounded spending)")
+        if all(v is None for v in (self.max_queries, self.max_cost, self.run_max_queries, self.run_max_cost,
+                                   self.max_tokens, self.run_max_tokens)):
+            raise ConfigError("max_queries", "set budget.max_queries, max_cost, run_max_queries, run_max_cost, "
+                                             "max_tokens and/or run_max_tokens (no unbounded spending)")
         return self
 
     def limits(self) -> dict[str, float | int | None]:
         """The pipeline.apis.books.budget.Budget arguments (price aside)."""
         return {"max_queries": self.max_queries, "max_cost": self.max_cost,
-                "run_max_queries": self.run_max_queries, "run_max_cost": self.run_max_cost}
+                "run_max_queries": self.run_max_queries, "run_max_cost": self.run_max_cost,
+                "max_tokens": self.max_tokens, "run_max_tokens": self.run_max_tokens}
 
     def price(self, provider: str) -> float:
         return float(self.price_per_1000.get(provider, DEFAULT_PRICES_PER_1000[provider]))
@@ -117,6 +127,7 @@ class RateSettings(Settings):
     concurrency: PositiveInt = option(4, help="queries in flight at once, whole job")
     actors: PositiveInt = option(1, help="Ray actors sharing the concurrency (the rate is job-wide)")
     actor_cpus: NonNegativeFloat = option(1.0, help="CPUs reserved per API actor")
+    per_minute: TokenRate = option(default_factory=TokenRate, help="per-minute limits (requests, tokens)")
 
 
 class RetrySettings(Settings):
@@ -158,6 +169,9 @@ class CertifyApiConfig(DataSelection, SmoothingSettings, SequentialSettings, Poo
         set none; the label is the API's answer on the clean image, so only `certify_class: label`."""
         if self.precision != "fp32" and self.denoiser is None:
             raise ConfigError("precision", "precision applies to the denoiser's forward passes: give --denoiser too")
+        if self.api.provider != "openai" and (self.budget.max_tokens is not None or self.budget.run_max_tokens is not None):
+            raise ConfigError("budget.max_tokens", f"{self.api.provider} is priced per call, not per token: "
+                                                   "use max_queries / max_cost")
         if not self.sequential:
             return self
         if self.certify_class != "label":

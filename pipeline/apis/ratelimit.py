@@ -30,6 +30,10 @@ clock:
 The rate below that ceiling adapts, as botocore's "adaptive" retry mode does: each
 throttling answer halves it (down to a tenth of qps), each success raises it again by a
 twentieth of qps.
+
+Chat APIs publish their limits per minute, in requests and in tokens: `requests_per_minute`
+and `tokens_per_minute` add the same rule over 60-second windows (+ LATE_S + MARGIN_S), a
+call counting the tokens it reserved (pipeline.apis.books.budget) -- never less than it uses.
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ MARGIN_S = 0.25  # how much two calls' trips (send -> the provider's clock) may 
 class RateLimiter:
     """Thread-safe slot scheduler; `slot()` returns a start time, it does not wait."""
 
-    def __init__(self, qps: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, qps: float, clock: Callable[[], float] = time.time, requests_per_minute: int | None = None,
+                 tokens_per_minute: int | None = None) -> None:
         if qps <= 0:
             raise ValueError(f"qps must be positive, got {qps!r}")
+        self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
+        self._minute: deque[tuple[float, int]] = deque()  # (start, tokens) of the last minute's slots
         self.qps = float(qps)
         self.rate = float(qps)
         self.per_window = max(1, math.floor(qps))  # slots per window_s + LATE_S + MARGIN_S
@@ -59,8 +66,9 @@ class RateLimiter:
         self._slots: deque[float] = deque()
         self._next = float("-inf")
 
-    def slot(self) -> float:
-        """The next start time (on the wall clock `clock`) a call may take."""
+    def slot(self, tokens: int = 0) -> float:
+        """The next start time (on the wall clock `clock`) a call may take; `tokens` is what
+        it reserved (counted against tokens_per_minute)."""
         with self._lock:
             start = max(self._clock(), self._next)
             span = self.window_s + LATE_S + MARGIN_S
@@ -68,9 +76,31 @@ class RateLimiter:
                 self._slots.popleft()
             if len(self._slots) >= self.per_window:
                 start = max(start, self._slots[-self.per_window] + span + 1e-6)
+            start = self._per_minute(start, int(tokens))
             self._slots.append(start)
             self._next = start + 1.0 / self.rate
             return start
+
+    def _per_minute(self, start: float, tokens: int) -> float:
+        """The earliest start >= `start` at which the last minute's slots leave room for one
+        more request of `tokens` tokens (slots are handed out in order, so the window only
+        ever loses its oldest ones)."""
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            return start
+        if self.tokens_per_minute is not None and tokens > self.tokens_per_minute:
+            raise ValueError(f"one call reserves {tokens} tokens, more than tokens_per_minute="
+                             f"{self.tokens_per_minute}")
+        span = 60.0 + LATE_S + MARGIN_S
+        window = self._minute
+        while True:
+            while window and window[0][0] <= start - span:
+                window.popleft()
+            full = (self.requests_per_minute is not None and len(window) >= self.requests_per_minute) or (
+                self.tokens_per_minute is not None and sum(t for _, t in window) + tokens > self.tokens_per_minute)
+            if not full:
+                window.append((start, tokens))
+                return start
+            start = window[0][0] + span + 1e-6
 
     def feedback(self, throttled: bool) -> None:
         """Slow down after a throttling answer, speed back up after a success."""

@@ -45,6 +45,8 @@ def load_run(run_dir: str | Path | Location, alpha: float | None = None, name: s
     if votes.empty:
         raise UnusableInput(f"{run_dir}: " + ("no intact votes (damaged parts above)" if damaged else "run has no votes yet"))
     label = name if name is not None else str(run_dir)
+    if identity.get("openai_model") and str(identity["openai_model"]) not in label:
+        label += f" [{describe_identity(identity)['model']}]"  # tables name a chat model's runs: model, prompt
     own = recorded_alpha(record)
     alpha = own if alpha is None else alpha
     if identity.get("sequential"):
@@ -70,6 +72,8 @@ def describe_identity(identity: dict[str, Any]) -> dict[str, Any]:
     if dataset and data and data != str(dataset).split("/")[0]:
         dataset = f"{dataset} ({data})"
     target = identity.get("classifier") or (f"{identity['provider']} API" if identity.get("provider") else None)
+    if identity.get("openai_model"):  # a chat model: which model, and which prompt (by its digest)
+        target = f"{identity['openai_model']} (chat API, prompt {identity.get('prompt_sha256')})"
     denoiser = identity.get("denoiser")
     model = f"{denoiser} → {target}" if denoiser and target else target
     return {"n": None if n is None else int(n), "dataset": dataset, "model": model,

@@ -24,7 +24,10 @@ _DEFAULT = {
     "server_error": False,
     "error": True,  # an unknown failure: may have been processed
 }
-RULES: dict[str, dict[str | None, bool]] = {provider: dict(_DEFAULT) for provider in ("aws", "google", "azure", "clarifai")}
+RULES: dict[str, dict[str | None, bool]] = {provider: dict(_DEFAULT)
+                                            for provider in ("aws", "google", "azure", "clarifai", "openai")}
+# openai: chat APIs bill the tokens of every completed answer (a refusal included) and nothing
+# for 429s, refused keys, rejected requests or their own 5xx: the same rules, in tokens.
 
 
 def billable(provider: str, status: str | None) -> bool:

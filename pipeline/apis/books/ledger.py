@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.apis.books.billing import billable
 from pipeline.apis.books.budget import Budget, BudgetSnapshot
 from pipeline.apis.books.journal import Journal
 from pipeline.apis.books.querylog import OK, answer_record, sent_record
@@ -60,12 +61,16 @@ class Ledger:
                 return Permit("answered", answer=self._answered[key])
             if self._halted is not None:
                 return Permit("stop", reason=self._halted[0])
-        if not self.budget.reserve():
-            return Permit("stop", reason="budget")
         call = uuid.uuid4().hex
-        self.journal.append(sent_record(call, self.invocation, self.provider, int(image_id), image_name, phase,
-                                        int(sample), attempt, worker))
-        return Permit("send", call=call, start_at=self.limiter.slot())
+        if not self.budget.reserve(call):
+            return Permit("stop", reason="budget")
+        record = sent_record(call, self.invocation, self.provider, int(image_id), image_name, phase,
+                             int(sample), attempt, worker)
+        held = self.budget.held(call)  # a token-priced call: what it may cost, until answered
+        if held is not None:
+            record.update(reserved_tokens=held[0] + held[1], reserved_cost=held[2] / 1e9)
+        self.journal.append(record)
+        return Permit("send", call=call, start_at=self.limiter.slot(held[0] + held[1] if held else 0))
 
     def reslot(self) -> float:
         """A new start time for a call that could not start on time."""
@@ -73,7 +78,13 @@ class Ledger:
 
     def answered(self, call: str, image_id: int, phase: str, sample: int, status: str,
                  **fields: Any) -> dict[str, Any]:
-        """Journal a call's outcome (durably); returns the record."""
+        """Journal a call's outcome (durably); returns the record. A token-priced call is
+        charged its usage (`prompt_tokens`, `completion_tokens` in `fields`) here."""
+        if self.budget.token_priced:
+            billed = billable(self.provider, status)
+            prompt, completion, cost = self.budget.settle(call, fields.pop("prompt_tokens", None),
+                                                          fields.pop("completion_tokens", None), billed)
+            fields.update(prompt_tokens=prompt, completion_tokens=completion, cost=cost)
         record = answer_record(call, self.provider, status, **fields)
         self.journal.append(record)
         self.limiter.feedback(throttled=status == "throttled")

@@ -65,6 +65,15 @@ CALL_SCHEMA = pa.schema(
         ("latency_s", pa.float64()),
         ("error", pa.string()),  # scrubbed of secrets
         ("answered_at", pa.timestamp("ms", tz="UTC")),
+        # token-priced providers (openai): usage and cost as charged; a call's reservation
+        # (what an unconfirmed one is charged); why an answer gave no class, and its text
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cost", pa.float64()),
+        ("reserved_tokens", pa.int64()),
+        ("reserved_cost", pa.float64()),
+        ("no_class", pa.string()),  # refusal | outside | unparseable | truncated; null: a class
+        ("reply", pa.string()),  # the model's answer text (shortened)
     ]
 )
 CALLS = PartStream(QUERIES_DIR, CALL_SCHEMA)
@@ -167,15 +176,19 @@ class Spend:
     calls: int  # attempts sent (the budget counts these)
     unconfirmed: int  # sent, no answer recorded (killed in flight): may or may not have arrived
     billable: int  # calls the provider bills (unconfirmed included)
+    tokens: int = 0  # token-priced providers: tokens charged (unconfirmed calls at their reservation)
+    token_cost: float = 0.0  # and their price
 
     def cost(self, price_per_1000: float) -> float:
-        return self.billable * price_per_1000 / 1000.0
+        return self.billable * price_per_1000 / 1000.0 + self.token_cost
 
 
 def spend(run_dir: str | Location) -> Spend:
     """What the run has sent and owes over every invocation (see invocation_spend)."""
     entries = invocation_spend(run_dir)
-    return Spend(*(sum(int(e[key]) for e in entries) for key in ("calls", "unconfirmed", "billable")))
+    return Spend(*(sum(int(e[key]) for e in entries) for key in ("calls", "unconfirmed", "billable")),
+                 tokens=sum(int(e.get("tokens") or 0) for e in entries),
+                 token_cost=round(sum(float(e.get("token_cost") or 0.0) for e in entries), 9))
 
 
 def invocation_spend(run_dir: str | Location) -> list[dict[str, Any]]:
@@ -190,23 +203,39 @@ def invocation_spend(run_dir: str | Location) -> list[dict[str, Any]]:
             "first_call": str(group["sent_at"].min()), "last_call": str(group["sent_at"].max()),
             "calls": len(group), "billable": int(group["billable"].fillna(True).sum()),
             "unconfirmed": int(group["status"].isna().sum()),
+            **_token_spend(group),
         }
     for old in _recorded_invocations(run_dir):
         now = entries.get(old["invocation"])
         if now is None or now["calls"] < int(old["calls"]):
             kept = {key: old.get(key) for key in ("invocation", "first_call", "last_call", "calls", "billable",
-                                                  "unconfirmed")}
+                                                  "unconfirmed", "tokens", "token_cost")}
             entries[old["invocation"]] = {**kept, "calls_not_in_log": int(old["calls"]) - (now["calls"] if now else 0)}
     return sorted(entries.values(), key=lambda entry: str(entry["first_call"] or ""))
 
 
+def _token_spend(group: pd.DataFrame) -> dict[str, Any]:
+    """Tokens and their cost of one invocation's calls: usage as charged, and the reservation
+    of each unconfirmed call (it may have been answered and billed)."""
+    unconfirmed = group["status"].isna()
+    used = group["prompt_tokens"].fillna(0) + group["completion_tokens"].fillna(0)
+    tokens = int(used[~unconfirmed].sum() + group["reserved_tokens"].fillna(0)[unconfirmed].sum())
+    cost = float(group["cost"].fillna(0.0)[~unconfirmed].sum() + group["reserved_cost"].fillna(0.0)[unconfirmed].sum())
+    return {"tokens": tokens, "token_cost": round(cost, 9)}
+
+
 def spend_record(run_dir: str | Location, price_per_1000: float) -> dict[str, Any]:
-    """RUN/spend.json: each invocation's calls and cost at `price_per_1000`, and the total."""
-    invocations = [{**entry, "cost": round(int(entry["billable"]) * price_per_1000 / 1000, 9)}
+    """RUN/spend.json: each invocation's calls, tokens and cost (calls at `price_per_1000`
+    plus tokens at their price), and the total."""
+    invocations = [{**entry, "tokens": int(entry.get("tokens") or 0),
+                    "token_cost": float(entry.get("token_cost") or 0.0),
+                    "cost": round(int(entry["billable"]) * price_per_1000 / 1000
+                                  + float(entry.get("token_cost") or 0.0), 9)}
                    for entry in invocation_spend(run_dir)]
-    total = {key: sum(int(entry[key]) for entry in invocations) for key in ("calls", "billable", "unconfirmed")}
+    keys = ("calls", "billable", "unconfirmed") + (("tokens",) if any(e["tokens"] for e in invocations) else ())
+    total = {key: sum(int(entry[key]) for entry in invocations) for key in keys}
     return {"price_per_1000": price_per_1000, "invocations": invocations,
-            "total": {**total, "cost": round(total["billable"] * price_per_1000 / 1000, 9)}}
+            "total": {**total, "cost": round(sum(entry["cost"] for entry in invocations), 9)}}
 
 
 def write_spend_record(run_dir: str | Location, price_per_1000: float) -> None:
@@ -302,5 +331,7 @@ def _timestamp(value: Any) -> datetime:
 
 def _model_name(identity: Mapping[str, Any]) -> str:
     provider = str(identity.get("provider"))
+    if identity.get("openai_model"):  # a chat model: its name and its prompt's (tables, figures)
+        return f"api:{provider}:{identity['openai_model']}:prompt-{identity.get('prompt_sha256')}"
     detail = identity.get("clarifai_model") or identity.get("azure_api_version")
     return f"api:{provider}" + (f":{detail}" if detail else "")

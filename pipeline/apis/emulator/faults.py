@@ -16,6 +16,9 @@ class FaultSettings:
     `auth_failure` rejects every request as the provider does for a bad key; `throttle`
     answers 429 / ThrottlingException; `server_error` a 5xx; `malformed` a 200 whose body
     is not a valid answer; `latency_s` delays a `latency_rate` fraction of answers.
+    Chat models only (other providers answer normally): `refusal` refuses to answer,
+    `garbage` replies with text that names no class. `retry_after_s`: the Retry-After a
+    429 carries (where the provider sends one).
     """
 
     auth_failure: bool = False
@@ -24,9 +27,12 @@ class FaultSettings:
     malformed: float = 0.0
     latency_s: float = 0.0
     latency_rate: float = 1.0
+    refusal: float = 0.0
+    garbage: float = 0.0
+    retry_after_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("throttle", "server_error", "malformed", "latency_rate"):
+        for name in ("throttle", "server_error", "malformed", "latency_rate", "refusal", "garbage"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"fault {name} must be a probability in [0, 1], got {value!r}")
@@ -75,7 +81,7 @@ class FaultInjector:
             if settings.auth_failure:
                 return "auth_failure", delay
             roll = self._random.random()
-        for name in ("throttle", "server_error", "malformed"):
+        for name in ("throttle", "server_error", "malformed", "refusal", "garbage"):
             probability = getattr(settings, name)
             if roll < probability:
                 return name, delay

@@ -286,5 +286,3 @@ class Clarifai(Protocol):
         }[kind]
         return _json(status, {"status": {"code": code, "description": text}})
 
-
-PROTOCOLS: tuple[Protocol, ...] = (AwsRekognition(), GoogleVision(), AzureVision(), Clarifai())

@@ -1,11 +1,12 @@
-"""A local HTTP server that answers label-detection calls of all four providers.
+"""A local HTTP server that answers label-detection calls of all four providers, and chat
+completions of an OpenAI-compatible vision-language model (`/v1/chat/completions`).
 
 One port serves every provider (requests are told apart by path and headers, as the real
 endpoints are), so a test points boto3, google-cloud-vision and the REST adapters at the
 same `http://127.0.0.1:PORT`. It never binds anything but 127.0.0.1. Control endpoints
 under `/_emulator/` (not counted as calls) read the call counters and switch faults:
 
-    GET  /_emulator/calls     {"aws": 12, "google": 0, ..., "total": 12}
+    GET  /_emulator/calls     {"aws": 12, "google": 0, ..., "openai": 0, "total": 12}
     GET  /_emulator/stats     calls, most requests in flight at once, most calls in any second,
                               calls repeating an earlier request, fault settings
     POST /_emulator/faults    {"provider": "aws", "throttle": 0.3, ...}  (provider optional)
@@ -31,7 +32,20 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.apis.emulator.classifier import Classifier, ColourClassifier
 from pipeline.apis.emulator.faults import FaultInjector, FaultSettings
-from pipeline.apis.emulator.protocols import PROTOCOLS, BadRequest, Protocol, Request, Response
+from pipeline.apis.emulator.openai_chat import OpenAIChat
+from pipeline.apis.emulator.protocols import (
+    AwsRekognition,
+    AzureVision,
+    BadRequest,
+    Clarifai,
+    GoogleVision,
+    Protocol,
+    Request,
+    Response,
+)
+
+# Every wire format the emulator speaks: the four label APIs and OpenAI-compatible chat.
+PROTOCOLS: tuple[Protocol, ...] = (AwsRekognition(), GoogleVision(), AzureVision(), Clarifai(), OpenAIChat())
 
 HOST = "127.0.0.1"
 CONTROL_PREFIX = "/_emulator/"
@@ -167,7 +181,7 @@ class EmulatorServer:
         if fault == "auth_failure":
             return protocol.error("auth_failure", protocol.presented(request))
         if fault == "throttle":
-            return protocol.error("throttle")
+            return protocol.error("throttle", retry_after_s=self.faults.settings(protocol.name).retry_after_s)
         if fault == "server_error":
             return protocol.error("server_error")
         try:
@@ -181,6 +195,8 @@ class EmulatorServer:
             return protocol.error("bad_image")
         if fault == "malformed":
             return protocol.malformed()
+        if fault in ("refusal", "garbage") and hasattr(protocol, "answer_fault"):  # chat models only
+            return protocol.answer_fault(fault, options, (rgb.shape[1], rgb.shape[0]))
         labels = self.classifier.labels(rgb)
         return protocol.answer(labels, options, (rgb.shape[1], rgb.shape[0]))
 

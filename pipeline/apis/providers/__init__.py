@@ -29,6 +29,10 @@ def make_client(settings: ApiSettings, timeout_s: float, pool_size: int = 10) ->
         from pipeline.apis.providers.clarifai import ClarifaiPredict
 
         return ClarifaiPredict(settings, timeout_s)
+    if settings.provider == "openai":
+        from pipeline.apis.providers.openai_chat import OpenAIChat
+
+        return OpenAIChat(settings, timeout_s, pool_size)
     raise ValueError(f"unknown provider {settings.provider!r}")
 
 

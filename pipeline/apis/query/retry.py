@@ -101,10 +101,12 @@ def query_with_retries(
             if not getattr(client, "gates_sends", False):
                 gate.release()  # a client that does not call before_send(): wait before calling it
         sent = time.monotonic()
+        extra: dict[str, Any] = {}  # what a client journals beside labels (a chat answer's usage...)
         try:
             with gate or nullcontext():
                 labels = client.labels(image)
             status, error_text = "ok", None
+            extra = dict(getattr(labels, "journal", None) or {})
         except ApiError as error:
             labels, status, error_text = [], error.kind, describe(error)  # the journal status: `errors`
             retry_after = error.retry_after_s if isinstance(error, ThrottledError) else None
@@ -114,7 +116,7 @@ def query_with_retries(
         outcome.status, outcome.error = status, error_text
         best = top_label(labels) if status == "ok" else None
         answered(grant.call, status, top_label=best, labels=[label.name for label in labels],
-                 scores=[label.score for label in labels], latency_s=outcome.latency_s, error=error_text)
+                 scores=[label.score for label in labels], latency_s=outcome.latency_s, error=error_text, **extra)
         if status == "ok":
             outcome.state, outcome.labels, outcome.top_label = OK, labels, best
             break

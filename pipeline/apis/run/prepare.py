@@ -53,9 +53,16 @@ def api_identity(
     change how or how much, so a rerun may raise the budget, certify more images or move the
     endpoint.
     """
+    chat = {}
+    if config.api.provider == "openai":  # the class list is fixed here, for the identity and the actors
+        spec_classes = getattr(split.spec, "classes", None) if split.spec is not None else None
+        classes = config.api.chat.resolve_classes(split.classes or (list(spec_classes) if spec_classes else None))
+        config.api.chat.__dict__["classes"] = classes  # not setattr: that would validate again
+        chat = config.api.chat.identity(classes)
     identity = run_identity(
         "certify-api", config, config, split,
         **config.api.answer_identity(),
+        **chat,
         denoiser=denoiser_arch,
         denoiser_sha256=denoiser_sha,
         encoding=ENCODING,

@@ -127,7 +127,8 @@ class Summary:
     provider: str
     attempts: int = 0  # calls sent by this invocation, retries included (what the budget counts)
     billable: int = 0  # of those, what the provider bills
-    cost: float = 0.0  # attempts x price: what the budget holds against its limits
+    cost: float = 0.0  # attempts x price (+ tokens x price): what the budget holds against its limits
+    tokens: int = 0  # token-priced providers: tokens this invocation spent
     answered: int = 0  # queries answered now
     retried: dict[str, int] = field(default_factory=dict)  # failed calls by status (all retried)
     failed: int = 0  # queries with no valid answer after every retry
@@ -161,7 +162,10 @@ class Summary:
 
     @property
     def estimated_cost_left(self) -> float:
-        return self.pending_queries * self.price_per_1000 / 1000.0
+        """Queries left x the price of a call: the list price, plus for token-priced calls the
+        run's average token cost per call so far (0 before any)."""
+        per_call = self.price_per_1000 / 1000.0 + (self.run.token_cost / self.run.calls if self.run.calls else 0.0)
+        return self.pending_queries * per_call
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left,
@@ -189,10 +193,12 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
     retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
     lines.append(
         f"  this invocation: {s.attempts} calls sent ({s.billable} billable), {s.answered} queries answered, "
-        f"calls retried: {retried}; cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
+        f"calls retried: {retried}; " + (f"{s.tokens} tokens, " if s.tokens else "")
+        + f"cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
     )
     unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
-    lines.append(f"  run total: {s.run.calls} calls, ${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
+    tokens = f"{s.run.tokens} tokens, " if s.run.tokens else ""
+    lines.append(f"  run total: {s.run.calls} calls, {tokens}${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
     done = "decided" if s.certified is not None else "finished"
     lines.append(f"  images: {s.images_complete}/{s.images_total} {done}" + (f", {s.skipped} skipped (unreadable)"
                                                                              if s.skipped else ""))
@@ -212,9 +218,11 @@ def format_summary(s: Summary, run_dir: str | Location) -> str:
         lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
                      f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")
     if s.pending_queries:
+        rate = (f"the run's ${s.run.token_cost / s.run.calls:.6f} per call so far" if s.run.tokens and s.run.calls
+                else f"${s.price_per_1000:.2f}/1000")
         lines.append(
             f"  left to do: {s.pending_queries} queries (about ${s.estimated_cost_left:.4f} at "
-            f"${s.price_per_1000:.2f}/1000, retries extra); rerun the same command to resume"
+            f"{rate}, retries extra); rerun the same command to resume"
         )
     if s.images_complete:
         lines.append(f"  certificates: dsmooth reduce {run_dir}")
