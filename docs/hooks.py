@@ -26,7 +26,7 @@ NEEDS = {
     "network": "a package index (network access)",
 }
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
-MARKER = re.compile(r"^\s*<!--\s*(run|needs)(?::\s*(.*?))?\s*-->\s*$")
+MARKER = re.compile(r"^\s*<!--\s*(run|ci|needs)(?::\s*(.*?))?\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)")
 
 
@@ -38,8 +38,8 @@ class Block:
     line: int  # 1-based line of the opening fence
     language: str
     code: str
-    marker: str | None  # "run" | "needs" | None
-    argument: str  # FLAGS of run, the needs list
+    marker: str | None  # "run" | "ci" | "needs" | None
+    argument: str  # FLAGS of run or ci, the needs list
 
 
 def blocks(text: str, page: str = "") -> list[Block]:
