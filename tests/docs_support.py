@@ -104,7 +104,8 @@ SIZED = ("certify", "certify-api", "demo", "train")
 
 PRELUDE = r"""
 set -euo pipefail
-trap 'for job in $(jobs -p); do kill "$job" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
+# a background command (the emulator) is a subshell running python: stop both when the block ends
+trap 'for job in $(jobs -p); do pkill -TERM -P "$job" 2>/dev/null || true; kill "$job" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
 dsmooth() {
     case "$1" in
         certify|certify-api|demo|train) "$PY" -m jobs.cli "$@" "${TINY[@]}" ;;
