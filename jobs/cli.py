@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 DESCRIPTION = """\
 dsmooth turns a pretrained image classifier -- or a vision API you can only query -- into a
@@ -65,18 +66,26 @@ def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
                        help="debug lines, and Ray's own output (worker logs, its INFO lines)")
 
 
+def command_parser(name: str) -> tuple[Any, argparse.ArgumentParser]:
+    """(the command's module, its full parser): what `dsmooth NAME` parses, and what the CLI
+    reference (`jobs/cli_reference.py`) documents, so the two cannot differ."""
+    from jobs.options import Parser
+
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = Parser(prog=f"dsmooth {name}", description=(module.__doc__ or COMMANDS[name][1]).strip())
+    module.add_arguments(sub)
+    add_verbosity_arguments(sub)
+    return module, sub
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
         from jobs import logs
-        from jobs.options import Parser
         from pipeline.errors import Refused
 
-        module = importlib.import_module(COMMANDS[argv[0]][0])
-        sub = Parser(prog=f"dsmooth {argv[0]}", description=(module.__doc__ or COMMANDS[argv[0]][1]).strip())
-        module.add_arguments(sub)
-        add_verbosity_arguments(sub)
+        module, sub = command_parser(argv[0])
         args = sub.parse_args(argv[1:])
         logs.setup(logs.VERBOSE if args.verbose else logs.QUIET if args.quiet else logs.NORMAL)
         try:

@@ -3,7 +3,7 @@
 The API is a front over the library and the jobs, so each test checks it against the code it
 must call: `Smooth` against the engine's counts and `pipeline.stats.smoothing`'s CERTIFY/PREDICT,
 `dsmooth.certify` against the run directory it wrote (reduced by `dsmooth.reduce`) and
-against `Smooth` at the same noise addresses; and the README's example is executed.
+against `Smooth` at the same noise addresses; and the docs' Python API example is executed.
 """
 
 from __future__ import annotations
@@ -211,26 +211,25 @@ def test_reduce_refuses_nothing_to_reduce(tmp_path):
 
 
 def readme_python_example() -> str:
-    """The ```python block of the README's "Python API" section."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the Python API section should hold one example"
+    """The ```python example of the docs' Python API page (the first block there)."""
+    text = (REPO / "docs" / "reference" / "python-api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the Python API page should hold an example"
     return blocks[0]
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, ray_local):
-    """The README's example, executed from the repository root with small n and its output
+    """The docs' Python API example, executed from the repository root with small n and its output
     in a temporary folder: the documented API is the one that runs."""
 
     code = readme_python_example()
-    smaller = {"n0=100": f"n0={N0}", "n=1000": f"n={N}", "skip=50": "skip=250",
+    smaller = {"n0=100": f"n0={N0}", "n=1000": f"n={N}", "skip=100": "skip=250",
                '"runs/python-api"': repr(str(tmp_path / "python-api"))}
     for text, replacement in smaller.items():
         assert text in code, text
         code = code.replace(text, replacement)
     monkeypatch.chdir(REPO)
-    exec(compile(code, "README.md (Python API)", "exec"), {})
+    exec(compile(code, "docs/reference/python-api.md", "exec"), {})
     out = capsys.readouterr().out
     assert "certified_accuracy" in out and "radius" in out
     assert (tmp_path / "python-api" / "run.json").is_file()
