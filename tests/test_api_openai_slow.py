@@ -36,6 +36,9 @@ def start(config: Path) -> subprocess.Popen:
 
 
 def test_sigkill_and_resume_pays_each_call_once_in_tokens_and_money(tmp_path):
+    """A chat-API certify-api process SIGKILLed mid-run and resumed: the provider sees no more calls than
+    the run needs plus those in flight, and the run total equals the provider's count, in calls, tokens and
+    money."""
     with EmulatorServer(seed=2) as emulator:
         emulator.set_faults("openai", latency_s=0.03, refusal=0.05, throttle=0.03, retry_after_s=0.01)
         run = tmp_path / "run"

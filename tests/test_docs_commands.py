@@ -19,11 +19,14 @@ RUNNABLE = {page: blocks for page, blocks in RUNNABLE.items() if blocks}
 
 
 def test_some_blocks_are_run():
+    """The docs runner has pages and blocks to run (a marker parser that found none would pass every page)."""
     assert len(RUNNABLE) >= 8 and sum(map(len, RUNNABLE.values())) >= 15
 
 
 @pytest.mark.parametrize("page", sorted(RUNNABLE))
 def test_page_commands_run(page, tmp_path, own_ray):
+    """Every `run`/`ci` shell block of the page runs as written, at the tiny size its marker appends, in a
+    fresh shell that starts its own Ray as a user's would."""
     folder = scratch(tmp_path / "work")
     for block in RUNNABLE[page]:
         result = run_block(block, folder)
@@ -33,6 +36,8 @@ def test_page_commands_run(page, tmp_path, own_ray):
 
 
 def test_mkdocs_serve_serves_the_site_on_localhost():
+    """`mkdocs serve` starts and serves the site (the generated command-line reference included) on
+    127.0.0.1."""
     import importlib.util
     import os
     import socket
