@@ -58,7 +58,14 @@ def load_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    outcome = certify(load_settings(args), address=args.address)
+    """The run's lock first (before the settings' checks import scipy, before torch), then the job."""
+    from pipeline.runs.claim import claimed_output, claimed_run
+
+    output = claimed_output(args)
+    if output is None:  # no --output anywhere: the settings say so, in one line
+        load_settings(args)
+    with claimed_run(output, "dsmooth certify") as lease:
+        outcome = certify(load_settings(args), address=args.address, lease=lease)
     print(outcome.report())
     return 0
 
@@ -302,13 +309,16 @@ def _keep_recorded_schedule(config: Any) -> Any:
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
-            classifier: Any = None, classifier_preprocessing: Any = None) -> CertifyOutcome:
+            classifier: Any = None, classifier_preprocessing: Any = None, lease: Any = None) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
-    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier.
+    `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier;
+    `lease`: the run's lock, already taken by the caller (`run`).
     The run's lock comes first: a second writer is refused before any data or model is loaded."""
-    from pipeline.certify.run import claimed_run
+    from contextlib import nullcontext
 
-    with claimed_run(config.output, "dsmooth certify") as lease:
+    from pipeline.runs.claim import claimed_run
+
+    with (nullcontext(lease) if lease is not None else claimed_run(config.output, "dsmooth certify")) as lease:
         prepared = prepared if prepared is not None else prepare(config, classifier, classifier_preprocessing)
         return _certify(prepared.config, address, prepared, lease)
 
@@ -344,7 +354,7 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
 
     output = Location.of(config.output)
     identity = prepared.identity
-    speed = {k: v for k, v in to_dict(config).items() if k not in identity}
+    speed = {k: v for k, v in to_dict(config).items() if k not in identity and k != "amp"}  # amp: a precision now
     selected = prepared.selected
     labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
     # The classifier as the user named it (a path, a spec): for humans; the identity holds its content's hash.
@@ -406,13 +416,15 @@ def _sequential_schedule(config, context, output, selected):
     test = SequentialTest.from_settings(config)
     rows_of = {r.image_id: row for row, r in enumerate(records)}
     labels = np.array([r.label for r in records], dtype=np.int64) if config.certify_class == "label" else None
-    certifier = replay(test, chunk_votes_from_rows(read_votes(output), rows_of), labels=labels,
-                       num_images=len(records))
+    stored = chunk_votes_from_rows(read_votes(output), rows_of)
+    certifier = replay(test, stored, labels=labels, num_images=len(records))
     undecided = int(certifier.decisions().needs_samples.sum())
     log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
              len(records), selected.name, len(records) - undecided, output, undecided, test.describe())
     # Several forward batches per actor call: the device stays busy between round trips.
-    schedule = SequentialSchedule(ChunkScheduler(certifier), context.image_ids, config.seed, config.chunk_size,
+    scheduler = ChunkScheduler(certifier)
+    scheduler.resume(stored)  # chunks stored past a lost one are not drawn again (no duplicate rows)
+    schedule = SequentialSchedule(scheduler, context.image_ids, config.seed, config.chunk_size,
                                   max(config.batch_size * 4, config.chunk_size))
     def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
         decisions = certifier.decisions()

@@ -87,7 +87,7 @@ MAX_SIGMA = 2.0
 def _pixel_units(sigma: float) -> float:
     if sigma > MAX_SIGMA:
         raise ValueError(f"must be <= {MAX_SIGMA:g}: sigma is in [0, 1] pixel units, got {sigma:g}; "
-                         f"did you mean sigma/255 = {sigma / 255:.4g}?")
+                         f"did you mean sigma/255 = {sigma / 255:.3g}?")
     return sigma
 
 

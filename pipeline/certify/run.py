@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -341,20 +340,4 @@ class CertifyRun:
             self.context.record = update_run_record(self.context.output, skipped_images=before + new)
 
 
-@contextmanager
-def claimed_run(output: str | Location, job: str) -> Iterator[Any]:
-    """The run's lock, taken before anything is loaded: a second writer is refused in
-    seconds, not after the data and models load. A run directory this call created is
-    removed again when the job fails before writing to it, so bad settings leave no trace."""
-    from pipeline.runs.lock import LOCK_FILE, exclusive_run
-
-    output = Location.of(output)
-    existed = output.exists()
-    try:
-        with exclusive_run(output, job) as lease:
-            yield lease
-    except BaseException:
-        if not existed and output.is_local and output.is_dir() and {p.name for p in output.files()} <= {LOCK_FILE}:
-            (output / LOCK_FILE).delete()
-            output.local_path.rmdir()
-        raise
+from pipeline.runs.claim import claimed_run  # noqa: E402,F401 - its home is light (taken before heavy imports)

@@ -1,0 +1,412 @@
+"""A user's own model and data, right by default: the classifier's preprocessing is always
+known (read from the form, or refused before any sample), sigma is in pixel units, user
+errors are one line, "certified" means one thing, one precision, votes/ sums right for any
+reader after a resume, reports say what the run did, the lock comes first, and
+`load_model` takes what `certify` takes.
+
+Stand-ins are built here (tiny networks, PNGs made from the shipped CIFAR-10 sample); no
+test needs ../shared/data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from jobs.cli import main as cli_main
+from pipeline.certify.pair import ModelBytes, load_pair
+from pipeline.config import ConfigError
+from pipeline.data.specs import DataDescription
+from pipeline.models.preprocess import Preprocessing
+from pipeline.models.sources import ClassifierSourceError, ClassifierSpec, preprocessing_of, resolve_classifier
+from pipeline.models.sources.bundle import read_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "pipeline" / "assets" / "cifar10-sample"
+MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"
+CFG = {"input_size": (3, 40, 40), "mean": (0.4, 0.45, 0.5), "std": (0.2, 0.25, 0.3), "interpolation": "bilinear"}
+FACTORY_MODULE = "dsmooth_issue_factories"
+FACTORIES = '''
+import torch
+
+def tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+
+def tiny_with_preprocessing():
+    return tiny(), {"input_size": (3, 40, 40), "mean": (0.4, 0.45, 0.5), "std": (0.2, 0.25, 0.3)}
+'''
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+
+
+@pytest.fixture()
+def factories(tmp_path, monkeypatch):
+    (tmp_path / f"{FACTORY_MODULE}.py").write_text(textwrap.dedent(FACTORIES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop(FACTORY_MODULE, None)
+
+
+def png_folder(folder: Path, count: int = 5, side: int = 64) -> Path:
+    """`count` unlabelled PNGs (the shipped sample's airplanes, upscaled), named img0.png ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted((SAMPLE / "test" / "airplane").glob("*.jpg"))[:count]
+    for i, source in enumerate(sources):
+        Image.open(source).convert("RGB").resize((side, side), Image.BILINEAR).save(folder / f"img{i}.png")
+    return folder
+
+
+def _preprocessing_of(source) -> dict:
+    manifest, _ = read_bundle(source.data)
+    return manifest["preprocessing"]
+
+
+# ----------------------------------------------------------------------------- item 1: preprocessing
+
+
+def test_every_form_carries_its_preprocessing_and_votes_the_same(tmp_path, factories):
+    """One network as an object with its pretrained_cfg, a factory returning (module,
+    preprocessing), a .pt2 and a TorchScript file written by `dsmooth.save_archive`, and the
+    bare object with the same preprocessing as flags: all resolve to one preprocessing with
+    no flag, and f gives the same logits on the data's own 32 px images."""
+    import dsmooth
+
+    with_cfg = tiny_net()
+    with_cfg.pretrained_cfg = dict(CFG)  # what timm models carry
+    pt2 = dsmooth.save_archive(tiny_net(), tmp_path / "net.pt2", CFG, torch.rand(2, 3, 40, 40))
+    ts = dsmooth.save_archive(tiny_net(), tmp_path / "net.ts", CFG, torch.rand(2, 3, 40, 40), kind="torchscript")
+    forms = {
+        "flags": ClassifierSpec(tiny_net(), input_size=40, mean=CFG["mean"], std=CFG["std"]),
+        "pretrained_cfg": ClassifierSpec(with_cfg),
+        "factory": ClassifierSpec(f"{FACTORY_MODULE}:tiny_with_preprocessing"),
+        "pt2": ClassifierSpec(str(pt2)),
+        "torchscript": ClassifierSpec(str(ts)),
+    }
+    data = DataDescription(None, None, (32, 32))
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    logits, preprocessing = {}, {}
+    for name, spec in forms.items():
+        source = ModelBytes.classifier(spec)
+        preprocessing[name] = _preprocessing_of(source)
+        pair, _ = load_pair(source, None, data)
+        with torch.inference_mode():
+            logits[name] = pair(x)
+    assert preprocessing["flags"]["mean"] == [0.4, 0.45, 0.5] and preprocessing["flags"]["crop"] == 40
+    for name in forms:
+        assert preprocessing[name] == preprocessing["flags"], name
+        torch.testing.assert_close(logits[name], logits["flags"], rtol=1e-5, atol=1e-5)
+    # The preprocessing ran: without it the network sees other inputs.
+    assert not torch.allclose(tiny_net()(x), logits["flags"], atol=1e-3)
+
+
+def test_a_form_without_preprocessing_is_refused_naming_the_flags(tmp_path, factories):
+    """An archive, a factory and an object that carry no mean/std, with no flag: one line
+    naming the flags and --classifier-preprocessing none; with `none`, accepted as it is."""
+    bare_pt2 = tmp_path / "bare.pt2"
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(tiny_net(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: batch},)),
+                      bare_pt2)
+    for spec in (ClassifierSpec(str(bare_pt2)), ClassifierSpec(f"{FACTORY_MODULE}:tiny"), ClassifierSpec(tiny_net())):
+        with pytest.raises(ClassifierSourceError) as refused:
+            resolve_classifier(spec)
+        message = str(refused.value)
+        assert "\n" not in message and "preprocessing is unknown" in message
+        assert "--classifier-mean" in message and "--classifier-preprocessing none" in message
+        accepted = resolve_classifier(dataclasses.replace(spec, preprocessing="none"))
+        assert _preprocessing_of(accepted) == Preprocessing().to_dict()
+    # An input size alone does not say how the network normalises.
+    with pytest.raises(ClassifierSourceError, match="preprocessing is unknown"):
+        resolve_classifier(ClassifierSpec(str(bare_pt2), input_size=32))
+    with pytest.raises(ClassifierSourceError, match="contradict"):
+        resolve_classifier(ClassifierSpec(str(bare_pt2), mean=(0.5,) * 3, std=(0.2,) * 3, preprocessing="none"))
+
+
+def test_cli_refuses_an_unnormalised_archive_before_ray_and_any_sample(tmp_path, capsys):
+    import ray
+
+    data = png_folder(tmp_path / "images")
+    bare = tmp_path / "bare.pt2"
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(tiny_net(), (torch.rand(2, 3, 64, 64),), dynamic_shapes=({0: batch},)), bare)
+    was_running = ray.is_initialized()
+    code = cli_main(["certify", "--dataset", "folder", "--data-root", str(data), "--classifier", str(bare),
+                     "--sigma", "0.25", "--n0", "2", "--n", "4", "--output", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1 and "--classifier-preprocessing none" in errors[0], errors
+    assert not (tmp_path / "out").exists() and ray.is_initialized() == was_running
+
+
+def test_preprocessing_objects_are_read():
+    """torchvision weights (and their transforms), a Hugging Face image processor, timm's
+    pretrained_cfg and dsmooth's own dict all give the Preprocessing they describe."""
+    from torchvision.models import ResNet50_Weights
+    from transformers import ViTImageProcessor
+
+    weights = preprocessing_of(ResNet50_Weights.IMAGENET1K_V2)
+    assert weights == preprocessing_of(ResNet50_Weights.IMAGENET1K_V2.transforms())
+    assert weights.crop == 224 and weights.mean == (0.485, 0.456, 0.406) and weights.std == (0.229, 0.224, 0.225)
+    hf = preprocessing_of(ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.1, 0.2, 0.3],
+                                            image_std=[0.4, 0.5, 0.6]))
+    assert hf.resize_exact == (48, 48) and hf.mean == (0.1, 0.2, 0.3)
+    assert preprocessing_of(CFG).crop == 40
+    assert preprocessing_of(hf.to_dict()) == hf
+    with pytest.raises(ClassifierSourceError, match="cannot read a preprocessing"):
+        preprocessing_of(3)
+
+
+def test_python_api_takes_a_preprocessing_object_and_refuses_none_given(tmp_path):
+    import dsmooth
+
+    with pytest.raises(ClassifierSourceError, match="preprocessing is unknown"):
+        dsmooth.load_model(tiny_net(), dataset="folder", image_size=32)
+    model = dsmooth.load_model(tiny_net(), dataset="folder", image_size=32,
+                               classifier_preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), tiny_net()((x - 0.5) / 0.25))
+
+
+# ----------------------------------------------------------------------------- item 3: sigma
+
+
+def test_sigma_over_two_is_refused_in_every_job_with_the_255_hint(tmp_path):
+    """certify (every noise), certify-api, train (denoisers and noisy classifiers) and the
+    Python API: one rule, sigma <= 2 in [0, 1] pixel units, with the /255 hint."""
+    from pipeline.apis.config import CertifyApiConfig
+    from pipeline.certify.config import CertifyConfig
+    from pipeline.certify.smooth import Smooth
+    from pipeline.config import Sigma, check_value, load_config
+    from pipeline.training.config import TrainConfig
+
+    base = {"dataset": "folder", "data_root": str(tmp_path), "classifier": "c.pt", "output": "o"}
+    for noise in ("gaussian", "uniform", "laplace"):
+        with pytest.raises(ConfigError, match=r"did you mean sigma/255 = 0\.098"):
+            load_config(CertifyConfig, {**base, "sigma": 25.0, "noise": noise})
+    with pytest.raises(ConfigError, match="did you mean sigma/255"):
+        load_config(CertifyApiConfig, REPO / "examples" / "certify_api_emulated.yaml", {"sigma": 25.0})
+    with pytest.raises(ValueError, match="did you mean sigma/255"):
+        Smooth(tiny_net(), 10, sigma=12.0)
+    train = REPO / "examples" / "train_cifar10_small.yaml"
+    for task, objective in (("denoiser", "mse"), ("classifier", "xent")):
+        with pytest.raises(ConfigError, match="did you mean sigma/255"):
+            load_config(TrainConfig, train, {"task": task, "sweep.sigmas": [0.25, 64.0], "sweep.objectives": [objective]})
+    assert check_value(Sigma, 2.0, "sigma") == 2.0 and check_value(Sigma, 1.0, "sigma") == 1.0
+    load_config(CertifyConfig, {**base, "sigma": 1.0})
+
+
+def test_sigma_in_255_units_is_one_line_on_the_command_line(tmp_path, capsys):
+    code = cli_main(["certify", "--dataset", "folder", "--data-root", str(tmp_path), "--classifier", "c.pt",
+                     "--sigma", "25", "--output", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1 and "did you mean sigma/255 = 0.098" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- item 4: one-line errors
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["certify", "--sigam", "0.25"], "did you mean --sigma?"),
+    (["certify", "--sigma", "abc"], "invalid float value"),
+    (["certify", "--dataset", "cifar"], "did you mean cifar10?"),
+    (["certifi"], "did you mean certify?"),
+])
+def test_argparse_errors_are_one_line_with_a_pointer_to_help(argv, hint, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(lines) == 1, err
+    assert hint in lines[0] and "--help" in lines[0]
+
+
+def test_yaml_code_tags_are_one_line(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("sigma: !!python/object/apply:os.system ['true']\n")
+    code = cli_main(["certify", "--config", str(config), "--output", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "is refused" in lines[0] and "line 1" in lines[0], lines
+
+
+def test_a_pickled_checkpoint_is_refused_without_suggesting_weights_only_false(tmp_path, capsys):
+    import os
+
+    marker = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": {}, "state_dict": {"w": Evil()}}, evil)
+    code = cli_main(["certify", "--dataset", "cifar10", "--data-root", str(SAMPLE), "--classifier", str(evil),
+                     "--sigma", "0.25", "--max", "1", "--output", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "refused to load" in lines[0] and "weights_only" not in lines[0] and not marker.exists()
+
+
+# ----------------------------------------------------------------------------- item 5: "certified"
+
+
+def _certificates(rows: list[tuple[int, int, float, bool]], labels_from: str | None = None):
+    """(label, predict, radius, abstained) rows as a Certificates frame."""
+    from pipeline.reduce.certificates import make_certificates
+
+    frame = pd.DataFrame({
+        "image_id": range(len(rows)), "label": [r[0] for r in rows], "predict": [r[1] for r in rows],
+        "p_a_lower": 0.9, "radius": [r[2] for r in rows], "correct": [r[0] == r[1] and not r[3] for r in rows],
+        "abstained": [r[3] for r in rows], "time_s": 0.0})
+    certificates = make_certificates(frame, name="run", sigma=0.25, alpha=0.001, n=1000)
+    certificates.labels_from = labels_from
+    return certificates
+
+
+def test_certified_in_the_summary_is_what_the_table_counts():
+    """5 images: 2 certified of the right class, 2 certificates of another class, 1 abstained.
+    The summary says 2 certified (not 4), as the table's r = 0 cell (40 %)."""
+    from jobs.certify import outcome_counts
+    from pipeline.reduce import accuracy_table
+
+    certificates = _certificates([(1, 1, 0.3, False), (2, 2, 0.1, False), (3, 4, 0.5, False), (0, 5, 0.2, False),
+                                  (7, -1, 0.0, True)])
+    line = outcome_counts(certificates, 5, [], list(range(5)), "certify", None)
+    assert "2 of 5 images certified (the correct class), 1 abstained, 2 certified another class" in line
+    table = accuracy_table([certificates], [0.0])
+    assert table["certified_accuracy"].iloc[0] == pytest.approx(2 / 5)
+    unlabelled = outcome_counts(_certificates([(1, 1, 0.3, False)], "the classifier's clean prediction"), 1, [], [0],
+                                "certify", "the classifier's clean prediction")
+    assert "agreed with the clean prediction" in unlabelled
+
+
+def test_a_sequential_summary_counts_only_the_right_class():
+    from jobs.certify import SequentialSummary
+    from pipeline.stats.sequential import Status
+
+    decisions = type("D", (), {})()
+    decisions.status = np.array([Status.CERTIFIED, Status.CERTIFIED, Status.NOT_CERTIFIED, Status.UNDECIDED])
+    decisions.certified = decisions.status == Status.CERTIFIED
+    decisions.needs_samples = decisions.status == Status.UNDECIDED
+    decisions.target = np.array([3, 5, 1, 0])
+    decisions.radius = np.array([0.3, 0.4, 0.0, 0.0])
+    decisions.samples = np.array([64, 96, 512, 256])
+    decisions.unused_samples = np.zeros(4, dtype=int)
+    summary = SequentialSummary.of(decisions, np.arange(4), 0.25, 2000, labels=np.array([3, 2, 1, 0]))
+    assert summary.certified == 1
+    line = summary.line()
+    assert "1 of 4 images certified at R = 0.25, 2 not certified, 1 undecided" in line
+    assert "vs the run's cap of 2,000" in line and f"{2000 / 232:.1f}x fewer" in line
+
+
+# ----------------------------------------------------------------------------- item 6: precision
+
+
+def test_precision_alone_decides_the_arithmetic():
+    """No second switch: under fp32 a CUDA forward runs in fp32 (it ran fp16 under the old
+    default --amp); a given --amp is read as --precision fp16 on CUDA, with one warning."""
+    from pipeline.certify.config import CertifyConfig
+    from pipeline.sampling.engine import _amp_dtype
+    from pipeline.sampling.precision import amp_as_precision
+
+    assert _amp_dtype(True, torch.device("cuda"), "fp32") is None
+    assert _amp_dtype(False, torch.device("cuda"), "fp16") is torch.float16
+    config = CertifyConfig(dataset="folder", data_root=".", classifier="c.pt", sigma=0.25, output="o")
+    assert config.amp is None and config.precision == "fp32"
+    assert "amp" not in dataclasses.asdict(config.pair_settings())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("dsmooth")
+    logger.addHandler(handler)
+    try:
+        assert amp_as_precision(True, "fp32", "cuda") == "fp16"
+        assert amp_as_precision(True, "fp32", "cpu") == "fp32"  # it never changed a CPU run
+        assert amp_as_precision(False, "fp32", "cuda") == "fp32"
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "--amp is deprecated" in r.getMessage()]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    old = CertifyConfig(dataset="folder", data_root=".", classifier="c.pt", sigma=0.25, output="o", amp=True)
+    assert old.precision == ("fp16" if torch.cuda.is_available() else "fp32") and old.amp is None
+
+
+# ----------------------------------------------------------------------------- item 8: reports
+
+
+def test_l1_table_notes_give_the_noises_own_threshold():
+    from pipeline.reduce import accuracy_table, render
+
+    certificates = _certificates([(1, 1, 0.3, False), (2, 2, 0.0, True)])
+    for noise, threshold, wrong in (("uniform", "½ + R/(4σ)", "Φ(R/σ)"), ("gaussian", "Φ(R/σ)", "½ + R/(4σ)")):
+        certificates.noise, certificates.at_radius, certificates.sequence_shape = noise, 0.25, 1.0
+        text = render(accuracy_table([certificates]), "markdown")
+        assert f"p_A > {threshold}" in text and f"p_A > {wrong}" not in text, (noise, text)
+
+
+def test_ctrl_c_line_splits_certified_not_certified_undecided():
+    from pipeline.certify.run import Interrupted
+
+    text = str(Interrupted(33, 40, sequential=True, split=(20, 13, 7)))
+    assert "33 of 40 images decided" in text and "20 certified, 13 not certified, 7 undecided" in text
+
+
+def test_an_interrupted_table_counts_every_selected_image():
+    """Undecided images (in flight, or never started) are in the table as not certified."""
+    from jobs.certify import _with_unstarted
+    from pipeline.reduce import accuracy_table
+
+    certificates = _certificates([(1, 1, 0.3, False), (2, 2, 0.0, True)])
+    whole = _with_unstarted(certificates, [0, 1, 2, 3], [{"image_id": 3, "name": "x"}])
+    assert sorted(whole["image_id"]) == [0, 1, 2] and whole.sigma == 0.25
+    assert accuracy_table([whole], [0.0])["certified_accuracy"].iloc[0] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- item 9: the lock first
+
+
+def test_a_second_writer_is_refused_before_torch_or_scipy_load(tmp_path):
+    """The lock is taken before the settings' checks (scipy) and before torch: a second
+    writer's refusal loads neither (a fresh interpreter, as `dsmooth certify` runs)."""
+    from test_cli_light import probe
+
+    from pipeline.runs.claim import claimed_run
+
+    output = tmp_path / "run"
+    with claimed_run(output, "first writer"):
+        loaded, code, errors = probe("certify", "--dataset", "folder", "--data-root", str(tmp_path), "--classifier",
+                                     "c.pt", "--sigma", "0.25", "--sequential", "--radius", "0.25",
+                                     "--output", str(output))
+    assert code == 2 and "being written by another job" in errors, errors
+    assert not {"torch", "scipy", "ray", "pipeline.data"} & set(loaded), loaded
+
+
+# ----------------------------------------------------------------------------- item 10: load_model
+
+
+def test_load_model_takes_every_data_set_certify_takes(tmp_path):
+    import dsmooth
+    from pipeline.settings import KINDS
+
+    assert "folder" in KINDS
+    images = png_folder(tmp_path / "images", count=2, side=48)
+    pre = Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3)
+    for dataset, extra in (("folder", {}), ("folder", {"data_root": images}), ("cifar10", {})):
+        model = dsmooth.load_model(tiny_net(), dataset=dataset, classifier_preprocessing=pre, **extra)
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10), dataset
+    with pytest.raises(ValueError, match="cifar10, imagenet, folder"):
+        dsmooth.load_model(tiny_net(), dataset="cifar", classifier_preprocessing=pre)
