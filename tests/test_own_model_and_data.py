@@ -410,3 +410,71 @@ def test_load_model_takes_every_data_set_certify_takes(tmp_path):
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10), dataset
     with pytest.raises(ValueError, match="cifar10, imagenet, folder"):
         dsmooth.load_model(tiny_net(), dataset="cifar", classifier_preprocessing=pre)
+
+
+# ----------------------------------------------------------------------------- item 7: votes/ after a resume
+
+
+SEQ_IDS = [0, 60, 120]  # 60 takes five chunks of the shipped pair at R = 0.25; the others one
+
+
+def _sequential_settings(output: Path, **overrides) -> dict:
+    values = {"dataset": "cifar10", "data_root": str(SAMPLE), "ids": SEQ_IDS, "classifier": str(MODELS / "classifier.pt"),
+              "denoiser": str(MODELS / "denoiser_mse_s0.25.pt"), "sigma": 0.25, "n": 600, "chunk_size": 32,
+              "batch_size": 64, "actors": 1, "sequential": True, "radius": 0.25, "output": str(output)}
+    return {**values, **overrides}
+
+
+def _raw_votes(output: Path) -> pd.DataFrame:
+    """Every row of every part, as a plain reader sees votes/ (no dsmooth code)."""
+    import pyarrow.parquet as pq
+
+    return pd.concat([pq.read_table(p).to_pandas() for p in sorted((output / "votes").glob("*.parquet"))],
+                     ignore_index=True)
+
+
+def assert_plain_readers_sum_right(output: Path) -> None:
+    """No (image, phase, chunk) twice in votes/: pandas and DuckDB sum what dsmooth reads."""
+    import duckdb
+
+    from pipeline.runs.storage import read_votes
+
+    raw = _raw_votes(output)
+    assert not raw.duplicated(["image_id", "phase", "chunk"]).any(), \
+        raw[raw.duplicated(["image_id", "phase", "chunk"], keep=False)][["image_id", "phase", "chunk"]]
+    dsmooth_sums = read_votes(output).groupby("image_id")["n"].sum().sort_index()
+    pandas_sums = raw.groupby("image_id")["n"].sum().sort_index()
+    duck = duckdb.sql(f"SELECT image_id, SUM(n) AS n FROM read_parquet('{output}/votes/*.parquet') "
+                      "GROUP BY image_id ORDER BY image_id").df().set_index("image_id")["n"]
+    assert pandas_sums.tolist() == dsmooth_sums.tolist() == duck.astype(int).tolist()
+
+
+def test_a_resumed_sequential_run_stores_each_chunk_once(ray_local, tmp_path):
+    """What a kill leaves -- each image's first chunks, and one image with a chunk missing
+    before a stored one -- resumed: the missing chunk is drawn, the stored one after it is
+    not drawn again, so votes/ has no duplicate (image, phase, chunk) row and pandas, DuckDB
+    and dsmooth sum the same n; the decisions are the uninterrupted run's."""
+    from jobs.certify import certify
+    from pipeline.certify.config import CertifyConfig
+    import shutil
+
+    from pipeline.runs.storage import vote_parts, write_votes
+
+    reference = certify(CertifyConfig(**_sequential_settings(tmp_path / "reference")))
+    raw = _raw_votes(tmp_path / "reference")
+    chunks = raw.groupby("image_id")["chunk"].transform("max") + 1
+    longest = raw.loc[chunks.idxmax(), "image_id"]
+    assert chunks.max() >= 3, "one image must take several chunks for a gap"
+    keep = (raw["chunk"] < (chunks + 1) // 2) & ~((raw["image_id"] == longest) & (raw["chunk"] == 1))
+    keep |= (raw["image_id"] == longest) & (raw["chunk"] == 2)
+    output = tmp_path / "killed"
+    shutil.copytree(tmp_path / "reference", output)
+    for part in vote_parts(output):
+        part.delete()
+        (output / "votes" / (part.name + ".json")).unlink(missing_ok=True)
+    write_votes(output, raw[keep].to_dict("records"))
+    resumed = certify(CertifyConfig(**_sequential_settings(output)))
+    assert resumed.sequential.drawn_now > 0
+    assert np.array_equal(resumed.decisions.status, reference.decisions.status)
+    assert np.array_equal(resumed.decisions.radius, reference.decisions.radius)
+    assert_plain_readers_sum_right(output)
