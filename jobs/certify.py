@@ -282,7 +282,7 @@ def prepare(config: Any, classifier: Any = None, classifier_preprocessing: Any =
     split = config.open_split()
     selected = config.select(split)
     try:
-        f, denoiser, info, pair = _check_models(config, selected, classifier, classifier_preprocessing)
+        f, denoiser, info, pair, selected = _check_models(config, selected, classifier, classifier_preprocessing)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
     selected = label_by_classifier(selected, pair.classifier, info.num_classes)
@@ -337,11 +337,25 @@ def _check_models(config, selected, classifier_object=None, preprocessing_object
     if preprocessing_object is not None:
         spec = dataclasses.replace(spec, preprocessing=preprocessing_object)
     classifier = ModelBytes.classifier(spec)
+    selected = _own_labels(config, selected, classifier)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
     pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
                            config.allow_foreign_classifier, sigma=config.sigma, noise=config.noise,
                            allow_foreign_denoiser=config.allow_foreign_denoiser)
-    return classifier, denoiser, info, pair
+    return classifier, denoiser, info, pair, selected
+
+
+def _own_labels(config, selected, classifier):
+    """--labels FILE, or class folders mapped to the model's class names (`pipeline.data.labels`),
+    before the models are checked against the data's classes."""
+    from pipeline.data.labels import own_labels, read_class_names
+    from pipeline.models.sources import is_bundle
+    from pipeline.models.sources.bundle import read_bundle
+
+    names = read_class_names(config.class_names) if config.class_names else None
+    if names is None and is_bundle(classifier.data):
+        names = read_bundle(classifier.data)[0].get("labels")
+    return own_labels(selected, names, config.labels)
 
 
 def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:

@@ -478,3 +478,113 @@ def test_a_resumed_sequential_run_stores_each_chunk_once(ray_local, tmp_path):
     assert np.array_equal(resumed.decisions.status, reference.decisions.status)
     assert np.array_equal(resumed.decisions.radius, reference.decisions.radius)
     assert_plain_readers_sum_right(output)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_leave_no_duplicate_chunk_rows(own_ray, tmp_path):
+    """A real kill: `dsmooth certify --sequential` SIGKILLed once some chunk parts are saved,
+    then rerun: votes/ has each (image, phase, chunk) once, and pandas and DuckDB sum the n
+    dsmooth reads."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    output = tmp_path / "run"
+    argv = [sys.executable, "-m", "jobs.cli", "certify", "--dataset", "cifar10", "--data-root", str(SAMPLE),
+            "--skip", "10", "--classifier", str(MODELS / "classifier.pt"), "--denoiser",
+            str(MODELS / "denoiser_mse_s0.25.pt"), "--sigma", "0.25", "--n", "2000", "--chunk-size", "32",
+            "--batch", "64", "--actors", "2", "--sequential", "--radius", "0.25", "--output", str(output), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list((output / "votes").glob("*.parquet"))) < 4 if (output / "votes").exists() else True:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no votes saved in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    time.sleep(2.0)
+    resumed = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_plain_readers_sum_right(output)
+
+
+# ----------------------------------------------------------------------------- item 2: labels
+
+NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray", "cock",
+         "hen", "ostrich"]
+
+
+def test_unlabelled_images_plus_a_labels_file_give_clean_and_certified_accuracy(ray_local, tmp_path):
+    """5 unlabelled images, a labels file (class names and indices mixed) and --class-names:
+    the certificates carry the file's labels, so the table has a clean and a certified
+    accuracy of the labels, not agreement with the classifier."""
+    import dsmooth
+
+    images = png_folder(tmp_path / "val")
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES) + "\n")
+    labels = tmp_path / "labels.csv"
+    truth = {"img0.png": "tench", "img1": "4", "img2.png": "ostrich", "img3.png": "1", "img4": "Great_White_Shark"}
+    labels.write_text("image,label\n" + "".join(f"{k},{v}\n" for k, v in truth.items()))
+    certificates = dsmooth.certify(
+        dataset="folder", data_root=str(images), classifier=tiny_net(),
+        classifier_preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), labels=str(labels),
+        class_names=str(names), sigma=0.25, n0=4, n=16, batch_size=64, output=str(tmp_path / "run"), progress=False)
+    assert certificates.sort_values("image_id")["label"].tolist() == [0, 4, 9, 1, 2]
+    assert (certificates["correct"] == ((certificates["predict"] == certificates["label"])
+                                        & ~certificates["abstained"])).all()
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "labels_sha256" in record["identity"] and "labels_from" not in record.get("extra", {})
+    table = dsmooth.reduce([tmp_path / "run"]).table
+    assert table["clean_accuracy"].iloc[0] == pytest.approx(certificates["correct"].mean())
+    assert not table.attrs.get("label_notes")  # ground truth: no "agreement with the classifier" note
+
+
+def test_labels_file_formats_and_errors(tmp_path):
+    from pipeline.data import open_dataset
+    from pipeline.data.core import DatasetError
+    from pipeline.data.labels import apply_labels_file
+
+    images = open_dataset("folder", png_folder(tmp_path / "val", count=3), "test")
+    val_txt = tmp_path / "val.txt"
+    val_txt.write_text("img0.png 7\nimg1.png 0\nimg2.png 3\n")
+    assert [r.label for r in apply_labels_file(images, val_txt, None).records] == [7, 0, 3]
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\nimg0,hen 1 2 3 4\nimg1,cock 1 2 3 4\nimg2,tench 5 6 7 8\n")
+    assert [r.label for r in apply_labels_file(images, kaggle, NAMES).records] == [8, 7, 0]
+    short = tmp_path / "short.csv"
+    short.write_text("image,label\nimg0.png,1\n")
+    with pytest.raises(DatasetError, match="no label for 2 of the 3 selected images"):
+        apply_labels_file(images, short, NAMES)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("img0,1\nimg1,zebra\nimg2,2\n")
+    with pytest.raises(DatasetError, match="'zebra' is none of the model's 10 class names"):
+        apply_labels_file(images, unknown, NAMES)
+    with pytest.raises(DatasetError, match="--class-names FILE"):
+        apply_labels_file(images, unknown, None)
+
+
+def test_fewer_class_folders_than_classes_map_by_name(tmp_path, capsys, factories):
+    """Three class folders under a 10-class model: mapped to the model's classes by name
+    (case and '_' ignored) and checked before any sample; an unknown folder is one line."""
+    from jobs.certify import prepare
+    from pipeline.certify.config import CertifyConfig
+
+    root = tmp_path / "tree"
+    for folder in ("hen", "Tench", "great_white_shark"):
+        png_folder(root / folder, count=1)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES) + "\n")
+    config = CertifyConfig(dataset="folder", data_root=str(root), classifier="module:tiny", class_names=str(names),
+                           sigma=0.25, n0=4, n=8, output=str(tmp_path / "out"))
+    prepared = prepare(config, tiny_net(), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert [r.label for r in prepared.selected.records] == [0, 2, 8]  # Tench, great_white_shark, hen (sorted)
+    assert prepared.info.num_classes == 10
+    png_folder(root / "zebra", count=1)
+    code = cli_main(["certify", "--dataset", "folder", "--data-root", str(root), "--classifier",
+                     f"{FACTORY_MODULE}:tiny", "--classifier-preprocessing", "none", "--class-names", str(names),
+                     "--sigma", "0.25", "--output", str(tmp_path / "out2")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "class folder 'zebra' is none of the model's" in lines[0], lines

@@ -57,6 +57,13 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     allow_foreign_classifier: bool = option(False, group="models", help=(
         "accept a classifier that does not record the data set it was trained on (a raw state dict "
         "or a foreign checkpoint); one that records another data set is refused regardless"))
+    labels: str | None = option(None, group="data", metavar="FILE", help=(
+        "each image's label from FILE: a CSV image,label (image: its path, file name or stem; label: a class "
+        "index or a class name), ImageNet's val.txt ('ILSVRC2012_val_00000001.JPEG 65') or Kaggle's "
+        "LOC_val_solution.csv. Part of the run identity (its SHA-256) when given"))
+    class_names: str | None = option(None, group="data", metavar="FILE", help=(
+        "the model's class names, one per line in class-index order (default: the model's own: Hugging Face "
+        "id2label, timm's ImageNet wnids); class folders and --labels names are matched to them"))
     mode: Literal["certify", "predict"] = option("certify", group="smoothing",
                                                  help="CERTIFY (label + radius) or PREDICT (label only)")
     n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
