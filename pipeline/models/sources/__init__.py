@@ -45,10 +45,13 @@ FORMS = (
     ("timm", "timm:NAME --classifier-weights FILE", "a timm model (.safetensors/.pth/.bin) [extra: timm]"),
     ("timm folder", "DIR", "config.json with 'architecture' + model.safetensors [extra: timm]"),
     ("hugging face", "DIR", "transformers image classifier folder, offline, no remote code [extra: hf]"),
-    ("torch.export", "FILE.pt2", "a torch.export archive (runs the file's code: trusted files only)"),
-    ("torchscript", "FILE", "a TorchScript file (runs the file's code: trusted files only)"),
-    ("factory", "package.module:callable", "returns an nn.Module; importable on the workers"),
-    ("object", "(Python)", "an nn.Module passed to dsmooth.certify / load_model"),
+    ("torch.export", "FILE.pt2", "a torch.export archive (runs the file's code: trusted files only); "
+     "preprocessing from dsmooth.save_archive's extra file, else the flags"),
+    ("torchscript", "FILE", "a TorchScript file (runs the file's code: trusted files only); as .pt2"),
+    ("factory", "package.module:callable", "returns an nn.Module or (module, preprocessing); importable on the "
+     "workers"),
+    ("object", "(Python)", "an nn.Module passed to dsmooth.certify / load_model (its pretrained_cfg, or "
+     "classifier_preprocessing=)"),
 )
 
 __all__ = [
