@@ -607,3 +607,27 @@ def test_ray_failing_to_start_is_one_line_with_what_to_try(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip() and "warning" not in line.lower()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert len(lines) == 1 and "cannot start a local Ray" in lines[0] and "try:" in lines[0], lines
+
+
+def test_three_imagenet_wnid_folders_under_a_1000_class_timm_model(tmp_path):
+    """The ImageNet layout with three wnid folders (`val/<wnid>/`) and a 1000-class timm model
+    whose class names are timm's wnids: mapped to the model's indices, not refused."""
+    from safetensors.torch import save_file
+    from timm.data import ImageNetInfo
+
+    from classifier_support import timm_net
+    from jobs.certify import prepare
+    from pipeline.certify.config import CertifyConfig
+
+    wnids = list(ImageNetInfo().label_names())
+    chosen = [wnids[5], wnids[400], wnids[999]]
+    for wnid in chosen:
+        png_folder(tmp_path / "imagenet" / "val" / wnid, count=1, side=72)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_net(1000).state_dict().items()}, weights)
+    config = CertifyConfig(dataset="imagenet", data_root=str(tmp_path / "imagenet"), classifier="timm:test_resnet",
+                           classifier_weights=str(weights), image_size=64, sigma=0.25, n0=4, n=8,
+                           output=str(tmp_path / "out"))
+    prepared = prepare(config)
+    assert [r.label for r in prepared.selected.records] == [5, 400, 999]
+    assert prepared.info.num_classes == 1000

@@ -151,7 +151,10 @@ def own_labels(dataset: ImageDataset, class_names: Sequence[str] | None, labels_
     mapped by name when there are fewer than the model's classes; else `dataset` as it is."""
     if labels_file is not None:
         return apply_labels_file(dataset, labels_file, class_names)
-    if class_names and dataset.classes and len(dataset.classes) < len(class_names):
+    # A known data set's folders are its own classes (CIFAR-10's ten under a 1000-class model is
+    # a mismatch, said by the class check); ImageNet wnid folders and plain folders map by name.
+    own_vocabulary = dataset.spec is None or dataset.spec.num_classes == len(class_names or [])
+    if class_names and dataset.classes and len(dataset.classes) < len(class_names) and own_vocabulary:
         return map_class_folders(dataset, class_names)
     return dataset
 
