@@ -475,6 +475,13 @@ def test_a_resumed_sequential_run_stores_each_chunk_once(ray_local, tmp_path):
         part.delete()
         (output / "votes" / (part.name + ".json")).unlink(missing_ok=True)
     write_votes(output, raw[keep].to_dict("records"))
+    # Reduced as it is, the killed run counts its undecided images, as not certified.
+    from pipeline.reduce import load_run
+    from pipeline.reduce.certificates import ReduceWarning
+
+    with pytest.warns(ReduceWarning, match="counted as not certified"):
+        killed = load_run(output)
+    assert sorted(killed["image_id"]) == SEQ_IDS and killed.loc[killed["image_id"] == longest, "abstained"].all()
     resumed = certify(CertifyConfig(**_sequential_settings(output)))
     assert resumed.sequential.drawn_now > 0
     assert np.array_equal(resumed.decisions.status, reference.decisions.status)
