@@ -257,7 +257,7 @@ class ClassifierFlags(Settings):
         "per-channel std the classifier divides by (default: the model's own config)"))
     classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
         None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
-    classifier_preprocessing: Literal["auto", "none"] = option("auto", group="models", help=(
-        "auto: the model's own preprocessing (timm/Hugging Face config, an archive's, a factory's), "
+    classifier_preprocessing: Literal["auto", "none"] | None = option(None, group="models", help=(
+        "auto (default): the model's own preprocessing (timm/Hugging Face config, an archive's, a factory's), "
         "refused before any sample when the model carries none and no --classifier-mean/-std is given; "
         "none: the network normalises its input itself"))

@@ -269,7 +269,7 @@ class TrainConfig(ClassifierFlags):
             # The one sigma rule (> 0, <= MAX_SIGMA pixel units); a classifier may train at 0 (no noise).
             if self.task == "denoiser" or sigma != 0:
                 try:
-                    check_value(Sigma, sigma, "the noise level")
+                    check_value(Sigma, sigma, "a denoiser's noise level" if self.task == "denoiser" else "a noise level")
                 except ValueError as error:
                     raise ConfigError(f"sweep.sigmas[{i}]", str(error)) from None
         for i, arch in enumerate(self.archs):
