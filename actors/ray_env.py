@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from pipeline.errors import Refused
+
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """ray.init once: the given address, $RAY_ADDRESS, or a fresh local instance. Returns
@@ -25,8 +27,24 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         # "local" always starts a new instance, never a stray cluster left on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
         return True
+    except (ConnectionError, RuntimeError, TimeoutError, OSError, ValueError) as error:
+        raise RayStartError(ray_start_problem(error, address)) from None
     finally:
         no_colour_reset_at_exit()
+
+
+class RayStartError(Refused):
+    """Ray could not start or be reached: one line with what to try (exit 2), not Ray's traceback."""
+
+
+def ray_start_problem(error: BaseException, address: str | None) -> str:
+    """What went wrong starting (or reaching) Ray, in one line, and what to try."""
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    if address:
+        return (f"cannot connect to the Ray cluster at {address} ({first[:200]}); check the address (ray status "
+                "on the head), the network and RAY_AUTH_TOKEN, or leave --address out to run on this machine")
+    return (f"cannot start a local Ray ({first[:200]}); try: ray stop (a stale local instance), free disk space "
+            "in /tmp (or set RAY_TMPDIR), or give a running cluster with --address")
 
 
 def ray_init_options() -> dict:

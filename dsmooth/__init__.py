@@ -39,6 +39,7 @@ __all__ = [
     "lower_confidence_bound",
     "predict_counts",
     "reduce",
+    "save_archive",
 ]
 
 
@@ -66,8 +67,10 @@ def load_model(
     classifier_mean: Sequence[float] | None = None,
     classifier_std: Sequence[float] | None = None,
     classifier_interpolation: str | None = None,
+    classifier_preprocessing: Any = "auto",
     noise: str = "gaussian",
     allow_foreign_denoiser: bool = False,
+    data_root: str | Path | None = None,
 ) -> Any:
     """f∘D (eval mode, CPU) as an `nn.Module` taking images in [0, 1], checked the way
     `dsmooth certify` checks it: each file's kind, that the classifier was trained on
@@ -77,15 +80,32 @@ def load_model(
     gs:// URIs. `classifier` is any classifier spec (see `dsmooth models`: a checkpoint,
     timm:NAME, a timm or Hugging Face folder, a .pt2 / TorchScript archive,
     package.module:callable) or an nn.Module; its preprocessing runs inside the returned
-    module, after the denoiser. Raises CheckpointError / CheckpointMismatchError /
-    DataMismatchError (ClassifierSourceError for an unusable spec)."""
+    module, after the denoiser: the model's own (timm's pretrained_cfg, a Hugging Face processor,
+    an archive's, a factory's, a module's `pretrained_cfg`), the `classifier_*` values on top;
+    `classifier_preprocessing` is "none" for a network that normalises inside, or an object that
+    says it (a `Preprocessing`, torchvision weights or their transforms, a Hugging Face image
+    processor); a classifier whose preprocessing nothing gives is refused.
+    `dataset` is any layout `certify` takes (cifar10, imagenet, folder); with `data_root` the
+    model is checked against that data (its classes, its image size) as `certify` checks it.
+    Raises CheckpointError / CheckpointMismatchError / DataMismatchError (ClassifierSourceError
+    for an unusable spec)."""
     from pipeline.config import Sigma, check_value
     from pipeline.data import dataset_spec
+    from pipeline.data.specs import DataDescription
     from pipeline.certify.pair import ModelBytes, load_pair
+    from pipeline.settings import KINDS
 
-    spec = dataset_spec(dataset)
-    if spec is None or spec.name != dataset:
-        raise ValueError(f"dataset must name a known data set (cifar10, imagenet), got {dataset!r}")
+    if dataset not in KINDS:
+        raise ValueError(f"dataset must be one of {', '.join(KINDS)} (as for certify), got {dataset!r}")
+    if data_root is not None:
+        from pipeline.data.sources import open_dataset
+        from pipeline.runs.fs import Location
+
+        data = open_dataset(dataset, Location.of(str(data_root)).local_copy(), "test", image_size=image_size).describe()
+    elif dataset == "folder":
+        data = DataDescription(None, None, (image_size or 224, image_size or 224))
+    else:
+        data = dataset_spec(dataset).describe(image_size)
     if denoiser is not None and sigma is None:
         raise ValueError("sigma is required with a denoiser: the denoiser is checked against it (or set to it)")
     if sigma is not None:
@@ -94,11 +114,12 @@ def load_model(
 
     classifier_spec = ClassifierSpec(
         classifier, None if classifier_weights is None else str(classifier_weights), classifier_arch,
-        classifier_input_size, classifier_resize, classifier_mean, classifier_std, classifier_interpolation)
+        classifier_input_size, classifier_resize, classifier_mean, classifier_std, classifier_interpolation,
+        classifier_preprocessing)
     pair, _ = load_pair(
         ModelBytes.classifier(classifier_spec),
         ModelBytes.read_denoiser(denoiser) if denoiser is not None else None,
-        spec.describe(image_size),
+        data,
         classifier_arch,
         allow_foreign_classifier,
         sigma=sigma,
@@ -106,6 +127,16 @@ def load_model(
         allow_foreign_denoiser=allow_foreign_denoiser,
     )
     return pair
+
+
+def save_archive(module: Any, path: str | Path, preprocessing: Any, example: Any, kind: str = "export") -> Path:
+    """Write `module` as a torch.export (.pt2, `kind="export"`) or TorchScript archive that
+    carries its preprocessing (a `Preprocessing`, its dict, timm's pretrained_cfg, torchvision
+    weights, a Hugging Face image processor): `--classifier FILE` then needs no flags.
+    `example`: an input batch at the network's input size."""
+    from pipeline.models.sources import save_archive as save
+
+    return save(module, path, preprocessing, example, kind)
 
 
 def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: str | None = None,
@@ -135,9 +166,14 @@ def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: st
         settings = {**settings, "classifier": f"module:{type(module).__module__}.{type(module).__qualname__}"}
     else:
         module = None
+    preprocessing = settings.get("classifier_preprocessing")
+    if preprocessing is not None and not isinstance(preprocessing, str):  # an object saying it (see load_model)
+        settings = {k: v for k, v in settings.items() if k != "classifier_preprocessing"}
+    else:
+        preprocessing = None
     with shown(progress):
         outcome = run_job(load_config(CertifyConfig, config, settings), address=address, classifier=module,
-                         in_process=in_process)
+                          classifier_preprocessing=preprocessing, in_process=in_process)
     return outcome.certificates()
 
 

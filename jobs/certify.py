@@ -59,7 +59,14 @@ def load_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    outcome = certify(load_settings(args), address=args.address)
+    """The run's lock first (before the settings' checks import scipy, before torch), then the job."""
+    from pipeline.runs.claim import claimed_output, claimed_run
+
+    output = claimed_output(args)
+    if output is None:  # no --output anywhere: the settings say so, in one line
+        load_settings(args)
+    with claimed_run(output, "dsmooth certify") as lease:
+        outcome = certify(load_settings(args), address=args.address, lease=lease)
     print(outcome.report())
     return 0
 
@@ -77,6 +84,7 @@ class CertifyOutcome:
     sequential: SequentialSummary | None = None
     decisions: Any = None  # a sequential run's pipeline.stats.sequential.SequentialDecisions, rows = `selected`
     mode: str = "certify"
+    labels_from: str | None = None  # unlabelled data: the labels are the classifier's clean predictions
 
     def report(self) -> str:
         """Where the votes are, how to resume and reduce them, and the certified accuracies of
@@ -103,20 +111,17 @@ class CertifyOutcome:
         return "\n".join(lines) + (f"\n\n{table}" if table else "")
 
     def outcome_line(self) -> str:
-        """Fixed n: of the selected images, how many are certified, abstained, not finished."""
+        """Fixed n: of the selected images, how many are certified -- the right class (the
+        label, or on unlabelled data the clean prediction) with a radius >= 0, as in the
+        tables at r = 0 -- and how many are not (abstained, another class) or not finished."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 certificates = self.certificates()
         except Exception:  # noqa: BLE001 - the summary must never fail a finished run
             return ""
-        done = len(certificates)
-        abstained = int(certificates["abstained"].sum()) if done else 0
-        skipped = len({s["image_id"] for s in self.skipped} & set(self.selected))
-        left = len(self.selected) - done - skipped
-        verb = "certified" if self.mode == "certify" else "predicted"
-        return (f"  outcome: {done - abstained} of {len(self.selected)} images {verb}, {abstained} abstained"
-                + (f", {left} not finished: rerun to resume" if left > 0 else ""))
+        return outcome_counts(certificates, len(self.selected), self.skipped, self.selected, self.mode,
+                              self.labels_from)
 
     def certificates(self, alpha: float | None = None, name: str | None = None):
         """The per-image certificates (`pipeline.reduce.Certificates`) of the images this call
@@ -129,19 +134,69 @@ class CertifyOutcome:
         return certificates[certificates["image_id"].isin(set(self.selected))].reset_index(drop=True)
 
     def table(self) -> str:
+        """The accuracy table over every selected image: a sequential run's undecided images
+        (in flight when it stopped, or not started) count as not certified, and it says so."""
         try:
             from pipeline.reduce import accuracy_table, render
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return render(accuracy_table([self.certificates()]), "markdown")  # default radii and an at-R run's R.rstrip()
+                certificates = self.certificates()
+                note = ""
+                if self.sequential is not None and self.sequential.undecided:
+                    certificates = _with_unstarted(certificates, self.selected, self.skipped)
+                    note = (f"\n\n{self.sequential.undecided} of {self.sequential.images} images undecided "
+                            "(the run stopped before their decision): counted as not certified")
+                return render(accuracy_table([certificates]), "markdown") + note
         except Exception as error:  # noqa: BLE001 - the summary must never fail a finished run
             return f"  (no summary table: {error})"
 
 
+def _with_unstarted(certificates: Any, selected: list[int], skipped: list[dict[str, Any]]) -> Any:
+    """`certificates` plus a not-certified row for each selected image without any vote yet."""
+    import pandas as pd
+
+    from pipeline.stats.smoothing import ABSTAIN
+
+    missing = sorted(set(selected) - set(certificates["image_id"].tolist()) - {s["image_id"] for s in skipped})
+    if not missing:
+        return certificates
+    extra = pd.DataFrame({"image_id": missing, "label": -1, "predict": ABSTAIN, "p_a_lower": float("nan"),
+                          "radius": 0.0, "correct": False, "abstained": True, "time_s": 0.0})
+    if "samples" in certificates:
+        extra["samples"] = 0
+    merged = type(certificates)(pd.concat([pd.DataFrame(certificates), extra], ignore_index=True))
+    for name in certificates._metadata:
+        setattr(merged, name, getattr(certificates, name, None))
+    return merged
+
+
+def certified_mask(certificates: Any) -> Any:
+    """The one meaning of "certified": the right class with a radius >= 0 (`accuracy_table`'s
+    r = 0 column counts exactly these)."""
+    return (~certificates["abstained"].astype(bool)) & certificates["correct"].astype(bool) & (certificates["radius"].fillna(0.0) >= 0)
+
+
+def outcome_counts(certificates: Any, selected: int, skipped: list[dict[str, Any]], selected_ids: list[int],
+                   mode: str, labels_from: str | None) -> str:
+    """The summary line of a fixed-n run (see CertifyOutcome.outcome_line)."""
+    done = len(certificates)
+    abstained = int(certificates["abstained"].sum()) if done else 0
+    right = int(certified_mask(certificates).sum()) if done else 0
+    wrong = done - abstained - right
+    skipped_n = len({s["image_id"] for s in skipped} & set(selected_ids))
+    left = selected - done - skipped_n
+    verb = "certified" if mode == "certify" else "predicted correctly"
+    which = "agreed with the clean prediction" if labels_from else "the correct class"
+    return (f"  outcome: {right} of {selected} images {verb} ({which}), {abstained} abstained, "
+            f"{wrong} {'certified' if mode == 'certify' else 'predicted'} another class"
+            + (f", {left} not finished: rerun to resume" if left > 0 else ""))
+
+
 @dataclass
 class SequentialSummary:
-    """What a sequential run decided for the selected images, and what it cost."""
+    """What a sequential run decided for the selected images, and what it cost. "certified"
+    has the one meaning (`certified_mask`): a certificate of the right class."""
 
     radius: float | None
     images: int
@@ -149,35 +204,40 @@ class SequentialSummary:
     undecided: int
     samples_used: float  # mean per image: samples the decisions rest on
     samples_drawn: float  # mean per image: also those drawn after a decision (in flight then)
-    fixed_n: int  # n0 + n, what a fixed-n run draws per image
+    cap: int  # the most samples this run draws per image (n_max, plus n0 when it selects the class)
     mean_radius: float
     drawn_now: int = 0  # samples this invocation drew (a resumed run draws only what is missing)
+    labels_from: str | None = None
 
     @classmethod
-    def of(cls, decisions: Any, rows: Any, radius: float | None, fixed_n: int) -> SequentialSummary:
+    def of(cls, decisions: Any, rows: Any, radius: float | None, cap: int, labels: Any = None,
+           labels_from: str | None = None) -> SequentialSummary:
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.int64)
         used = decisions.samples[rows]
         drawn = used + decisions.unused_samples[rows]
         certified = decisions.certified[rows]
+        if labels is not None:  # a certificate of another class certifies nothing about the image
+            certified = certified & (decisions.target[rows] == np.asarray(labels, dtype=np.int64)[rows])
         return cls(radius, len(rows), int(certified.sum()), int(decisions.needs_samples[rows].sum()),
-                   float(used.mean()) if len(rows) else 0.0, float(drawn.mean()) if len(rows) else 0.0, fixed_n,
-                   float(decisions.radius[rows][certified].mean()) if certified.any() else 0.0)
+                   float(used.mean()) if len(rows) else 0.0, float(drawn.mean()) if len(rows) else 0.0, cap,
+                   float(decisions.radius[rows][certified].mean()) if certified.any() else 0.0,
+                   labels_from=labels_from)
 
     def line(self) -> str:
         where = (f"at R = {self.radius:g}" if self.radius is not None
                  else f"(largest-radius mode, mean radius reached {self.mean_radius:.3f})")
-        ratio = self.fixed_n / self.samples_drawn if self.samples_drawn else float("inf")
+        ratio = self.cap / self.samples_drawn if self.samples_drawn else float("inf")
         not_certified = self.images - self.certified - self.undecided
-        text = (f"  sequential: {self.certified} of {self.images} images certified {where}, {not_certified} not "
-                f"certified; "
+        which = " (agreed with the clean prediction)" if self.labels_from else ""
+        text = (f"  sequential: {self.certified} of {self.images} images certified{which} {where}, {not_certified} not "
+                f"certified, {self.undecided} undecided; "
                 f"{self.samples_drawn:,.0f} samples per image drawn ({self.samples_used:,.0f} used by the decisions) "
-                f"vs fixed n0 + n = {self.fixed_n:,}: {ratio:.1f}x fewer")
+                f"vs the run's cap of {self.cap:,}: {ratio:.1f}x fewer")
         if self.undecided:
-            text += f"; {self.undecided} image(s) still undecided: rerun to resume"
+            text += "; rerun to resume the undecided (counted as not certified in the table)"
         return text
-
 
 
 @dataclass
@@ -211,9 +271,10 @@ class Prepared:
         return run_differences(self.config.output, self.identity)
 
 
-def prepare(config: Any, classifier: Any = None) -> Prepared:
+def prepare(config: Any, classifier: Any = None, classifier_preprocessing: Any = None) -> Prepared:
     """Open the data, select the images and check the models: no Ray, no sampling.
-    `classifier`: an nn.Module object standing for config.classifier (Python API).
+    `classifier`: an nn.Module object standing for config.classifier (Python API);
+    `classifier_preprocessing`: an object saying its preprocessing (Python API).
     Unlabelled images are labelled with the classifier's clean-image prediction."""
     from pipeline.certify.clean_labels import label_by_classifier
     from pipeline.models import CheckpointError
@@ -222,7 +283,7 @@ def prepare(config: Any, classifier: Any = None) -> Prepared:
     split = config.open_split()
     selected = config.select(split)
     try:
-        f, denoiser, info, pair = _check_models(config, selected, classifier)
+        f, denoiser, info, pair, selected = _check_models(config, selected, classifier, classifier_preprocessing)
     except CheckpointError as error:
         raise ValueError(str(error)) from None
     selected = label_by_classifier(selected, pair.classifier, info.num_classes)
@@ -249,20 +310,24 @@ def _keep_recorded_schedule(config: Any) -> Any:
 
 
 def certify(config: Any, address: str | None = None, *, prepared: Prepared | None = None,
-            classifier: Any = None, in_process: bool = False) -> CertifyOutcome:
+            classifier: Any = None, classifier_preprocessing: Any = None, lease: Any = None,
+            in_process: bool = False) -> CertifyOutcome:
     """Certify (or resume) the images `config` selects; see the module doc. `prepared`:
     `prepare(config)` done already; `classifier`: an nn.Module standing for config.classifier;
-    `in_process`: count in this process, without Ray (`pipeline.certify.inprocess`: the same
-    votes, for small runs, notebooks and debuggers).
+    `lease`: the run's lock, already taken by the caller (`run`); `in_process`: count in this
+    process, without Ray (`pipeline.certify.inprocess`: the same votes, for small runs,
+    notebooks and debuggers).
     The run's lock comes first: a second writer is refused before any data or model is loaded."""
-    from pipeline.certify.run import claimed_run
+    from contextlib import nullcontext
 
-    with claimed_run(config.output, "dsmooth certify") as lease:
-        prepared = prepared if prepared is not None else prepare(config, classifier)
+    from pipeline.runs.claim import claimed_run
+
+    with (nullcontext(lease) if lease is not None else claimed_run(config.output, "dsmooth certify")) as lease:
+        prepared = prepared if prepared is not None else prepare(config, classifier, classifier_preprocessing)
         return _certify(prepared.config, address, prepared, lease, in_process)
 
 
-def _check_models(config, selected, classifier_object=None):
+def _check_models(config, selected, classifier_object=None, preprocessing_object=None):
     """Load f∘D once here, against the data, so a wrong file fails before any actor starts.
     The classifier is any spec (`pipeline.models.sources`), or an nn.Module object."""
     import dataclasses
@@ -273,12 +338,28 @@ def _check_models(config, selected, classifier_object=None):
     spec = ClassifierSpec.of(config)
     if classifier_object is not None:
         spec = dataclasses.replace(spec, classifier=classifier_object)
+    if preprocessing_object is not None:
+        spec = dataclasses.replace(spec, preprocessing=preprocessing_object)
     classifier = ModelBytes.classifier(spec)
+    selected = _own_labels(config, selected, classifier)
     denoiser = ModelBytes.read_denoiser(config.denoiser) if config.denoiser else None
     pair, info = load_pair(classifier, denoiser, selected.describe(), config.classifier_arch,
                            config.allow_foreign_classifier, sigma=config.sigma, noise=config.noise,
                            allow_foreign_denoiser=config.allow_foreign_denoiser)
-    return classifier, denoiser, info, pair
+    return classifier, denoiser, info, pair, selected
+
+
+def _own_labels(config, selected, classifier):
+    """--labels FILE, or class folders mapped to the model's class names (`pipeline.data.labels`),
+    before the models are checked against the data's classes."""
+    from pipeline.data.labels import own_labels, read_class_names
+    from pipeline.models.sources import is_bundle
+    from pipeline.models.sources.bundle import read_bundle
+
+    names = read_class_names(config.class_names) if config.class_names else None
+    if names is None and is_bundle(classifier.data):
+        names = read_bundle(classifier.data)[0].get("labels")
+    return own_labels(selected, names, config.labels)
 
 
 def _certify(config, address, prepared: Prepared, lease, in_process: bool = False) -> CertifyOutcome:
@@ -288,7 +369,7 @@ def _certify(config, address, prepared: Prepared, lease, in_process: bool = Fals
     from pipeline.config import to_dict
 
     identity = prepared.identity
-    speed = {k: v for k, v in to_dict(config).items() if k not in identity}
+    speed = {k: v for k, v in to_dict(config).items() if k not in identity and k != "amp"}  # amp: a precision now
     selected = prepared.selected
     labels_from = getattr(selected, "labels_from", None)  # unlabelled data: the classifier's clean predictions
     # The classifier as the user named it (a path, a spec): for humans; the identity holds its content's hash.
@@ -311,7 +392,7 @@ def _certify(config, address, prepared: Prepared, lease, in_process: bool = Fals
             run = CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict")
             run.run()
     return summarise(CertifyOutcome(str(output), context.image_ids, 0, time.monotonic() - started, config.alpha,
-                                    context.skipped, mode=config.mode), run)
+                                    context.skipped, mode=config.mode, labels_from=labels_from), run)
 
 
 @contextmanager
@@ -369,19 +450,23 @@ def _sequential_schedule(config, context, output, selected):
     test = SequentialTest.from_settings(config)
     rows_of = {r.image_id: row for row, r in enumerate(records)}
     labels = np.array([r.label for r in records], dtype=np.int64) if config.certify_class == "label" else None
-    certifier = replay(test, chunk_votes_from_rows(read_votes(output), rows_of), labels=labels,
-                       num_images=len(records))
+    stored = chunk_votes_from_rows(read_votes(output), rows_of)
+    certifier = replay(test, stored, labels=labels, num_images=len(records))
     undecided = int(certifier.decisions().needs_samples.sum())
     log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
              len(records), selected.name, len(records) - undecided, output, undecided, test.describe())
     # Several forward batches per actor call: the device stays busy between round trips.
-    schedule = SequentialSchedule(ChunkScheduler(certifier), context.image_ids, config.seed, config.chunk_size,
+    scheduler = ChunkScheduler(certifier)
+    scheduler.resume(stored)  # chunks stored past a lost one are not drawn again (no duplicate rows)
+    schedule = SequentialSchedule(scheduler, context.image_ids, config.seed, config.chunk_size,
                                   max(config.batch_size * 4, config.chunk_size))
     def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
         decisions = certifier.decisions()
         outcome.finished_now = undecided - int(decisions.needs_samples.sum()) - len(context.skipped)
-        outcome.sequential = SequentialSummary.of(decisions, np.arange(len(records)), test.radius,
-                                                  config.n0 + config.n)
+        all_labels = np.array([r.label for r in records], dtype=np.int64)
+        cap = test.n_max + (config.n0 if config.certify_class == "top" else 0)
+        outcome.sequential = SequentialSummary.of(decisions, np.arange(len(records)), test.radius, cap,
+                                                  all_labels, getattr(selected, "labels_from", None))
         outcome.sequential.drawn_now = run.samples if run is not None else 0  # a resume draws only what is missing
         outcome.decisions = decisions
         return outcome

@@ -64,17 +64,26 @@ def run(args: argparse.Namespace) -> int:
     from jobs.options import load_settings
     from pipeline.apis.config import CertifyApiConfig
 
-    config = load_settings(CertifyApiConfig, args)
-    summary = certify_api(config, address=args.address, dry_run=args.dry_run)
+    from pipeline.runs.claim import claimed_output, claimed_run
+
+    output = claimed_output(args)
+    if output is None:  # no --output anywhere: the settings say so, in one line
+        load_settings(CertifyApiConfig, args)
+    with claimed_run(output, "dsmooth certify-api") as lease:  # before the settings' checks import scipy
+        config = load_settings(CertifyApiConfig, args)
+        summary = certify_api(config, address=args.address, dry_run=args.dry_run, lease=lease)
     return EXIT_CODES[summary.status]
 
 
-def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None) -> Any:
+def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None,
+                lease: Any = None) -> Any:
     """Run (or resume) one API certification; returns its pipeline.apis.run.state.Summary. The
     run's lock comes first: a second writer is refused before the images or the denoiser load."""
-    from pipeline.certify.run import claimed_run
+    from contextlib import nullcontext
 
-    with claimed_run(config.output, "dsmooth certify-api") as lease:
+    from pipeline.runs.claim import claimed_run
+
+    with (nullcontext(lease) if lease is not None else claimed_run(config.output, "dsmooth certify-api")) as lease:
         summary = _certify_api(config, address, dry_run, lease)
     print(summary_text(summary, config.output), file=out or sys.stdout, flush=True)
     return summary

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-import sys
 import types
 import typing
 from collections.abc import Iterator
@@ -34,18 +33,25 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        """One line, exit 2: the problem, a "did you mean" where a close flag or choice exists,
+        and where the full usage is (never the 27 lines of usage before the one that matters)."""
+        hints = []
         if message.startswith("unrecognized arguments:"):
             known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
-            hints = []
             for word in message.split(":", 1)[1].split():
                 if word.startswith("-"):
                     close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
                     if close:
                         hints.append(f"{word}: did you mean {close[0]}?")
-            if hints:
-                message = f"{message} ({'; '.join(hints)})"
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        choice = re.search(r"invalid choice: '?([^'\s]*)'? \(choose from (.*)\)", message)
+        if choice:
+            choices = [c.strip(" '\"") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                hints.append(f"did you mean {close[0]}?")
+        if hints:
+            message = f"{message} ({'; '.join(hints)})"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:

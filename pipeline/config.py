@@ -14,6 +14,7 @@ are declared once here or in the job-independent modules, as annotated types.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -95,8 +96,20 @@ def _known_scheme(value: str) -> str:
     return value
 
 
+# The largest noise level any job takes: sigma is in [0, 1] pixel units (the papers use 0.12-1.0),
+# so a larger one is almost surely meant on the 0-255 scale.
+MAX_SIGMA = 2.0
+
+
+def _pixel_units(sigma: float) -> float:
+    if sigma > MAX_SIGMA:
+        raise ValueError(f"must be <= {MAX_SIGMA:g}: sigma is in [0, 1] pixel units, got {sigma:g}; "
+                         f"did you mean sigma/255 = {sigma / 255:.3g}?")
+    return sigma
+
+
 # Shared setting types: validation and meaning declared once, used by every job.
-Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True), AfterValidator(_pixel_units)]
 Alpha = Annotated[float, Field(gt=0, lt=1, strict=True)]
 # The smoothing noise (`pipeline.sampling.noise_kinds`, where each is defined; the names are checked
 # equal there): the norm a run certifies follows from it. Gaussian unless said otherwise.
@@ -224,6 +237,19 @@ def parse_config(cls: type[T], data: Any) -> T:
         raise config_error(error, cls) from None
 
 
+def yaml_problem(error: Exception) -> str:
+    """A YAML error in one line: the problem and its line (a tag such as !!python/object is
+    refused: settings files are data, never code)."""
+    problem = str(getattr(error, "problem", None) or str(error).strip().splitlines()[0])
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    if "python/" in problem or "constructor for the tag" in problem:
+        tag = re.search(r"tag '([^']+)'", problem)
+        problem = (f"the tag {tag.group(1) if tag else ''} is refused: a settings file holds data only "
+                   "(plain values, lists and mappings)")
+    return problem + where
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file's top-level mapping; a missing, invalid or non-mapping file is a ConfigError."""
     path = Path(path)
@@ -232,7 +258,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError("", f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError("", f"config file {path} is not valid YAML: {yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"config file {path} must hold a mapping of fields")
     return data

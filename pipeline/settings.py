@@ -247,7 +247,7 @@ class ClassifierFlags(Settings):
         "with weights_only)"))
     classifier_input_size: PositiveInt | None = option(None, group="models", metavar="PX", help=(
         "resize (shorter side) and centre-crop to PX inside f, after the noise and the denoiser "
-        "(default: the model's own config; none for archives/factories)"))
+        "(default: the model's own config)"))
     classifier_resize: PositiveInt | None = option(None, group="models", metavar="PX", help=(
         "resize the shorter side to PX before the centre crop (default: the input size)"))
     classifier_mean: list[float] | None = option(None, group="models", metavar="M", help=(
@@ -256,3 +256,7 @@ class ClassifierFlags(Settings):
         "per-channel std the classifier divides by (default: the model's own config)"))
     classifier_interpolation: Literal["bilinear", "bicubic", "nearest"] | None = option(
         None, group="models", help="resize interpolation (default: the model's own config, else bilinear)")
+    classifier_preprocessing: Literal["auto", "none"] | None = option(None, group="models", help=(
+        "auto (default): the model's own preprocessing (timm/Hugging Face config, an archive's, a factory's), "
+        "refused before any sample when the model carries none and no --classifier-mean/-std is given; "
+        "none: the network normalises its input itself"))

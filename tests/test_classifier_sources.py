@@ -354,9 +354,11 @@ def test_weights_are_never_unpickled(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"fc.weight": Evil()}, path)
-    with pytest.raises(ClassifierSourceError, match="cannot read weights"):
+    with pytest.raises(ClassifierSourceError, match="refused to load: it holds the Python object") as refused:
         resolve_classifier(ClassifierSpec("timm:test_resnet", str(path)))
     assert not marker.exists()
+    # One line, and never torch's advice to load with weights_only=False (that runs the code).
+    assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 def test_bundle_holds_what_the_form_needs(timm_1k):

@@ -91,9 +91,11 @@ def test_fixed_n_counts_are_pinned(where, cifar_root, tmp_path):
     # The summary counts work as "finished" and certificates as "certified" (issue 21, item 4).
     certificates = load_run(tmp_path / "fixed", 0.001)
     abstained = int((certificates["predict"] == ABSTAIN).sum())
+    right = int((certificates["correct"] & ~certificates["abstained"]).sum())  # one meaning of "certified"
     report = outcome.report()
     assert "(6 finished now" in report and "certified now" not in report
-    assert f"outcome: {6 - abstained} of 6 images certified, {abstained} abstained" in report
+    assert (f"outcome: {right} of 6 images certified (the correct class), {abstained} abstained, "
+            f"{6 - abstained - right} certified another class") in report
     assert 0 < abstained < 6, "the pinned run should have both kinds"
 
 

@@ -265,7 +265,7 @@ def test_a_fixed_n_run_is_reduced_at_its_recorded_alpha_and_beside_a_run_at_r(ru
     # beside a run at R: "clean" keeps its meaning, the run at R has no clean cell
     assert cli_main(["reduce", str(run), str(run_at_001[0]), "--names", "fixed", "seq"]) == 0
     out = capsys.readouterr().out
-    assert "| clean |" in out.splitlines()[0] and NO_CLEAN_NOTE in out
+    assert "| clean |" in out.splitlines()[0] and NO_CLEAN_NOTE.format(threshold="Φ(R/σ)") in out
     seq_row = next(line for line in out.splitlines() if line.startswith("| seq |")).split("|")
     clean_at = out.splitlines()[0].split("|").index(" clean ")
     assert seq_row[clean_at].strip() == ""

@@ -39,7 +39,7 @@ SPEED_GROUP = "speed (may change between resumptions)"
 SPEED_NOTE = (
     "  --actors, --shard-size and --max-restarts never change a count, and the noise does not depend on\n"
     "  --batch either. Float rounding can: a sample on a near-tie may be classified differently with\n"
-    "  another --batch, --amp or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
+    "  another --batch, --precision or --optimize, and CPU and CUDA draw different noise. For bit-identical\n"
     "  counts keep these and the device type; any choice gives equally valid votes."
 )
 
@@ -57,6 +57,13 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
     allow_foreign_classifier: bool = option(False, group="models", help=(
         "accept a classifier that does not record the data set it was trained on (a raw state dict "
         "or a foreign checkpoint); one that records another data set is refused regardless"))
+    labels: str | None = option(None, group="data", metavar="FILE", help=(
+        "each image's label from FILE: a CSV image,label (image: its path, file name or stem; label: a class "
+        "index or a class name), ImageNet's val.txt ('ILSVRC2012_val_00000001.JPEG 65') or Kaggle's "
+        "LOC_val_solution.csv. Part of the run identity (its SHA-256) when given"))
+    class_names: str | None = option(None, group="data", metavar="FILE", help=(
+        "the model's class names, one per line in class-index order (default: the model's own: Hugging Face "
+        "id2label, timm's ImageNet wnids); class folders and --labels names are matched to them"))
     mode: Literal["certify", "predict"] = option("certify", group="smoothing",
                                                  help="CERTIFY (label + radius) or PREDICT (label only)")
     n0: SelectionSamples = option(100, group="smoothing", metavar="N0")
@@ -83,7 +90,8 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "floating-point-sound sampling (Voráček & Hein 2023, pipeline/sampling/sound.py): noise rounded to the "
         "8-bit grid and added exactly, so the certificate holds for the computation performed (Gaussian only; "
         "8-bit images). Part of the run identity when set"))
-    amp: bool = option(True, group=SPEED_GROUP, help="fp16 autocast on GPU under --precision fp32 (CPUs run fp32)")
+    amp: bool | None = option(None, group=SPEED_GROUP, help=(
+        "deprecated: read as --precision fp16 on a GPU (with a warning); --precision decides the arithmetic"))
     optimize: bool = option(True, group=SPEED_GROUP,
                             help="fold BatchNorm into convolutions and run channels-last")
     shard_size: PositiveInt | None = option(None, group=SPEED_GROUP, metavar="N", help=(
@@ -93,6 +101,20 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
                                           help="Ray restarts of a crashed actor, and retries of its call")
     output: Where = option(..., metavar="DIR", help=(
         "run directory (local, s3://bucket/... or gs://bucket/...): run.json + votes/part-*.parquet (required)"))
+
+    @model_validator(mode="after")
+    def _amp_is_a_precision(self) -> CertifyConfig:
+        """The deprecated --amp becomes --precision fp16 where it used to compute fp16 (a GPU under
+        fp32), so what the run records is what it computes; then it is forgotten."""
+        if self.amp:
+            import torch
+
+            from pipeline.sampling.precision import amp_as_precision
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.__dict__["precision"] = amp_as_precision(True, self.precision, device)  # not setattr: validates again
+        self.__dict__["amp"] = None
+        return self
 
     @model_validator(mode="after")
     def _sound_is_gaussian(self) -> CertifyConfig:
@@ -126,6 +148,6 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
 
         arch = getattr(classifier, "arch", None) or self.classifier_arch
         return PairSettings(sigma=self.sigma, classifier_arch=arch, batch_size=self.batch_size,
-                            allow_foreign_classifier=self.allow_foreign_classifier, amp=self.amp,
+                            allow_foreign_classifier=self.allow_foreign_classifier,
                             optimize=self.optimize, precision=self.precision, sound=self.sound, noise=self.noise,
                             allow_foreign_denoiser=self.allow_foreign_denoiser)

@@ -247,7 +247,6 @@ class PairSettings:
     classifier_arch: str | None = None
     allow_foreign_classifier: bool = False
     batch_size: int = 400
-    amp: bool = True
     optimize: bool = True
     precision: str = "fp32"
     sound: bool = False
@@ -258,7 +257,7 @@ class PairSettings:
                 data: DataDescription, device: str) -> PairCounter:
         return PairCounter(classifier, denoiser, expected, data, sigma=self.sigma, classifier_arch=self.classifier_arch,
                            allow_foreign_classifier=self.allow_foreign_classifier, batch_size=self.batch_size,
-                           device=device, amp=self.amp, optimize=self.optimize,
+                           device=device, optimize=self.optimize,
                            precision=self.precision, sound=self.sound, noise=self.noise,
                            allow_foreign_denoiser=self.allow_foreign_denoiser)
 
@@ -278,7 +277,6 @@ class PairCounter:
         allow_foreign_classifier: bool = False,
         batch_size: int = 400,
         device: str | torch.device = "cpu",
-        amp: bool = True,
         optimize: bool = True,
         precision: str = "fp32",
         sound: bool = False,
@@ -294,7 +292,7 @@ class PairCounter:
         self.device = torch.device(device)
         model = optimize_for_inference(pair, self.device) if optimize else pair.to(self.device).eval()
         self.counter = VoteCounter(
-            model, info.num_classes, sigma, batch_size=batch_size, device=self.device, amp=amp,
+            model, info.num_classes, sigma, batch_size=batch_size, device=self.device,
             precision=precision, sound=sound, noise=noise,
         )
 

@@ -52,7 +52,15 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         **precision_identity(config.precision),
         # Only when set: another noise draw (`pipeline.sampling.sound`), the old identity otherwise.
         **({"sound": True} if config.sound else {}),
+        # Only when given: labels from a file decide what is certified (and a sequential run's draws).
+        **({"labels_sha256": _labels_sha256(config.labels)} if getattr(config, "labels", None) else {}),
     )
+
+
+def _labels_sha256(path: str) -> str:
+    from pipeline.data.labels import file_sha256
+
+    return file_sha256(path)
 
 
 def shard_requests(shard: Shard, config: CertifyConfig) -> list[SampleRequest]:

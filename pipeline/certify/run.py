@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -197,6 +196,12 @@ class SequentialSchedule:
         after = self.scheduler.cert.decisions().needs_samples
         return np.nonzero(before & ~after)[0].tolist()
 
+    def split(self) -> tuple[int, int, int]:
+        """(certified, not certified, undecided) over every selected image, as the Ctrl-C line says."""
+        decisions = self.scheduler.cert.decisions()
+        certified, undecided = int(decisions.certified.sum()), int(decisions.needs_samples.sum())
+        return certified, len(decisions.status) - certified - undecided, undecided
+
     def withdraw(self, rows: Sequence[int]) -> None:
         self.scheduler.cert.withdraw(np.asarray(rows, dtype=np.int64))
         self.total -= len(rows)
@@ -211,14 +216,21 @@ class SequentialSchedule:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run: says how many images this invocation saved (what the bar counted)."""
 
-    def __init__(self, saved: int, total: int, sequential: bool = False) -> None:
+    def __init__(self, saved: int, total: int, sequential: bool = False,
+                 split: tuple[int, int, int] | None = None) -> None:
         super().__init__(saved, total, sequential)
         self.saved, self.total, self.sequential = saved, total, sequential
+        self.split = split  # a sequential run's selected images: (certified, not certified, undecided)
 
     def __str__(self) -> str:
         if self.sequential:
-            return (f"interrupted: {self.saved} of {self.total} images decided by this invocation; the votes of "
-                    "every finished chunk are saved and a rerun of the same command resumes from them")
+            where = ""
+            if self.split is not None:
+                certified, not_certified, undecided = self.split
+                where = (f" (of the run's {sum(self.split)} selected images: {certified} certified, "
+                         f"{not_certified} not certified, {undecided} undecided)")
+            return (f"interrupted: {self.saved} of {self.total} images decided by this invocation{where}; the "
+                    "votes of every finished chunk are saved and a rerun of the same command resumes from them")
         return (f"interrupted: {self.saved} of {self.total} images finished and saved by this invocation; "
                 "a rerun of the same command resumes the rest")
 
@@ -332,8 +344,9 @@ class CertifyRun:
         try:
             self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
         except KeyboardInterrupt as stop:
-            raise Interrupted(self.finished, self.progress.total,
-                              isinstance(self.schedule, SequentialSchedule)) from stop
+            sequential = isinstance(self.schedule, SequentialSchedule)
+            raise Interrupted(self.finished, self.progress.total, sequential,
+                              self.schedule.split() if sequential else None) from stop
         finally:
             if self.own_progress:
                 self.progress.close()
@@ -361,20 +374,4 @@ def raise_run_error(error: BaseException | None) -> None:
     raise RuntimeError(f"certification failed: {error}") from error
 
 
-@contextmanager
-def claimed_run(output: str | Location, job: str) -> Iterator[Any]:
-    """The run's lock, taken before anything is loaded: a second writer is refused in
-    seconds, not after the data and models load. A run directory this call created is
-    removed again when the job fails before writing to it, so bad settings leave no trace."""
-    from pipeline.runs.lock import LOCK_FILE, exclusive_run
-
-    output = Location.of(output)
-    existed = output.exists()
-    try:
-        with exclusive_run(output, job) as lease:
-            yield lease
-    except BaseException:
-        if not existed and output.is_local and output.is_dir() and {p.name for p in output.files()} <= {LOCK_FILE}:
-            (output / LOCK_FILE).delete()
-            output.local_path.rmdir()
-        raise
+from pipeline.runs.claim import claimed_run  # noqa: E402,F401 - its home is light (taken before heavy imports)

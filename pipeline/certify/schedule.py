@@ -56,6 +56,20 @@ class ChunkScheduler:
         self.requested = {phase: certifier.next_chunk[phase].copy() for phase in PHASE_ORDER}
         self._early: dict[tuple[str, int], dict[int, tuple[int, np.ndarray]]] = {}
         self.held = np.zeros(len(certifier), dtype=bool)
+        self.stored: set[tuple[str, int, int]] = set()  # (phase, row, chunk) in votes/ already: never drawn again
+
+    def resume(self, stored: Sequence[ChunkVotes]) -> None:
+        """The run's stored chunk votes (those `replay` built the certifier from). A chunk
+        stored past a missing one (a kill lost the one before it) waits here as if it had just
+        come back, and is never drawn again: only the missing chunk is, so votes/ holds each
+        (image, phase, chunk) once and plain readers (pandas, DuckDB) sum the samples drawn."""
+        for votes in stored:
+            for row, chunk, samples, count in zip(votes.image.tolist(), votes.chunk.tolist(),
+                                                  votes.samples.tolist(), votes.counts):
+                if chunk < int(self.cert.next_chunk[votes.phase][row]) or _past(self.cert, votes.phase, row):
+                    continue  # in the certifier already, or never needed
+                self._early.setdefault((votes.phase, row), {}).setdefault(chunk, (samples, np.asarray(count)))
+                self.stored.add((votes.phase, row, chunk))
 
     @property
     def finished(self) -> bool:
@@ -94,6 +108,9 @@ class ChunkScheduler:
         for _, row, phase, begin, stop in offers:
             total = test.total(phase)
             for chunk in range(begin, stop):
+                if (phase, row, chunk) in self.stored:
+                    self.requested[phase][row] = chunk + 1  # stored already: waiting in _early
+                    continue
                 if tasks and samples >= max_samples:
                     return tasks
                 tasks.append(ChunkTask(row, phase, chunk, total))

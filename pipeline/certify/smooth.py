@@ -113,7 +113,7 @@ class Smooth:
         if batch_size is not None and batch_size != self.counter.batch_size:
             old = self.counter
             self.smoothed.counter = VoteCounter(old.model, old.num_classes, old.sigma, batch_size=batch_size,
-                                                device=old.device, amp=bool(old.amp_dtype), precision=old.precision,
+                                                device=old.device, precision=old.precision,
                                                 sound=old.sound, noise=old.noise)
             self.smoothed.counter.amp_dtype = old.amp_dtype
 

@@ -178,6 +178,18 @@ def checkpoint_bytes(meta: ModelMeta, state: Mapping[str, torch.Tensor]) -> byte
     return buffer.getvalue()
 
 
+def refused_pickle(error: BaseException) -> str:
+    """One line for a pickle that `weights_only=True` refused: what it holds (the global torch
+    names) and what to do. torch's own text advises `weights_only=False`, i.e. running the
+    file's code: never repeated here."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"the Python object {found.group(1)}" if found else "objects other than tensors and plain containers"
+    return (f"refused to load: it holds {what}, which loading would run as code; dsmooth only reads weights "
+            "(re-save the file as a plain state dict, or as .safetensors)")
+
+
 def _safe_load(path: Path, map_location: Any) -> Any:
     """torch.load with weights_only=True, turning pickle/zip failures into CheckpointError."""
     try:
@@ -185,12 +197,7 @@ def _safe_load(path: Path, map_location: Any) -> Any:
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is junk
             raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or corrupt file)") from e
-        lines = [ln.strip() for ln in str(e).splitlines()]
-        detail = next((ln for ln in lines if "Unsupported global" in ln or ln.startswith("Error")), lines[0])
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain Python "
-            f"containers (loaded with weights_only=True; re-save it as a plain state dict). {detail}"
-        ) from e
+        raise CheckpointError(f"{path}: {refused_pickle(e)}") from e
     except FileNotFoundError:
         raise
     except Exception as e:  # junk bytes surface as anything from KeyError to IndexError

@@ -62,12 +62,22 @@ CAPPED_NOTE = "{capped}: above that input's largest certifiable radius ({bounds}
 AT_RADIUS = "certified at R"  # the first column's header when every input is a sequential run at R
 AT_RADIUS_NOTE = (
     "certified at R: a sequential run certified at R measures no clean accuracy (it tests only "
-    "p_A > Φ(R/σ)); the column holds its certified accuracy at its own R."
+    "p_A > {threshold}); the column holds its certified accuracy at its own R."
 )
 NO_CLEAN_NOTE = (
     "clean: empty for a sequential run certified at R, which measures no clean accuracy (it tests only "
-    "p_A > Φ(R/σ)); see its r = R column."
+    "p_A > {threshold}); see its r = R column."
 )
+# The p_A a radius R needs under each noise (`pipeline.sampling.noise_kinds`, `needed_p`), as the notes write it.
+THRESHOLDS = {"gaussian": "Φ(R/σ)", "uniform": "½ + R/(4σ)", "laplace": "1 − ½·exp(−R/σ)"}
+
+
+def threshold_text(noises: Iterable[str]) -> str:
+    """The threshold of the table's noises (one, or each named when they differ)."""
+    names = sorted(set(noises)) or ["gaussian"]
+    if len(names) == 1:
+        return THRESHOLDS[names[0]]
+    return " / ".join(f"{THRESHOLDS[n]} ({n})" for n in names)
 RECOMPUTED_NOTE = (
     "α: an α with (run …) was given by --alpha: the certificates are recomputed at it, not at the α the run "
     "decided with; a sequential run's recomputation only has the chunks the run drew."
@@ -116,6 +126,7 @@ def accuracy_table(
         table = pd.concat([table, envelope_rows(table, radii)], ignore_index=True)
     # Unlabelled data scored against the classifier's own clean predictions: the table says so.
     table.attrs["norm"] = norm
+    table.attrs["noises"] = sorted({getattr(c, "noise", None) or "gaussian" for c in inputs})
     table.attrs["label_notes"] = [
         f"{certs.name}: no labels in the data; the label of each image is {certs.labels_from}, so "
         "'accuracy' is agreement with it" for certs in inputs if getattr(certs, "labels_from", None)]
@@ -248,10 +259,11 @@ def _wide(table: pd.DataFrame) -> Wide:
     norm = table.attrs.get("norm", "ℓ2")
     bounds = BOUNDS if norm == "ℓ2" else L1_BOUNDS
     notes = [CELLS_NOTE.format(norm=norm), *([L1_NOTE] if norm == "ℓ1" else []), *table.attrs.get("label_notes", [])]
+    threshold = threshold_text(table.attrs.get("noises", ["gaussian"]))
     if all_at_r:
-        notes.append(AT_RADIUS_NOTE)
+        notes.append(AT_RADIUS_NOTE.format(threshold=threshold))
     elif at_r.any():
-        notes.append(NO_CLEAN_NOTE)
+        notes.append(NO_CLEAN_NOTE.format(threshold=threshold))
     if recomputed:
         notes.append(RECOMPUTED_NOTE)
     if (table["input"] < 0).any():

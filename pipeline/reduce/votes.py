@@ -309,8 +309,9 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     to each decision (the ones drawn after it are ignored). At another alpha the replay is
     still valid (Ville's inequality holds up to the run's stopping) but only has the chunks
     the run drew: an image it leaves undecided is not certified. Images still undecided at
-    the run's own alpha were in flight when the job stopped: skipped with a ReduceWarning (a
-    rerun of the job resumes them)."""
+    the run's own alpha were in flight when the job stopped: they are the borderline ones, so
+    they stay in the table, counted as not certified, with a ReduceWarning saying so (a rerun
+    of the job resumes them)."""
     import dataclasses
 
     from pipeline.stats.sequential import SequentialTest, replay
@@ -345,9 +346,9 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     complete = ~at_run.needs_samples
     if not complete.all():
         warnings.warn(f"{where}: {int((~complete).sum())} image(s) undecided (in flight when the job stopped); "
-                      "skipped", ReduceWarning, stacklevel=2)
+                      "counted as not certified (a rerun resumes them)", ReduceWarning, stacklevel=2)
     result = decisions.as_decisions()
-    certified = decisions.certified
+    certified = decisions.certified & complete  # an undecided image is not certified (at another alpha too)
     correct = certified & (decisions.target == labels) & (labels >= 0)
     label_out: np.ndarray = labels
     predict: np.ndarray = result.prediction
@@ -355,11 +356,15 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
         label_out = np.array([None if pd.isna(n) else str(n) for n in names], dtype=object)
         predict = np.where(certified, label_out, ABSTAIN_LABEL).astype(object)
     elapsed = chunked.groupby("image_id")["elapsed_s"].sum().reindex(ids).to_numpy(dtype=np.float64)
+    predict = np.where(complete, predict, ABSTAIN_LABEL if api else ABSTAIN)
+    if api:
+        predict = predict.astype(object)
     frame = pd.DataFrame({
-        "image_id": ids, "label": label_out, "predict": predict, "p_a_lower": result.p_a_lower,
-        "radius": result.radius, "correct": correct, "abstained": ~certified, "time_s": elapsed,
+        "image_id": ids, "label": label_out, "predict": predict,
+        "p_a_lower": np.where(complete, result.p_a_lower, np.nan),
+        "radius": np.where(complete, result.radius, 0.0), "correct": correct, "abstained": ~certified, "time_s": elapsed,
         "samples": decisions.samples,
-    })[complete]
+    })
     meaning = describe_identity(identity)
     return make_certificates(frame, name=name, sigma=run_test.sigma, source=source, alpha=alpha, n=run_test.n_max,
                              dataset=meaning["dataset"], model=meaning["model"], sequence_shape=run_test.shape,

@@ -21,19 +21,15 @@ from torch import nn
 from pipeline.config import Sigma, check_value, sound_noise_problem
 from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
 from pipeline.sampling.noise import SampleRequest, chunk_noise
-from pipeline.sampling.precision import DEFAULT_PRECISION, compute_dtype
+from pipeline.sampling.precision import DEFAULT_PRECISION, amp_as_precision, compute_dtype
 from pipeline.sampling.sound import image_levels, sound_inputs
 
 
 def _amp_dtype(amp: bool | str, device: torch.device, precision: str = DEFAULT_PRECISION) -> torch.dtype | None:
-    """The forward passes' autocast dtype: `precision`'s when it is not fp32 (any device);
-    under fp32, the speed flag `amp` still switches fp16 (or "bf16") on for CUDA only, as before."""
-    dtype = compute_dtype(precision, device)
-    if dtype is not None:
-        return dtype
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    """The forward passes' autocast dtype: `precision`'s, on every device. `amp` is no second
+    switch (it used to turn fp16 on under fp32 on CUDA, recorded as fp32): callers map it
+    with `amp_as_precision` first, so the precision recorded is the arithmetic used."""
+    return compute_dtype(precision, device)
 
 
 class VoteCounter:
@@ -67,6 +63,7 @@ class VoteCounter:
         if problem:
             raise ValueError(problem)
         self.batch_size = batch_size
+        precision = amp_as_precision(amp, precision, self.device)  # deprecated switch -> the one setting
         self.precision = precision
         self.sound = sound  # floating-point-sound noise (`pipeline.sampling.sound`)
         self.amp_dtype = _amp_dtype(amp, self.device, precision)

@@ -65,3 +65,21 @@ def resolve_here(precision: str) -> str:
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of `precision` on `device` (None = plain fp32)."""
     return _DTYPES[resolve_precision(precision, device)]
+
+
+def amp_as_precision(amp: bool | str, precision: str, device: torch.device | str) -> str:
+    """The deprecated `amp` switch (fp16 autocast on CUDA, which ran beside --precision fp32 and
+    was recorded as fp32) read as the one setting: `--precision fp16` (or bf16 for amp="bf16")
+    on CUDA under fp32, with a one-line deprecation; on a CPU, or under another precision, it
+    changes nothing (as before). --precision alone decides the arithmetic."""
+    import logging
+
+    if not amp:
+        return precision
+    device = torch.device(device)
+    meant = "bf16" if amp == "bf16" else "fp16"
+    chosen = meant if precision == "fp32" and device.type == "cuda" else precision
+    logging.getLogger("dsmooth").warning(
+        "--amp is deprecated and will go: read as --precision %s%s; use --precision", chosen,
+        "" if chosen == meant else f" (it had no effect here: {device.type}, precision {precision})")
+    return chosen

@@ -265,10 +265,11 @@ class TrainConfig(ClassifierFlags):
                 raise ConfigError(
                     f"sweep.objectives[{i}]", f"{objective!r} does not train a {self.task}; use one of {list(allowed)}"
                 )
-        if self.task == "denoiser":
-            for i, sigma in enumerate(self.sweep.sigmas):
+        for i, sigma in enumerate(self.sweep.sigmas):
+            # The one sigma rule (> 0, <= MAX_SIGMA pixel units); a classifier may train at 0 (no noise).
+            if self.task == "denoiser" or sigma != 0:
                 try:
-                    check_value(Sigma, sigma, "a denoiser's noise level")
+                    check_value(Sigma, sigma, "a denoiser's noise level" if self.task == "denoiser" else "a noise level")
                 except ValueError as error:
                     raise ConfigError(f"sweep.sigmas[{i}]", str(error)) from None
         for i, arch in enumerate(self.archs):

@@ -60,7 +60,8 @@ def _sha(path: str | Path, cache: dict[str, str]) -> str:
 def classifier_key(spec: Any) -> str:
     """How a run names one of its classifiers: the spec itself when nothing completes it (a
     checkpoint's path, as before specs), else the spec with its flags, as JSON."""
-    fields = {k: v for k, v in asdict(spec).items() if v is not None}
+    # preprocessing "auto" is the default: left out, so runs named before it existed keep their name.
+    fields = {k: v for k, v in asdict(spec).items() if v is not None and not (k == "preprocessing" and v == "auto")}
     return str(spec.classifier) if fields.keys() == {"classifier"} else json.dumps(fields, sort_keys=True, default=list)
 
 

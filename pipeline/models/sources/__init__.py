@@ -9,13 +9,15 @@
   * a local Hugging Face image-classification folder (config.json, weights,
     preprocessor_config.json): offline, never remote code;
   * a `torch.export` archive (.pt2) or a TorchScript file (code by nature: trusted files only);
-  * `package.module:callable` returning an nn.Module (optionally --classifier-weights);
+    its preprocessing from the archive's extra file (`save_archive` writes it), else flags;
+  * `package.module:callable` returning an nn.Module or (module, preprocessing) (optionally
+    --classifier-weights);
   * from Python, an nn.Module object.
 
 The first kind stays the checkpoint's own bytes (so runs made before keep their identity);
 every other kind is resolved on the driver into a *bundle* (`bundle.py`): the files the
-form needs, its preprocessing (the model's own config, then the flags) and the SHA-256 of
-its weights. `load_bundle` rebuilds it anywhere as Preprocess -> network, a module taking
+form needs, its preprocessing (the model's own config, then the flags; refused when neither
+says it, unless --classifier-preprocessing none) and the SHA-256 of its weights. `load_bundle` rebuilds it anywhere as Preprocess -> network, a module taking
 the data set's [0, 1] pixels.
 """
 
@@ -33,6 +35,7 @@ from ..preprocess import Preprocess, Preprocessing
 from ..registry import is_known_model
 from . import archive_form, factory_form, hf_form, timm_form
 from .bundle import is_bundle, make_bundle, read_bundle
+from .carried import FLAGS_HINT, PREPROCESSING_CHOICES, preprocessing_of, save_archive
 from .common import ClassifierSourceError, MissingExtraError, Resolved
 
 BUNDLE_FORMAT = "dsmooth-classifier-bundle/1"
@@ -42,10 +45,13 @@ FORMS = (
     ("timm", "timm:NAME --classifier-weights FILE", "a timm model (.safetensors/.pth/.bin) [extra: timm]"),
     ("timm folder", "DIR", "config.json with 'architecture' + model.safetensors [extra: timm]"),
     ("hugging face", "DIR", "transformers image classifier folder, offline, no remote code [extra: hf]"),
-    ("torch.export", "FILE.pt2", "a torch.export archive (runs the file's code: trusted files only)"),
-    ("torchscript", "FILE", "a TorchScript file (runs the file's code: trusted files only)"),
-    ("factory", "package.module:callable", "returns an nn.Module; importable on the workers"),
-    ("object", "(Python)", "an nn.Module passed to dsmooth.certify / load_model"),
+    ("torch.export", "FILE.pt2", "a torch.export archive (runs the file's code: trusted files only); "
+     "preprocessing from dsmooth.save_archive's extra file, else the flags"),
+    ("torchscript", "FILE", "a TorchScript file (runs the file's code: trusted files only); as .pt2"),
+    ("factory", "package.module:callable", "returns an nn.Module or (module, preprocessing); importable on the "
+     "workers"),
+    ("object", "(Python)", "an nn.Module passed to dsmooth.certify / load_model (its pretrained_cfg, or "
+     "classifier_preprocessing=)"),
 )
 
 __all__ = [
@@ -55,6 +61,9 @@ __all__ = [
     "ClassifierSpec",
     "LoadedClassifier",
     "MissingExtraError",
+    "PREPROCESSING_CHOICES",
+    "preprocessing_of",
+    "save_archive",
     "is_bundle",
     "load_bundle",
     "resolve_classifier",
@@ -73,6 +82,9 @@ class ClassifierSpec:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     interpolation: str | None = None
+    # "auto" (the form's own, else refused), "none" (the network normalises inside) or, from
+    # Python, anything `carried.preprocessing_of` reads (a Preprocessing, torchvision weights...)
+    preprocessing: Any = "auto"
 
     @classmethod
     def of(cls, settings: Any) -> ClassifierSpec:
@@ -80,11 +92,17 @@ class ClassifierSpec:
         get = lambda name: getattr(settings, name, None)  # noqa: E731
         return cls(get("classifier"), get("classifier_weights"), get("classifier_arch"),
                    get("classifier_input_size"), get("classifier_resize"), get("classifier_mean"),
-                   get("classifier_std"), get("classifier_interpolation"))
+                   get("classifier_std"), get("classifier_interpolation"),
+                   get("classifier_preprocessing") or "auto")
 
     @property
     def has_preprocessing_flags(self) -> bool:
-        return any(v is not None for v in (self.input_size, self.resize, self.mean, self.std, self.interpolation))
+        return (any(v is not None for v in (self.input_size, self.resize, self.mean, self.std, self.interpolation))
+                or not _is_auto(self.preprocessing))
+
+
+def _is_auto(preprocessing: Any) -> bool:
+    return isinstance(preprocessing, str) and preprocessing == "auto"
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,8 @@ def _legacy(spec: ClassifierSpec, path: str, arch: str | None, data: bytes | Non
     if spec.has_preprocessing_flags:
         raise ClassifierSourceError(
             f"{path}: a dsmooth checkpoint or torchvision classifier carries its own normalisation; "
-            "--classifier-input-size/-resize/-mean/-std apply to timm, Hugging Face, archives and factories")
+            "--classifier-input-size/-resize/-mean/-std/-preprocessing apply to timm, Hugging Face, archives and "
+            "factories")
     if data is None:
         from pipeline.runs.fs import Location
 
@@ -174,12 +193,7 @@ def resolve_classifier(spec: ClassifierSpec) -> Source:
     resolved = _resolve_new(spec)
     if isinstance(resolved, Source):
         return resolved
-    try:
-        preprocessing = resolved.preprocessing.override(
-            input_size=spec.input_size, resize=spec.resize, mean=spec.mean, std=spec.std,
-            interpolation=spec.interpolation)
-    except ValueError as error:
-        raise ClassifierSourceError(str(error)) from None
+    preprocessing = _preprocessing(resolved, spec)
     source = spec.classifier if isinstance(spec.classifier, (str, Path)) else resolved.name
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -192,6 +206,32 @@ def resolve_classifier(spec: ClassifierSpec) -> Source:
         "extra": resolved.extra,
     }
     return Source(str(source), make_bundle(manifest, resolved.files))
+
+
+def _preprocessing(resolved: Resolved, spec: ClassifierSpec) -> Preprocessing:
+    """The form's preprocessing (or the caller's object, or none), the flags on top; refused in
+    one line when nothing says how the network expects its input (`carried.py`)."""
+    chosen, known = resolved.preprocessing, resolved.known
+    if isinstance(spec.preprocessing, str) and spec.preprocessing == "none":
+        if spec.mean is not None or spec.std is not None:
+            raise ClassifierSourceError("--classifier-preprocessing none and --classifier-mean/--classifier-std "
+                                        "contradict each other: give one or the other")
+        chosen, known = Preprocessing(), True
+    elif not _is_auto(spec.preprocessing):
+        chosen, known = preprocessing_of(spec.preprocessing), True
+    try:
+        chosen = chosen.override(input_size=spec.input_size, resize=spec.resize, mean=spec.mean, std=spec.std,
+                                 interpolation=spec.interpolation)
+    except ValueError as error:
+        raise ClassifierSourceError(str(error)) from None
+    if not known and chosen.mean is None:
+        raise ClassifierSourceError(f"{resolved.name}: its preprocessing is unknown (the {FORM_NAMES[resolved.kind]} "
+                                    f"carries no mean/std); {FLAGS_HINT}")
+    return chosen
+
+
+FORM_NAMES = {"export": "torch.export archive", "torchscript": "TorchScript file", "factory": "factory's module",
+              "module": "module", "hf": "Hugging Face folder (no preprocessor_config.json)", "timm": "timm model"}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Deployment archives: a `torch.export` program (.pt2) or a TorchScript file. They carry
 their own code (that is their point: no model code on the workers), so loading one runs
 code from the file -- give only archives you trust (said in --help and the README).
-Preprocessing comes from the flags (--classifier-input-size/-mean/-std/-resize)."""
+Preprocessing comes from the archive's extra file (`carried.save_archive` writes it), else
+from the flags (--classifier-input-size/-mean/-std/-resize)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..preprocess import Preprocessing
+from .carried import archive_preprocessing
 from .common import Archive, ClassifierSourceError, Resolved, sha256
 
 
@@ -37,9 +39,10 @@ def resolve(path: Path, data: bytes, kind: str) -> Resolved:
     (run.json still records the path, beside the identity, for humans)."""
     file = "model.pt2" if kind == "export" else "model.torchscript.pt"
     digest = sha256(data)
-    resolved = Resolved(kind, f"{kind}:{digest[:12]}", {file: data}, digest, Preprocessing(),
-                        extra={"file": file})
-    load({"kind": kind, "extra": resolved.extra}, resolved.files, str(path))  # refuse a broken archive now
+    load({"kind": kind, "extra": {"file": file}}, {file: data}, str(path))  # refuse a broken archive now
+    carried = archive_preprocessing(data, kind)
+    resolved = Resolved(kind, f"{kind}:{digest[:12]}", {file: data}, digest, carried or Preprocessing(),
+                        extra={"file": file}, known=carried is not None)
     return resolved
 
 

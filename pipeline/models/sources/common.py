@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, CheckpointMismatchError, _adapt_raw_state_dict, _check_fits
+from ..checkpoint import CheckpointError, CheckpointMismatchError, _adapt_raw_state_dict, _check_fits, refused_pickle
 from ..preprocess import Preprocessing
 
 
@@ -57,6 +58,8 @@ def read_state_dict(name: str, data: bytes, source: str) -> dict[str, torch.Tens
 
             return dict(load_safetensors(data))
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # code in a pickle: refused, in one line
+        raise ClassifierSourceError(f"{source}: {refused_pickle(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure: not loadable weights
         raise ClassifierSourceError(f"{source}: cannot read weights ({type(error).__name__}: "
                                     f"{str(error).splitlines()[0] if str(error) else ''})") from None
@@ -98,6 +101,7 @@ class Resolved:
     num_classes: int | None = None
     labels: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # form-specific manifest entries
+    known: bool = True  # the form carried its preprocessing (else flags must give it: `carried.py`)
 
 
 class Logits(nn.Module):

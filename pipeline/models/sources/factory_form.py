@@ -1,4 +1,5 @@
-"""Code the user already has: `package.module:callable` returning an nn.Module (imported
+"""Code the user already has: `package.module:callable` returning an nn.Module, or
+(module, preprocessing) (imported
 on the workers too, e.g. from `ray job submit --working-dir`), or an nn.Module object
 passed to the Python API. The driver's weights travel in the bundle as safetensors, so
 every actor holds exactly the network the driver checked (a factory with random
@@ -14,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..preprocess import Preprocessing
+from .carried import module_preprocessing, split_factory_result
 from .common import ClassifierSourceError, Resolved, load_weights, read_file, read_state_dict, sha256, state_bytes
 
 FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -25,6 +27,11 @@ def is_factory(spec: str) -> bool:
 
 
 def call_factory(spec: str) -> nn.Module:
+    return call_factory_with_preprocessing(spec)[0]
+
+
+def call_factory_with_preprocessing(spec: str) -> tuple[nn.Module, Preprocessing | None]:
+    """The factory's module and the preprocessing it returned beside it (None if it gave none)."""
     module_name, _, attribute = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -40,21 +47,23 @@ def call_factory(spec: str) -> nn.Module:
         model = target()
     except Exception as error:  # noqa: BLE001
         raise ClassifierSourceError(f"{spec}: calling {attribute}() failed ({type(error).__name__}: {error})") from None
+    model, preprocessing = split_factory_result(model, spec)
     if not isinstance(model, nn.Module):
         raise ClassifierSourceError(f"{spec}: {attribute}() returned {type(model).__name__}, not a torch nn.Module")
-    return model
+    return model, preprocessing
 
 
 def resolve_factory(spec: str, weights: str | None) -> Resolved:
-    model = call_factory(spec)
+    model, preprocessing = call_factory_with_preprocessing(spec)
+    preprocessing = preprocessing or module_preprocessing(model)
     weights_sha = None
     if weights is not None:
         data = read_file(weights, "classifier weights")
         load_weights(model, read_state_dict(str(weights), data, str(weights)), str(weights), spec)
         weights_sha = sha256(data)
     state = state_bytes(model)
-    return Resolved("factory", f"factory:{spec}", {STATE: state}, weights_sha or sha256(state), Preprocessing(),
-                    extra={"factory": spec})
+    return Resolved("factory", f"factory:{spec}", {STATE: state}, weights_sha or sha256(state),
+                    preprocessing or Preprocessing(), extra={"factory": spec}, known=preprocessing is not None)
 
 
 def resolve_object(model: nn.Module) -> Resolved:
@@ -65,8 +74,9 @@ def resolve_object(model: nn.Module) -> Resolved:
         pickler = pickle  # type: ignore[assignment]
     state = state_bytes(model)
     name = f"module:{type(model).__module__}.{type(model).__qualname__}"
+    preprocessing = module_preprocessing(model)
     return Resolved("module", name, {"module.pkl": pickler.dumps(model.cpu()), STATE: state}, sha256(state),
-                    Preprocessing())
+                    preprocessing or Preprocessing(), known=preprocessing is not None)
 
 
 def load(manifest: dict, files: dict[str, bytes], source: str) -> nn.Module:

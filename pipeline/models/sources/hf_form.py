@@ -39,14 +39,14 @@ def resolve_folder(folder: Path, config: dict, trust_remote_code: bool = False) 
             raise ClassifierSourceError(f"{preprocessor}: {error}") from None
         files["preprocessor_config.json"] = preprocessor.read_bytes()
     else:
-        preprocessing = Preprocessing()
+        preprocessing = None
     id2label = config.get("id2label") or {}
     num_classes = len(id2label) or int(config.get("num_labels", 0)) or None
     labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))] if id2label else None
     digest = sha256(b"".join(sha256(files[n]).encode() for n in sorted(files) if n.endswith((".safetensors", ".bin"))))
     architecture = (config.get("architectures") or [config.get("model_type", "model")])[0]
-    resolved = Resolved("hf", f"hf:{architecture}", files, digest, preprocessing, num_classes, labels,
-                        {"model_type": config.get("model_type")})
+    resolved = Resolved("hf", f"hf:{architecture}", files, digest, preprocessing or Preprocessing(), num_classes,
+                        labels, {"model_type": config.get("model_type")}, known=preprocessing is not None)
     load({"name": resolved.name}, files, str(folder))  # refuse what transformers cannot build, on the driver
     return resolved
 
