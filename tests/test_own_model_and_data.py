@@ -460,7 +460,7 @@ def test_a_resumed_sequential_run_stores_each_chunk_once(ray_local, tmp_path):
     from pipeline.certify.config import CertifyConfig
     import shutil
 
-    from pipeline.runs.storage import vote_parts, write_votes
+    from pipeline.runs.storage import VOTES, write_votes
 
     reference = certify(CertifyConfig(**_sequential_settings(tmp_path / "reference")))
     raw = _raw_votes(tmp_path / "reference")
@@ -471,7 +471,7 @@ def test_a_resumed_sequential_run_stores_each_chunk_once(ray_local, tmp_path):
     keep |= (raw["image_id"] == longest) & (raw["chunk"] == 2)
     output = tmp_path / "killed"
     shutil.copytree(tmp_path / "reference", output)
-    for part in vote_parts(output):
+    for part in VOTES.parts(output):
         part.delete()
         (output / "votes" / (part.name + ".json")).unlink(missing_ok=True)
     write_votes(output, raw[keep].to_dict("records"))
