@@ -106,7 +106,8 @@ class ModelSampler:
 
         counts, compute_s, worker = result
         work = self.pending.pop(key)
-        self.counter.forget.remote(key)
+        if not self.per_chunk:  # only fixed-n items report progress (one remote call less per chunk item)
+            self.counter.forget.remote(key)
         records = [self.context.records[r] for r in work.rows]
         rows = model_vote_rows(
             run_id=self.context.run_id, config=self.config, records=records, requests=work.requests, counts=counts,

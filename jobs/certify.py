@@ -281,7 +281,7 @@ def _check_models(config, selected, classifier_object=None):
 def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
     """Wire one `CertifyRun`: the model sampler with the fixed or the sequential schedule."""
     from actors.model_sampler import ModelSampler
-    from pipeline.certify.run import CertifyRun, RunContext
+    from pipeline.certify.run import RunContext
     from pipeline.config import to_dict
     from pipeline.runs.fs import Location
     from pipeline.runs.storage import open_run
@@ -304,12 +304,25 @@ def _certify(config, address, prepared: Prepared, lease) -> CertifyOutcome:
         _warn_relative_output(config.output)
         with ModelSampler(context, selected, prepared.classifier, prepared.denoiser, prepared.info, address,
                           per_chunk=config.sequential) as sampler:
-            if callable(schedule):  # fixed n: shards sized for the pool just started
-                schedule = schedule(sampler.demand.actors)
-            run = CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict")
+            run = model_run(config, context, sampler, schedule)
             run.run()
     return summarise(CertifyOutcome(str(output), context.image_ids, 0, time.monotonic() - started, config.alpha,
                                     context.skipped, mode=config.mode), run)
+
+
+def model_run(config, context, sampler, schedule, progress: Any = None) -> Any:
+    """The `CertifyRun` of a model sampler just started: a fixed run's shards sized for its
+    pool, a sequential run's items spread over its calls in flight; votes written in batched
+    parts (`pipeline.certify.run.WRITE_EVERY_S`)."""
+    from pipeline.certify.run import WRITE_EVERY_S, CertifyRun, item_seconds
+
+    if callable(schedule):  # fixed n: shards sized for the pool just started
+        schedule = schedule(sampler.demand.actors)
+    else:
+        schedule.slots = sampler.demand.actors * sampler.pool.per_actor
+        schedule.item_seconds = item_seconds(sampler.demand.actors)
+    return CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict",
+                      progress=progress, write_every_s=WRITE_EVERY_S)
 
 
 def _fixed_schedule(config, context, output, selected):
@@ -355,7 +368,8 @@ def _sequential_schedule(config, context, output, selected):
     undecided = int(certifier.decisions().needs_samples.sum())
     log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
              len(records), selected.name, len(records) - undecided, output, undecided, test.describe())
-    # Several forward batches per actor call: the device stays busy between round trips.
+    # Several forward batches per actor call until the actors' rate is known, then about a
+    # second of an actor's work (`model_run`): the device stays busy between round trips.
     schedule = SequentialSchedule(ChunkScheduler(certifier), context.image_ids, config.seed, config.chunk_size,
                                   max(config.batch_size * 4, config.chunk_size))
     def finish(outcome: CertifyOutcome, run: Any) -> CertifyOutcome:
