@@ -320,7 +320,7 @@ def model_run(config, context, sampler, schedule, progress: Any = None) -> Any:
         schedule = schedule(sampler.demand.actors)
     else:
         schedule.slots = sampler.demand.actors * sampler.pool.per_actor
-        schedule.item_seconds = item_seconds(sampler.demand.actors)
+        schedule.item_seconds, schedule.least_seconds = item_seconds(sampler.demand.actors)
     return CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict",
                       progress=progress, write_every_s=WRITE_EVERY_S)
 

@@ -87,6 +87,34 @@ def test_spread_items_share_the_work_out_and_hand_out_the_same_chunks():
     assert all(size >= 64 for size in sizes[:-1]), sizes  # the last takes what is left
 
 
+def test_sequential_items_are_sized_to_the_actors_measured_rate():
+    """Before a result: `item_samples`. After results of N samples in E seconds of compute:
+    about item_seconds x N / E samples (at least least_seconds' worth), and the next item keeps to it."""
+    from dataclasses import fields, replace
+
+    from pipeline.certify.run import Finished, SequentialSchedule
+    from pipeline.runs.votes import VoteRow
+
+    test = SequentialTest(sigma=0.25, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
+                          first_chunks=growing_schedule(256))
+    labels = np.zeros(400, dtype=np.int64)
+    schedule = SequentialSchedule(ChunkScheduler(SequentialCertifier(test, labels=labels)), list(range(400)), 0, 256,
+                                  1600, slots=4, item_seconds=0.5, least_seconds=0.125)
+    assert schedule.item_size() == (1600, 0)
+    items = schedule.items()
+    work = next(items)
+    assert sum(q.num_samples for q in work.requests) == 1600  # 400 x 32 offered, 1/4 of it
+    blank = VoteRow(**{f.name: None for f in fields(VoteRow)})
+    rows = [replace(blank, n=q.num_samples, elapsed_s=q.num_samples / 4000) for q in work.requests]  # 4,000/s
+    counts = np.zeros((len(work.tasks), 10), dtype=np.int64)
+    counts[:, 0] = [q.num_samples for q in work.requests]  # every vote for the label
+    schedule.accept(Finished(work, rows, counts))
+    most, least = schedule.item_size()
+    assert abs(most - 2000) <= 1 and abs(least - 500) <= 1  # 4,000 samples/s x 0.5 s (x 0.125 s)
+    nxt = next(items)
+    assert 500 <= sum(q.num_samples for q in nxt.requests) < 2000 + 256  # the last chunk may overshoot
+
+
 # ------------------------------------------------------------------------------ real Ray
 
 

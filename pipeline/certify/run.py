@@ -40,17 +40,20 @@ Item = tuple[Any, Any]  # (key, submit): what the sampler's pool runs
 MAX_UNSAVED_ROWS = 50_000  # a batched part is written at this many rows, whatever its age
 # Model runs (benchmarks/scale.py measured them; docs/guides/cluster-sizing.md): votes written
 # as one part per WRITE_EVERY_S seconds of results; a sequential item holds about
-# `item_seconds(actors)` of an actor's work, at least a fifth of it when work is spread thin.
-# One driver answers a few hundred calls a second at most; DRIVER_CALLS_PER_S keeps it at
-# about a quarter of that, so items grow past ITEM_SECONDS once there are more actors.
+# `item_seconds(actors)` of an actor's work. DRIVER_CALLS_PER_S: the actor calls a second one
+# driver is asked for at most, a fraction of what it can answer (a few hundred a second on a
+# core of its own), so that results never wait for it: items grow with the pool.
 WRITE_EVERY_S = 5.0
 ITEM_SECONDS = 1.0
-DRIVER_CALLS_PER_S = 60
+DRIVER_CALLS_PER_S = 30
 
 
-def item_seconds(actors: int) -> float:
-    """Seconds of an actor's work per sequential item for a pool of `actors`."""
-    return max(ITEM_SECONDS, actors / DRIVER_CALLS_PER_S)
+def item_seconds(actors: int) -> tuple[float, float]:
+    """(about, at least) seconds of an actor's work per sequential item for a pool of
+    `actors`: at least actors / DRIVER_CALLS_PER_S, so the pool never asks the driver for
+    more calls a second than that, even while work is spread thin."""
+    least = actors / DRIVER_CALLS_PER_S
+    return max(ITEM_SECONDS, 4 * least), least
 
 
 @dataclass(frozen=True)
@@ -160,28 +163,29 @@ class SequentialSchedule:
     result comes back.
 
     Paced (`item_seconds`): once results report how fast an actor draws, an item holds about
-    `item_seconds` of its work (at least a fifth of it), and what may go out now is spread
+    `item_seconds` of its work (at least `least_seconds`), and what may go out now is spread
     over the pool's `slots` (calls in flight) -- so every actor gets work in the early rounds,
     where a few thousand samples are all there is, and no actor returns faster than the
     driver can answer. Only the grouping of chunks into items changes: the chunks, their
     sizes and their noise are the plan's."""
 
     def __init__(self, scheduler: ChunkScheduler, image_ids: Sequence[int], seed: int, chunk_size: int,
-                 item_samples: int, *, slots: int = 1, item_seconds: float | None = None) -> None:
+                 item_samples: int, *, slots: int = 1, item_seconds: float | None = None,
+                 least_seconds: float = 0.0) -> None:
         self.scheduler, self.image_ids = scheduler, image_ids
         self.seed, self.chunk_size, self.item_samples = seed, chunk_size, item_samples
-        self.slots, self.item_seconds = slots, item_seconds
+        self.slots, self.item_seconds, self.least_seconds = slots, item_seconds, least_seconds
         self.total = int(np.count_nonzero(scheduler.cert.decisions().needs_samples))
         self._drawn = 0  # samples and compute seconds of the results so far: an actor's rate
         self._busy = 0.0
 
     def item_size(self) -> tuple[int, int]:
         """(most, least) samples of the next item: `item_samples` until an actor's rate is
-        known, then `item_seconds` (a fifth of it) of its work."""
+        known, then `item_seconds` (`least_seconds`) of its work."""
         if not self.item_seconds or self._busy <= 0 or self._drawn <= 0:
             return self.item_samples, 0
-        most = max(1, int(self._drawn / self._busy * self.item_seconds))
-        return most, most // 5
+        rate = self._drawn / self._busy
+        return max(1, int(rate * self.item_seconds)), int(rate * self.least_seconds)
 
     def items(self) -> Iterator[Work | None]:
         from pipeline.certify.plan import chunk_requests
