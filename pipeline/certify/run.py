@@ -39,7 +39,7 @@ log = logging.getLogger("dsmooth")
 Item = tuple[Any, Any]  # (key, submit): what the sampler's pool runs
 MAX_UNSAVED_ROWS = 50_000  # a batched part is written at this many rows, whatever its age
 # Model runs (benchmarks/scale.py measured them; docs/guides/cluster-sizing.md): votes written
-# as one part per WRITE_EVERY_S seconds of results; a sequential item holds about
+# as at most one part per WRITE_EVERY_S seconds; a sequential item holds about
 # `item_seconds(actors)` of an actor's work. DRIVER_CALLS_PER_S: the actor calls a second one
 # driver is asked for at most, a fraction of what it can answer (a few hundred a second on a
 # core of its own), so that results never wait for it: items grow with the pool.
@@ -255,7 +255,7 @@ class CertifyRun:
         self.write_every_s = write_every_s
         self._unsaved: list[VoteRow] = []
         self._unsaved_finished = 0  # images those rows finish: counted as saved once written
-        self._unsaved_since = 0.0
+        self._last_write = float("-inf")
         self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
         sequential = isinstance(schedule, SequentialSchedule)
         self.progress = progress or Progress(label, total=schedule.total, unit="images decided" if sequential else
@@ -324,8 +324,9 @@ class CertifyRun:
         One part per result (write_every_s = 0) is written before the schedule counts it.
         Batched (write_every_s > 0, model runs), the schedule counts the votes at once -- a
         sequential image takes its next chunks without waiting for a write -- and the rows
-        of about `write_every_s` seconds of results go out as one part, and always before the
-        run returns (Ctrl-C and errors included). An image counts as saved (the bar, what
+        are written at most one part per `write_every_s` seconds: at once when the last part
+        is older (results that come seldom are saved as before), else together once it is,
+        and always before the run returns (Ctrl-C and errors included). An image counts as saved (the bar, what
         Ctrl-C reports) only once its rows are written. What a crash loses is at most those
         seconds of draws, redrawn on resume with the same noise, so the same votes: the
         statistics do not depend on when votes are written."""
@@ -345,14 +346,12 @@ class CertifyRun:
         if not self.write_every_s:
             self.finished += len(finished)
             return
-        if not self._unsaved:
-            self._unsaved_since = time.monotonic()
         self._unsaved += done.rows
         self._unsaved_finished += len(finished)
         self._write_if_due()
 
     def _write_if_due(self) -> None:
-        if self._unsaved and (time.monotonic() - self._unsaved_since >= self.write_every_s
+        if self._unsaved and (time.monotonic() - self._last_write >= self.write_every_s
                               or len(self._unsaved) >= MAX_UNSAVED_ROWS):
             self.write()
 
@@ -363,8 +362,10 @@ class CertifyRun:
         if self._unsaved:
             self.context.lease.check()
             write_votes(self.context.output, self._unsaved, worker="driver")
+            self._last_write = time.monotonic()
         self.finished += self._unsaved_finished
         self._unsaved, self._unsaved_finished = [], 0
+        self.progress.set(self.finished)  # the bar counts what is saved: now this too
 
     def on_lost(self, key: Any) -> None:
         """An item that failed for good: its chunks may be handed out again."""
