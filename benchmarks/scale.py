@@ -180,7 +180,7 @@ def sampler_class() -> Any:
             self.pool = WorkPool(lambda index: self.actors[index], self.demand, wait_timeout_s=60)
             return self
 
-        def __exit__(self, *_: Any) -> None:
+        def __exit__(self, *_: object) -> None:
             import ray
 
             ray.kill(self.counter)
@@ -438,15 +438,15 @@ def meter_ms(seconds: float) -> str:
 def report(args: argparse.Namespace, result: Result) -> str:
     m = result.meter
     calls = max(1, result.calls)
-    per_call = lambda name: 1000 * m.seconds.get(name, 0.0) / calls  # noqa: E731
+    per_call = lambda name: 1000 * m.seconds.get(name, 0.0) / calls
     rows = [
         ("mode", ("sequential" if args.sequential else "fixed") + (", unbatched" if args.unbatched else "")),
         ("output", "s3 (moto)" if args.output.startswith("s3://") else "local disk"),
         ("actors x samples/s", f"{args.actors} x {args.samples_per_s:g}"),
         ("images (finished by this run)", f"{args.images} ({result.decided})"),
         ("samples drawn", f"{result.samples:,} ({result.samples / max(1, args.images):,.0f} per image)"),
-        ("actor calls", f"{result.calls:,} ({result.calls / result.wall_s:.1f}/s, "
-                        f"{result.samples / calls:,.0f} samples, {result.busy_s / calls:.3f} s each)"),
+        ("actor calls", (f"{result.calls:,} ({result.calls / result.wall_s:.1f}/s, "
+                        f"{result.samples / calls:,.0f} samples, {result.busy_s / calls:.3f} s each)")),
         ("round trip per call (compute)", f"{meter_ms(m.round_trip_s)} ms ({1000 * result.busy_s / calls:.0f} ms)"),
         ("Ray round trip of an empty call", f"{meter_ms(m.empty_call_s)} ms"),
         ("calls in flight at a result", f"{m.in_flight:.1f} of {m.slots}"),
@@ -455,8 +455,8 @@ def report(args: argparse.Namespace, result: Result) -> str:
         ("driver ms per call: take", f"{per_call('take'):.2f}"),
         ("driver ms per call: schedule next", f"{per_call('schedule next'):.2f}"),
         ("driver ms per call: schedule accept", f"{per_call('schedule accept'):.2f}"),
-        ("driver ms per call: writes", f"{1000 * m.seconds.get('PUT object', 0.0) / calls:.2f} "
-                                      f"({m.calls.get('PUT object', 0)} objects)"),
+        ("driver ms per call: writes", (f"{1000 * m.seconds.get('PUT object', 0.0) / calls:.2f} "
+                                      f"({m.calls.get('PUT object', 0)} objects)")),
         ("driver CPU ms per call (all)", f"{1000 * result.driver_cpu_s / calls:.2f}"),
         ("lease PUTs", f"{m.calls.get('PUT lease', 0)}"),
         ("PUTs per 1,000 images", f"{1000 * result.puts / max(1, args.images):,.0f}"),

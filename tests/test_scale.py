@@ -18,7 +18,12 @@ from benchmarks import scale
 from pipeline.certify.schedule import ChunkScheduler
 from pipeline.runs.storage import read_votes, vote_parts
 from pipeline.sampling.chunks import growing_schedule
-from pipeline.stats.sequential import ESTIMATION, SequentialCertifier, SequentialTest, replay
+from pipeline.stats.sequential import (
+    ESTIMATION,
+    SequentialCertifier,
+    SequentialTest,
+    replay,
+)
 
 LINE = re.compile(r"^utilisation ([\d.]+)% \| driver CPU ([\d.]+)% \| parts per image ([\d.]+) \| "
                   r"objects written (\d+) \| wall ([\d.]+) s$")

@@ -250,8 +250,8 @@ class CertifyRun:
         self.context, self.sampler, self.schedule = context, sampler, schedule
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
         self.finished = self.samples = 0
-        # write_every_s > 0: the votes of the results of about that many seconds go out as one
-        # part (see `_accept`); 0: one part per result, written before the schedule counts it.
+        # write_every_s > 0: votes go out as at most one part per that many seconds (see
+        # `_accept`); 0: one part per result, written before the schedule counts it.
         self.write_every_s = write_every_s
         self._unsaved: list[VoteRow] = []
         self._unsaved_finished = 0  # images those rows finish: counted as saved once written
@@ -326,10 +326,10 @@ class CertifyRun:
         sequential image takes its next chunks without waiting for a write -- and the rows
         are written at most one part per `write_every_s` seconds: at once when the last part
         is older (results that come seldom are saved as before), else together once it is,
-        and always before the run returns (Ctrl-C and errors included). An image counts as saved (the bar, what
-        Ctrl-C reports) only once its rows are written. What a crash loses is at most those
-        seconds of draws, redrawn on resume with the same noise, so the same votes: the
-        statistics do not depend on when votes are written."""
+        and always before the run returns (Ctrl-C and errors included). An image counts as
+        saved (the bar, what Ctrl-C reports) only once its rows are written. What a crash
+        loses is at most those seconds of draws, redrawn on resume with the same noise, so
+        the same votes: the statistics do not depend on when votes are written."""
         if done.held:
             self.schedule.hold(done.work.rows)
             return
