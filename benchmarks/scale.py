@@ -72,6 +72,10 @@ def _host_class() -> Any:
     import asyncio
 
     import ray
+    from ray import cloudpickle
+
+    if __name__ != "__main__":  # imported (a test): actors get this module by value, importable or not
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     @ray.remote(num_cpus=0, max_concurrency=1000)
     class SimulatedGPUs:

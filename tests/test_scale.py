@@ -10,10 +10,13 @@ real run directories and Parquet; the S3 case talks to moto on 127.0.0.1.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
 from benchmarks import scale
 from pipeline.certify.schedule import ChunkScheduler
 from pipeline.runs.storage import read_votes, vote_parts
