@@ -84,6 +84,11 @@ class ModelSampler:
         if self.started_here:
             ray.shutdown()
 
+    @property
+    def slots(self) -> int:
+        """Work items the pool keeps out at once (actors x calls in flight per actor)."""
+        return self.demand.actors * self.pool.per_actor
+
     # -- the Sampler protocol
 
     def read(self, row: int) -> Any:
@@ -99,7 +104,8 @@ class ModelSampler:
     def take(self, key: Any, result: Any) -> list[Finished]:
         counts, compute_s, worker = result
         work = self.pending.pop(key)
-        self.counter.forget.remote(key)
+        if not self.per_chunk:  # only fixed-n items report progress (one remote call less per chunk item)
+            self.counter.forget.remote(key)
         rows = self.rows(work, counts, compute_s, worker)
         self._last_poll = 0.0  # the counter forgot this item: ask it again at the next tick
         return [Finished(work, rows, counts, worker=worker.split("@")[0])]

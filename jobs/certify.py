@@ -365,7 +365,7 @@ def _own_labels(config, selected, classifier):
 def _certify(config, address, prepared: Prepared, lease, in_process: bool = False) -> CertifyOutcome:
     """Wire one `CertifyRun`: the model sampler with the fixed or the sequential schedule."""
     from actors.model_sampler import ModelSampler
-    from pipeline.certify.run import CertifyRun, RunContext
+    from pipeline.certify.run import RunContext
     from pipeline.config import to_dict
 
     identity = prepared.identity
@@ -387,9 +387,7 @@ def _certify(config, address, prepared: Prepared, lease, in_process: bool = Fals
         sampler_of = _in_process_sampler if in_process else ModelSampler
         with sampler_of(context, selected, prepared.classifier, prepared.denoiser, prepared.info, address,
                         per_chunk=config.sequential) as sampler:
-            if callable(schedule):  # fixed n: shards sized for the pool just started
-                schedule = schedule(sampler.demand.actors)
-            run = CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict")
+            run = model_run(config, context, sampler, schedule)
             run.run()
     return summarise(CertifyOutcome(str(output), context.image_ids, 0, time.monotonic() - started, config.alpha,
                                     context.skipped, mode=config.mode, labels_from=labels_from), run)
@@ -409,8 +407,23 @@ def _in_process_sampler(context, selected, classifier, denoiser, info, address, 
         context, read=lambda row: selected.by_ids([context.records[row].image_id]).as_uint8()[0],
         count=lambda requests, images: counter.count(requests, images)[0],
         rows=vote_rows_of(context, config, context.records, info, selected.classes, per_chunk))
-    sampler.demand = SimpleNamespace(actors=1)
+    sampler.demand = SimpleNamespace(actors=1)  # one "actor": this process
     yield sampler
+
+
+def model_run(config, context, sampler, schedule, progress: Any = None) -> Any:
+    """The `CertifyRun` of a model sampler just started: a fixed run's shards sized for its
+    pool, a sequential run's items spread over its calls in flight; votes written in batched
+    parts (`pipeline.certify.run.WRITE_EVERY_S`)."""
+    from pipeline.certify.run import WRITE_EVERY_S, CertifyRun, item_seconds
+
+    if callable(schedule):  # fixed n: shards sized for the pool just started
+        schedule = schedule(sampler.demand.actors)
+    else:
+        schedule.slots = sampler.slots
+        schedule.item_seconds, schedule.least_seconds = item_seconds(sampler.demand.actors)
+    return CertifyRun(context, sampler, schedule, label="certify" if config.mode == "certify" else "predict",
+                      progress=progress, write_every_s=WRITE_EVERY_S)
 
 
 def _fixed_schedule(config, context, output, selected):
@@ -455,7 +468,8 @@ def _sequential_schedule(config, context, output, selected):
     undecided = int(certifier.decisions().needs_samples.sum())
     log.info("sequential: %d images selected from %s, %d decided by the votes in %s, %d to go (%s)",
              len(records), selected.name, len(records) - undecided, output, undecided, test.describe())
-    # Several forward batches per actor call: the device stays busy between round trips.
+    # Several forward batches per actor call until the actors' rate is known, then about a
+    # second of an actor's work (`model_run`): the device stays busy between round trips.
     scheduler = ChunkScheduler(certifier)
     scheduler.resume(stored)  # chunks stored past a lost one are not drawn again (no duplicate rows)
     schedule = SequentialSchedule(scheduler, context.image_ids, config.seed, config.chunk_size,

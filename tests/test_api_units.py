@@ -8,9 +8,7 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np

@@ -41,6 +41,11 @@ class InProcessSampler:
         self.pending: dict[int, tuple[Work, dict[int, np.ndarray]]] = {}
         self._key = 0
 
+    @property
+    def slots(self) -> int:
+        """Work items kept out at once (as `ModelSampler.slots`)."""
+        return self.in_flight_items
+
     def read(self, row: int) -> np.ndarray:
         return self._read(row)
 

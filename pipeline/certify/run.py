@@ -20,6 +20,7 @@ Plain Python: no Ray here (the samplers own the actors).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +36,23 @@ from pipeline.sampling.noise import SampleRequest
 log = logging.getLogger("dsmooth")
 
 Item = tuple[Any, Any]  # (key, submit): what the sampler's pool runs
+MAX_UNSAVED_ROWS = 50_000  # a batched part is written at this many rows, whatever its age
+# Model runs (benchmarks/scale.py measured them; docs/guides/cluster-sizing.md): votes written
+# as at most one part per WRITE_EVERY_S seconds; a sequential item holds about
+# `item_seconds(actors)` of an actor's work. DRIVER_CALLS_PER_S: the actor calls a second one
+# driver is asked for at most, a fraction of what it can answer (a few hundred a second on a
+# core of its own), so that results never wait for it: items grow with the pool.
+WRITE_EVERY_S = 5.0
+ITEM_SECONDS = 1.0
+DRIVER_CALLS_PER_S = 30
+
+
+def item_seconds(actors: int) -> tuple[float, float]:
+    """(about, at least) seconds of an actor's work per sequential item for a pool of
+    `actors`: at least actors / DRIVER_CALLS_PER_S, so the pool never asks the driver for
+    more calls a second than that, even while work is spread thin."""
+    least = actors / DRIVER_CALLS_PER_S
+    return max(ITEM_SECONDS, 4 * least), least
 
 
 @dataclass(frozen=True)
@@ -165,19 +183,39 @@ class FixedSchedule:
 class SequentialSchedule:
     """Sequential: chunks of undecided images (`ChunkScheduler`), about `item_samples`
     samples per work item; results decide in chunk order. `None` = nothing to send until a
-    result comes back."""
+    result comes back.
+
+    Paced (`item_seconds`): once results report how fast an actor draws, an item holds about
+    `item_seconds` of its work (at least `least_seconds`), and what may go out now is spread
+    over the pool's `slots` (calls in flight) -- so every actor gets work in the early rounds,
+    where a few thousand samples are all there is, and no actor returns faster than the
+    driver can answer. Only the grouping of chunks into items changes: the chunks, their
+    sizes and their noise are the plan's."""
 
     def __init__(self, scheduler: ChunkScheduler, image_ids: Sequence[int], seed: int, chunk_size: int,
-                 item_samples: int) -> None:
+                 item_samples: int, *, slots: int = 1, item_seconds: float | None = None,
+                 least_seconds: float = 0.0) -> None:
         self.scheduler, self.image_ids = scheduler, image_ids
         self.seed, self.chunk_size, self.item_samples = seed, chunk_size, item_samples
+        self.slots, self.item_seconds, self.least_seconds = slots, item_seconds, least_seconds
         self.total = int(np.count_nonzero(scheduler.cert.decisions().needs_samples))
+        self._drawn = 0  # samples and compute seconds of the results so far: an actor's rate
+        self._busy = 0.0
+
+    def item_size(self) -> tuple[int, int]:
+        """(most, least) samples of the next item: `item_samples` until an actor's rate is
+        known, then `item_seconds` (`least_seconds`) of its work."""
+        if not self.item_seconds or self._busy <= 0 or self._drawn <= 0:
+            return self.item_samples, 0
+        rate = self._drawn / self._busy
+        return max(1, int(rate * self.item_seconds)), int(rate * self.least_seconds)
 
     def items(self) -> Iterator[Work | None]:
         from pipeline.certify.shards import chunk_requests
 
         while not self.scheduler.finished:
-            tasks = self.scheduler.next_chunks(self.item_samples)
+            most, least = self.item_size()
+            tasks = self.scheduler.next_chunks(most, spread=self.slots, least=least)
             if not tasks:
                 yield None  # every undecided image has chunks in flight: wait for a result
                 continue
@@ -188,6 +226,8 @@ class SequentialSchedule:
     def accept(self, done: Finished) -> list[int]:
         """Feed the chunks' votes to the certifier (in chunk order); the images it decided."""
         tasks, counts = done.work.tasks, np.asarray(done.counts)
+        self._drawn += sum(r.n for r in done.rows)
+        self._busy += sum(r.elapsed_s or 0.0 for r in done.rows)
         before = self.scheduler.cert.decisions().needs_samples.copy()
         for phase in dict.fromkeys(t.phase for t in tasks):
             mine = [i for i, t in enumerate(tasks) if t.phase == phase]
@@ -240,12 +280,18 @@ class CertifyRun:
     schedule is done or the sampler stops (budget, credentials). See the module doc."""
 
     def __init__(self, context: RunContext, sampler: Sampler, schedule: FixedSchedule | SequentialSchedule,
-                 label: str = "certify", progress: Any = None) -> None:
+                 label: str = "certify", progress: Any = None, write_every_s: float = 0.0) -> None:
         from pipeline.progress import Progress
 
         self.context, self.sampler, self.schedule = context, sampler, schedule
         self.pixels: dict[int, Any] = {}  # images read, kept while their work is out
         self.finished = self.samples = 0
+        # write_every_s > 0: votes go out as at most one part per that many seconds (see
+        # `_accept`); 0: one part per result, written before the schedule counts it.
+        self.write_every_s = write_every_s
+        self._unsaved: list[VoteRow] = []
+        self._unsaved_finished = 0  # images those rows finish: counted as saved once written
+        self._last_write = float("-inf")
         self.own_progress = progress is None  # a caller's progress spans several runs: it closes it
         sequential = isinstance(schedule, SequentialSchedule)
         self.progress = progress or Progress(label, total=schedule.total, unit="images decided" if sequential else
@@ -309,10 +355,21 @@ class CertifyRun:
         return not self.sampler.stopped
 
     def _accept(self, done: Finished) -> None:
+        """Store a result's votes and let the schedule count them.
+
+        One part per result (write_every_s = 0) is written before the schedule counts it.
+        Batched (write_every_s > 0, model runs), the schedule counts the votes at once -- a
+        sequential image takes its next chunks without waiting for a write -- and the rows
+        are written at most one part per `write_every_s` seconds: at once when the last part
+        is older (results that come seldom are saved as before), else together once it is,
+        and always before the run returns (Ctrl-C and errors included). An image counts as
+        saved (the bar, what Ctrl-C reports) only once its rows are written. What a crash
+        loses is at most those seconds of draws, redrawn on resume with the same noise, so
+        the same votes: the statistics do not depend on when votes are written."""
         if done.held:
             self.schedule.hold(done.work.rows)
             return
-        if done.rows:
+        if done.rows and not self.write_every_s:
             from pipeline.runs.storage import write_votes
 
             self.context.lease.check()
@@ -321,8 +378,30 @@ class CertifyRun:
         for row in finished:
             self.pixels.pop(row, None)
         self.sampler.release(finished)
-        self.finished += len(finished)
         self.samples += sum(r.n for r in done.rows)
+        if not self.write_every_s:
+            self.finished += len(finished)
+            return
+        self._unsaved += done.rows
+        self._unsaved_finished += len(finished)
+        self._write_if_due()
+
+    def _write_if_due(self) -> None:
+        if self._unsaved and (time.monotonic() - self._last_write >= self.write_every_s
+                              or len(self._unsaved) >= MAX_UNSAVED_ROWS):
+            self.write()
+
+    def write(self) -> None:
+        """Write the votes not yet written as one part (lease checked); their images count as saved."""
+        from pipeline.runs.storage import write_votes
+
+        if self._unsaved:
+            self.context.lease.check()
+            write_votes(self.context.output, self._unsaved, worker="driver")
+            self._last_write = time.monotonic()
+        self.finished += self._unsaved_finished
+        self._unsaved, self._unsaved_finished = [], 0
+        self.progress.set(self.finished)  # the bar counts what is saved: now this too
 
     def on_lost(self, key: Any) -> None:
         """An item that failed for good: its chunks may be handed out again."""
@@ -333,6 +412,7 @@ class CertifyRun:
     def tick(self) -> None:
         """The bar counts saved images only (what Ctrl-C keeps); samples drawn in flight still
         count towards the rate."""
+        self._write_if_due()  # a quiet spell still writes what came back
         _, samples = self.sampler.in_flight()
         self.progress.set(self.finished, self.samples + samples)
 
@@ -343,14 +423,27 @@ class CertifyRun:
         whatever happens."""
         try:
             self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+            self.write()
         except KeyboardInterrupt as stop:
+            self._write_what_came_back()
             sequential = isinstance(self.schedule, SequentialSchedule)
             raise Interrupted(self.finished, self.progress.total, sequential,
                               self.schedule.split() if sequential else None) from stop
+        except BaseException:
+            self._write_what_came_back()
+            raise
         finally:
             if self.own_progress:
                 self.progress.close()
             self._record_skipped()
+
+    def _write_what_came_back(self) -> None:
+        """On the way out of a failed or interrupted run: keep the votes that came back
+        (unless the lease is lost: then nothing more is written)."""
+        try:
+            self.write()
+        except Exception as error:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not write the last %d vote rows: %s", len(self._unsaved), error)
 
     def _record_skipped(self) -> None:
         from pipeline.runs.storage import update_run_record

@@ -70,6 +70,7 @@ class ChunkScheduler:
                     continue  # in the certifier already, or never needed
                 self._early.setdefault((votes.phase, row), {}).setdefault(chunk, (samples, np.asarray(count)))
                 self.stored.add((votes.phase, row, chunk))
+        self._ends: dict[str, np.ndarray] = {}  # phase -> samples before each chunk (and after the last)
 
     @property
     def finished(self) -> bool:
@@ -81,16 +82,21 @@ class ChunkScheduler:
         completed: an API query without an answer). They stay undecided; a rerun resumes them."""
         self.held[np.asarray(rows, dtype=np.int64)] = True
 
-    def next_chunks(self, max_samples: int) -> list[ChunkTask]:
+    def next_chunks(self, max_samples: int, spread: int = 1, least: int = 0) -> list[ChunkTask]:
         """Chunks for one work item of about `max_samples` samples (at least one chunk when
-        there is work): images with nothing in flight first. [] = nothing to send now."""
+        there is work): images with nothing in flight first. [] = nothing to send now.
+
+        `spread`: the work that may go out now is shared by about this many items (the
+        pool's slots), so an item takes at most 1/spread of it -- but not under `least`
+        samples (an item must keep its actor busy for longer than a round trip costs).
+        Only how chunks are grouped into items changes, never which chunks exist."""
         for stretch in (1, self.ahead):
-            tasks = self._plan(max_samples, stretch)
+            tasks = self._plan(max_samples, stretch, max(1, spread), least)
             if tasks:
                 return tasks
         return []
 
-    def _plan(self, max_samples: int, stretch: int) -> list[ChunkTask]:
+    def _plan(self, max_samples: int, stretch: int, spread: int = 1, least: int = 0) -> list[ChunkTask]:
         test = self.cert.test
         offers = []
         for work in self.cert.pending(self.growth):
@@ -103,6 +109,9 @@ class ChunkScheduler:
                 if begin < stop and not self.held[row]:
                     offers.append((begin - int(self.cert.next_chunk[work.phase][row]), row, work.phase, begin, stop))
         offers.sort()  # least in flight first, then by row
+        if spread > 1 and offers:
+            offered = sum(self._span(phase, begin, stop) for _, _, phase, begin, stop in offers)
+            max_samples = min(max_samples, max(least, -(-offered // spread)))
         tasks: list[ChunkTask] = []
         samples = 0
         for _, row, phase, begin, stop in offers:
@@ -117,6 +126,13 @@ class ChunkScheduler:
                 samples += test.chunk_samples(phase, chunk)
                 self.requested[phase][row] = chunk + 1
         return tasks
+
+    def _span(self, phase: str, begin: int, stop: int) -> int:
+        """Samples in chunks [begin, stop) of `phase`."""
+        ends = self._ends.get(phase)
+        if ends is None:
+            ends = self._ends[phase] = np.concatenate([[0], self.cert.test.chunk_ends(phase)])
+        return int(ends[stop] - ends[begin])
 
     def forget(self, tasks: Sequence[ChunkTask]) -> None:
         """Chunks handed out that will not come back (their item failed): offer them again."""
