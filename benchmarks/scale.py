@@ -377,7 +377,7 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
     from pipeline.certify.run import RunContext, SequentialSchedule, claimed_run
     from pipeline.runs.fs import Location
     from pipeline.runs.identity import sequential_identity
-    from pipeline.runs.storage import open_run, vote_parts
+    from pipeline.runs.storage import VOTES, open_run
 
     meter = Meter()
     with counted_writes(meter), claimed_run(config.output, "scale benchmark") as lease:
@@ -417,7 +417,7 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
             meter.in_flight = float(np.mean(sampler.in_flight_seen)) if sampler.in_flight_seen else 0.0
             meter.slots = len(actors) * sampler.pool.per_actor
         busy = sum(ray.get([h.busy_s.remote() for h in hosts])) - busy_before
-        parts = len(vote_parts(output))
+        parts = len(VOTES.parts(output))
         objects = len(output.files(recursive=True))
     return Result(len(actors), args.images, wall, busy, cpu, meter.calls.get("take", 0), run.samples, parts,
                   objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter)

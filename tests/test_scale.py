@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
 from benchmarks import scale
 from pipeline.certify.schedule import ChunkScheduler
-from pipeline.runs.storage import read_votes, vote_parts
+from pipeline.runs.storage import VOTES, read_votes
 from pipeline.sampling.chunks import growing_schedule
 from pipeline.stats.sequential import (
     ESTIMATION,
@@ -132,7 +132,7 @@ def test_scale_benchmark_prints_consistent_figures(ray_local, tmp_path, capsys):
                        "--n", "2000", "--output", str(output)])
     assert text in capsys.readouterr().out
     utilisation, driver, per_image, objects, wall = figures(text)
-    parts = vote_parts(output)
+    parts = VOTES.parts(output)
     assert 0 < utilisation <= 100 and 0 < driver and wall > 0
     assert per_image == pytest.approx(len(parts) / 12, abs=0.005) and per_image <= 2
     # Every part has its manifest; plus run.json and the lock file.
@@ -186,6 +186,6 @@ def test_ctrl_c_writes_what_came_back_and_the_rerun_loses_nothing(ray_local, tmp
     with pytest.raises(Interrupted):
         scale.run_once(cut, before_run=stop_after_ten)
     stored = read_votes(cut.output)  # the first result at once, the nine after it at Ctrl-C
-    assert len(stored) == sum(taken) and len(vote_parts(cut.output)) == 2
+    assert len(stored) == sum(taken) and len(VOTES.parts(cut.output)) == 2
     scale.run_once(cut)
     assert same(decisions_of(cut), reference_decisions(cut))

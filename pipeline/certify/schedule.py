@@ -57,6 +57,7 @@ class ChunkScheduler:
         self._early: dict[tuple[str, int], dict[int, tuple[int, np.ndarray]]] = {}
         self.held = np.zeros(len(certifier), dtype=bool)
         self.stored: set[tuple[str, int, int]] = set()  # (phase, row, chunk) in votes/ already: never drawn again
+        self._ends: dict[str, np.ndarray] = {}  # phase -> samples before each chunk (and after the last)
 
     def resume(self, stored: Sequence[ChunkVotes]) -> None:
         """The run's stored chunk votes (those `replay` built the certifier from). A chunk
@@ -70,7 +71,6 @@ class ChunkScheduler:
                     continue  # in the certifier already, or never needed
                 self._early.setdefault((votes.phase, row), {}).setdefault(chunk, (samples, np.asarray(count)))
                 self.stored.add((votes.phase, row, chunk))
-        self._ends: dict[str, np.ndarray] = {}  # phase -> samples before each chunk (and after the last)
 
     @property
     def finished(self) -> bool:
