@@ -147,7 +147,7 @@ def test_denoiser_runs_before_each_query(emulator, tmp_path):
     denoiser = build_model("dncnn_small")
     checkpoint = tmp_path / "dncnn_small-untrained-0.25.pt"
     sha = save_checkpoint(checkpoint, denoiser, ModelMeta("dncnn_small", sigma=0.25, objective="untrained"))
-    ids = [GRAY_IDS[1]]
+    ids = [GRAY_IDS[0]]  # a grayscale image whose answers this untrained denoiser changes
     config = job_config("clarifai", emulator.url, tmp_path / "run", ids, denoiser=str(checkpoint),
                         **{"rate.actors": 2})  # two API actors share the work (and one budget)
     summary = certify_api(load_job_config(config))
