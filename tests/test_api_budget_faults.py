@@ -71,6 +71,7 @@ def test_query_budget_is_never_passed_and_a_resumed_run_repeats_nothing(emulator
     assert second.run_cost == pytest.approx(NEEDED / 1000)
 
 
+@pytest.mark.slow
 def test_run_budget_holds_across_invocations(emulator, tmp_path):
     """budget.run_max_queries bounds the whole run, however many invocations it takes."""
     first = run(emulator, "aws", tmp_path, **{"budget.max_queries": 20, "budget.run_max_queries": 35})

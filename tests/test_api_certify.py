@@ -224,6 +224,7 @@ def test_rate_limit_caps_calls_in_flight(emulator, tmp_path):
     assert np.isfinite(read_query_log(tmp_path / "run").latency_s).all()
 
 
+@pytest.mark.slow
 def test_resume_from_another_working_directory(emulator, tmp_path, monkeypatch):
     """The run names its images by the data root's base name and listing, not the path: a run
     stopped by its budget resumes from another directory holding its own copy of the images

@@ -179,7 +179,10 @@ def _previous_run(output: Path, argv: list[str]) -> None:
         open_run(prepared.config.output, prepared.identity)
 
 
+@pytest.mark.slow
 def test_demo_conflicting_option_is_one_line_before_ray_and_fresh_starts_over(tmp_path, capsys, ray_local):
+    """Another --n0/--n than the runs in --output is refused in one line before Ray, naming
+    both settings and --fresh; --fresh then starts the runs over with the new settings."""
     output = tmp_path / "demo"
     _previous_run(output, ["--n0", "10", "--n", "100"])
     line = refused_before_ray(["--images", "2", "--n0", "10", "--n", "50", "--output", str(output)], capsys)
@@ -221,6 +224,7 @@ def test_demo_selection_covers_every_class():
         assert {labels[i] for i in ids} == set(range(10))
 
 
+@pytest.mark.slow
 def test_demo_reruns_with_more_or_fewer_images_reuse_the_votes(demo_table, tmp_path, capsys):
     """--images 30 then 31 certifies only the selected images without votes; then a
     selection that has votes (--images 1) reuses them without starting Ray, and the table
