@@ -61,7 +61,8 @@ def run(args) -> int:
             _, info = load_pair(source, None, data, allow_foreign_classifier=True)  # a raw state dict
             counters[name] = PairCounter(source, None, info, data, sigma=args.sigma, batch_size=args.batch,
                                          allow_foreign_classifier=True,
-                                         device=args.device, amp=args.amp,
+                                         device=args.device,
+                                         precision="fp16" if args.amp and args.device.startswith("cuda") else "fp32",
                                          optimize=not args.no_optimize)
             counters[name].count(requests[:1], images)  # warm-up
         device = torch.device(args.device)

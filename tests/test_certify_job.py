@@ -740,9 +740,8 @@ def test_bad_images_are_skipped_in_cifar_class_folders_and_archives(capsys, monk
     tree = tmp_path / "tree"
     for name in ("airplane", "automobile"):  # ids 0, 1 (airplane), 2, 3 (automobile)
         (tree / "test" / name).mkdir(parents=True)
-        for index in range(2):
-            source = cifar_root / "test" / name / f"{index:04d}.jpg"
-            (tree / "test" / name / source.name).write_bytes(source.read_bytes())
+        for index, source in enumerate(sorted((cifar_root / "test" / name).glob("*.jpg"))[:2]):
+            (tree / "test" / name / f"{index:04d}.jpg").write_bytes(source.read_bytes())
     intact = (tree / "test" / "airplane" / "0000.jpg").read_bytes()
     (tree / "test" / "airplane" / "0000.jpg").write_bytes(intact[: len(intact) // 3])  # truncated
     common = ["--dataset", "cifar10", "--classifier", str(checkpoints["classifier"]), "--sigma", "0.25",

@@ -507,7 +507,8 @@ def test_sigkill_and_resume_leave_no_duplicate_chunk_rows(own_ray, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while len(list((output / "votes").glob("*.parquet"))) < 3 if (output / "votes").exists() else True:
+    # Votes are written in batched parts (at most one per WRITE_EVERY_S): kill once the first is saved.
+    while not list((output / "votes").glob("*.parquet")) if (output / "votes").exists() else True:
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no votes saved in time"
         time.sleep(0.05)

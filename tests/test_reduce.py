@@ -52,6 +52,15 @@ API_LOG = REF / "salman2020/vision_api/azure/imagenet_denoiser_mse/0.25/log.txt"
 # ---------------------------------------------------------------- helpers (independent of the reducer)
 
 
+
+@pytest.fixture
+def reference_logs() -> Path:
+    """The published per-image logs beside the checkout (skips with a reason where absent)."""
+    from data_support import shared_data
+
+    return shared_data("reference-logs")
+
+
 def dsmooth(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The real console script in a subprocess (falls back to `python -m jobs.cli`)."""
     script = shutil.which("dsmooth")
@@ -106,7 +115,7 @@ def vote(image_id: int, phase: str, counts: list[int], n: int | None = None, **e
 # ---------------------------------------------------------------- reference logs
 
 
-def test_cli_reproduces_certified_accuracy_of_reference_logs(tmp_path):
+def test_cli_reproduces_certified_accuracy_of_reference_logs(tmp_path, reference_logs):
     salman = SALMAN_CIFAR / "noise_0.25/test_N10000/sigma_0.25"
     files = {
         "cohen-cifar": COHEN_CIFAR, "cohen-imagenet": COHEN_IMAGENET, "cohen-predict": COHEN_PREDICT,
@@ -149,7 +158,7 @@ def test_sigma_from_path():
     assert sigma_from_path("logs/resnet50/run3/log.txt") is None
 
 
-def test_collection_skips_empty_logs_with_a_warning_naming_them():
+def test_collection_skips_empty_logs_with_a_warning_naming_them(reference_logs):
     everything = sorted(p for p in REF.rglob("*") if p.is_file())
     empty = [p for p in everything if len([l for l in p.read_text().splitlines() if l.strip()]) <= 1]
     assert empty, "the reference collection is known to hold header-only logs"
@@ -163,7 +172,7 @@ def test_collection_skips_empty_logs_with_a_warning_naming_them():
     assert row.certified_accuracy.item() == pytest.approx(expected_accuracy(COHEN_CIFAR, 0.5))
 
 
-def test_truncated_and_empty_files_are_skipped_never_crash(tmp_path, capsys):
+def test_truncated_and_empty_files_are_skipped_never_crash(tmp_path, capsys, reference_logs):
     good = tmp_path / "logs/good/sigma_0.25"
     good.parent.mkdir(parents=True)
     shutil.copy(COHEN_CIFAR, good)
@@ -226,7 +235,7 @@ def test_envelope_best_per_radius_ties_to_higher_clean_accuracy(tmp_path, capsys
     assert "envelope" not in capsys.readouterr().out
 
 
-def test_envelope_over_a_real_group_matches_pandas():
+def test_envelope_over_a_real_group_matches_pandas(reference_logs):
     done = dsmooth(str(SALMAN_CIFAR), "--envelope", "--format", "csv")
     table = read_csv_table(done.stdout)
     files = sorted(p for p in SALMAN_CIFAR.rglob("sigma_*"))
@@ -546,7 +555,7 @@ def test_plot_title_and_largest_certifiable_radius_markers(tmp_path):
     assert "my headline" in certified_accuracy_figure(inputs, title="my headline").get_suptitle()
 
 
-def test_logs_get_n_dataset_and_model_from_documented_paths(tmp_path):
+def test_logs_get_n_dataset_and_model_from_documented_paths(tmp_path, reference_logs):
     salman = load_input(SALMAN_CIFAR / "noise_0.25/test_N10000/sigma_0.25", ALPHA)
     assert (salman.n, salman.alpha, salman.dataset) == (10_000, 0.001, "cifar10/test")  # as the data README says
     assert "resnet110" in salman.model and "dncnn" in salman.model
