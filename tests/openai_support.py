@@ -26,31 +26,14 @@ def png(rgb: tuple[int, int, int] = (140, 180, 230), size: int = 32) -> bytes:
 
 
 def chat_config(endpoint: str, output: Path, ids: list[int], **overrides: Any) -> dict:
-    """A small openai certify-api config (dotted overrides: "budget.max_cost")."""
-    config: dict[str, Any] = {
-        "api": {"provider": "openai", "endpoint": endpoint + "/v1",
-                "chat": {"model": "emu-vlm", "classes": CLASSES}},
-        "dataset": "folder",
-        "data_root": str(SAMPLE),
-        "ids": list(ids),
-        "output": str(output),
-        "sigma": 0.25,
-        "n0": 5,
-        "n": 20,
-        "alpha": 0.01,
-        "seed": 0,
-        "chunk_size": 8,
-        "budget": {"max_cost": 5.0, "tokens": dict(PRICES)},
-        "rate": {"qps": 200, "concurrency": 4, "actors": 1, "actor_cpus": 0.5},
-        "retry": {"max_attempts": 8, "base_delay_s": 0.01, "max_delay_s": 0.05, "timeout_s": 10},
-    }
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return config
+    """A small openai certify-api config (`api_support.job_config`'s, on the shipped sample, with
+    a chat model and a token price; dotted overrides: "budget.max_cost")."""
+    from api_support import job_config
+
+    chat = {"api": {"provider": "openai", "endpoint": endpoint + "/v1",
+                    "chat": {"model": "emu-vlm", "classes": CLASSES}},
+            "data_root": str(SAMPLE), "budget": {"max_cost": 5.0, "tokens": dict(PRICES)}}
+    return job_config("openai", endpoint, output, ids, **chat, **overrides)
 
 
 def token_cost(prompt: int, completion: int) -> float:
