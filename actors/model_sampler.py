@@ -33,7 +33,7 @@ class ModelSampler:
         self._key = 0
         self._last_poll = 0.0
         self._in_flight = (0, 0)
-        self.rows = vote_rows_of(context, self.config, context.records, info, selected.classes, per_chunk)
+        self.rows = vote_rows_of(context, info, selected.classes, per_chunk)
 
     # -- lifetime
 

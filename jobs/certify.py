@@ -406,7 +406,7 @@ def _in_process_sampler(context, selected, classifier, denoiser, info, address, 
     sampler = InProcessSampler(
         context, read=lambda row: selected.by_ids([context.records[row].image_id]).as_uint8()[0],
         count=lambda requests, images: counter.count(requests, images)[0],
-        rows=vote_rows_of(context, config, context.records, info, selected.classes, per_chunk))
+        rows=vote_rows_of(context, info, selected.classes, per_chunk))
     sampler.demand = SimpleNamespace(actors=1)  # one "actor": this process
     yield sampler
 

@@ -129,11 +129,13 @@ def model_vote_rows(
     return rows
 
 
-def vote_rows_of(context: Any, config: CertifyConfig, records: Sequence[Any], info: Any,
-                 class_names: Sequence[str] | None, per_chunk: bool):
+def vote_rows_of(context: Any, info: Any, class_names: Sequence[str] | None, per_chunk: bool):
     """(work, counts, compute seconds, worker) -> that work's `VoteRow`s: what a model sampler
-    (on Ray or in this process) turns one item's counts into."""
+    (on Ray or in this process) turns one item's counts into, for the run `context`
+    (`pipeline.certify.run.RunContext`: its settings and selected images)."""
     from datetime import timezone
+
+    config, records = context.settings, context.records
 
     def rows(work: Any, counts: np.ndarray, compute_s: float, worker: str) -> list[VoteRow]:
         return model_vote_rows(
