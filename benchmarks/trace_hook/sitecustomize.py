@@ -5,8 +5,10 @@ It records the project lines (pipeline/, actors/, jobs/ under DSMOOTH_TRACE_ROOT
 *inside the per-image loop*:
 
 - in the driver: while `CertifyRun.run` is on a stack (any thread);
-- in a Ray worker: once an actor method other than `__init__` has started (the actor's
-  construction, i.e. loading models, is set-up, not the loop).
+- in a Ray worker: in an actor method other than `__init__` that started while the driver was
+  in its loop (the actors' construction, i.e. loading models and fetching their checkpoints
+  from the job's blob store, is set-up, not the loop). The driver marks its loop's start and
+  end with two files in DSMOOTH_TRACE_DIR; a worker looks at them when a method starts.
 
 Each process writes DSMOOTH_TRACE_DIR/<pid>.json (every half second and at exit), so a
 worker killed at shutdown loses at most its last half second (after the loop has ended).
@@ -42,6 +44,15 @@ if os.environ.get("DSMOOTH_TRACE_DIR"):
         _mine[filename] = result
         return result
 
+    def _mark(name: str) -> None:
+        path = os.path.join(_DIR, name)
+        if not os.path.exists(path):
+            open(path, "w").close()
+
+    def _driver_in_loop() -> bool:
+        return os.path.exists(os.path.join(_DIR, "loop-open")) and not os.path.exists(
+            os.path.join(_DIR, "loop-closed"))
+
     def _in_loop() -> bool:
         return _state["depth"] > 0 or _state["worker_loop"]
 
@@ -54,6 +65,8 @@ if os.environ.get("DSMOOTH_TRACE_DIR"):
                     _state["changed"] = True
             elif event == "return" and is_loop_frame:
                 _state["depth"] -= 1
+                if _state["depth"] == 0:
+                    _mark("loop-closed")
             return trace
         return trace
 
@@ -66,6 +79,7 @@ if os.environ.get("DSMOOTH_TRACE_DIR"):
         is_loop_frame = frame.f_code.co_qualname == _LOOP
         if is_loop_frame:
             _state["depth"] += 1
+            _mark("loop-open")
         if _in_loop():  # the frame's first line counts too (a `def` line, as coverage tools do)
             seen = _lines.setdefault(rel, set())
             if frame.f_code.co_firstlineno not in seen:
@@ -123,8 +137,7 @@ if os.environ.get("DSMOOTH_TRACE_DIR"):
 
             def traced(*args, **kwargs):
                 _state["role"] = "worker"
-                if method_name != "__init__":
-                    _state["worker_loop"] = True
+                _state["worker_loop"] = method_name != "__init__" and _driver_in_loop()
                 if sys.gettrace() is None:
                     sys.settrace(_global)
                 return executor(*args, **kwargs)
