@@ -1,12 +1,24 @@
-"""The API sampler of a `pipeline.certify.run.CertifyRun`: a pool of `ApiActor`s that ask
-a vision API the queries of each work item, under the job-wide ledger (budget, rate limit,
-call journal).
+"""The API sampler of a `pipeline.certify.run.CertifyRun`, both sides of it: the driver's
+`ApiSampler` (a pool of `ApiActor`s that ask a vision API the queries of each work item) and
+the Ray actors it starts -- the job's `LedgerActor` (budget, rate limit, call journal) and
+one `ApiActor` per client. One module because the driver side and the actors are one sampler,
+written against each other (what a work item becomes, what a unit's result holds).
 
-Work items become query units (`pipeline.apis.query.units.WorkUnit`, one noise chunk's unanswered
-queries each); answers are kept in the run's `QueryState`, and a work item is finished when
-its answers are complete: an image's every query (fixed n), its clean query (the label a
-sequential run tests), or one estimation chunk (sequential). Ray, the ledger, the blob
-store and the pool are started on entry and stopped on exit.
+Driver: work items become query units (`pipeline.apis.query.WorkUnit`, one noise chunk's
+unanswered queries each); answers are kept in the run's `QueryState`, and a work item is
+finished when its answers are complete: an image's every query (fixed n), its clean query
+(the label a sequential run tests), or one estimation chunk (sequential). Ray, the ledger, the
+blob store and the pool are started on entry and stopped on exit.
+
+Actors: thin wrappers of `pipeline.apis.books.ledger.Ledger` and
+`pipeline.apis.query.QueryWorker`. The ledger actor is threaded (every call of every API actor
+asks it first and reports to it after) and pinned to the driver's node, where the run
+directory is written; API actors find it by name. An API actor is threaded too
+(max_concurrency = its share of the job's concurrency). Credentials are read by the client,
+made in the actor's constructor, inside the actor's process, from the environment the Ray
+workers inherited; they are never task arguments, so they never enter Ray's object store or
+logs. Constructor arguments are small plain values (names, hashes), so a restarted actor never
+depends on objects that may be gone (ray-project/ray#53727).
 """
 
 from __future__ import annotations
@@ -16,12 +28,108 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
+import torch
 
+from actors.blob_store import BlobKey, fetch_blob, on_driver_node
+from pipeline.apis.books.ledger import Budget, Ledger
+from pipeline.apis.query import (
+    CLEAN,
+    OK,
+    Permit,
+    QuerySettings,
+    QueryWorker,
+    RateLimiter,
+    UnitResult,
+    WorkUnit,
+)
 from pipeline.apis.run.modes import CLEAN_QUERIES, FIXED, SEQUENTIAL
-from pipeline.apis.query.worker import QuerySettings
+from pipeline.apis.run.state import (
+    chunk_answers,
+    chunk_unit,
+    chunk_vote_row,
+    clean_label,
+    label_votes,
+)
 from pipeline.certify.run import Finished, Item, RunContext, Work
 
 log = logging.getLogger("dsmooth")
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=512)
+class LedgerActor:
+    def __init__(self, run: str, provider: str, budget: dict[str, Any], limits: dict[str, Any],
+                 answered: dict, invocation: str) -> None:
+        """`limits`: the RateLimiter's arguments (qps, requests_per_minute, tokens_per_minute)."""
+        self._ledger = Ledger(run, provider, Budget(**budget), RateLimiter(**limits), answered, invocation)
+
+    def reserve(self, *args: Any) -> Permit:
+        return self._ledger.reserve(*args)
+
+    def answered(self, *args: Any, **fields: Any) -> dict[str, Any]:
+        return self._ledger.answered(*args, **fields)
+
+    def reslot(self) -> float:
+        return self._ledger.reslot()
+
+    def halt(self, kind: str, message: str) -> None:
+        self._ledger.halt(kind, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._ledger.snapshot()
+
+    def close(self) -> None:
+        self._ledger.close()
+
+
+def start_ledger(name: str, run: str, provider: str, budget: dict[str, Any], limits: dict[str, Any],
+                 answered: dict, invocation: str) -> Any:
+    """The job's ledger, on the driver's node, found by API actors under `name`."""
+    return LedgerActor.options(name=name, **on_driver_node()).remote(run, provider, budget, limits, answered,
+                                                                      invocation)
+
+
+@ray.remote
+class ApiActor:
+    """Queries one provider for work units; see pipeline.apis.query.QueryWorker."""
+
+    def __init__(self, settings: QuerySettings, ledger: str, store: str | None = None,
+                 denoiser: BlobKey | None = None) -> None:
+        torch.set_num_threads(1)  # threads query in parallel; one BLAS thread each is plenty
+        model = None
+        if denoiser is not None:
+            from pipeline.certify.pair import ModelBytes, load_from_bytes
+            from pipeline.models import freeze
+
+            model, meta = load_from_bytes(ModelBytes(denoiser.source, fetch_blob(store, denoiser)))
+            if meta.sigma_independent:  # a diffusion model: the run's sigma picks its timestep
+                model.set_sigma(settings.sigma)  # (checked when the job prepared the denoiser)
+            model = freeze(model)
+        self._ledger = ray.get_actor(ledger)
+        self._worker = QueryWorker(settings, model)
+
+    def describe(self) -> str:
+        """The readiness ping: answers once the actor is built."""
+        return self._worker.name
+
+    def run_unit(self, unit: WorkUnit, image: torch.Tensor, image_name: str) -> UnitResult:
+        def permit(*args: Any) -> Permit:
+            return ray.get(self._ledger.reserve.remote(*args))
+
+        def answered(*args: Any, **fields: Any) -> Any:
+            return ray.get(self._ledger.answered.remote(*args, **fields))
+
+        def reslot() -> float:
+            return ray.get(self._ledger.reslot.remote())
+
+        try:
+            result = self._worker.run_unit(unit, image, image_name, permit, answered, reslot)
+        except Exception as error:  # noqa: BLE001 - never let Ray print an unscrubbed traceback
+            from pipeline.apis.secrets import describe
+
+            result = UnitResult(unit, stop="error", message=describe(error))
+        if result.stop not in (None, "budget"):
+            self._ledger.halt.remote(result.stop, result.message or "")  # every other actor stops too
+        return result
 
 
 class ApiSampler:
@@ -50,7 +158,6 @@ class ApiSampler:
     # -- lifetime
 
     def __enter__(self) -> ApiSampler:
-        from actors.api_actor import ApiActor, start_ledger
         from actors.blob_store import put_blob, start_blob_store
         from actors.pool import Demand, WorkPool
         from actors.ray_env import connect
@@ -63,7 +170,7 @@ class ApiSampler:
         ledger_name = f"dsmooth-ledger-{self.invocation}"
         before = spend(config.output)
         budget = {**config.budget.limits(), "price_per_1000": self.price, "run_queries_before": before.calls}
-        if config.api.provider == "openai":  # money is tokens (pipeline.apis.books.budget)
+        if config.api.provider == "openai":  # money is tokens (pipeline.apis.books.ledger)
             from pipeline.apis.chat_settings import token_budget
 
             budget.update(token_budget(config, before, self.state))
@@ -117,9 +224,6 @@ class ApiSampler:
         return self.dataset.load(row)
 
     def submit(self, work: Work, pixels: dict[int, Any]) -> tuple[list[Item], list[Finished]]:
-        from pipeline.apis.query.units import CLEAN, WorkUnit
-        from pipeline.apis.run.chunk_votes import chunk_unit
-
         units = []
         if self.mode == FIXED:
             units = [u for row in work.rows for u in self.state.units(self.context.image_ids[row])]
@@ -148,8 +252,6 @@ class ApiSampler:
         return items, []
 
     def take(self, key: Any, result: Any) -> list[Finished]:
-        from pipeline.apis.books.querylog import OK
-
         summary = self.summary
         for row in result.rows:
             if row["status"] == OK and not row.get("reused"):
@@ -187,8 +289,6 @@ class ApiSampler:
     def _chunk(self, work: Work, failed: bool = False) -> Finished:
         """A sequential chunk back: its vote row and the votes for the clean answer, or held
         when a query of it has no answer (retries spent, or the budget)."""
-        from pipeline.apis.run.chunk_votes import chunk_answers, chunk_vote_row, clean_label, label_votes
-
         (task,) = work.tasks
         answers = self._answers(task.row)
         complete = chunk_answers(self.test, answers, task.chunk)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def certify_api(config: Any, address: str | None = None, dry_run: bool = False, out: TextIO | None = None,
                 lease: Any = None) -> Any:
-    """Run (or resume) one API certification; returns its pipeline.apis.run.state.Summary. The
+    """Run (or resume) one API certification; returns its pipeline.apis.run.modes.Summary. The
     run's lock comes first: a second writer is refused before the images or the denoiser load."""
     from contextlib import nullcontext
 
@@ -90,7 +90,7 @@ def certify_api(config: Any, address: str | None = None, dry_run: bool = False, 
 
 
 def summary_text(summary: Any, run_dir: Any) -> str:
-    from pipeline.apis.run.state import format_summary
+    from pipeline.apis.run.modes import format_summary
 
     return format_summary(summary, run_dir)
 
@@ -99,8 +99,8 @@ def _certify_api(config: Any, address: str | None, dry_run: bool, lease: Any) ->
     """Wire one `CertifyRun`: the API sampler with the fixed or the sequential schedule."""
     from pipeline.apis.run.prepare import api_identity, read_api_denoiser, select_images
     from pipeline.apis.books.querylog import compact
-    from pipeline.apis.run.state import QueryState, Summary
-    from pipeline.apis.run.modes import FixedPlan, SequentialPlan
+    from pipeline.apis.run.modes import FixedPlan, SequentialPlan, Summary
+    from pipeline.apis.run.state import QueryState
     from pipeline.certify.run import RunContext
 
     split, dataset = select_images(config)

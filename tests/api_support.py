@@ -95,9 +95,10 @@ def oracle_labels(ids: list[int], sigma: float, n0: int, n: int, chunk_size: int
     """(image id, phase, sample) -> the top label the emulator's built-in classifier must
     give, computed locally from the same noise addressing, denoiser and PNG rounding."""
     from pipeline.apis.emulator import ColourClassifier
-    from pipeline.apis.query.encoding import encode_png
-    from pipeline.apis.query.units import CLEAN, plan_image
-    from pipeline.apis.query.noisy_images import noisy_images
+    from pipeline.apis.query import encode_png
+    from pipeline.apis.query import CLEAN
+    from pipeline.apis.run.state import plan_image
+    from pipeline.apis.query import noisy_images
     from pipeline.data import open_dataset
 
     classifier = ColourClassifier()
@@ -148,7 +149,7 @@ def top_labels_in_log(run_dir: Path) -> dict[tuple[int, str, int], Any]:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.query.encoding` writes it)."""
+    """uint8 [H, W, 3]: what the emulator reads off the wire (`pipeline.apis.query` writes it)."""
     import io
 
     from PIL import Image

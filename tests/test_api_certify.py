@@ -20,7 +20,8 @@ from api_support import (
 from jobs.certify_api import certify_api
 from pipeline.apis.emulator import EmulatorServer
 from pipeline.apis.run.prepare import load_job_config
-from pipeline.apis.books.querylog import read_query_log, votes_from_queries
+from pipeline.apis.books.querylog import read_query_log
+from pipeline.apis.run.state import votes_from_queries
 from pipeline.config import ConfigError
 from pipeline.reduce.votes import load_run
 from pipeline.stats.smoothing import ABSTAIN, certify_counts

@@ -19,8 +19,7 @@ import yaml
 from api_support import FAKE_CREDENTIALS, GRAY_IDS, RGB_IDS, install_fake_credentials, job_config
 from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
-from pipeline.apis.books.journal import segments
-from pipeline.apis.books.querylog import CALLS, read_calls, spend
+from pipeline.apis.books.querylog import CALLS, read_calls, segments, spend
 from pipeline.runs.storage import read_votes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,9 @@ from pipeline.apis.emulator import CheckpointClassifier, ColourClassifier, Emula
 from pipeline.apis.emulator.faults import FaultInjector
 from api_support import decode_png
 from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, ServerError, ThrottledError
-from pipeline.apis.providers import make_client, top_label
-from pipeline.apis.query.retry import query_with_retries
+from pipeline.apis.providers import make_client
+from pipeline.apis.providers.base import top_label
+from pipeline.apis.query import query_with_retries
 
 PROVIDERS = ["aws", "google", "azure", "clarifai"]
 FILES = sorted(IMAGES.glob("*.png"))
@@ -149,7 +150,8 @@ def test_each_client_waits_for_its_slot_just_before_the_request_leaves(emulator,
     is built and signed (so their time does not fall between the wait and the provider's
     clock); through the retry loop a call reaches the provider at its slot, not before."""
     from pipeline.apis.books.ledger import Permit
-    from pipeline.apis.ratelimit import LATE_S, SendGate
+    from pipeline.apis.providers.base import SendGate
+    from pipeline.apis.query import LATE_S
 
     api = client(provider, emulator.url)
     png = FILES[0].read_bytes()
@@ -180,7 +182,7 @@ def test_rate_limit_holds_on_the_emulators_clock_on_a_loaded_machine(tmp_path):
     busy processes load the CPUs; the emulator, in its own process as a provider would be,
     counts arrivals: never more than 10 in any 1-second window. Bounded: 60 calls, ~10 s."""
     from pipeline.apis.books.ledger import Permit
-    from pipeline.apis.ratelimit import RateLimiter
+    from pipeline.apis.query import RateLimiter
 
     qps, total, threads = 10, 60, 8
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

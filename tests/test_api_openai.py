@@ -18,7 +18,7 @@ import pytest
 
 from api_support import FAKE_CREDENTIALS, files_containing
 from openai_support import CLASSES, REPO, chat_config, png, token_cost
-from pipeline.apis.books.budget import Budget
+from pipeline.apis.books.ledger import Budget
 from pipeline.apis.config import ApiSettings, RetrySettings
 from pipeline.apis.emulator import EmulatorServer
 from pipeline.apis.emulator.openai_chat import OpenAIChat as ChatProtocol
@@ -28,8 +28,8 @@ from pipeline.apis.books.ledger import Ledger
 from pipeline.apis.providers import make_client
 from pipeline.apis.providers.openai_chat import parse_reply
 from pipeline.apis.books.querylog import read_calls, spend
-from pipeline.apis.ratelimit import RateLimiter
-from pipeline.apis.query.retry import OK, query_with_retries
+from pipeline.apis.query import RateLimiter
+from pipeline.apis.query import OK, query_with_retries
 
 KEY = FAKE_CREDENTIALS["OPENAI_API_KEY"]
 SKY = (140, 180, 230)  # the emulator's colour classifier calls this "Snow" first; see its ranking
@@ -274,7 +274,7 @@ def test_a_model_that_answers_at_random_is_certified_with_the_promised_error_rat
     from openai.types.chat import ChatCompletion
     from scipy.stats import norm
 
-    from pipeline.apis.books.querylog import answer_vote_row
+    from pipeline.apis.run.state import answer_vote_row
     from pipeline.stats.smoothing import ABSTAIN, certify_counts
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

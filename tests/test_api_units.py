@@ -19,31 +19,32 @@ from scipy import stats
 
 from api_support import IMAGES, RGB_IDS, job_config
 from pipeline.apis.emulator.server import max_in_window
-from pipeline.apis.books.budget import Budget
+from pipeline.apis.books.ledger import Budget
 from pipeline.apis.config import RetrySettings
 from api_support import decode_png
-from pipeline.apis.query.encoding import encode_png, to_uint8
-from pipeline.apis.query.units import CLEAN, needed_keys, plan_image
+from pipeline.apis.query import encode_png, to_uint8
+from pipeline.apis.query import CLEAN
+from pipeline.apis.run.state import needed_keys, plan_image
 from pipeline.apis.run.prepare import load_job_config
-from pipeline.apis.books.journal import Journal, read_segment, segments
+from pipeline.apis.books.ledger import Journal, answer_record, sent_record
 from pipeline.apis.books.ledger import Ledger
 from pipeline.apis.books.querylog import (
     CALLS,
     Spend,
     _normalise,
-    answer_record,
     calls_from_records,
     compact,
     read_calls,
     read_query_log,
-    sent_record,
+    read_segment,
+    segments,
     spend,
-    answer_vote_rows as vote_rows,
 )
-from pipeline.apis.ratelimit import LATE_S, RateLimiter, start_at
-from pipeline.apis.query.retry import backoff_delay
+from pipeline.apis.run.state import answer_vote_rows as vote_rows
+from pipeline.apis.query import LATE_S, RateLimiter, start_at
+from pipeline.apis.query import backoff_delay
 from pipeline.runs.lock import RunLockedError, exclusive_run
-from pipeline.apis.query.noisy_images import noisy_images
+from pipeline.apis.query import noisy_images
 from pipeline.apis.secrets import describe, scrub
 from pipeline.config import ConfigError
 from pipeline.sampling.noise import SampleRequest
@@ -271,7 +272,7 @@ def journal_call(journal: Journal, image_id: int, phase: str, sample: int, statu
     call = uuid.uuid4().hex
     journal.append(sent_record(call, journal.invocation, "aws", image_id, f"img{image_id}", phase, sample, 1, "w"))
     if status is not None:
-        journal.append(answer_record(call, "aws", status, top_label=label if status == "ok" else None,
+        journal.append(answer_record(call, status, top_label=label if status == "ok" else None,
                                      labels=[label] if status == "ok" else [], scores=[0.9] if status == "ok" else []))
     return call
 

@@ -51,7 +51,7 @@ import sys
 from jobs.certify_api import certify_api
 from pipeline.apis.config import CertifyApiConfig
 from pipeline.config import load_config
-import actors.api_sampler, actors.api_actor
+import actors.api_sampler
 
 config = load_config(CertifyApiConfig, {str(REPO / "examples" / "certify_api_emulated.yaml")!r})
 config = config.model_copy(update={{"data_root": {str(REPO / "pipeline/assets/cifar10-sample/test/airplane")!r},

@@ -154,11 +154,11 @@ def test_smooth_certifies_l1_radii_under_uniform_noise():
 
 
 def test_api_queries_carry_the_runs_noise():
-    """certify-api's noisy images (`pipeline.apis.query.noisy_images`) draw the run's noise kind at the
+    """certify-api's noisy images (`pipeline.apis.query`) draw the run's noise kind at the
     same addresses as the model engine."""
     import torch
 
-    from pipeline.apis.query.noisy_images import noisy_images
+    from pipeline.apis.query import noisy_images
     from pipeline.sampling.noise import Chunk, chunk_noise
 
     image, chunk = torch.full((3, 4, 4), 0.5), Chunk(0, 3, "estimation", 0, 8)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from jobs.cli import main as cli_main
-from pipeline.apis.run.state import Summary, format_summary
+from pipeline.apis.run.modes import Summary, format_summary
 from pipeline.runs.lock import exclusive_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_model_and_api_rows_are_one_vote_row_type_that_round_trips(tmp_path):
 
     import numpy as np
 
-    from pipeline.apis.books.querylog import answer_vote_row
+    from pipeline.apis.run.state import answer_vote_row
     from pipeline.certify.pair import ModelIdentity
     from pipeline.certify.plan import CertifyConfig, model_vote_rows, shard_requests
     from pipeline.certify.shards import Shard

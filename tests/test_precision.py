@@ -105,7 +105,7 @@ def _dtypes_seen(model: torch.nn.Module) -> list[torch.dtype]:
 def test_api_denoiser_runs_in_its_precision_and_returns_fp32():
     """certify-api's denoiser (`noisy_images`, what each API actor's worker calls): bf16 runs
     its convolutions in bf16 and hands fp32 images to the encoder; fp32 is bitwise the default."""
-    from pipeline.apis.query.noisy_images import noisy_images
+    from pipeline.apis.query import noisy_images
     from pipeline.models import build_model
 
     torch.manual_seed(0)

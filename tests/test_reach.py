@@ -298,8 +298,8 @@ def test_tables_plots_and_run_json_use_the_sequence_s_ceiling(run_at_001):
 def test_an_api_error_holds_its_chunk_until_asked_again():
     """pipeline/stats/sequential.py's doc: an API error is not a vote against the class; the
     chunk waits for the query to be answered (`chunk_answers` is None until then)."""
-    from pipeline.apis.books.querylog import OK
-    from pipeline.apis.run.chunk_votes import chunk_answers
+    from pipeline.apis.query import OK
+    from pipeline.apis.run.state import chunk_answers
 
     test = SequentialTest(sigma=SIGMA, alpha=0.001, n_max=16, chunk_size=8, radius=0.0)
     rows = {(ESTIMATION, k): {"status": OK, "top_label": "cat"} for k in range(8)}

@@ -708,8 +708,8 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
     class 1 and abstains. Choosing c_A from the estimation counts would certify class 0 with a
     large radius, the textbook error that voids the guarantee. Checked on model votes in
     Parquet and on API votes rebuilt from a query log."""
-    from pipeline.apis.books.journal import Journal
-    from pipeline.apis.books.querylog import answer_record, sent_record, votes_from_queries
+    from pipeline.apis.books.ledger import Journal, answer_record, sent_record
+    from pipeline.apis.run.state import votes_from_queries
     from pipeline.reduce import certificates_from_votes
 
     run = tmp_path / "model-run"
@@ -733,7 +733,7 @@ def test_certificates_use_the_selection_class_when_the_draws_disagree(tmp_path):
         call = f"call-{number}"
         journal.append(sent_record(call, journal.invocation, "aws", query["image_id"], "x.png", query["phase"],
                                    query["sample"], 1, "w"))
-        journal.append(answer_record(call, "aws", "ok", top_label=query["top_label"], labels=[query["top_label"]],
+        journal.append(answer_record(call, "ok", top_label=query["top_label"], labels=[query["top_label"]],
                                      scores=[0.9]))
     journal.close()
     votes = pd.DataFrame(votes_from_queries(api))

@@ -108,8 +108,7 @@ def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
     import pyarrow.dataset as ds
 
     from pipeline.apis.books.querylog import CALLS, compact
-    from pipeline.apis.books.journal import Journal
-    from pipeline.apis.books.querylog import answer_record, sent_record
+    from pipeline.apis.books.ledger import Journal, answer_record, sent_record
 
     run = tmp_path / "run"
     open_run(run, {"sigma": 0.25})
@@ -118,7 +117,7 @@ def test_votes_and_queries_folders_are_plain_parquet_datasets(tmp_path):
     journal = Journal(run, invocation="inv1")
     for sample in range(3):
         journal.append(sent_record(f"c{sample}", "inv1", "google", 4, "img4", "selection", sample, 1, "w"))
-        journal.append(answer_record(f"c{sample}", "google", "ok", top_label="cat", labels=["cat"], scores=[0.9]))
+        journal.append(answer_record(f"c{sample}", "ok", top_label="cat", labels=["cat"], scores=[0.9]))
     journal.close()
     assert compact(run) == 3 and len(CALLS.parts(run)) == 1
     for folder, rows, ids in (("votes", 4, {0, 5}), ("queries", 3, {4})):

@@ -127,7 +127,7 @@ class TokenRate(Settings):
 
 
 def token_budget(config: Any, before: Any, state: Any) -> dict[str, Any]:
-    """The pipeline.apis.books.budget.Budget arguments of a token-priced run: prices, the answer cap
+    """The pipeline.apis.books.ledger.Budget arguments of a token-priced run: prices, the answer cap
     each call is sent with, and what the run's earlier invocations spent (`before`, a
     pipeline.apis.books.querylog.Spend) and the largest prompt they were charged (from `state`,
     the run's answered queries), so the first reservations of a resumed run are real ones."""

@@ -110,7 +110,7 @@ class BudgetSettings(Settings):
         return self
 
     def limits(self) -> dict[str, float | int | None]:
-        """The pipeline.apis.books.budget.Budget arguments (price aside)."""
+        """The pipeline.apis.books.ledger.Budget arguments (price aside)."""
         return {"max_queries": self.max_queries, "max_cost": self.max_cost,
                 "run_max_queries": self.run_max_queries, "run_max_cost": self.run_max_cost,
                 "max_tokens": self.max_tokens, "run_max_tokens": self.run_max_tokens}

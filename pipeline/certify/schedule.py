@@ -211,7 +211,7 @@ def chunk_votes_from_rows(votes: pd.DataFrame, rows_of: dict[int, int]) -> list[
     ChunkVotes for `replay`, images mapped to certifier rows by `rows_of` (rows of other
     images ignored). Model rows give per-class-index counts; API rows (label strings) give
     the votes for the image's clean answer `label_name`, tested as column 0
-    (`pipeline.apis.run.chunk_votes`)."""
+    (`pipeline.apis.run.state`)."""
     out = []
     chunked = votes[votes["chunk"].notna() & votes["image_id"].isin(list(rows_of))]
     for phase in PHASE_ORDER:

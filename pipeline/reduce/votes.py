@@ -329,7 +329,7 @@ def sequential_certificates(votes: pd.DataFrame, identity: dict[str, Any], alpha
     ids = first["image_id"].astype(np.int64).to_numpy()
     rows_of = {int(i): row for row, i in enumerate(ids)}
     api = bool(any(is_label_row(c) for c in first["classes"]))
-    if api:  # the clean answer is the label, tested as column 0 (pipeline.apis.run.chunk_votes)
+    if api:  # the clean answer is the label, tested as column 0 (pipeline.apis.run.state)
         names = first["label_name"].to_numpy(dtype=object)
         labels = np.array([0 if name is not None and not pd.isna(name) else -1 for name in names], dtype=np.int64)
     else:

@@ -33,7 +33,7 @@ estimation samples):
   sizes (even chosen from past votes), n_max, or when the engine stops, pauses or resumes.
   A sample that gives no vote for the class (another class, or an API answer naming no label)
   counts against it, which only lowers the evidence. A failed query (an API error) is not a
-  sample: its chunk is held, the query asked again (`pipeline.apis.run.chunk_votes`), and the
+  sample: its chunk is held, the query asked again (`pipeline.apis.run.state`), and the
   chunk decided only once every query in it has been answered. `futility_alpha`,
   curtailment and n_max only cause missed certificates.
 * G2 (deployment). P(a class c is CERTIFIED at R while p_c <= Phi(R/sigma)) <= alpha. Split:

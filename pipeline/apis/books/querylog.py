@@ -1,14 +1,18 @@
-"""The query log: every call an API run sent, with its answer, from the journal and its
-compacted Parquet parts; and the per-query view that resume, votes and reports use.
+"""The books of `certify-api`, read: every call an API run sent, with its answer, from the
+call journal and its compacted Parquet parts; the per-query view that resume, votes and
+reports use; and what the run spent.
 
 Paid answers are the expensive part of an API certification, so every one is kept with the
 full label list and scores; vote counts, certificates at another alpha, or with a smaller
-n0/n, are recomputed from this log without a new query (`votes_from_queries`). A query with
-an `ok` answer is never asked again; one whose calls all failed (malformed answers
-included, after every retry) is asked again by a later run.
+n0/n, are recomputed from this log without a new query
+(`pipeline.apis.run.state.votes_from_queries`). A query with an `ok` answer is never asked
+again; one whose calls all failed (malformed answers included, after every retry) is asked
+again by a later run.
 
-Calls live first in the call journal (pipeline.apis.books.journal), then, once their invocation
-has ended, in `RUN/queries/part-*.parquet` parts of at most PART_CALLS calls each, each
+The journal and this log are one record of the same calls, in two forms: the journal is
+written by the ledger (`pipeline.apis.books.ledger`: every call before it is sent and when it
+is answered, so a kill never loses or repeats a paid answer) and read back here; calls live
+first in it, then, once their invocation has ended, in `RUN/queries/part-*.parquet` parts of at most PART_CALLS calls each, each
 with a manifest of its images: a damaged part costs those images' answers, named in the
 error, never the whole log -- and never the record of what was spent: `RUN/spend.json` keeps
 each invocation's calls, and a figure recomputed from the log never goes below it.
@@ -19,27 +23,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.apis.books import journal
-from pipeline.apis.books.billing import billable
-from pipeline.apis.query.units import CLEAN, phase_sizes
+from pipeline.apis.books.ledger import JOURNAL_DIR, billable
+from pipeline.apis.query import OK
 from pipeline.runs.fs import Location, StorageError
-from pipeline.runs.storage import PartStream, read_run_record, write_json
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import PartStream, write_json
 
 log = logging.getLogger("dsmooth")
 
 QUERIES_DIR = "queries"
 SPEND_FILE = "spend.json"  # what each invocation sent and owes (spend_record)
-OK = "ok"
 # Calls per compacted part: bounds what one damaged file can cost. DSMOOTH_QUERY_PART_CALLS
 # changes it (the durability tests use small parts to stretch compaction out).
 PART_CALLS = int(os.environ.get("DSMOOTH_QUERY_PART_CALLS", "10000"))
@@ -58,7 +58,7 @@ CALL_SCHEMA = pa.schema(
         ("sent_at", pa.timestamp("ms", tz="UTC")),
         ("status", pa.string()),  # ok | malformed | throttled | server_error | timeout | auth | rejected
         #                           | error; null: unconfirmed (no answer recorded: killed in flight)
-        ("billable", pa.bool_()),  # what the provider bills (pipeline.apis.books.billing)
+        ("billable", pa.bool_()),  # what the provider bills (pipeline.apis.books.ledger.billable)
         ("top_label", pa.string()),  # the query's class; null when no label came back
         ("labels", pa.list_(pa.string())),  # every returned label, in the provider's order
         ("scores", pa.list_(pa.float64())),  # their scores in [0, 1]
@@ -79,20 +79,6 @@ CALL_SCHEMA = pa.schema(
 CALLS = PartStream(QUERIES_DIR, CALL_SCHEMA)
 
 
-def sent_record(call: str, invocation: str, provider: str, image_id: int, image_name: str, phase: str,
-                sample: int, attempt: int, worker: str) -> dict[str, Any]:
-    """The journal record written before a call leaves."""
-    return {"k": "sent", "call": call, "invocation": invocation, "provider": provider, "image_id": image_id,
-            "image_name": image_name, "phase": phase, "sample": sample, "attempt": attempt, "worker": worker,
-            "sent_at": datetime.now(timezone.utc).isoformat()}
-
-
-def answer_record(call: str, provider: str, status: str, **fields: Any) -> dict[str, Any]:
-    """The journal record of a call's outcome."""
-    return {"k": "answer", "call": call, "status": status, "billable": billable(provider, status),
-            "answered_at": datetime.now(timezone.utc).isoformat(), **fields}
-
-
 def calls_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Journal records -> one row per call (its `sent` record merged with its answer, if any)."""
     calls: dict[str, dict[str, Any]] = {}
@@ -105,7 +91,7 @@ def calls_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, A
             row.update({k: v for k, v in fields.items() if k not in row})
     for row in calls.values():
         if row.get("status") is None:
-            row["billable"] = billable(row.get("provider", ""), None)
+            row["billable"] = billable(None)
     return [row for row in calls.values() if "image_id" in row]
 
 
@@ -126,7 +112,7 @@ def read_calls(run_dir: str | Location) -> pd.DataFrame:
     """Every call of the run: compacted parts plus journal segments (a call in both -- a crash
     during compaction -- once, its answered version first)."""
     parts = CALLS.read(run_dir)
-    live = calls_from_records(journal.replay_calls(run_dir))
+    live = calls_from_records(replay_calls(run_dir))
     frames = [f for f in (parts, _frame(live) if live else None) if f is not None and not f.empty]
     if not frames:
         return CALL_SCHEMA.empty_table().to_pandas()
@@ -156,15 +142,15 @@ def compact(run_dir: str | Location, keep_invocation: str | None = None) -> int:
     """Turn the journal segments of finished invocations into Parquet parts (at most
     PART_CALLS calls each), then delete the segments. Safe at any crash point: a part is
     written before its segments go, and readers drop calls seen twice. Returns calls moved."""
-    segments = [s for s in journal.segments(run_dir)
+    finished = [s for s in segments(run_dir)
                 if keep_invocation is None or f"-{keep_invocation}-" not in s.name]
-    if not segments:
+    if not finished:
         return 0
-    rows = calls_from_records(r for s in segments for r in journal.read_segment(s))
+    rows = calls_from_records(r for s in finished for r in read_segment(s))
     rows.sort(key=lambda row: (row["image_id"], row.get("phase", ""), row.get("sample", 0), row["call"]))
     for start in range(0, len(rows), PART_CALLS):
         CALLS.write(run_dir, [_normalise(row) for row in rows[start : start + PART_CALLS]], worker="compact")
-    for segment in segments:
+    for segment in finished:
         segment.delete()
     return len(rows)
 
@@ -255,83 +241,35 @@ def _recorded_invocations(run_dir: str | Location) -> list[dict[str, Any]]:
         return []
 
 
-def answer_vote_rows(
-    queries: Sequence[Mapping[str, Any]],
-    identity: Mapping[str, Any],
-    run_id: str,
-    n0: int,
-    n: int,
-) -> list[VoteRow] | None:
-    """The selection and estimation `VoteRow`s of ONE image from its
-    answered queries, using samples 0..n0-1 and 0..n-1; None while any of them is missing.
+# -- the journal, read back (pipeline.apis.books.ledger.Journal writes it) ---------------------
 
-    Every sample counts in `n`, so an answer without a label counts against the top class
-    instead of shrinking the sample.
-    """
-    by_key = {(str(q["phase"]), int(q["sample"])): q for q in queries if q.get("status") == OK}
-    clean = by_key.get((CLEAN, 0))
-    if clean is None:
-        return None
-    rows = []
-    for phase, size in phase_sizes(n0, n).items():
-        if phase == CLEAN:
+
+def segments(run: str | Location) -> list[Location]:
+    folder = Location.of(run) / JOURNAL_DIR
+    return [s for s in folder.files() if s.name.startswith("seg-") and s.name.endswith(".jsonl")]
+
+
+def read_segment(segment: Location) -> list[dict[str, Any]]:
+    """The records of one segment; a torn last line (crash mid-append) is dropped."""
+    records = []
+    lines = segment.read_bytes().split(b"\n")
+    for number, line in enumerate(lines):
+        if not line.strip():
             continue
-        chosen = [by_key.get((phase, k)) for k in range(size)]
-        if any(q is None for q in chosen):
-            return None
-        rows.append(answer_vote_row(clean, chosen, phase, identity, run_id))
-    return rows
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number >= len(lines) - 2:  # the last, unterminated line
+                log.debug("%s: ignoring a torn last record", segment)
+                continue
+            raise StorageError(
+                f"{segment} is damaged at line {number + 1}; the calls it recorded cannot be read. Move it "
+                "aside and rerun: answers in it are asked (and paid) again"
+            ) from None
+    return records
 
 
-def answer_vote_row(clean: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], phase: str,
-                    identity: Mapping[str, Any], run_id: str, chunk: int | None = None) -> VoteRow:
-    """The `VoteRow` of answered queries `chosen` of one image and phase (a whole phase, or
-    one noise chunk of a sequential run); label_name is the clean answer. Every query counts
-    in `n`, so an answer without a label counts against every class."""
-    votes = Counter(q["top_label"] for q in chosen if _present(q.get("top_label")))
-    classes = sorted(votes)
-    return VoteRow(
-        run_id=run_id, image_id=int(clean["image_id"]), image_name=clean.get("image_name"), label=-1,
-        label_name=clean["top_label"] if _present(clean.get("top_label")) else None, phase=phase, n=len(chosen),
-        classes=classes, counts=[votes[c] for c in classes], sigma=float(identity["sigma"]),
-        seed=int(identity["seed"]), chunk_size=int(identity["chunk_size"]), model=_model_name(identity),
-        model_sha256=None, denoiser=identity.get("denoiser"), denoiser_sha256=identity.get("denoiser_sha256"),
-        worker="certify-api", elapsed_s=float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
-        finished_at=max(_timestamp(q.get("answered_at")) for q in chosen), chunk=chunk,
-    )
-
-
-def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[VoteRow]:
-    """Vote rows for every image whose first n0 selection and n estimation samples (and
-    clean query) are answered; n0/n default to the run's, and may not exceed them."""
-    record = read_run_record(run_dir)
-    identity, run_id = record["identity"], record["run_id"]
-    n0 = int(identity["n0"]) if n0 is None else int(n0)
-    n = int(identity["n"]) if n is None else int(n)
-    if not 1 <= n0 <= int(identity["n0"]) or not 1 <= n <= int(identity["n"]):
-        raise ValueError(f"n0={n0}, n={n}: must lie in [1, run's n0={identity['n0']}] and [1, run's n={identity['n']}]")
-    frame = read_query_log(run_dir)
-    rows: list[VoteRow] = []
-    for _, group in frame.groupby("image_id", sort=True):
-        image_rows = answer_vote_rows(group.to_dict("records"), identity, run_id, n0, n)
-        if image_rows is not None:
-            rows.extend(image_rows)
-    return rows
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and pd.isna(value))
-
-
-def _timestamp(value: Any) -> datetime:
-    if value is None or (not isinstance(value, (datetime, str)) and pd.isna(value)):
-        return datetime.now(timezone.utc)
-    return pd.Timestamp(value).to_pydatetime()
-
-
-def _model_name(identity: Mapping[str, Any]) -> str:
-    provider = str(identity.get("provider"))
-    if identity.get("openai_model"):  # a chat model: its name and its prompt's (tables, figures)
-        return f"api:{provider}:{identity['openai_model']}:prompt-{identity.get('prompt_sha256')}"
-    detail = identity.get("clarifai_model") or identity.get("azure_api_version")
-    return f"api:{provider}" + (f":{detail}" if detail else "")
+def replay_calls(run: str | Location) -> Iterator[dict[str, Any]]:
+    """Every record of every segment, in segment order."""
+    for segment in segments(run):
+        yield from read_segment(segment)

@@ -1,14 +1,16 @@
 """Label-detection clients of the four vision APIs the paper certified, behind one interface.
 
-`make_client(settings, timeout_s)` builds the right adapter; each one reads its provider's
-standard credential variables itself, inside the process that queries, so credentials
-never travel through configs, Ray task arguments or logs.
+`make_client(settings, timeout_s)` builds the right adapter, once, when a query worker is
+made (set-up, not the per-image loop); each one reads its provider's standard credential
+variables itself, inside the process that queries, so credentials never travel through
+configs, Ray task arguments or logs. What every adapter returns and the rules they share are
+in `base`.
 """
 
 from __future__ import annotations
 
 from pipeline.apis.config import ApiSettings
-from pipeline.apis.providers.base import Label, LabelClient, top_label
+from pipeline.apis.providers.base import LabelClient
 
 
 def make_client(settings: ApiSettings, timeout_s: float, pool_size: int = 10) -> LabelClient:
@@ -35,5 +37,3 @@ def make_client(settings: ApiSettings, timeout_s: float, pool_size: int = 10) ->
         return OpenAIChat(settings, timeout_s, pool_size)
     raise ValueError(f"unknown provider {settings.provider!r}")
 
-
-__all__ = ["Label", "LabelClient", "make_client", "top_label"]

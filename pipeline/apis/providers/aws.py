@@ -17,8 +17,7 @@ from pipeline.apis.errors import (
     ServerError,
     ThrottledError,
 )
-from pipeline.apis.providers.base import Label, parse_labels
-from pipeline.apis.ratelimit import before_send
+from pipeline.apis.providers.base import Label, before_send, parse_labels
 from pipeline.apis.secrets import scrub
 
 THROTTLING_CODES = frozenset(

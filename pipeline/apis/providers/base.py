@@ -1,9 +1,15 @@
-"""What every provider adapter returns, and the HTTP status rules they share."""
+"""What every provider adapter returns, and what the adapters share: label parsing, the HTTP
+status rules, and the send gate (`before_send`) each adapter calls at the last moment before a
+request's bytes leave, so the job-wide rate limit (`pipeline.apis.query.RateLimiter`) holds on
+the provider's clock. The gate is here, not beside the limiter, because it is the adapters'
+side of that contract: an adapter knows when its bytes leave, not what the rate is."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +38,7 @@ class LabelClient(Protocol):
     every attempt is counted against the budget)."""
 
     provider: str
-    # True when `labels` calls pipeline.apis.ratelimit.before_send() just before the request
+    # True when `labels` calls before_send() just before the request
     # leaves (so the rate-limit wait comes after encoding and signing); else the retry loop
     # waits before calling `labels`.
     gates_sends: bool
@@ -92,3 +98,36 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+_pending = threading.local()
+
+
+class SendGate:
+    """Holds this thread's next request until its slot, at the last moment: the provider
+    adapters call `before_send()` just before the bytes go out (see the module doc)."""
+
+    def __init__(self, wait: Callable[[], object]) -> None:
+        self._wait = wait
+        self.released: float | None = None  # time.monotonic() when the request was let go
+
+    def release(self) -> None:
+        """Wait for the slot (once: a second send in the same call is not a new call)."""
+        if self.released is None:
+            self._wait()
+            self.released = time.monotonic()
+
+    def __enter__(self) -> SendGate:
+        _pending.gate = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _pending.gate = None
+
+
+def before_send() -> None:
+    """Called by the provider adapters right before a request leaves: waits for the slot of
+    the `SendGate` this thread is in, if any."""
+    gate = getattr(_pending, "gate", None)
+    if gate is not None:
+        gate.release()

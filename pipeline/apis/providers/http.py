@@ -7,8 +7,7 @@ import threading
 from typing import Any
 
 from pipeline.apis.errors import MalformedResponse, QueryTimeout
-from pipeline.apis.providers.base import error_for_status
-from pipeline.apis.ratelimit import before_send
+from pipeline.apis.providers.base import before_send, error_for_status
 from pipeline.apis.secrets import scrub
 
 
@@ -24,7 +23,7 @@ def _session(local: threading.local) -> Any:
 
 def gate_sends(session: Any) -> Any:
     """Make `session` wait for the call's rate-limit slot just before each request leaves,
-    after the request is built (pipeline.apis.ratelimit.before_send)."""
+    after the request is built (pipeline.apis.providers.base.before_send)."""
     from requests.adapters import HTTPAdapter
 
     class GatedAdapter(HTTPAdapter):

@@ -36,8 +36,7 @@ from typing import Any
 
 from pipeline.apis.config import ApiSettings
 from pipeline.apis.errors import AuthError, MalformedResponse, QueryTimeout, RequestRejected
-from pipeline.apis.providers.base import Label, error_for_status
-from pipeline.apis.ratelimit import before_send
+from pipeline.apis.providers.base import Label, before_send, error_for_status
 from pipeline.apis.secrets import scrub
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"

@@ -1,9 +1,10 @@
 """How a `certify-api` run is scheduled, Ray-free: which `pipeline.certify.run.CertifyRun`s
-it makes of the API sampler (`actors.api_sampler`), and what its summary says.
+it makes of the API sampler (`actors.api_sampler`), and what its summary says (`Summary`,
+printed by `format_summary`).
 
 - fixed n (`FixedPlan`): every query each unvoted image still needs, one image per work item;
 - sequential (`SequentialPlan`): the clean query of every image first (its label), then
-  estimation chunks of undecided images only (`pipeline.apis.run.chunk_votes`).
+  estimation chunks of undecided images only (`pipeline.apis.run.state`).
 
 An image that cannot be read is skipped by the run before any of its queries is sent.
 """
@@ -11,7 +12,11 @@ An image that cannot be read is skipped by the run before any of its queries is 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pipeline.apis.books.querylog import Spend
+from pipeline.runs.fs import Location
 
 log = logging.getLogger("dsmooth")
 
@@ -56,7 +61,7 @@ class FixedPlan:
 
 
 class SequentialPlan:
-    """Sequential (`pipeline.apis.run.chunk_votes`): the clean query of every image first (its
+    """Sequential (`pipeline.apis.run.state`): the clean query of every image first (its
     label), then estimation chunks of undecided images only, one chunk per work item and one
     in flight per image (growth 0: every query is paid, none is spent after a decision). A
     chunk counts once every query in it is answered (the answers are in the journal
@@ -80,7 +85,7 @@ class SequentialPlan:
         decision. Skipped (unreadable) images are withdrawn."""
         import numpy as np
 
-        from pipeline.apis.run.chunk_votes import api_certifier
+        from pipeline.apis.run.state import api_certifier
         from pipeline.certify.schedule import ChunkScheduler
 
         self.certifier = api_certifier(self.test, [self._answers(row) for row in range(self.total)])
@@ -94,7 +99,7 @@ class SequentialPlan:
         return self.state.images[self.context.image_ids[row]].rows
 
     def needs_clean(self, row: int) -> bool:
-        from pipeline.apis.query.units import CLEAN
+        from pipeline.apis.query import CLEAN
 
         skipped = {s["image_id"] for s in self.context.skipped}
         return (CLEAN, 0) not in self._answers(row) and self.context.image_ids[row] not in skipped
@@ -117,7 +122,7 @@ class SequentialPlan:
 
     def _write_missing_rows(self) -> None:
         """Chunks answered in full whose vote rows are missing (a kill in between): write them."""
-        from pipeline.apis.run.chunk_votes import chunk_answers, chunk_vote_row, clean_label
+        from pipeline.apis.run.state import chunk_answers, chunk_vote_row, clean_label
         from pipeline.runs.storage import read_votes, write_votes
 
         stored = read_votes(self.state.run_dir)
@@ -186,3 +191,113 @@ def _progress(sampler: Any, total: int, sequential: bool = False) -> Any:
 
     return Progress("certify-api", total, unit="images decided" if sequential else "images", rate_unit="samples",
                     extra=sampler.spent, eta=not sequential)
+
+
+@dataclass
+class Summary:
+    """What one invocation did, and the run's totals; printed at the end, returned to callers."""
+
+    status: str  # planned | complete | budget | failed | auth | rejected | error
+    provider: str
+    attempts: int = 0  # calls sent by this invocation, retries included (what the budget counts)
+    billable: int = 0  # of those, what the provider bills
+    cost: float = 0.0  # attempts x price (+ tokens x price): what the budget holds against its limits
+    tokens: int = 0  # token-priced providers: tokens this invocation spent
+    answered: int = 0  # queries answered now
+    retried: dict[str, int] = field(default_factory=dict)  # failed calls by status (all retried)
+    failed: int = 0  # queries with no valid answer after every retry
+    images_total: int = 0
+    images_complete: int = 0
+    images_incomplete: list[int] = field(default_factory=list)
+    pending_queries: int = 0
+    price_per_1000: float = 0.0
+    run: Spend = field(default_factory=lambda: Spend(0, 0, 0))  # every invocation of the run
+    limits: str = ""
+    message: str | None = None
+    # Sequential runs (certified None otherwise): images decided / certified at `radius`, and
+    # the queries per decided image (clean query included) against a fixed-n run's n0 + n + 1.
+    certified: int | None = None
+    undecided: int = 0
+    radius: float | None = None
+    queries_per_image: float = 0.0
+    fixed_queries: int = 0
+    skipped: int = 0  # unreadable images skipped (--on-bad-image skip): no query was sent for them
+
+    @property
+    def certificates_per_dollar(self) -> float | None:
+        """Certificates of the run per dollar the run spent (None before anything was paid)."""
+        if self.certified is None or self.run_cost <= 0:
+            return None
+        return self.certified / self.run_cost
+
+    @property
+    def run_cost(self) -> float:
+        return self.run.cost(self.price_per_1000)
+
+    @property
+    def estimated_cost_left(self) -> float:
+        """Queries left x the price of a call: the list price, plus for token-priced calls the
+        run's average token cost per call so far (0 before any)."""
+        per_call = self.price_per_1000 / 1000.0 + (self.run.token_cost / self.run.calls if self.run.calls else 0.0)
+        return self.pending_queries * per_call
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left,
+                "certificates_per_dollar": self.certificates_per_dollar}
+
+
+HEADLINES = {
+    "planned": "dry run: nothing was sent",
+    "complete": "complete: every image is finished (all its queries answered)",
+    "budget": "stopped: the budget is spent",
+    "failed": "stopped: some queries got no valid answer after every retry (a rerun asks them again)",
+    "auth": "STOPPED: the provider refused the credentials",
+    "rejected": "STOPPED: the provider rejected the requests",
+    "error": "STOPPED: unexpected error",
+}
+
+
+def format_summary(s: Summary, run_dir: str | Location) -> str:
+    headline = HEADLINES[s.status]
+    if s.status == "complete" and s.certified is not None:
+        headline = "complete: every image is decided"
+    lines = [f"certify-api [{s.provider}]: {headline}"]
+    if s.message and s.status != "complete":
+        lines.append(f"  reason: {s.message}")
+    retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
+    lines.append(
+        f"  this invocation: {s.attempts} calls sent ({s.billable} billable), {s.answered} queries answered, "
+        f"calls retried: {retried}; " + (f"{s.tokens} tokens, " if s.tokens else "")
+        + f"cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
+    )
+    unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
+    tokens = f"{s.run.tokens} tokens, " if s.run.tokens else ""
+    lines.append(f"  run total: {s.run.calls} calls, {tokens}${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
+    done = "decided" if s.certified is not None else "finished"
+    lines.append(f"  images: {s.images_complete}/{s.images_total} {done}" + (f", {s.skipped} skipped (unreadable)"
+                                                                             if s.skipped else ""))
+    if s.certified is not None:
+        where = f"at R = {s.radius:g}" if s.radius is not None else "(largest-radius mode)"
+        ratio = s.fixed_queries / s.queries_per_image if s.queries_per_image else float("inf")
+        per_dollar = s.certificates_per_dollar
+        lines.append(
+            f"  sequential: {s.certified} of {s.images_complete} decided images certified {where}, "
+            f"{s.images_complete - s.certified} not certified; "
+            f"{s.queries_per_image:.1f} queries per image (clean query included) vs {s.fixed_queries} with fixed "
+            f"n0 + n: {ratio:.1f}x fewer; "
+            + (f"{per_dollar:.1f} certificates per dollar" if per_dollar is not None else "nothing paid yet"))
+        if s.undecided:
+            lines.append(f"  undecided: {s.undecided} image(s); rerun the same command to resume")
+    if s.images_incomplete:
+        lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
+                     f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")
+    if s.pending_queries:
+        rate = (f"the run's ${s.run.token_cost / s.run.calls:.6f} per call so far" if s.run.tokens and s.run.calls
+                else f"${s.price_per_1000:.2f}/1000")
+        lines.append(
+            f"  left to do: {s.pending_queries} queries (about ${s.estimated_cost_left:.4f} at "
+            f"{rate}, retries extra); rerun the same command to resume"
+        )
+    if s.images_complete:
+        lines.append(f"  certificates: dsmooth reduce {run_dir}")
+    return "\n".join(lines)

@@ -1,21 +1,79 @@
-"""Driver-side bookkeeping of an API certification (no Ray): which queries each image still
-needs, when an image is complete (its vote rows are then written at once), what the run has
-spent (from the call journal, every invocation and kill included), and the report."""
+"""The driver's view of an API run (no Ray): what each image needs, the answers it has, and
+the vote rows those answers make.
+
+One module because these are one image's account, asked by one loop: which queries an image
+needs (one clean query -- its label, as in the paper --, n0 selection and n estimation
+samples) cut into work units of one noise chunk each; the answers taken back (`QueryState`,
+from the query log at the start, from each unit's rows after); and, once an image (fixed n) or
+an estimation chunk (sequential) is answered in full, its vote rows. A sequential run tests
+each image's clean answer as its label, each chunk's answers being one chunk of votes -- how
+many of them name that label; everything there is a function of the answered queries (durable
+in the journal before any answer is used), so a resumed run rebuilds the certifier by `replay`
+of the chunks those answers complete, and asks only what is missing.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.apis.query.units import Key, WorkUnit, needed_keys, plan_image
-from pipeline.apis.books.querylog import OK, Spend, answer_vote_rows, read_query_log
+import numpy as np
+import pandas as pd
+
+from pipeline.apis.books.querylog import read_query_log
+from pipeline.apis.query import CLEAN, OK, WorkUnit
 from pipeline.runs.fs import Location
-from pipeline.runs.storage import completed_images, write_votes
+from pipeline.runs.storage import completed_images, read_run_record, write_votes
 from pipeline.runs.votes import VoteRow
+from pipeline.sampling.noise import SampleRequest
+from pipeline.stats.sequential import (
+    ESTIMATION,
+    ChunkVotes,
+    SequentialCertifier,
+    SequentialTest,
+    replay,
+)
 
 log = logging.getLogger("dsmooth")
+
+Key = tuple[str, int]  # (phase, sample index); the clean query is (CLEAN, 0)
+LABEL_COLUMN = 0  # the sequential certifier tests column 0 of an image: "the clean answer"
+
+
+# -- what an image needs -----------------------------------------------------------------------
+
+
+def phase_sizes(n0: int, n: int) -> dict[str, int]:
+    return {CLEAN: 1, "selection": n0, "estimation": n}
+
+
+def needed_keys(n0: int, n: int) -> list[Key]:
+    return [(phase, k) for phase, size in phase_sizes(n0, n).items() for k in range(size)]
+
+
+def plan_image(image_id: int, n0: int, n: int, chunk_size: int, seed: int,
+               done: Collection[Key] = ()) -> list[WorkUnit]:
+    """Work units for the queries of one image not in `done`, in phase order; each noisy unit
+    carries its chunk's full noise address (seed included)."""
+    units: list[WorkUnit] = []
+    if (CLEAN, 0) not in done:
+        units.append(WorkUnit(image_id, CLEAN, (0,)))
+    for phase, size in phase_sizes(n0, n).items():
+        if phase == CLEAN:
+            continue
+        for chunk in SampleRequest(seed, image_id, phase, size, chunk_size).chunks():
+            start = chunk.index * chunk_size
+            pending = tuple(k for k in range(start, start + chunk.size) if (phase, k) not in done)
+            if pending:
+                units.append(WorkUnit(image_id, phase, pending, chunk, tuple(k - start for k in pending)))
+    return units
+
+
+# -- the answers taken back ---------------------------------------------------------------------
 
 
 @dataclass
@@ -119,111 +177,148 @@ class QueryState:
         return rows
 
 
-@dataclass
-class Summary:
-    """What one invocation did, and the run's totals; printed at the end, returned to callers."""
+# -- the votes answers make -------------------------------------------------------------------
 
-    status: str  # planned | complete | budget | failed | auth | rejected | error
-    provider: str
-    attempts: int = 0  # calls sent by this invocation, retries included (what the budget counts)
-    billable: int = 0  # of those, what the provider bills
-    cost: float = 0.0  # attempts x price (+ tokens x price): what the budget holds against its limits
-    tokens: int = 0  # token-priced providers: tokens this invocation spent
-    answered: int = 0  # queries answered now
-    retried: dict[str, int] = field(default_factory=dict)  # failed calls by status (all retried)
-    failed: int = 0  # queries with no valid answer after every retry
-    images_total: int = 0
-    images_complete: int = 0
-    images_incomplete: list[int] = field(default_factory=list)
-    pending_queries: int = 0
-    price_per_1000: float = 0.0
-    run: Spend = field(default_factory=lambda: Spend(0, 0, 0))  # every invocation of the run
-    limits: str = ""
-    message: str | None = None
-    # Sequential runs (certified None otherwise): images decided / certified at `radius`, and
-    # the queries per decided image (clean query included) against a fixed-n run's n0 + n + 1.
-    certified: int | None = None
-    undecided: int = 0
-    radius: float | None = None
-    queries_per_image: float = 0.0
-    fixed_queries: int = 0
-    skipped: int = 0  # unreadable images skipped (--on-bad-image skip): no query was sent for them
 
-    @property
-    def certificates_per_dollar(self) -> float | None:
-        """Certificates of the run per dollar the run spent (None before anything was paid)."""
-        if self.certified is None or self.run_cost <= 0:
+def present(label: Any) -> bool:
+    return label is not None and not (isinstance(label, float) and pd.isna(label))
+
+
+def answer_vote_rows(
+    queries: Sequence[Mapping[str, Any]],
+    identity: Mapping[str, Any],
+    run_id: str,
+    n0: int,
+    n: int,
+) -> list[VoteRow] | None:
+    """The selection and estimation `VoteRow`s of ONE image from its
+    answered queries, using samples 0..n0-1 and 0..n-1; None while any of them is missing.
+
+    Every sample counts in `n`, so an answer without a label counts against the top class
+    instead of shrinking the sample.
+    """
+    by_key = {(str(q["phase"]), int(q["sample"])): q for q in queries if q.get("status") == OK}
+    clean = by_key.get((CLEAN, 0))
+    if clean is None:
+        return None
+    rows = []
+    for phase, size in phase_sizes(n0, n).items():
+        if phase == CLEAN:
+            continue
+        chosen = [by_key.get((phase, k)) for k in range(size)]
+        if any(q is None for q in chosen):
             return None
-        return self.certified / self.run_cost
-
-    @property
-    def run_cost(self) -> float:
-        return self.run.cost(self.price_per_1000)
-
-    @property
-    def estimated_cost_left(self) -> float:
-        """Queries left x the price of a call: the list price, plus for token-priced calls the
-        run's average token cost per call so far (0 before any)."""
-        per_call = self.price_per_1000 / 1000.0 + (self.run.token_cost / self.run.calls if self.run.calls else 0.0)
-        return self.pending_queries * per_call
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "run_cost": self.run_cost, "estimated_cost_left": self.estimated_cost_left,
-                "certificates_per_dollar": self.certificates_per_dollar}
+        rows.append(answer_vote_row(clean, chosen, phase, identity, run_id))
+    return rows
 
 
-HEADLINES = {
-    "planned": "dry run: nothing was sent",
-    "complete": "complete: every image is finished (all its queries answered)",
-    "budget": "stopped: the budget is spent",
-    "failed": "stopped: some queries got no valid answer after every retry (a rerun asks them again)",
-    "auth": "STOPPED: the provider refused the credentials",
-    "rejected": "STOPPED: the provider rejected the requests",
-    "error": "STOPPED: unexpected error",
-}
-
-
-def format_summary(s: Summary, run_dir: str | Location) -> str:
-    headline = HEADLINES[s.status]
-    if s.status == "complete" and s.certified is not None:
-        headline = "complete: every image is decided"
-    lines = [f"certify-api [{s.provider}]: {headline}"]
-    if s.message and s.status != "complete":
-        lines.append(f"  reason: {s.message}")
-    retried = ", ".join(f"{n} {status}" for status, n in sorted(s.retried.items())) or "none"
-    lines.append(
-        f"  this invocation: {s.attempts} calls sent ({s.billable} billable), {s.answered} queries answered, "
-        f"calls retried: {retried}; " + (f"{s.tokens} tokens, " if s.tokens else "")
-        + f"cost ${s.cost:.4f} at list price" + (f" (limits: {s.limits})" if s.limits else "")
+def answer_vote_row(clean: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], phase: str,
+                    identity: Mapping[str, Any], run_id: str, chunk: int | None = None) -> VoteRow:
+    """The `VoteRow` of answered queries `chosen` of one image and phase (a whole phase, or
+    one noise chunk of a sequential run); label_name is the clean answer. Every query counts
+    in `n`, so an answer without a label counts against every class."""
+    votes = Counter(q["top_label"] for q in chosen if present(q.get("top_label")))
+    classes = sorted(votes)
+    return VoteRow(
+        run_id=run_id, image_id=int(clean["image_id"]), image_name=clean.get("image_name"), label=-1,
+        label_name=clean["top_label"] if present(clean.get("top_label")) else None, phase=phase, n=len(chosen),
+        classes=classes, counts=[votes[c] for c in classes], sigma=float(identity["sigma"]),
+        seed=int(identity["seed"]), chunk_size=int(identity["chunk_size"]), model=_model_name(identity),
+        model_sha256=None, denoiser=identity.get("denoiser"), denoiser_sha256=identity.get("denoiser_sha256"),
+        worker="certify-api", elapsed_s=float(sum(float(q.get("latency_s") or 0.0) for q in chosen)),
+        finished_at=max(_timestamp(q.get("answered_at")) for q in chosen), chunk=chunk,
     )
-    unconfirmed = f", {s.run.unconfirmed} unconfirmed (in flight when a run was killed)" if s.run.unconfirmed else ""
-    tokens = f"{s.run.tokens} tokens, " if s.run.tokens else ""
-    lines.append(f"  run total: {s.run.calls} calls, {tokens}${s.run_cost:.4f} ({s.run.billable} billable{unconfirmed})")
-    done = "decided" if s.certified is not None else "finished"
-    lines.append(f"  images: {s.images_complete}/{s.images_total} {done}" + (f", {s.skipped} skipped (unreadable)"
-                                                                             if s.skipped else ""))
-    if s.certified is not None:
-        where = f"at R = {s.radius:g}" if s.radius is not None else "(largest-radius mode)"
-        ratio = s.fixed_queries / s.queries_per_image if s.queries_per_image else float("inf")
-        per_dollar = s.certificates_per_dollar
-        lines.append(
-            f"  sequential: {s.certified} of {s.images_complete} decided images certified {where}, "
-            f"{s.images_complete - s.certified} not certified; "
-            f"{s.queries_per_image:.1f} queries per image (clean query included) vs {s.fixed_queries} with fixed "
-            f"n0 + n: {ratio:.1f}x fewer; "
-            + (f"{per_dollar:.1f} certificates per dollar" if per_dollar is not None else "nothing paid yet"))
-        if s.undecided:
-            lines.append(f"  undecided: {s.undecided} image(s); rerun the same command to resume")
-    if s.images_incomplete:
-        lines.append(f"  incomplete: {len(s.images_incomplete)} image(s) with queries that got no valid answer "
-                     f"(not counted as wrong; a rerun asks them again): ids {s.images_incomplete[:10]}")
-    if s.pending_queries:
-        rate = (f"the run's ${s.run.token_cost / s.run.calls:.6f} per call so far" if s.run.tokens and s.run.calls
-                else f"${s.price_per_1000:.2f}/1000")
-        lines.append(
-            f"  left to do: {s.pending_queries} queries (about ${s.estimated_cost_left:.4f} at "
-            f"{rate}, retries extra); rerun the same command to resume"
-        )
-    if s.images_complete:
-        lines.append(f"  certificates: dsmooth reduce {run_dir}")
-    return "\n".join(lines)
+
+
+def votes_from_queries(run_dir: str | Location, n0: int | None = None, n: int | None = None) -> list[VoteRow]:
+    """Vote rows for every image whose first n0 selection and n estimation samples (and
+    clean query) are answered; n0/n default to the run's, and may not exceed them."""
+    record = read_run_record(run_dir)
+    identity, run_id = record["identity"], record["run_id"]
+    n0 = int(identity["n0"]) if n0 is None else int(n0)
+    n = int(identity["n"]) if n is None else int(n)
+    if not 1 <= n0 <= int(identity["n0"]) or not 1 <= n <= int(identity["n"]):
+        raise ValueError(f"n0={n0}, n={n}: must lie in [1, run's n0={identity['n0']}] and [1, run's n={identity['n']}]")
+    frame = read_query_log(run_dir)
+    rows: list[VoteRow] = []
+    for _, group in frame.groupby("image_id", sort=True):
+        image_rows = answer_vote_rows(group.to_dict("records"), identity, run_id, n0, n)
+        if image_rows is not None:
+            rows.extend(image_rows)
+    return rows
+
+
+def _timestamp(value: Any) -> datetime:
+    if value is None or (not isinstance(value, (datetime, str)) and pd.isna(value)):
+        return datetime.now(timezone.utc)
+    return pd.Timestamp(value).to_pydatetime()
+
+
+def _model_name(identity: Mapping[str, Any]) -> str:
+    provider = str(identity.get("provider"))
+    if identity.get("openai_model"):  # a chat model: its name and its prompt's (tables, figures)
+        return f"api:{provider}:{identity['openai_model']}:prompt-{identity.get('prompt_sha256')}"
+    detail = identity.get("clarifai_model") or identity.get("azure_api_version")
+    return f"api:{provider}" + (f":{detail}" if detail else "")
+
+
+# -- sequential runs: the clean label, a chunk's votes ------------------------------------------
+
+
+def clean_label(rows: Mapping[tuple[str, int], Mapping[str, Any]]) -> Any:
+    """The clean answer's top label (None: not answered yet, or answered without a label)."""
+    clean = rows.get((CLEAN, 0))
+    return clean.get("top_label") if clean is not None and present(clean.get("top_label")) else None
+
+
+def chunk_unit(test: SequentialTest, seed: int, image_id: int, chunk: int,
+               done: Collection[tuple[str, int]] = ()) -> WorkUnit | None:
+    """The queries of estimation chunk `chunk` not in `done` (answered by an earlier
+    invocation, or before a kill); None when every one is answered."""
+    (address,) = SampleRequest(seed, image_id, ESTIMATION, test.n_max, test.chunk_size, first_chunk=chunk,
+                               stop_chunk=chunk + 1).chunks()
+    start = chunk * test.chunk_size
+    pending = tuple(k for k in range(start, start + address.size) if (ESTIMATION, k) not in done)
+    if not pending:
+        return None
+    return WorkUnit(image_id, ESTIMATION, pending, address, tuple(k - start for k in pending))
+
+
+def chunk_answers(test: SequentialTest, rows: Mapping[tuple[str, int], Mapping[str, Any]],
+                  chunk: int) -> list[Mapping[str, Any]] | None:
+    """The answered queries of an estimation chunk, in sample order; None while one is missing."""
+    start = chunk * test.chunk_size
+    size = min(test.chunk_size, test.n_max - start)
+    chosen = [rows.get((ESTIMATION, k)) for k in range(start, start + size)]
+    return None if any(q is None or q.get("status") != OK for q in chosen) else chosen
+
+
+def label_votes(answers: Sequence[Mapping[str, Any]], label: Any) -> int:
+    return sum(1 for q in answers if present(q.get("top_label")) and q["top_label"] == label)
+
+
+def api_certifier(test: SequentialTest, answered: Sequence[Mapping[tuple[str, int], Mapping[str, Any]]]
+                  ) -> SequentialCertifier:
+    """The certifier of these images (row i <-> answered[i], its answered queries by (phase,
+    sample)) after every chunk their answers complete: `replay`, so chunks after a missing
+    one wait for it. An image without a clean label is never certified."""
+    labels = np.array([LABEL_COLUMN if clean_label(rows) is not None else -1 for rows in answered], dtype=np.int64)
+    image, chunk, samples, counts = [], [], [], []
+    for row, rows in enumerate(answered):
+        label = clean_label(rows)
+        if label is None:
+            continue
+        for k in range(test.num_chunks(ESTIMATION)):
+            answers = chunk_answers(test, rows, k)
+            if answers is None:
+                continue
+            image.append(row), chunk.append(k), samples.append(len(answers)), counts.append(label_votes(answers, label))
+    votes = [ChunkVotes(ESTIMATION, np.array(image, dtype=np.int64), np.array(chunk, dtype=np.int64),
+                        np.array(samples, dtype=np.int64), np.array(counts, dtype=np.int64))] if image else []
+    return replay(test, votes, labels=labels)
+
+
+def chunk_vote_row(rows: Mapping[tuple[str, int], Mapping[str, Any]], answers: Sequence[Mapping[str, Any]],
+                   chunk: int, identity: Mapping[str, Any], run_id: str) -> VoteRow:
+    """The Parquet vote row of one answered chunk (what `dsmooth reduce` replays)."""
+    return answer_vote_row(rows[(CLEAN, 0)], answers, ESTIMATION, identity, run_id, chunk=chunk)
