@@ -150,11 +150,10 @@ def test_reservations_keep_money_and_token_limits_with_calls_in_flight():
     assert budget.settle("c0", 400, 5) == (400, 5, pytest.approx(0.00105))  # the real usage replaces it
     assert budget.settle("c1", None, None, billed=False) == (0, 0, 0.0)  # a 429: nothing
     assert budget.settle("c2", None, None) == (1000, 50, pytest.approx(0.003))  # billed, no usage: reservation
-    # from now on a call reserves the largest prompt seen (400), not the guess
-    assert budget.reservation() == (400, 50)
     granted = 0
     while budget.reserve(f"d{granted}"):
         granted += 1
+    assert budget.held("d0")[:2] == (400, 50)  # from now on a call reserves the largest prompt seen, not the guess
     snap = budget.snapshot()
     assert snap.cost <= 0.01 and snap.cost + (400 * 2.5 + 50 * 10) / 1e6 > 0.01 and granted == 3
 

@@ -217,11 +217,6 @@ class Budget:
                 self._held[call or f"#{self._queries}"] = (prompt, answer, nano)
             return True
 
-    def reservation(self) -> tuple[int, int]:
-        """(prompt, answer) tokens the next call would reserve."""
-        with self._lock:
-            return self._reservation()
-
     def held(self, call: str) -> tuple[int, int, int] | None:
         """(prompt tokens, answer tokens, nano) reserved for `call` and not settled yet."""
         with self._lock:
