@@ -4,8 +4,8 @@ Plain Python and PyTorch, no Ray (the Ray layer is actors/api_sampler.py and
 jobs/certify_api.py). One image's queries go through the same driver as a model's votes
 (`pipeline.certify.run.CertifyRun`); what is particular to an API is grouped by concept, each
 group importing only the ones below it (contracts in pyproject.toml). A group is as few
-modules as its concepts: one image's path through the loop reads the sampler, one module per
-group and the provider's adapter.
+modules as its concepts: one image's path through the per-image loop reads the sampler, one
+module of each group (run/state, books/ledger, query) and the provider (its adapter and base).
 
 the run (run/): one `certify-api` invocation, in the driver
     run/prepare      config loading, image selection, the optional denoiser, the run identity
