@@ -134,7 +134,7 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
                     raise ConfigError(name, f"{name} only applies with sequential: true (--sequential)")
             return self
         if self.first_chunks is None:
-            from pipeline.sampling.chunks import growing_schedule
+            from pipeline.sampling.noise import growing_schedule
 
             self.__dict__["first_chunks"] = list(growing_schedule(self.chunk_size))  # not setattr: validates again
         if self.futility is None:

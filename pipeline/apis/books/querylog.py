@@ -33,7 +33,7 @@ from pipeline.apis.books.billing import billable
 from pipeline.apis.query.units import CLEAN, phase_sizes
 from pipeline.runs.fs import Location, StorageError
 from pipeline.runs.storage import PartStream, read_run_record, write_json
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow
 
 log = logging.getLogger("dsmooth")
 

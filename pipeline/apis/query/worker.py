@@ -57,7 +57,7 @@ class QuerySettings:
     sigma: float
     name: str = "api-0"
     precision: str = "fp32"
-    noise: str = "gaussian"  # the smoothing noise kind (pipeline.sampling.noise_kinds)
+    noise: str = "gaussian"  # the smoothing noise kind (pipeline.sampling.noise)
 
 
 class QueryWorker:

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.apis.query.units import CLEAN, WorkUnit
 from pipeline.apis.books.querylog import OK, answer_vote_row
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.sequential import ESTIMATION, ChunkVotes, SequentialCertifier, SequentialTest, replay
 

@@ -13,7 +13,7 @@ from pipeline.apis.query.units import Key, WorkUnit, needed_keys, plan_image
 from pipeline.apis.books.querylog import OK, Spend, answer_vote_rows, read_query_log
 from pipeline.runs.fs import Location
 from pipeline.runs.storage import completed_images, write_votes
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow
 
 log = logging.getLogger("dsmooth")
 
