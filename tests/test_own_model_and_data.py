@@ -753,6 +753,50 @@ def test_imagenet_devkit_ground_truth_maps_ids_through_meta_mat(tmp_path, capsys
     assert code == 2 and len(lines) == 1 and "meta.mat" in lines[0], lines
 
 
+def test_five_unlabelled_imagenet_images_and_the_devkit_ground_truth_give_accuracies(tmp_path):
+    """Five unlabelled ImageNet validation images (a flat folder of ILSVRC2012_val_*.png), the
+    devkit's ground truth and meta.mat (IDs in a shuffled class order), and a 1000-class timm
+    model whose class names are timm's wnids: each image's label is its ID's wnid's class
+    index, and the table gives the clean and certified accuracy of those labels (ground
+    truth, not agreement with the classifier)."""
+    import random
+    import shutil
+
+    from safetensors.torch import save_file
+    from timm.data import ImageNetInfo
+
+    import dsmooth
+    from classifier_support import timm_net
+    from data_support import shared_data
+
+    chosen = sorted(shared_data("imagenet-val-100").glob("ILSVRC2012_val_*.png"))[:5]
+    images = tmp_path / "val"
+    images.mkdir()
+    for path in chosen:
+        shutil.copy(path, images / path.name)
+    wnids = list(ImageNetInfo().label_names())
+    order = list(range(1000))
+    random.Random(0).shuffle(order)  # devkit ID i + 1 is the class of wnid wnids[order[i]]
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    _devkit_meta(devkit / "meta.mat", {i + 1: wnids[order[i]] for i in range(1000)})
+    numbers = [int(path.stem.rsplit("_", 1)[1]) for path in chosen]
+    ids = [random.Random(number).randrange(1, 1001) for number in range(1, max(numbers) + 1)]
+    truth = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("".join(f"{i}\n" for i in ids))
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_net(1000).state_dict().items()}, weights)
+    certificates = dsmooth.certify(
+        dataset="folder", data_root=str(images), classifier="timm:test_resnet", classifier_weights=str(weights),
+        image_size=64, labels=str(truth), sigma=0.25, n0=4, n=16, batch_size=64, output=str(tmp_path / "run"),
+        progress=False, in_process=True)
+    assert certificates.sort_values("image_id")["label"].tolist() == [order[ids[n - 1] - 1] for n in numbers]
+    assert (certificates["correct"] == ((certificates["predict"] == certificates["label"])
+                                        & ~certificates["abstained"])).all()
+    table = dsmooth.reduce([tmp_path / "run"]).table
+    assert table["clean_accuracy"].iloc[0] == pytest.approx(certificates["correct"].mean())
+    assert not table.attrs.get("label_notes")  # ground truth: no "agreement with the classifier" note
+
+
 def test_fewer_class_folders_than_classes_map_by_name(tmp_path, capsys, factories):
     """Three class folders under a 10-class model: mapped to the model's classes by name
     (case and '_' ignored) and checked before any sample; an unknown folder is one line."""

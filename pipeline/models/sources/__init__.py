@@ -118,10 +118,11 @@ class Source:
 
 def _legacy(spec: ClassifierSpec, path: str, arch: str | None, data: bytes | None = None) -> Source:
     if spec.has_preprocessing_flags:
+        names = ("input_size", "resize", "mean", "std", "preprocessing")
         raise ClassifierSourceError(
             f"{path}: a dsmooth checkpoint or torchvision classifier carries its own normalisation; "
-            "--classifier-input-size/-resize/-mean/-std/-preprocessing apply to timm, Hugging Face, archives and "
-            "factories")
+            f"{'/'.join(setting(f'classifier_{name}') for name in names)} apply to timm, Hugging Face, archives "
+            "and factories")
     if data is None:
         from pipeline.runs.fs import Location
 
