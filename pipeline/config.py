@@ -146,7 +146,9 @@ def sound_noise_problem(sound: bool, noise: str) -> str | None:
     and a radius of their kind over Gaussian votes would be wrong. One rule for configs and the
     engine (`dsmooth.Smooth` reaches the engine without a config)."""
     if sound and noise != "gaussian":
-        return f"--sound is implemented for Gaussian noise only, not {noise}"
+        from pipeline.errors import setting
+
+        return f"{setting('sound', True)} is implemented for Gaussian noise only, not {noise}"
     return None
 
 

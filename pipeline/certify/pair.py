@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.runs.fs import Location
 from pipeline.data.specs import DataDescription
+from pipeline.errors import setting
 from pipeline.sampling.engine import VoteCounter
 from pipeline.sampling.engine import optimize_for_inference
 from pipeline.models import (
@@ -120,7 +121,7 @@ def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Modu
         if arch is None:
             raise CheckpointError(
                 f"{source}: not a dsmooth checkpoint; to load a raw state dict name its "
-                f"architecture with classifier_arch (--classifier-arch). ({error})"
+                f"architecture with {setting('classifier_arch', 'NAME')}. ({error})"
             ) from None
         return load_classifier(arch, path), arch, None
     if meta.kind != "classifier":

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import setting
+
 from ..preprocess import INTERPOLATIONS, Preprocessing, hf_preprocessing
 from .common import ClassifierSourceError
 
@@ -26,8 +28,13 @@ PREPROCESSING_FILE = "dsmooth_preprocessing.json"
 # What --classifier-preprocessing takes: auto = the form's own (else refused), none = the
 # network normalises inside (no resize, no mean/std unless flags give them).
 PREPROCESSING_CHOICES = ("auto", "none")
-FLAGS_HINT = ("give --classifier-mean M M M --classifier-std S S S (and --classifier-input-size PX), "
-              "or --classifier-preprocessing none if the network normalises its input itself")
+
+
+def flags_hint() -> str:
+    """What to give when a form carries no preprocessing (worded for the front end: flags or keywords)."""
+    return (f"give {setting('classifier_mean', 'M M M')} and {setting('classifier_std', 'S S S')} (and "
+            f"{setting('classifier_input_size', 'PX')}), or {setting('classifier_preprocessing', 'none')} if the "
+            "network normalises its input itself")
 
 
 def _timm_like(cfg: Mapping[str, Any]) -> Preprocessing:
