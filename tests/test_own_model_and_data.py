@@ -10,6 +10,7 @@ test needs ../shared/data."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -751,6 +752,26 @@ def test_imagenet_devkit_ground_truth_maps_ids_through_meta_mat(tmp_path, capsys
                      "--classifier-preprocessing", "none", "--sigma", "0.25", "--output", str(tmp_path / "out")])
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(lines) == 1 and "meta.mat" in lines[0], lines
+
+
+def test_a_devkit_ground_truths_identity_holds_its_meta_mat(tmp_path):
+    """The run identity's labels hash covers a devkit ground-truth file's meta.mat (another
+    meta.mat gives the same IDs other labels, so a resumed run must not mix them); a CSV's hash
+    is its bytes' alone, as before."""
+    from pipeline.data.labels import labels_sha256
+
+    truth = tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    truth.parent.mkdir()
+    truth.write_text("1\n2\n")
+    alone = labels_sha256(truth)
+    assert alone == hashlib.sha256(truth.read_bytes()).hexdigest()
+    _devkit_meta(truth.parent / "meta.mat", {1: "n01440764", 2: "n01443537"})
+    first = labels_sha256(truth)
+    _devkit_meta(truth.parent / "meta.mat", {1: "n01443537", 2: "n01440764"})
+    assert len({alone, first, labels_sha256(truth)}) == 3
+    table = tmp_path / "labels.csv"
+    table.write_text("image,label\n1.png,3\n")
+    assert labels_sha256(table) == hashlib.sha256(table.read_bytes()).hexdigest()
 
 
 def test_five_unlabelled_imagenet_images_and_the_devkit_ground_truth_give_accuracies(tmp_path):

@@ -37,6 +37,8 @@ SHARDS_PER_ACTOR = 8
 
 def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo) -> dict[str, Any]:
     """The run identity (`pipeline.runs.identity`) of a certify run with these models."""
+    from pipeline.data.labels import labels_sha256
+
     return run_identity(
         "certify", config, config, split,
         classifier=info.classifier.name,
@@ -50,14 +52,8 @@ def certify_identity(config: CertifyConfig, split: ImageDataset, info: PairInfo)
         # Only when set: another noise draw (`pipeline.sampling.sound`), the old identity otherwise.
         **({"sound": True} if config.sound else {}),
         # Only when given: labels from a file decide what is certified (and a sequential run's draws).
-        **({"labels_sha256": _labels_sha256(config.labels)} if getattr(config, "labels", None) else {}),
+        **({"labels_sha256": labels_sha256(config.labels)} if getattr(config, "labels", None) else {}),
     )
-
-
-def _labels_sha256(path: str) -> str:
-    from pipeline.data.labels import file_sha256
-
-    return file_sha256(path)
 
 
 def requests_of(config: CertifyConfig) -> Callable[[Shard], list[SampleRequest]]:

@@ -67,7 +67,7 @@ def read_labels_file(path: str | Path) -> dict[str, str]:
     if not lines:
         raise DatasetError(f"labels file {path} is empty")
     rows: list[list[str]]
-    if all(line.strip().isdigit() for line in lines):  # the devkit's one ILSVRC2012_ID per line
+    if _is_devkit(lines):
         return _devkit_labels(file, [int(line) for line in lines])
     if "," in lines[0]:
         rows = [row for row in csv.reader(io.StringIO(text)) if row]
@@ -87,10 +87,20 @@ def read_labels_file(path: str | Path) -> dict[str, str]:
     return labels
 
 
+def _is_devkit(lines: Sequence[str]) -> bool:
+    """The devkit's ground truth holds one ILSVRC2012_ID per line and nothing else."""
+    return all(line.strip().isdigit() for line in lines)
+
+
+def _meta_places(file: Path) -> list[Path]:
+    """Where a devkit ground-truth file's meta.mat is looked for: beside it, then ../data/."""
+    return [file.parent / "meta.mat", file.parent.parent / "data" / "meta.mat"]
+
+
 def _devkit_labels(file: Path, ids: list[int]) -> dict[str, str]:
     """The devkit's ground truth: the i-th ID is image ILSVRC2012_val_<i, 8 digits>'s, mapped
     to its wnid by the devkit's meta.mat (refused without one: the IDs are no class indices)."""
-    places = [file.parent / "meta.mat", file.parent.parent / "data" / "meta.mat"]
+    places = _meta_places(file)
     meta = next((place for place in places if place.is_file()), None)
     if meta is None:
         raise DatasetError(f"labels file {file} holds ImageNet devkit ILSVRC2012_IDs (the devkit's own class "
@@ -196,5 +206,15 @@ def own_labels(dataset: ImageDataset, class_names: Sequence[str] | None, labels_
     return dataset
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+def labels_sha256(path: str | Path) -> str:
+    """What a labels file's labels depend on, for the run identity: its bytes, and for the
+    devkit's ground truth its meta.mat's too (another meta.mat maps the same IDs elsewhere)."""
+    file = Path(path).expanduser()
+    data = file.read_bytes()
+    digest = hashlib.sha256(data)
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    if lines and _is_devkit(lines):
+        meta = next((place for place in _meta_places(file) if place.is_file()), None)
+        if meta is not None:
+            digest.update(meta.read_bytes())
+    return digest.hexdigest()
