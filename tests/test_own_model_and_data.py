@@ -84,13 +84,15 @@ def test_every_form_carries_its_preprocessing_and_votes_the_same(tmp_path, facto
     """One network as an object with its pretrained_cfg, a factory returning (module,
     preprocessing), a .pt2 and a TorchScript file written by `dsmooth.save_archive`, and the
     bare object with the same preprocessing as flags: all resolve to one preprocessing with
-    no flag, and f gives the same logits on the data's own 32 px images."""
+    no flag, and f gives the same logits on the data's own 32 px images. `save_archive` makes
+    the folder it writes into."""
     import dsmooth
 
     with_cfg = tiny_net()
     with_cfg.pretrained_cfg = dict(CFG)  # what timm models carry
-    pt2 = dsmooth.save_archive(tiny_net(), tmp_path / "net.pt2", CFG, torch.rand(2, 3, 40, 40))
-    ts = dsmooth.save_archive(tiny_net(), tmp_path / "net.ts", CFG, torch.rand(2, 3, 40, 40), kind="torchscript")
+    pt2 = dsmooth.save_archive(tiny_net(), tmp_path / "deploy" / "net.pt2", CFG, torch.rand(2, 3, 40, 40))
+    ts = dsmooth.save_archive(tiny_net(), tmp_path / "ts" / "net.ts", CFG, torch.rand(2, 3, 40, 40),
+                              kind="torchscript")
     forms = {
         "flags": ClassifierSpec(tiny_net(), input_size=40, mean=CFG["mean"], std=CFG["std"]),
         "pretrained_cfg": ClassifierSpec(with_cfg),

@@ -129,15 +129,16 @@ def save_archive(module: Any, path: str | Path, preprocessing: Any, example: Any
     import torch
 
     text = json.dumps(preprocessing_of(preprocessing).to_dict())
+    if kind not in ("export", "torchscript"):
+        raise ValueError(f"kind must be export or torchscript, got {kind!r}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "export":
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, path, extra_files={PREPROCESSING_FILE: text})
     elif kind == "torchscript":
         torch.jit.save(torch.jit.trace(module.eval(), example), str(path), _extra_files={PREPROCESSING_FILE: text})
-    else:
-        raise ValueError(f"kind must be export or torchscript, got {kind!r}")
     return path
 
 
