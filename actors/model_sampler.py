@@ -13,8 +13,7 @@ from typing import Any
 
 import ray
 
-from pipeline.certify.plan import vote_rows_of
-from pipeline.certify.run import Finished, Item, RunContext, Work, raise_run_error
+from pipeline.certify.run import Finished, Item, RunContext, Work, raise_run_error, vote_rows_of
 
 log = logging.getLogger("dsmooth")
 

@@ -9,7 +9,7 @@ reference  Cohen et al.'s core.py `Smooth._sample_noise`, verbatim in substance:
            repeated `batch` times per forward pass (so every image ends on a short batch),
            `torch.randn_like(batch) * sigma`, fp32, `torch.no_grad`, predictions
            `.argmax(1)` moved to the CPU and counted with numpy per batch (`_count_arr`).
-engine     pipeline.sampling.engine.VoteCounter on pipeline.sampling.inference.optimize_for_inference(model):
+engine     pipeline.sampling.engine.VoteCounter on pipeline.sampling.engine.optimize_for_inference(model):
            samples of several images share forward batches, noise is written into a reused
            buffer, votes are counted on the device, torch.inference_mode, BatchNorm folded
            into the convolutions, channels-last memory, and mixed precision with --amp (GPU).
@@ -88,7 +88,7 @@ class Engine:
     def __init__(self, model, sigma: float, num_classes: int, batch: int, device: torch.device, amp: bool,
                  optimize: bool, precision: str = "fp32") -> None:
         from pipeline.sampling.engine import VoteCounter
-        from pipeline.sampling.inference import optimize_for_inference
+        from pipeline.sampling.engine import optimize_for_inference
 
         model = optimize_for_inference(model, device) if optimize else model.to(device).eval()
         self.counter = VoteCounter(model, num_classes, sigma, batch_size=batch, device=device, amp=amp,

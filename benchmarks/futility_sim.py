@@ -23,7 +23,7 @@ import argparse
 
 import numpy as np
 
-from pipeline.sampling.chunks import growing_schedule
+from pipeline.sampling.noise import growing_schedule
 from pipeline.stats.sequential import ChunkVotes, Reason, SequentialCertifier, SequentialTest
 
 P_VALUES = (0.5, 0.6, 0.7, 0.8, 0.82)

@@ -78,12 +78,12 @@ class Counting:
 
 def run_ray_data(images: int, actors: int) -> float:
     """Certify the same images with Ray Data; parts are written as batches come back, as the
-    job's `VoteRow`s (`pipeline.certify.plan.model_vote_rows`), so both variants write alike."""
+    job's `VoteRow`s (`pipeline.certify.run.model_vote_rows`), so both variants write alike."""
     from datetime import datetime, timezone
 
     from pipeline.certify.pair import ModelBytes, load_pair
-    from pipeline.certify.plan import model_vote_rows, shard_requests
-    from pipeline.certify.shards import Shard
+    from pipeline.certify.plan import requests_of
+    from pipeline.certify.run import Shard, model_vote_rows
     from pipeline.runs.storage import write_votes
 
     cfg = config(Path("unused"), images, actors)
@@ -106,7 +106,7 @@ def run_ray_data(images: int, actors: int) -> float:
                 record = records[int(image_id)]
                 write_votes(folder, model_vote_rows(
                     run_id="scheduler-spike", config=cfg, records=[record],
-                    requests=shard_requests(Shard(0, (record,)), cfg), counts=counts,
+                    requests=requests_of(cfg)(Shard(0, (record,))), counts=counts,
                     compute_s=float(compute_s), worker="ray-data", finished_at=datetime.now(timezone.utc),
                     classifier=info.classifier, denoiser=info.denoiser, class_names=selected.classes))
         return time.perf_counter() - started

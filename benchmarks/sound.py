@@ -36,7 +36,7 @@ def _counter(denoiser: str, sound: bool, batch: int):
     from pipeline.certify.pair import ModelBytes, load_pair
     from pipeline.data import open_dataset
     from pipeline.sampling.engine import VoteCounter
-    from pipeline.sampling.inference import optimize_for_inference
+    from pipeline.sampling.engine import optimize_for_inference
 
     pair, info = load_pair(ModelBytes.read(MODELS / "classifier.pt"), ModelBytes.read_denoiser(MODELS / denoiser),
                            open_dataset("cifar10", SAMPLE, "test").describe(), sigma=0.25)

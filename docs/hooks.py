@@ -89,7 +89,7 @@ def vote_schema_table() -> str:
         sys.path.insert(0, str(ROOT))
     from dataclasses import fields
 
-    from pipeline.runs.votes import VoteRow
+    from pipeline.runs.storage import VoteRow
 
     rows = ["| column | Arrow type | note |", "|---|---|---|"]
     for column in fields(VoteRow):

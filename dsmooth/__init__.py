@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.certify.smooth import Smooth
+from pipeline.errors import python_wording
 from pipeline.stats.smoothing import ABSTAIN, certify_counts, lower_confidence_bound, predict_counts
 
 __all__ = [
@@ -52,6 +53,7 @@ def _version() -> str:
 __version__ = _version()
 
 
+@python_wording()  # its refusals name keyword arguments (classifier_mean=), not flags
 def load_model(
     classifier: Any,
     denoiser: str | Path | None = None,
@@ -139,6 +141,7 @@ def save_archive(module: Any, path: str | Path, preprocessing: Any, example: Any
     return save(module, path, preprocessing, example, kind)
 
 
+@python_wording()  # its refusals name keyword arguments (classifier_mean=), not flags
 def certify(config: str | Path | Mapping[str, Any] | None = None, *, address: str | None = None,
             progress: bool = True, in_process: bool = False, **settings: Any) -> Any:
     """Run `dsmooth certify` and return the per-image certificates of the images it selected

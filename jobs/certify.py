@@ -399,7 +399,7 @@ def _in_process_sampler(context, selected, classifier, denoiser, info, address, 
     from types import SimpleNamespace
 
     from pipeline.certify.inprocess import InProcessSampler
-    from pipeline.certify.plan import vote_rows_of
+    from pipeline.certify.run import vote_rows_of
 
     config = context.settings
     counter = config.pair_settings(classifier).counter(classifier, denoiser, info, selected.describe(), "cpu")
@@ -428,7 +428,7 @@ def model_run(config, context, sampler, schedule, progress: Any = None) -> Any:
 
 def _fixed_schedule(config, context, output, selected):
     """(a FixedSchedule maker or None when nothing is left, the outcome's finisher)."""
-    from pipeline.certify.plan import default_shard_size, shard_requests
+    from pipeline.certify.plan import default_shard_size, requests_of
     from pipeline.certify.run import FixedSchedule
 
     todo = _pending(config, selected)
@@ -437,7 +437,7 @@ def _fixed_schedule(config, context, output, selected):
 
     def make(actors: int) -> FixedSchedule:
         shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), actors)
-        schedule = FixedSchedule.of(context, todo, shard_size, lambda shard: shard_requests(shard, config))
+        schedule = FixedSchedule.of(context, todo, shard_size, requests_of(config))
         log.info("%d shards of <= %d images, %s samples per image", len(schedule.shards), shard_size,
                  f"{config.samples_per_image():,}")
         return schedule

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import hashlib
 
-    from pipeline.runs.atomic import atomic_open
+    from pipeline.runs.fs import atomic_open
     from pipeline.models import CheckpointError
     from pipeline.models.diffusion.convert import read_diffusion_source
 

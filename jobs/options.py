@@ -117,7 +117,9 @@ def cli_fields(model: type[BaseModel], all_fields: bool, prefix: str = "") -> It
 
 
 def flag_of(name: str, field: FieldInfo) -> str:
-    return _extra(field).get("flag") or "--" + name.rsplit(".", 1)[-1].replace("_", "-")
+    from pipeline.errors import cli_flag
+
+    return _extra(field).get("flag") or cli_flag(name)
 
 
 def flags(model: type[BaseModel], all_fields: bool = True) -> dict[str, str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.ray_env import add_ray_arguments
-from pipeline.runs.atomic import atomic_open
+from pipeline.runs.fs import atomic_open
 
 log = logging.getLogger("dsmooth.train")
 

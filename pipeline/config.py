@@ -111,7 +111,7 @@ def _pixel_units(sigma: float) -> float:
 # Shared setting types: validation and meaning declared once, used by every job.
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True), AfterValidator(_pixel_units)]
 Alpha = Annotated[float, Field(gt=0, lt=1, strict=True)]
-# The smoothing noise (`pipeline.sampling.noise_kinds`, where each is defined; the names are checked
+# The smoothing noise (`pipeline.sampling.noise`, where each is defined; the names are checked
 # equal there): the norm a run certifies follows from it. Gaussian unless said otherwise.
 Noise = Annotated[Literal["gaussian", "uniform", "laplace"], Field(description=(
     "smoothing noise: gaussian (certifies l2 radii), uniform on [-2 sigma, 2 sigma]^d or laplace with scale "
@@ -146,7 +146,9 @@ def sound_noise_problem(sound: bool, noise: str) -> str | None:
     and a radius of their kind over Gaussian votes would be wrong. One rule for configs and the
     engine (`dsmooth.Smooth` reaches the engine without a config)."""
     if sound and noise != "gaussian":
-        return f"--sound is implemented for Gaussian noise only, not {noise}"
+        from pipeline.errors import setting
+
+        return f"{setting('sound', True)} is implemented for Gaussian noise only, not {noise}"
     return None
 
 

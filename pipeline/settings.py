@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
+from pipeline.errors import setting
 from pipeline.config import (
     Alpha,
     ConfigError,
@@ -211,7 +212,8 @@ class SequentialSettings(Settings):
         if not self.sequential:
             given = [name for name in SEQUENTIAL_ONLY if name in self.model_fields_set]
             if given:
-                raise ConfigError(given[0], f"{given[0]} only applies with sequential: true (--sequential)")
+                raise ConfigError(given[0], f"{given[0]} only applies with sequential: true "
+                                            f"({setting('sequential', True)})")
             return self
         if getattr(self, "mode", "certify") != "certify":
             raise ConfigError("sequential", "sequential certification needs mode certify (PREDICT has no radius)")

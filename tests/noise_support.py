@@ -35,8 +35,8 @@ def direct_counts(model: nn.Module, image: torch.Tensor, seed: int, image_id: in
 def chunk_of(request, sample: int):
     """(chunk, row) of `request` (a `pipeline.sampling.noise.SampleRequest`) holding sample
     `sample` (0-based within the phase): the inverse of the cut the tests check it against
-    (unlike the rest of this module, built on `pipeline.sampling.chunks.chunk_span`)."""
-    from pipeline.sampling.chunks import chunk_span
+    (unlike the rest of this module, built on `pipeline.sampling.noise.chunk_span`)."""
+    from pipeline.sampling.noise import chunk_span
     from pipeline.sampling.noise import Chunk
 
     if not 0 <= sample < request.total:

@@ -21,6 +21,7 @@ from jobs.cli import main as cli_main
 from pipeline.apis.emulator import EmulatorServer
 from pipeline.apis.books.querylog import CALLS, read_calls, segments, spend
 from pipeline.runs.storage import read_votes
+from test_own_model_and_data import assert_api_votes_sum_right
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = [RGB_IDS[0], GRAY_IDS[1], RGB_IDS[1]]
@@ -116,7 +117,42 @@ def test_sigkill_and_resume_pays_only_for_calls_in_flight(emulator, uninterrupte
     assert seen_at_kill <= killed.calls
     # The same certificates as a run never interrupted.
     assert votes_by_key(run) == uninterrupted
+    assert_api_votes_sum_right(run)  # no vote row twice: plain readers (pandas, DuckDB) sum what dsmooth reads
     assert not segments(run) or point == "during compaction"
+
+
+def test_sigkill_of_a_sequential_run_and_resume_store_each_chunk_once(emulator, tmp_path):
+    """`certify-api --sequential` SIGKILLed once some chunks' votes are saved, then rerun: only
+    the calls in flight are asked again, votes/ holds each (image, phase, chunk) once (pandas
+    and DuckDB sum the n dsmooth reduces) and the certificates are an uninterrupted run's."""
+    from pipeline.reduce import load_run
+
+    sequential = {"sequential": True, "radius": 0.125, "n": 100, "rate.qps": 20}
+    ids = IDS + [GRAY_IDS[0]]
+    reference = start(write_config(tmp_path / "r.yaml", emulator.url, tmp_path / "reference", ids, **sequential))
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", emulator.url, run, ids, **sequential)
+    emulator.reset()
+    process = start(config)
+    wait_for(lambda: len(list((run / "votes").glob("*.parquet"))) >= 2 if (run / "votes").exists() else False,
+             process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    time.sleep(2.0)
+    seen_at_kill = emulator.calls("aws")
+    resumed = start(config)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert emulator.repeated("aws") <= CONCURRENCY
+    assert_api_votes_sum_right(run)
+    columns = ["image_id", "predict", "radius", "samples", "abstained"]
+    certificates = [load_run(where).sort_values("image_id")[columns].reset_index(drop=True)
+                    for where in (run, tmp_path / "reference")]
+    assert certificates[0].equals(certificates[1])
+    print(f"[figures] sequential kill after {seen_at_kill} of {emulator.calls('aws')} calls, "
+          f"{emulator.repeated('aws')} repeated")
 
 
 def test_the_rate_limit_holds_in_every_second_across_actors(emulator, tmp_path):

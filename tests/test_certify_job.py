@@ -33,14 +33,13 @@ from pipeline.certify.plan import (
     CertifyConfig,
     certify_identity,
     default_shard_size,
-    shard_requests,
-    model_vote_rows as vote_rows,
+    requests_of,
 )
-from pipeline.certify.shards import Shard, plan_shards
+from pipeline.certify.run import Shard, model_vote_rows as vote_rows, plan_shards
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
 from pipeline.data.core import ImageRecord
-from pipeline.sampling.inference import optimize_for_inference
+from pipeline.sampling.engine import optimize_for_inference
 from pipeline.certify.pair import ModelBytes, ModelIdentity, PairCounter, PairInfo, load_pair
 from pipeline.models import DataMismatchError, ModelMeta, build_model, compose, file_sha256, save_checkpoint
 from pipeline.sampling.noise import SampleRequest
@@ -314,7 +313,7 @@ def test_shards_and_rows():
     config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
                                           "output": "o", "n0": 2, "n": 5, "seed": 9})
     shard = Shard(0, tuple(records[:2]))
-    requests = shard_requests(shard, config)
+    requests = requests_of(config)(shard)
     assert [(r.image_id, r.phase, r.num_samples, r.seed, r.chunk_size) for r in requests] == [
         (0, "selection", 2, 9, 256), (0, "estimation", 5, 9, 256), (20, "selection", 2, 9, 256),
         (20, "estimation", 5, 9, 256)]
@@ -343,7 +342,7 @@ def test_optimized_model_gives_the_same_predictions():
 
 
 def test_pipeline_does_not_import_ray():
-    code = ("import sys, pipeline.certify.plan, pipeline.certify.pair, pipeline.sampling.inference, pipeline.sampling.engine; "
+    code = ("import sys, pipeline.certify.plan, pipeline.certify.pair, pipeline.sampling.engine, pipeline.sampling.engine; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 

@@ -11,7 +11,7 @@ from pipeline.certify.plan import CertifyConfig
 from pipeline.config import parse_config
 from pipeline.runs.identity import sequential_identity
 from pipeline.runs.storage import open_run
-from pipeline.sampling.chunks import growing_schedule
+from pipeline.sampling.noise import growing_schedule
 from noise_support import chunk_of
 from pipeline.sampling.noise import SampleRequest
 

@@ -370,7 +370,7 @@ def test_bundle_holds_what_the_form_needs(timm_1k):
 def test_exported_program_gets_its_batchnorm_folded(timm_1k):
     """An archive is kept whole when f∘D is traced, so its BatchNorm is folded at the aten
     level (what keeps a .pt2 as fast as the eager forms); the function does not change."""
-    from pipeline.sampling.inference import optimize_for_inference
+    from pipeline.sampling.engine import optimize_for_inference
 
     pair, _ = _pair(ClassifierSpec(str(timm_1k["pt2"]), **timm_flags()), DataDescription(None, None, (224, 224)))
 
@@ -407,7 +407,7 @@ def test_every_form_runs_the_same_kernels_after_optimisation(timm_1k, tmp_path):
     faster than the same ResNet as an nn.Module). The function does not change."""
     import torchvision
 
-    from pipeline.sampling.inference import optimize_for_inference
+    from pipeline.sampling.engine import optimize_for_inference
 
     data = DataDescription(None, None, (TIMM_INPUT, TIMM_INPUT))
     forms = {

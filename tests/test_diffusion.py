@@ -254,7 +254,7 @@ def test_not_a_diffusers_folder_is_named(tmp_path):
 
 
 def test_batchnorm_folding_traces_around_the_diffusion_denoiser(tmp_path):
-    from pipeline.sampling.inference import optimize_for_inference
+    from pipeline.sampling.engine import optimize_for_inference
 
     save_tiny_diffusers(tmp_path / "m")
     pair, _ = load_pair(ModelBytes.read(ASSETS / "classifier.pt"), ModelBytes.read_denoiser(tmp_path / "m"),

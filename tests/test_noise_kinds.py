@@ -1,4 +1,4 @@
-"""Noise kinds (`pipeline.sampling.noise_kinds`): each radius formula against an independent closed form,
+"""Noise kinds (`pipeline.sampling.noise`): each radius formula against an independent closed form,
 a coverage simulation per noise (a point at the certified radius is not over-certified beyond
 alpha), the sigma <-> lambda convention, the Gaussian draw pinned, and the one radius function
 used by the fixed-n certificate, the sequential threshold and the reach ceilings.
@@ -17,7 +17,7 @@ import torch
 from scipy import stats
 
 from pipeline.config import Noise
-from pipeline.sampling.noise_kinds import KINDS, NAMES, noise_kind
+from pipeline.sampling.noise import KINDS, NAMES, noise_kind
 from pipeline.sampling.noise import Chunk, chunk_noise
 from pipeline.stats.reach import check_reach, largest_radius
 from pipeline.stats.sequential import SequentialTest

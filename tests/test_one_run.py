@@ -95,18 +95,18 @@ def test_model_and_api_rows_are_one_vote_row_type_that_round_trips(tmp_path):
 
     from pipeline.apis.run.state import answer_vote_row
     from pipeline.certify.pair import ModelIdentity
-    from pipeline.certify.plan import CertifyConfig, model_vote_rows, shard_requests
-    from pipeline.certify.shards import Shard
+    from pipeline.certify.plan import CertifyConfig, requests_of
+    from pipeline.certify.run import Shard, model_vote_rows
     from pipeline.config import parse_config
     from pipeline.data.core import ImageRecord
     from pipeline.runs.storage import VOTE_SCHEMA, read_votes, write_votes
-    from pipeline.runs.votes import VoteRow
+    from pipeline.runs.storage import VoteRow
 
     assert VOTE_SCHEMA.names == [f.name for f in fields(VoteRow)]
     config = parse_config(CertifyConfig, {"dataset": "cifar10", "data_root": "d", "classifier": "c", "sigma": 0.5,
                                           "output": "o", "n0": 2, "n": 5, "seed": 9})
     shard = Shard(0, (ImageRecord(7, "img7", 1),))
-    model = model_vote_rows(run_id="r", config=config, records=shard.records, requests=shard_requests(shard, config),
+    model = model_vote_rows(run_id="r", config=config, records=shard.records, requests=requests_of(config)(shard),
                             counts=np.array([[0, 2], [1, 4]]), compute_s=1.0, worker="actor-0",
                             finished_at=datetime(2026, 1, 1, tzinfo=timezone.utc), classifier=ModelIdentity("f", "s"),
                             denoiser=None, class_names=["a", "b"])

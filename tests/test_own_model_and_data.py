@@ -10,6 +10,7 @@ test needs ../shared/data."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -83,13 +84,15 @@ def test_every_form_carries_its_preprocessing_and_votes_the_same(tmp_path, facto
     """One network as an object with its pretrained_cfg, a factory returning (module,
     preprocessing), a .pt2 and a TorchScript file written by `dsmooth.save_archive`, and the
     bare object with the same preprocessing as flags: all resolve to one preprocessing with
-    no flag, and f gives the same logits on the data's own 32 px images."""
+    no flag, and f gives the same logits on the data's own 32 px images. `save_archive` makes
+    the folder it writes into."""
     import dsmooth
 
     with_cfg = tiny_net()
     with_cfg.pretrained_cfg = dict(CFG)  # what timm models carry
-    pt2 = dsmooth.save_archive(tiny_net(), tmp_path / "net.pt2", CFG, torch.rand(2, 3, 40, 40))
-    ts = dsmooth.save_archive(tiny_net(), tmp_path / "net.ts", CFG, torch.rand(2, 3, 40, 40), kind="torchscript")
+    pt2 = dsmooth.save_archive(tiny_net(), tmp_path / "deploy" / "net.pt2", CFG, torch.rand(2, 3, 40, 40))
+    ts = dsmooth.save_archive(tiny_net(), tmp_path / "ts" / "net.ts", CFG, torch.rand(2, 3, 40, 40),
+                              kind="torchscript")
     forms = {
         "flags": ClassifierSpec(tiny_net(), input_size=40, mean=CFG["mean"], std=CFG["std"]),
         "pretrained_cfg": ClassifierSpec(with_cfg),
@@ -181,6 +184,59 @@ def test_python_api_takes_a_preprocessing_object_and_refuses_none_given(tmp_path
     x = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), tiny_net()((x - 0.5) / 0.25))
+
+
+def test_refusals_name_flags_on_the_command_line_and_keywords_in_python(tmp_path, capsys, factories):
+    """One check and one message per refusal, worded by the front end: `dsmooth certify` names
+    its flags, `dsmooth.load_model` / `dsmooth.certify` the keyword arguments -- and a
+    library call after a Python one names flags again (the wording does not leak)."""
+    import dsmooth
+    from pipeline.data.core import DatasetError
+    from ray_support import forbid_ray_start
+
+    with pytest.raises(ClassifierSourceError) as refused:
+        dsmooth.load_model(tiny_net(), dataset="folder", image_size=32)
+    message = str(refused.value)
+    assert "classifier_mean=(M, M, M) and classifier_std=(S, S, S)" in message
+    assert "classifier_input_size=PX" in message and 'classifier_preprocessing="none"' in message
+    assert "--" not in message, message
+    with pytest.raises(ClassifierSourceError) as refused:
+        dsmooth.load_model(tiny_net(), dataset="folder", image_size=32, classifier_preprocessing="none",
+                           classifier_mean=(0.5,) * 3, classifier_std=(0.2,) * 3)
+    assert str(refused.value).startswith('classifier_preprocessing="none" and classifier_mean=/classifier_std= '
+                                         "contradict"), refused.value
+    with pytest.raises(ClassifierSourceError) as refused:  # the library itself, as the command line calls it
+        resolve_classifier(ClassifierSpec(tiny_net()))
+    assert "give --classifier-mean M M M and --classifier-std S S S" in str(refused.value)
+    assert "--classifier-preprocessing none" in str(refused.value)
+
+    images = png_folder(tmp_path / "val", count=2)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\nimg0,tench\nimg1,hen\n")
+    common = dict(dataset="folder", data_root=str(images), sigma=0.25, n0=2, n=4, labels=str(labels))
+    with forbid_ray_start():
+        with pytest.raises(DatasetError) as refused:
+            dsmooth.certify(**common, classifier=tiny_net(), classifier_preprocessing="none",
+                            output=str(tmp_path / "py"), progress=False)
+        assert "give class_names=FILE" in str(refused.value) and "--" not in str(refused.value), refused.value
+        with pytest.raises(ConfigError) as refused:
+            dsmooth.certify(**common, classifier=tiny_net(), radius=0.25, output=str(tmp_path / "py"))
+        assert "(sequential=True)" in str(refused.value) and "--" not in str(refused.value), refused.value
+        with pytest.raises(ConfigError) as refused:
+            dsmooth.certify(**{**common, "sigma": 25.0}, classifier=tiny_net(), output=str(tmp_path / "py"))
+        assert "'sigma'" in str(refused.value) and "--" not in str(refused.value), refused.value
+    capsys.readouterr()
+    argv = ["certify", "--dataset", "folder", "--data-root", str(images), "--sigma", "0.25", "--n0", "2", "--n", "4",
+            "--labels", str(labels), "--classifier", f"{FACTORY_MODULE}:tiny", "--output", str(tmp_path / "cli")]
+    assert cli_main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "give --classifier-mean M M M and --classifier-std S S S" in line and "classifier_mean" not in line
+    assert cli_main(argv + ["--classifier-preprocessing", "none"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "give --class-names FILE" in line, line
+    assert cli_main(argv + ["--classifier-preprocessing", "none", "--radius", "0.25"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "(--sequential)" in line, line
 
 
 # ----------------------------------------------------------------------------- item 3: sigma
@@ -520,6 +576,65 @@ def test_sigkill_and_resume_leave_no_duplicate_chunk_rows(own_ray, tmp_path):
     assert_plain_readers_sum_right(output)
 
 
+def assert_api_votes_sum_right(output: Path) -> None:
+    """`assert_plain_readers_sum_right` for a certify-api run, and the estimation samples
+    plain readers sum per image are those `dsmooth reduce` certified with."""
+    from pipeline.reduce import load_run
+
+    assert_plain_readers_sum_right(output)
+    raw = _raw_votes(output)
+    summed = raw[raw["phase"] == "estimation"].groupby("image_id")["n"].sum().sort_index()
+    certificates = load_run(output).set_index("image_id").sort_index()
+    reduced = certificates["samples"].tolist() if "samples" in certificates else [certificates.n] * len(certificates)
+    assert summed.tolist() == reduced
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["fixed-n", "sequential"])
+def test_a_resumed_certify_api_run_stores_each_vote_once(ray_local, tmp_path, sequential):
+    """What a kill of `certify-api` leaves -- answers in the query log whose vote rows were
+    never written (fixed n: an image's part; sequential: chunk parts, one of them before a
+    chunk still stored) -- resumed: only the missing rows are written, from the answers (no
+    query is sent again), so votes/ has no duplicate (image, phase, chunk) and pandas, DuckDB
+    and dsmooth sum the same n."""
+    import pyarrow.parquet as pq
+
+    from api_support import GRAY_IDS, RGB_IDS, job_config
+    from jobs.certify_api import certify_api
+    from pipeline.apis.emulator import EmulatorServer
+    from pipeline.apis.run.prepare import load_job_config
+
+    ids = [RGB_IDS[0], GRAY_IDS[1], RGB_IDS[1]]
+    settings = {"sequential": True, "radius": 0.125, "n": 100} if sequential else {}
+    with EmulatorServer(seed=1) as emulator:
+        def run():
+            config = job_config("aws", emulator.url, tmp_path / "run", ids, **settings)
+            if sequential:
+                config.pop("chunk_size")  # the API's own default (8)
+            return certify_api(load_job_config(config))
+
+        assert run().status == "complete"
+        calls = emulator.calls("aws")
+        raw = _raw_votes(tmp_path / "run")
+        if sequential:  # the longest image loses chunks 0 and 2 and keeps chunk 1
+            chunks = raw.groupby("image_id")["chunk"].max()
+            assert chunks.max() >= 2, "one image must take several chunks for a gap"
+            lost = {(int(chunks.idxmax()), 0), (int(chunks.idxmax()), 2)}
+        else:
+            lost = {(ids[1], None)}
+        # A kill between a part's manifest and the part itself: the manifest stays, the part is gone.
+        for part in sorted((tmp_path / "run" / "votes").glob("*.parquet")):
+            frame = pq.read_table(part).to_pandas()
+            keys = {(int(i), None if pd.isna(c) else int(c)) for i, c in zip(frame["image_id"], frame["chunk"])}
+            if keys & lost:
+                assert keys <= lost, keys  # one image (fixed n) or one chunk (sequential) per part
+                part.unlink()
+        assert len(_raw_votes(tmp_path / "run")) == len(raw) - 2  # two chunks, or selection + estimation
+        assert run().status == "complete"
+        assert emulator.calls("aws") == calls  # the rows came from the answers: nothing asked again
+    assert len(_raw_votes(tmp_path / "run")) == len(raw)
+    assert_api_votes_sum_right(tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------- item 2: labels
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray", "cock",
@@ -574,6 +689,135 @@ def test_labels_file_formats_and_errors(tmp_path):
         apply_labels_file(images, unknown, NAMES)
     with pytest.raises(DatasetError, match="--class-names FILE"):
         apply_labels_file(images, unknown, None)
+
+
+def _devkit_meta(path: Path, ids_to_wnids: dict[int, str]) -> Path:
+    """A devkit `data/meta.mat` as scipy writes it: a `synsets` struct array (ILSVRC2012_ID,
+    WNID, words, num_children), with one non-leaf synset as the real file has."""
+    from scipy.io import savemat
+
+    entries = [(i, wnid, f"class {wnid}", 0) for i, wnid in ids_to_wnids.items()] + [(1001, "n00001740", "entity", 5)]
+    synsets = np.array(entries, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"synsets": synsets})
+    return path
+
+
+def test_imagenet_devkit_ground_truth_maps_ids_through_meta_mat(tmp_path, capsys, factories):
+    """The devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, for
+    ILSVRC2012_val_00000001... in order): its IDs count in the devkit's own class order, so
+    they are mapped to wnids by meta.mat (beside the file or in ../data/) and the wnids to the
+    model's classes -- here ID order differs from sorted-wnid order, so reading an ID as a
+    class index gives other labels. Without meta.mat: one line naming it."""
+    from pipeline.data import open_dataset
+    from pipeline.data.core import DatasetError
+    from pipeline.data.labels import apply_labels_file
+
+    wnids = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
+             "n01514668", "n01514859", "n01518878"]  # the model's ten classes, in sorted-wnid order
+    devkit_order = {1: wnids[3], 2: wnids[0], 3: wnids[4], 4: wnids[1], 5: wnids[2]}
+    images = tmp_path / "val"
+    images.mkdir()
+    for position, source in enumerate(sorted(SAMPLE.glob("test/*/*.jpg"))[:4], 1):
+        Image.open(source).convert("RGB").save(images / f"ILSVRC2012_val_{position:08d}.png")
+    dataset = open_dataset("folder", images, "test")
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    truth = devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    truth.parent.mkdir(parents=True)
+    truth.write_text("1\n2\n5\n3\n")
+    with pytest.raises(DatasetError, match=r"ILSVRC2012_IDs .*meta\.mat") as refused:
+        apply_labels_file(dataset, truth, wnids)
+    assert "\n" not in str(refused.value) and str(devkit / "data" / "meta.mat") in str(refused.value)
+    _devkit_meta(devkit / "data" / "meta.mat", devkit_order)
+    expected = [3, 0, 2, 4]  # wnids[3], wnids[0], wnids[2], wnids[4]: not the IDs 1, 2, 5, 3 less one
+    assert [r.label for r in apply_labels_file(dataset, truth, wnids).records] == expected
+    elsewhere = devkit / "evaluation" / "ILSVRC2012_validation_ground_truth.txt"  # meta.mat in ../data/
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(truth.read_text())
+    assert [r.label for r in apply_labels_file(dataset, elsewhere, wnids).records] == expected
+    beside = tmp_path / "flat" / "ground_truth.txt"  # and beside the file
+    _devkit_meta(beside.parent / "meta.mat", {**devkit_order, 1: wnids[1], 4: wnids[3]})
+    beside.write_text(truth.read_text())
+    assert [r.label for r in apply_labels_file(dataset, beside, wnids).records] == [1, 0, 2, 4]
+    unknown = tmp_path / "flat" / "unknown.txt"
+    unknown.write_text("1\n7\n2\n3\n")
+    with pytest.raises(DatasetError, match="line 2: ILSVRC2012_ID 7 is not in"):
+        apply_labels_file(dataset, unknown, wnids)
+    # On the command line: the same refusal, one line and exit 2, before any sample.
+    names = tmp_path / "wnids.txt"
+    names.write_text("\n".join(wnids) + "\n")
+    lone = tmp_path / "lone" / "ILSVRC2012_validation_ground_truth.txt"
+    lone.parent.mkdir()
+    lone.write_text(truth.read_text())
+    code = cli_main(["certify", "--dataset", "folder", "--data-root", str(images), "--labels", str(lone),
+                     "--class-names", str(names), "--classifier", f"{FACTORY_MODULE}:tiny",
+                     "--classifier-preprocessing", "none", "--sigma", "0.25", "--output", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1 and "meta.mat" in lines[0], lines
+
+
+def test_a_devkit_ground_truths_identity_holds_its_meta_mat(tmp_path):
+    """The run identity's labels hash covers a devkit ground-truth file's meta.mat (another
+    meta.mat gives the same IDs other labels, so a resumed run must not mix them); a CSV's hash
+    is its bytes' alone, as before."""
+    from pipeline.data.labels import labels_sha256
+
+    truth = tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    truth.parent.mkdir()
+    truth.write_text("1\n2\n")
+    alone = labels_sha256(truth)
+    assert alone == hashlib.sha256(truth.read_bytes()).hexdigest()
+    _devkit_meta(truth.parent / "meta.mat", {1: "n01440764", 2: "n01443537"})
+    first = labels_sha256(truth)
+    _devkit_meta(truth.parent / "meta.mat", {1: "n01443537", 2: "n01440764"})
+    assert len({alone, first, labels_sha256(truth)}) == 3
+    table = tmp_path / "labels.csv"
+    table.write_text("image,label\n1.png,3\n")
+    assert labels_sha256(table) == hashlib.sha256(table.read_bytes()).hexdigest()
+
+
+def test_five_unlabelled_imagenet_images_and_the_devkit_ground_truth_give_accuracies(tmp_path):
+    """Five unlabelled ImageNet validation images (a flat folder of ILSVRC2012_val_*.png), the
+    devkit's ground truth and meta.mat (IDs in a shuffled class order), and a 1000-class timm
+    model whose class names are timm's wnids: each image's label is its ID's wnid's class
+    index, and the table gives the clean and certified accuracy of those labels (ground
+    truth, not agreement with the classifier)."""
+    import random
+    import shutil
+
+    from safetensors.torch import save_file
+    from timm.data import ImageNetInfo
+
+    import dsmooth
+    from classifier_support import timm_net
+    from data_support import shared_data
+
+    chosen = sorted(shared_data("imagenet-val-100").glob("ILSVRC2012_val_*.png"))[:5]
+    images = tmp_path / "val"
+    images.mkdir()
+    for path in chosen:
+        shutil.copy(path, images / path.name)
+    wnids = list(ImageNetInfo().label_names())
+    order = list(range(1000))
+    random.Random(0).shuffle(order)  # devkit ID i + 1 is the class of wnid wnids[order[i]]
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    _devkit_meta(devkit / "meta.mat", {i + 1: wnids[order[i]] for i in range(1000)})
+    numbers = [int(path.stem.rsplit("_", 1)[1]) for path in chosen]
+    ids = [random.Random(number).randrange(1, 1001) for number in range(1, max(numbers) + 1)]
+    truth = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("".join(f"{i}\n" for i in ids))
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_net(1000).state_dict().items()}, weights)
+    certificates = dsmooth.certify(
+        dataset="folder", data_root=str(images), classifier="timm:test_resnet", classifier_weights=str(weights),
+        image_size=64, labels=str(truth), sigma=0.25, n0=4, n=16, batch_size=64, output=str(tmp_path / "run"),
+        progress=False, in_process=True)
+    assert certificates.sort_values("image_id")["label"].tolist() == [order[ids[n - 1] - 1] for n in numbers]
+    assert (certificates["correct"] == ((certificates["predict"] == certificates["label"])
+                                        & ~certificates["abstained"])).all()
+    table = dsmooth.reduce([tmp_path / "run"]).table
+    assert table["clean_accuracy"].iloc[0] == pytest.approx(certificates["correct"].mean())
+    assert not table.attrs.get("label_notes")  # ground truth: no "agreement with the classifier" note
 
 
 def test_fewer_class_folders_than_classes_map_by_name(tmp_path, capsys, factories):

@@ -17,7 +17,7 @@ from pipeline.certify.plan import CertifyConfig, certify_identity
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import ImageDataset, open_dataset
 from pipeline.sampling.engine import VoteCounter
-from pipeline.sampling.inference import optimize_for_inference
+from pipeline.sampling.engine import optimize_for_inference
 from pipeline.sampling.noise import SampleRequest
 from pipeline.sampling.precision import cpu_has_bf16, resolve_precision
 

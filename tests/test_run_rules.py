@@ -18,7 +18,7 @@ from pipeline.certify.config import CertifyConfig
 from pipeline.certify.inprocess import InProcessSampler
 from pipeline.certify.run import Interrupted
 from pipeline.runs.storage import read_run_record, read_votes
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "pipeline" / "assets" / "models" / "cifar10"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is n
 from benchmarks import scale
 from pipeline.certify.schedule import ChunkScheduler
 from pipeline.runs.storage import VOTES, read_votes
-from pipeline.sampling.chunks import growing_schedule
+from pipeline.sampling.noise import growing_schedule
 from pipeline.stats.sequential import (
     ESTIMATION,
     SequentialCertifier,
@@ -101,7 +101,7 @@ def test_sequential_items_are_sized_to_the_actors_measured_rate():
     from dataclasses import fields, replace
 
     from pipeline.certify.run import Finished, SequentialSchedule
-    from pipeline.runs.votes import VoteRow
+    from pipeline.runs.storage import VoteRow
 
     test = SequentialTest(sigma=0.25, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
                           first_chunks=growing_schedule(256))

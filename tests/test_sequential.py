@@ -39,7 +39,7 @@ from pipeline.stats.sequential import (
     Status,
     replay,
 )
-from pipeline.sampling.chunks import growing_schedule
+from pipeline.sampling.noise import growing_schedule
 from pipeline.settings import ChunkSize, EstimationSamples, SelectionSamples, SequentialSettings, SmoothingSettings
 from pipeline.stats.smoothing import ABSTAIN, lower_confidence_bounds
 
@@ -61,7 +61,7 @@ def within_alpha(wrong: int, trials: int, alpha: float) -> bool:
 
 
 def planned_sizes(test: SequentialTest, phase: str, first_chunk: np.ndarray) -> np.ndarray:
-    if test.first_chunks:  # the plan's growing first chunks (pipeline.sampling.chunks)
+    if test.first_chunks:  # the plan's growing first chunks (pipeline.sampling.noise)
         sizes = {int(c): test.chunk_samples(phase, int(c)) for c in np.unique(first_chunk)}
         return np.array([sizes[int(c)] for c in first_chunk], dtype=np.int64)
     return np.minimum(test.chunk_size, test.total(phase) - first_chunk * test.chunk_size)

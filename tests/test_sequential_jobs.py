@@ -188,7 +188,7 @@ def test_clear_images_draw_no_chunk_ahead_in_the_growing_first_chunks():
     samples; with a second work item in flight, as the pool keeps per actor, it must not have
     drawn its next chunk (64 more) already. A hard image, past the first chunks, still runs
     ahead so the actor never waits on the driver."""
-    from pipeline.sampling.chunks import growing_schedule
+    from pipeline.sampling.noise import growing_schedule
 
     test = SequentialTest(sigma=0.25, alpha=0.001, n_max=100_000, chunk_size=256, radius=0.25,
                           first_chunks=growing_schedule(256), futility="geometric")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import model_validator
 
+from pipeline.errors import setting
 from pipeline.config import (
     ConfigError,
     NonNegativeFloat,
@@ -59,8 +60,9 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         "or a foreign checkpoint); one that records another data set is refused regardless"))
     labels: str | None = option(None, group="data", metavar="FILE", help=(
         "each image's label from FILE: a CSV image,label (image: its path, file name or stem; label: a class "
-        "index or a class name), ImageNet's val.txt ('ILSVRC2012_val_00000001.JPEG 65') or Kaggle's "
-        "LOC_val_solution.csv. Part of the run identity (its SHA-256) when given"))
+        "index or a class name), ImageNet's val.txt ('ILSVRC2012_val_00000001.JPEG 65'), Kaggle's "
+        "LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt (its IDs mapped to wnids by "
+        "the devkit's meta.mat, beside it or in ../data/). Part of the run identity (its SHA-256) when given"))
     class_names: str | None = option(None, group="data", metavar="FILE", help=(
         "the model's class names, one per line in class-index order (default: the model's own: Hugging Face "
         "id2label, timm's ImageNet wnids); class folders and --labels names are matched to them"))
@@ -131,10 +133,11 @@ class CertifyConfig(DataSelection, SmoothingSettings, SequentialSettings, PoolSe
         if not self.sequential:
             for name in ("first_chunks", "futility"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(name, f"{name} only applies with sequential: true (--sequential)")
+                    raise ConfigError(name, f"{name} only applies with sequential: true "
+                                                 f"({setting('sequential', True)})")
             return self
         if self.first_chunks is None:
-            from pipeline.sampling.chunks import growing_schedule
+            from pipeline.sampling.noise import growing_schedule
 
             self.__dict__["first_chunks"] = list(growing_schedule(self.chunk_size))  # not setattr: validates again
         if self.futility is None:

@@ -11,21 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.core import to_tensor
 from pipeline.runs.fs import Location
 from pipeline.data.specs import DataDescription
+from pipeline.errors import setting
 from pipeline.sampling.engine import VoteCounter
-from pipeline.sampling.inference import optimize_for_inference
+from pipeline.sampling.engine import optimize_for_inference
 from pipeline.models import (
     CheckpointError,
     CheckpointMismatchError,
@@ -39,7 +37,6 @@ from pipeline.models import (
 )
 from pipeline.models.fit import check_classes_fit
 from pipeline.models.sources import ClassifierSpec, LoadedClassifier, is_bundle, load_bundle, resolve_classifier
-from pipeline.sampling.noise import SampleRequest
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,7 @@ def _load_classifier(path: Path, source: str, arch: str | None) -> tuple[nn.Modu
         if arch is None:
             raise CheckpointError(
                 f"{source}: not a dsmooth checkpoint; to load a raw state dict name its "
-                f"architecture with classifier_arch (--classifier-arch). ({error})"
+                f"architecture with {setting('classifier_arch', 'NAME')}. ({error})"
             ) from None
         return load_classifier(arch, path), arch, None
     if meta.kind != "classifier":
@@ -295,39 +292,6 @@ class PairCounter:
             model, info.num_classes, sigma, batch_size=batch_size, device=self.device,
             precision=precision, sound=sound, noise=noise,
         )
-
-    def count(
-        self,
-        requests: Sequence[SampleRequest],
-        images: Mapping[int, np.ndarray],
-        on_image: Callable[[int, int], None] | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """(counts int64 [len(requests), classes], seconds); images are uint8 [H, W, 3] by id.
-
-        Requests for images of one size are counted in one engine call, so samples of
-        different images fill the same forward batches; each request carries its own noise
-        address, so grouping cannot change a count. `on_image(image_id, samples)` is called
-        when every request of an image is counted (progress).
-        """
-        started = time.perf_counter()
-        left = {}
-        for request in requests:
-            left[request.image_id] = left.get(request.image_id, 0) + 1
-        tensors = {image_id: to_tensor(np.asarray(image)) for image_id, image in images.items()}
-        missing = sorted({r.image_id for r in requests} - set(tensors))
-        if missing:
-            raise KeyError(f"no image given for ids {missing[:5]}")
-        counts = np.zeros((len(requests), self.info.num_classes), dtype=np.int64)
-        shapes = sorted({tuple(tensors[r.image_id].shape) for r in requests})
-        for shape in shapes:
-            rows = [i for i, r in enumerate(requests) if tuple(tensors[r.image_id].shape) == shape]
-
-            def done(position: int, rows: list[int] = rows) -> None:
-                request = requests[rows[position]]
-                left[request.image_id] -= 1
-                if on_image is not None and left[request.image_id] == 0:
-                    samples = sum(r.num_samples for r in requests if r.image_id == request.image_id)
-                    on_image(request.image_id, samples)
-
-            counts[rows] = self.counter.count(tensors, [requests[i] for i in rows], on_done=done)
-        return counts, time.perf_counter() - started
+        # (counts [len(requests), classes], seconds) of uint8 images by id: the engine's own,
+        # so the per-image loop runs in the engine alone.
+        self.count = self.counter.count_images

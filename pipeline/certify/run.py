@@ -23,14 +23,15 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.certify.shards import Shard
 from pipeline.certify.schedule import ChunkScheduler, ChunkTask
+from pipeline.data.core import ImageRecord
 from pipeline.runs.fs import Location
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow
 from pipeline.sampling.noise import SampleRequest
 
 log = logging.getLogger("dsmooth")
@@ -54,6 +55,48 @@ def item_seconds(actors: int) -> tuple[float, float]:
     least = actors / DRIVER_CALLS_PER_S
     return max(ITEM_SECONDS, 4 * least), least
 
+
+# -- shards and chunks: how the images of a run are cut into work ------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """Images certified together by one actor call and written together as one Parquet part."""
+
+    index: int
+    records: tuple[ImageRecord, ...]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+
+def plan_shards(records: Sequence[ImageRecord], shard_size: int) -> list[Shard]:
+    """Cut the images still to do into shards, in data-set order."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    return [
+        Shard(index, tuple(records[start : start + shard_size]))
+        for index, start in enumerate(range(0, len(records), shard_size))
+    ]
+
+
+def chunk_requests(seed: int, image_ids: Sequence[int], tasks: Sequence[Any], chunk_size: int,
+                   first_chunks: tuple[int, ...] = ()) -> list[SampleRequest]:
+    """One one-chunk SampleRequest per `pipeline.certify.schedule.ChunkTask` (image row ->
+    `image_ids[row]`): the same noise addresses as the fixed-n draw of the same plan."""
+    return [SampleRequest(seed, image_ids[t.row], t.phase, t.total, chunk_size, first_chunk=t.chunk,
+                          stop_chunk=t.chunk + 1, first_chunks=first_chunks) for t in tasks]
+
+
+def shard_requests(shard: Shard, *, seed: int, phases: Sequence[tuple[str, int]], chunk_size: int
+                   ) -> list[SampleRequest]:
+    """The sample requests of a shard, image by image, `phases` ((phase, samples), in a fixed
+    order); each carries the full noise address (seed, image, phase, chunks) of its samples."""
+    return [SampleRequest(seed, record.image_id, phase, num, chunk_size)
+            for record in shard.records for phase, num in phases]
+
+
+# -- the run ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Work:
@@ -83,6 +126,71 @@ class Finished:
     counts: Any = None
     worker: str = "main"
     held: bool = False
+
+
+# -- the vote rows of a model sampler's counts --------------------------------------------------
+
+def model_vote_rows(
+    *,
+    run_id: str,
+    config: Any,
+    records: Sequence[ImageRecord],
+    requests: Sequence[SampleRequest],
+    counts: np.ndarray,
+    compute_s: float,
+    worker: str,
+    finished_at: datetime,
+    classifier: Any,
+    denoiser: Any,
+    class_names: Sequence[str] | None,
+    per_chunk: bool = False,
+) -> list[VoteRow]:
+    """The `VoteRow`s of one work item's counts (row i <-> requests[i]) from model actors
+    (`classifier`, `denoiser`: their `pipeline.certify.pair.ModelIdentity`).
+
+    `per_chunk` (sequential runs): every request is one noise chunk, and its row records the
+    chunk's index, so the run can be replayed chunk by chunk (`pipeline.certify.schedule`).
+
+    `elapsed_s` is the row's share of the item's compute time, split by samples drawn, so
+    summing it over a run gives the actors' busy time.
+    """
+    if counts.shape[0] != len(requests):
+        raise ValueError(f"{counts.shape[0]} count rows for {len(requests)} sample requests")
+    by_id: Mapping[int, ImageRecord] = {r.image_id: r for r in records}
+    total_samples = max(1, sum(request.num_samples for request in requests))
+    rows = []
+    for request, row in zip(requests, counts):
+        if per_chunk and len(request.chunks()) != 1:
+            raise ValueError(f"a per-chunk row needs a one-chunk request, got {request}")
+        record = by_id[request.image_id]
+        label_name = (
+            class_names[record.label] if class_names is not None and 0 <= record.label < len(class_names) else None
+        )
+        rows.append(VoteRow(
+            run_id=run_id, image_id=record.image_id, image_name=record.name, label=record.label,
+            label_name=label_name, phase=request.phase, n=request.num_samples, classes=None,
+            counts=[int(c) for c in row], sigma=config.sigma, seed=request.seed, chunk_size=request.chunk_size,
+            model=classifier.name, model_sha256=classifier.sha256,
+            denoiser=denoiser.name if denoiser else None, denoiser_sha256=denoiser.sha256 if denoiser else None,
+            worker=worker, elapsed_s=compute_s * request.num_samples / total_samples, finished_at=finished_at,
+            chunk=request.first_chunk if per_chunk else None,
+        ))
+    return rows
+
+
+def vote_rows_of(context: Any, info: Any, class_names: Sequence[str] | None, per_chunk: bool):
+    """(work, counts, compute seconds, worker) -> that work's `VoteRow`s: what a model sampler
+    (on Ray or in this process) turns one item's counts into, for the run `context`
+    (`pipeline.certify.run.RunContext`: its settings and selected images)."""
+    config, records = context.settings, context.records
+
+    def rows(work: Any, counts: np.ndarray, compute_s: float, worker: str) -> list[VoteRow]:
+        return model_vote_rows(
+            run_id=context.run_id, config=config, records=[records[r] for r in work.rows], requests=work.requests,
+            counts=counts, compute_s=compute_s, worker=worker, finished_at=datetime.now(timezone.utc),
+            classifier=info.classifier, denoiser=info.denoiser, class_names=class_names, per_chunk=per_chunk)
+
+    return rows
 
 
 @dataclass
@@ -145,9 +253,9 @@ class Sampler(Protocol):
 
 
 class FixedSchedule:
-    """Fixed n: the shards of pending images (`pipeline.certify.shards.plan_shards`), one work
+    """Fixed n: the shards of pending images (`pipeline.certify.run.plan_shards`), one work
     item each, in selection order; `requests(shard)` says what to draw for one (a model
-    sampler: `shard_requests`; an API sampler asks what the journal lacks, so none)."""
+    sampler: `shard_requests` of its settings; an API sampler asks what the journal lacks, so none)."""
 
     def __init__(self, shards: Sequence[Shard], rows_of: Mapping[int, int],
                  requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> None:
@@ -158,8 +266,6 @@ class FixedSchedule:
     def of(cls, context: RunContext, records: Sequence[Any], shard_size: int,
            requests: Callable[[Shard], Sequence[SampleRequest]] = lambda shard: ()) -> FixedSchedule:
         """`records` (of `context`'s selection) in shards of `shard_size` images."""
-        from pipeline.certify.shards import plan_shards
-
         return cls(plan_shards(records, shard_size), context.rows_of, requests)
 
     def items(self) -> Iterator[Work | None]:
@@ -211,7 +317,7 @@ class SequentialSchedule:
         return max(1, int(rate * self.item_seconds)), int(rate * self.least_seconds)
 
     def items(self) -> Iterator[Work | None]:
-        from pipeline.certify.shards import chunk_requests
+        from pipeline.certify.run import chunk_requests
 
         while not self.scheduler.finished:
             most, least = self.item_size()
@@ -300,7 +406,7 @@ class CertifyRun:
     # -- what goes out
 
     def items(self) -> Iterator[Item | None]:
-        from pipeline.data import DatasetError
+        from pipeline.data.core import DatasetError
 
         ids = self.context.image_ids
         for work in self.schedule.items():
@@ -329,7 +435,7 @@ class CertifyRun:
         """Read an image the first time it is drawn; an unreadable one stops the run (after
         what was written) or, with on_bad_image: skip, is withdrawn without a certificate --
         before any of its samples is drawn or queried."""
-        from pipeline.data import DatasetError
+        from pipeline.data.core import DatasetError
 
         if row in self.pixels:
             return True

@@ -85,7 +85,7 @@ class Smooth:
         self.base_classifier = counter.model
         self.num_classes = num_classes
         self.sigma = counter.sigma
-        self.noise = counter.noise  # gaussian (l2 radii), uniform or laplace (l1 radii): pipeline.sampling.noise_kinds
+        self.noise = counter.noise  # gaussian (l2 radii), uniform or laplace (l1 radii): pipeline.sampling.noise
         self._calls = 0
 
     @property

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.specs import CIFAR10_CLASSES, DataDescription, DatasetSpec
+from pipeline.sampling.noise import to_tensor  # the pixel space the noise is added in
 
 __all__ = ["CIFAR10_CLASSES"]  # re-exported: the data set's facts live in pipeline.data.specs
 
@@ -127,15 +128,6 @@ class ResizeCenterCrop:
         top = int(round((height - self.crop) / 2.0))
         left = int(round((width - self.crop) / 2.0))
         return image.crop((left, top, left + self.crop, top + self.crop))
-
-
-def to_tensor(array: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` (or ``[B, H, W, 3]``) -> float32 channels-first in [0, 1]."""
-    # Permute while still uint8 (4x less to move); the float32 copy is writable, so torch
-    # shares it without a warning, and uint8 -> float32 is exact, as in ``ToTensor``.
-    axes = (2, 0, 1) if array.ndim == 3 else (0, 3, 1, 2)
-    chw = np.ascontiguousarray(np.transpose(array, axes), dtype=np.float32)
-    return torch.from_numpy(chw).div_(255)
 
 
 def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:

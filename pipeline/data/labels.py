@@ -4,8 +4,11 @@ that name some of a model's classes.
 `--labels FILE` gives each image its label: a CSV `image,label` (the image's path in the
 listing, its file name or its stem; the label a class index or a class name), ImageNet's
 validation ground truth as `val.txt` lines (`ILSVRC2012_val_00000001.JPEG 65`, class
-indices in sorted-wnid order) or Kaggle's `LOC_val_solution.csv` (`ImageId,PredictionString`,
-the first wnid). Class names come from the model (Hugging Face `id2label`, timm's ImageNet
+indices in sorted-wnid order), Kaggle's `LOC_val_solution.csv` (`ImageId,PredictionString`,
+the first wnid) or the devkit's `ILSVRC2012_validation_ground_truth.txt` (line i: the
+ILSVRC2012_ID of `ILSVRC2012_val_0000000i`; IDs count in the devkit's own class order, not
+the sorted-wnid order of torchvision and timm, so they are mapped to wnids by the devkit's
+`data/meta.mat`, beside the file or in `../data/`). Class names come from the model (Hugging Face `id2label`, timm's ImageNet
 wnids) or `--class-names FILE` (one per line, in class-index order).
 
 A class-folder tree with fewer folders than the model has classes (three ImageNet wnid
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from pipeline.data.core import DatasetError, ImageDataset, ImageRecord
+from pipeline.errors import setting
 
 log = logging.getLogger("dsmooth")
 _HEADERS = {"image", "imageid", "image_id", "file", "filename", "name", "path"}
@@ -63,6 +67,8 @@ def read_labels_file(path: str | Path) -> dict[str, str]:
     if not lines:
         raise DatasetError(f"labels file {path} is empty")
     rows: list[list[str]]
+    if _is_devkit(lines):
+        return _devkit_labels(file, [int(line) for line in lines])
     if "," in lines[0]:
         rows = [row for row in csv.reader(io.StringIO(text)) if row]
         header = [c.strip().lower() for c in rows[0]]
@@ -79,6 +85,47 @@ def read_labels_file(path: str | Path) -> dict[str, str]:
             raise DatasetError(f"labels file {path}: row {number} is not 'image,label': {row}")
         labels[row[0].strip()] = row[1].strip()
     return labels
+
+
+def _is_devkit(lines: Sequence[str]) -> bool:
+    """The devkit's ground truth holds one ILSVRC2012_ID per line and nothing else."""
+    return all(line.strip().isdigit() for line in lines)
+
+
+def _meta_places(file: Path) -> list[Path]:
+    """Where a devkit ground-truth file's meta.mat is looked for: beside it, then ../data/."""
+    return [file.parent / "meta.mat", file.parent.parent / "data" / "meta.mat"]
+
+
+def _devkit_labels(file: Path, ids: list[int]) -> dict[str, str]:
+    """The devkit's ground truth: the i-th ID is image ILSVRC2012_val_<i, 8 digits>'s, mapped
+    to its wnid by the devkit's meta.mat (refused without one: the IDs are no class indices)."""
+    places = _meta_places(file)
+    meta = next((place for place in places if place.is_file()), None)
+    if meta is None:
+        raise DatasetError(f"labels file {file} holds ImageNet devkit ILSVRC2012_IDs (the devkit's own class "
+                           f"order, not class indices): its data/meta.mat maps them to wnids, but there is none at "
+                           f"{places[0]} or {places[1]}")
+    wnids = devkit_wnids(meta)
+    labels: dict[str, str] = {}
+    for number, ilsvrc_id in enumerate(ids, 1):
+        if ilsvrc_id not in wnids:
+            raise DatasetError(f"labels file {file}: line {number}: ILSVRC2012_ID {ilsvrc_id} is not in {meta}")
+        labels[f"ILSVRC2012_val_{number:08d}"] = wnids[ilsvrc_id]
+    return labels
+
+
+def devkit_wnids(meta: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid, from the devkit's meta.mat (its `synsets` struct)."""
+    import numpy as np
+    from scipy.io import loadmat
+
+    try:
+        synsets = np.atleast_1d(loadmat(str(meta), squeeze_me=True)["synsets"])
+        return {int(entry["ILSVRC2012_ID"]): str(entry["WNID"]) for entry in synsets}
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise DatasetError(f"{meta}: not the ImageNet devkit's meta.mat (a 'synsets' struct with ILSVRC2012_ID and "
+                           f"WNID): {type(error).__name__}: {str(error)[:200]}") from None
 
 
 def _lookup(labels: dict[str, str], record_name: str) -> str | None:
@@ -98,7 +145,7 @@ def _label_of(text: str, class_names: Sequence[str] | None, index: dict[str, int
         return label
     if class_names is None:
         raise DatasetError(f"{where}: label {text!r} is a class name but the model names no classes; "
-                           "give --class-names FILE (one name per line, in class-index order)")
+                           f"give {setting('class_names', 'FILE')} (one name per line, in class-index order)")
     if _key(text) not in index:
         raise DatasetError(f"{where}: label {text!r} is none of the model's {len(class_names)} class names "
                            f"(e.g. {', '.join(map(repr, class_names[:3]))})")
@@ -137,7 +184,7 @@ def map_class_folders(dataset: ImageDataset, class_names: Sequence[str]) -> Imag
         if _key(folder) not in index:
             raise DatasetError(f"class folder {folder!r} is none of the model's {len(class_names)} class names "
                                f"(e.g. {', '.join(map(repr, list(class_names)[:3]))}): name folders by the "
-                               "model's classes (wnid or name), or give --labels FILE")
+                               f"model's classes (wnid or name), or give {setting('labels', 'FILE')}")
         mapped[label] = index[_key(folder)]
     log.info("%d class folders mapped to the model's %d classes by name: %s", len(folders), len(class_names),
              ", ".join(f"{folders[k]} -> {v}" for k, v in list(mapped.items())[:5]) + (" ..." if len(mapped) > 5 else ""))
@@ -159,5 +206,15 @@ def own_labels(dataset: ImageDataset, class_names: Sequence[str] | None, labels_
     return dataset
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+def labels_sha256(path: str | Path) -> str:
+    """What a labels file's labels depend on, for the run identity: its bytes, and for the
+    devkit's ground truth its meta.mat's too (another meta.mat maps the same IDs elsewhere)."""
+    file = Path(path).expanduser()
+    data = file.read_bytes()
+    digest = hashlib.sha256(data)
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    if lines and _is_devkit(lines):
+        meta = next((place for place in _meta_places(file) if place.is_file()), None)
+        if meta is not None:
+            digest.update(meta.read_bytes())
+    return digest.hexdigest()

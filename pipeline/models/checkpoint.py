@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline.runs.atomic import atomic_open
+from pipeline.runs.fs import atomic_open
 from pipeline.data.specs import dataset_spec
 
 from .classifiers import NormalizeLayer
@@ -53,7 +53,7 @@ class ModelMeta:
     input_size: int | None = None  # side of the (square) images a classifier was trained on
     normalization: dict[str, list[float]] | None = None  # {"mean": [...], "std": [...]}
     sigma: float | None = None  # noise level a denoiser/classifier was trained for
-    noise: str | None = None  # smoothing noise it was trained for (pipeline.sampling.noise_kinds); None = gaussian
+    noise: str | None = None  # smoothing noise it was trained for (pipeline.sampling.noise); None = gaussian
     sigma_independent: bool = False  # a denoiser that serves every sigma (diffusion): given the run's at load
     objective: str | None = None  # e.g. "mse", "stab", "clf"
     config: dict[str, Any] = field(default_factory=dict)  # training config (JSON-able)

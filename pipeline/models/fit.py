@@ -12,6 +12,7 @@ number of outputs, the image size) still is.
 from __future__ import annotations
 
 from pipeline.data.specs import DataDescription, dataset_spec
+from pipeline.errors import setting
 
 from .checkpoint import CheckpointMismatchError, ModelMeta
 
@@ -33,8 +34,8 @@ def check_denoiser_sigma(meta: ModelMeta, sigma: float, source: str, noise: str 
     trained = meta.noise or "gaussian"
     if trained != noise and not allow_foreign:
         raise DataMismatchError(
-            f"{source}: denoiser {meta.arch} was trained for {trained} noise but the run uses --noise {noise} "
-            "(pass --allow-foreign-denoiser to test it there anyway)"
+            f"{source}: denoiser {meta.arch} was trained for {trained} noise but the run uses "
+            f"{setting('noise', noise)} (pass {setting('allow_foreign_denoiser', True)} to test it there anyway)"
         )
     if meta.sigma_independent:
         return
@@ -81,7 +82,7 @@ def check_fits_data(
         if not allow_foreign:
             raise DataMismatchError(
                 f"{source}: the checkpoint does not record which data set {arch} was trained on; to certify "
-                f"it on {data} anyway, allow foreign classifiers (--allow-foreign-classifier)"
+                f"it on {data} anyway, allow foreign classifiers ({setting('allow_foreign_classifier', True)})"
             )
     elif data.name and meta.dataset != data.name:
         raise DataMismatchError(

@@ -57,12 +57,12 @@ class Certificates(pd.DataFrame):
     at_radius: float | None = None
     run_alpha: float | None = None
     labels_from: str | None = None  # set when the labels are not the data's (unlabelled data)
-    noise: str = "gaussian"  # the smoothing noise (pipeline.sampling.noise_kinds): its norm is the radii's
+    noise: str = "gaussian"  # the smoothing noise (pipeline.sampling.noise): its norm is the radii's
 
     @property
     def norm(self) -> str:
         """The norm the radii are measured in: ℓ2 (Gaussian) or ℓ1 (uniform, Laplace)."""
-        from pipeline.sampling.noise_kinds import noise_kind
+        from pipeline.sampling.noise import noise_kind
 
         return noise_kind(self.noise).norm
 

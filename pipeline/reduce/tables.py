@@ -68,7 +68,7 @@ NO_CLEAN_NOTE = (
     "clean: empty for a sequential run certified at R, which measures no clean accuracy (it tests only "
     "p_A > {threshold}); see its r = R column."
 )
-# The p_A a radius R needs under each noise (`pipeline.sampling.noise_kinds`, `needed_p`), as the notes write it.
+# The p_A a radius R needs under each noise (`pipeline.sampling.noise`, `needed_p`), as the notes write it.
 THRESHOLDS = {"gaussian": "Φ(R/σ)", "uniform": "½ + R/(4σ)", "laplace": "1 − ½·exp(−R/σ)"}
 
 

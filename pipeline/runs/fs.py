@@ -7,7 +7,7 @@ here is atomic either way: local files go through a temporary file, fsync and re
 objects are sent in one request. The standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 variables (and the other `AWS_*` ones) point S3 access at any compatible server.
 
-Local files are written by `pipeline.runs.atomic.atomic_open` (temporary file, fsync, rename,
+Local files are written by `atomic_open` (below) (temporary file, fsync, rename,
 permissions from the umask).
 """
 
@@ -24,7 +24,9 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from pipeline.config import location_problem
-from pipeline.runs.atomic import atomic_open
+import tempfile
+from contextlib import contextmanager
+from typing import IO
 
 
 
@@ -276,3 +278,50 @@ def check_writable(run: Location) -> None:
         probe.delete()
     except (OSError, StorageError, PermissionError) as error:
         raise PermissionError(f"output directory {run} is not writable: {error}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic file writes: a reader sees the old file or the complete new one, never half of one.
+#
+# Votes, checkpoints and run records are all written this way, because a job may be killed at
+# any moment and resume must never read a torn file. Files get the permissions the umask allows
+# (`tempfile.mkstemp` alone would leave them private, 0600), so a run on shared storage stays
+# readable by its group.
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it,
+    which races with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def file_mode() -> int:
+    """Permissions of a new file, as open() would give it: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temporary file beside `path`; on success fsync and rename it onto `path`,
+    on any error remove it (the old `path`, if any, stays untouched)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

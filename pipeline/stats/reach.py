@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.stats.confidence_sequences import DEFAULT_SHAPE, lower_confidence_sequence, success_thresholds
-from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.sampling.noise import DEFAULT_NOISE, noise_kind
 from pipeline.stats.smoothing import certified_radii, max_certifiable_radius
 
 # Beyond this many samples the search for the n a radius needs gives up ("more than ...").

@@ -95,8 +95,8 @@ from pipeline.stats.confidence_sequences import (
     success_thresholds,
     upper_confidence_sequence,
 )
-from pipeline.sampling.chunks import chunk_ends, chunk_span, count_chunks
-from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.sampling.noise import chunk_ends, chunk_span, count_chunks
+from pipeline.sampling.noise import DEFAULT_NOISE, noise_kind
 from pipeline.stats.smoothing import ABSTAIN, Decisions, certified_radii
 
 SELECTION = "selection"
@@ -150,7 +150,7 @@ class SequentialTest:
     long run still writes few rows). Fixed before any vote, as G1-G3 need of the decision points
     (the confidence sequences hold at every n, so any pre-set points keep them); () = every
     chunk of `chunk_size`, as runs made before the schedule existed.
-    noise: the smoothing noise (`pipeline.sampling.noise_kinds`): its radius function gives both the
+    noise: the smoothing noise (`pipeline.sampling.noise`): its radius function gives both the
     threshold q a radius needs and the radius a bound certifies.
     """
 

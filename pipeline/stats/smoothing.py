@@ -24,7 +24,7 @@ from scipy.stats import binom
 from statsmodels.stats.proportion import proportion_confint
 
 from pipeline.config import Alpha, Sigma, check_value
-from pipeline.sampling.noise_kinds import DEFAULT_NOISE, noise_kind
+from pipeline.sampling.noise import DEFAULT_NOISE, noise_kind
 
 ABSTAIN = -1
 
@@ -85,7 +85,7 @@ def binomial_pvalues(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
 
 def certified_radius(p_a_lower: float, sigma: float, noise: str = DEFAULT_NOISE) -> float:
     """The radius a lower bound p_A certifies under `noise` (0 when p_A <= 1/2): Gaussian, the
-    L2 radius sigma * Phi^-1(p_A) of Cohen et al.'s Theorem 1; see `pipeline.sampling.noise_kinds`."""
+    L2 radius sigma * Phi^-1(p_A) of Cohen et al.'s Theorem 1; see `pipeline.sampling.noise`."""
     return float(certified_radii(np.array([p_a_lower]), _check_sigma(sigma), noise)[0])
 
 

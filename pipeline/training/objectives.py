@@ -36,10 +36,10 @@ from pipeline.training.config import (  # noqa: F401 - the names are declared wi
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None,
               noise: str = "gaussian") -> torch.Tensor:
     """x + delta in pixel space, *not* clipped: smoothing certifies exactly this. delta is of
-    kind `noise` at level sigma (`pipeline.sampling.noise_kinds`; Gaussian: sigma * N(0, I))."""
+    kind `noise` at level sigma (`pipeline.sampling.noise`; Gaussian: sigma * N(0, I))."""
     if sigma == 0:
         return x
-    from pipeline.sampling.noise_kinds import noise_kind
+    from pipeline.sampling.noise import noise_kind
 
     return x + noise_kind(noise).draw(generator, x.shape, sigma, x.device, x.dtype)
 

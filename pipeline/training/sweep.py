@@ -34,7 +34,7 @@ class Combination:
     arch: str
     objective: str
     sigma: float
-    noise: str = "gaussian"  # the smoothing noise it is trained for (pipeline.sampling.noise_kinds)
+    noise: str = "gaussian"  # the smoothing noise it is trained for (pipeline.sampling.noise)
     surrogates: tuple[str, ...] = ()  # keys of the classifiers in the loss (white-box: the one classifier)
     surrogate_label: str = "-"  # "-" none, "wb:<stem>" white-box, "bb:<stem>+<stem>" black-box
     eval_classifier: str | None = None  # f in "accuracy of f∘D under noise"

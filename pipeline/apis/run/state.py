@@ -27,8 +27,7 @@ import pandas as pd
 from pipeline.apis.books.querylog import read_query_log
 from pipeline.apis.query import CLEAN, OK, WorkUnit
 from pipeline.runs.fs import Location
-from pipeline.runs.storage import completed_images, read_run_record, write_votes
-from pipeline.runs.votes import VoteRow
+from pipeline.runs.storage import VoteRow, completed_images, read_run_record, write_votes
 from pipeline.sampling.noise import SampleRequest
 from pipeline.stats.sequential import (
     ESTIMATION,

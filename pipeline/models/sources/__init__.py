@@ -31,11 +31,12 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.errors import setting
 from ..preprocess import Preprocess, Preprocessing
 from ..registry import is_known_model
 from . import archive_form, factory_form, hf_form, timm_form
 from .bundle import is_bundle, make_bundle, read_bundle
-from .carried import FLAGS_HINT, PREPROCESSING_CHOICES, preprocessing_of, save_archive
+from .carried import PREPROCESSING_CHOICES, flags_hint, preprocessing_of, save_archive
 from .common import ClassifierSourceError, MissingExtraError, Resolved
 
 BUNDLE_FORMAT = "dsmooth-classifier-bundle/1"
@@ -117,10 +118,11 @@ class Source:
 
 def _legacy(spec: ClassifierSpec, path: str, arch: str | None, data: bytes | None = None) -> Source:
     if spec.has_preprocessing_flags:
+        names = ("input_size", "resize", "mean", "std", "preprocessing")
         raise ClassifierSourceError(
             f"{path}: a dsmooth checkpoint or torchvision classifier carries its own normalisation; "
-            "--classifier-input-size/-resize/-mean/-std/-preprocessing apply to timm, Hugging Face, archives and "
-            "factories")
+            f"{'/'.join(setting(f'classifier_{name}') for name in names)} apply to timm, Hugging Face, archives "
+            "and factories")
     if data is None:
         from pipeline.runs.fs import Location
 
@@ -145,7 +147,7 @@ def _folder(folder: Path, spec: ClassifierSpec) -> Resolved:
         return timm_form.resolve_folder(folder, config, spec.weights)
     if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
         if spec.weights is not None:
-            raise ClassifierSourceError(f"{folder}: a Hugging Face folder holds its weights; drop --classifier-weights")
+            raise ClassifierSourceError(f"{folder}: a Hugging Face folder holds its weights; drop {setting('classifier_weights')}")
         return hf_form.resolve_folder(folder, config)
     raise ClassifierSourceError(
         f"{folder}: neither a timm folder (config.json with 'architecture') nor a Hugging Face folder "
@@ -169,22 +171,22 @@ def _resolve_new(spec: ClassifierSpec) -> Resolved | Source:
         kind = archive_form.archive_kind(path, data)
         if kind is not None:
             if spec.weights is not None:
-                raise ClassifierSourceError(f"{text}: a {kind} archive holds its weights; drop --classifier-weights")
+                raise ClassifierSourceError(f"{text}: a {kind} archive holds its weights; drop {setting('classifier_weights')}")
             return archive_form.resolve(path, data, kind)
         if spec.weights is not None:
-            raise ClassifierSourceError(f"{text}: --classifier-weights goes with timm:NAME, a registry name or a factory")
+            raise ClassifierSourceError(f"{text}: {setting('classifier_weights')} goes with timm:NAME, a registry name or a factory")
         return _legacy(spec, text, spec.arch, data)
     if is_known_model(text) and spec.weights is not None:
         if spec.arch is not None and spec.arch != text:
-            raise ClassifierSourceError(f"--classifier {text} and --classifier-arch {spec.arch} disagree")
+            raise ClassifierSourceError(f"{setting('classifier', text)} and {setting('classifier_arch', spec.arch)} disagree")
         return _legacy(spec, str(spec.weights), text)
     if factory_form.is_factory(text):
         return factory_form.resolve_factory(text, spec.weights)
     if is_known_model(text):
-        raise ClassifierSourceError(f"{text} needs its weights: --classifier-weights FILE (nothing is downloaded)")
+        raise ClassifierSourceError(f"{text} needs its weights: {setting('classifier_weights', 'FILE')} (nothing is downloaded)")
     raise ClassifierSourceError(
         f"classifier not found: {text} (a file, a timm or Hugging Face folder, timm:NAME, a registry name "
-        "with --classifier-weights, or package.module:callable)")
+        f"with {setting('classifier_weights')}, or package.module:callable)")
 
 
 def resolve_classifier(spec: ClassifierSpec) -> Source:
@@ -214,7 +216,8 @@ def _preprocessing(resolved: Resolved, spec: ClassifierSpec) -> Preprocessing:
     chosen, known = resolved.preprocessing, resolved.known
     if isinstance(spec.preprocessing, str) and spec.preprocessing == "none":
         if spec.mean is not None or spec.std is not None:
-            raise ClassifierSourceError("--classifier-preprocessing none and --classifier-mean/--classifier-std "
+            raise ClassifierSourceError(f"{setting('classifier_preprocessing', 'none')} and "
+                                        f"{setting('classifier_mean')}/{setting('classifier_std')} "
                                         "contradict each other: give one or the other")
         chosen, known = Preprocessing(), True
     elif not _is_auto(spec.preprocessing):
@@ -226,7 +229,7 @@ def _preprocessing(resolved: Resolved, spec: ClassifierSpec) -> Preprocessing:
         raise ClassifierSourceError(str(error)) from None
     if not known and chosen.mean is None:
         raise ClassifierSourceError(f"{resolved.name}: its preprocessing is unknown (the {FORM_NAMES[resolved.kind]} "
-                                    f"carries no mean/std); {FLAGS_HINT}")
+                                    f"carries no mean/std); {flags_hint()}")
     return chosen
 
 

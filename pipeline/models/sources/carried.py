@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import setting
+
 from ..preprocess import INTERPOLATIONS, Preprocessing, hf_preprocessing
 from .common import ClassifierSourceError
 
@@ -26,8 +28,13 @@ PREPROCESSING_FILE = "dsmooth_preprocessing.json"
 # What --classifier-preprocessing takes: auto = the form's own (else refused), none = the
 # network normalises inside (no resize, no mean/std unless flags give them).
 PREPROCESSING_CHOICES = ("auto", "none")
-FLAGS_HINT = ("give --classifier-mean M M M --classifier-std S S S (and --classifier-input-size PX), "
-              "or --classifier-preprocessing none if the network normalises its input itself")
+
+
+def flags_hint() -> str:
+    """What to give when a form carries no preprocessing (worded for the front end: flags or keywords)."""
+    return (f"give {setting('classifier_mean', 'M M M')} and {setting('classifier_std', 'S S S')} (and "
+            f"{setting('classifier_input_size', 'PX')}), or {setting('classifier_preprocessing', 'none')} if the "
+            "network normalises its input itself")
 
 
 def _timm_like(cfg: Mapping[str, Any]) -> Preprocessing:
@@ -122,15 +129,16 @@ def save_archive(module: Any, path: str | Path, preprocessing: Any, example: Any
     import torch
 
     text = json.dumps(preprocessing_of(preprocessing).to_dict())
+    if kind not in ("export", "torchscript"):
+        raise ValueError(f"kind must be export or torchscript, got {kind!r}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "export":
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, path, extra_files={PREPROCESSING_FILE: text})
     elif kind == "torchscript":
         torch.jit.save(torch.jit.trace(module.eval(), example), str(path), _extra_files={PREPROCESSING_FILE: text})
-    else:
-        raise ValueError(f"kind must be export or torchscript, got {kind!r}")
     return path
 
 

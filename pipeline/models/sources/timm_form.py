@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.errors import setting
 from ..preprocess import timm_preprocessing
 from .common import ClassifierSourceError, Resolved, load_weights, read_file, read_state_dict, require, sha256
 
@@ -64,7 +65,8 @@ def resolve_name(name: str, weights: str | None) -> Resolved:
     if not timm.is_model(name):
         raise ClassifierSourceError(f"timm has no model {name!r} (see timm.list_models())")
     if weights is None:
-        raise ClassifierSourceError(f"timm:{name} needs its weights: --classifier-weights FILE (.safetensors, .pth, .bin)")
+        raise ClassifierSourceError(f"timm:{name} needs its weights: {setting('classifier_weights', 'FILE')} "
+                                    "(.safetensors, .pth, .bin)")
     data = read_file(weights, "classifier weights")
     file = "weights" + _suffix(weights)
     state = read_state_dict(file, data, weights)
