@@ -30,7 +30,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.blob_store import BlobKey, fetch_blob, on_driver_node
+from actors.driver_side import BlobKey, fetch_blob, on_driver_node
 from pipeline.apis.books.ledger import Budget, Ledger
 from pipeline.apis.query import (
     CLEAN,
@@ -158,7 +158,7 @@ class ApiSampler:
     # -- lifetime
 
     def __enter__(self) -> ApiSampler:
-        from actors.blob_store import put_blob, start_blob_store
+        from actors.driver_side import put_blob, start_blob_store
         from actors.pool import Demand, WorkPool
         from actors.ray_env import connect
         from pipeline.apis.books.querylog import spend

@@ -177,7 +177,7 @@ def sampler_class() -> Any:
 
         def __enter__(self) -> Any:
             from actors.pool import Demand, WorkPool
-            from actors.progress_counter import start_progress_counter
+            from actors.driver_side import start_progress_counter
 
             self.counter = start_progress_counter()
             self.demand = Demand(len(self.actors), 0.0, 0.0)
