@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,13 @@ def _host_class() -> Any:
                 os.setpriority(os.PRIO_PROCESS, 0, niceness)
             except OSError:
                 pass
+            import pipeline.sampling.noise  # noqa: F401 - as a model actor's module: torch and the request
+            # class loaded before the actor answers its ping, not inside the first call's wall
+
             self.rate, self.p = rate, p
             self.locks = {first + g: asyncio.Lock() for g in range(gpus)}
             self.busy = 0.0
+            self.spans: dict[int, list[tuple[float, float]]] = {first + g: [] for g in range(gpus)}
 
         async def describe(self, gpu: int) -> dict[str, Any]:
             return {"worker": f"sim-{gpu}@{os.getpid()}"}
@@ -101,12 +105,18 @@ def _host_class() -> Any:
                                    for r in requests])
                 samples = sum(r.num_samples for r in requests)
                 await asyncio.sleep(max(0.0, samples / self.rate - (time.perf_counter() - started)))
-                seconds = time.perf_counter() - started
+                ended = time.perf_counter()
+                seconds = ended - started
                 self.busy += seconds
+                self.spans[gpu].append((started, ended))  # perf_counter: the machine's monotonic clock
             return counts, seconds, f"sim-{gpu}@{os.getpid()}"
 
         async def busy_s(self) -> float:
             return self.busy
+
+        async def busy_spans(self) -> dict[int, list[tuple[float, float]]]:
+            """Each GPU's (start, end) of every call, on the clock all processes of a machine share."""
+            return self.spans
 
     return SimulatedGPUs
 
@@ -312,6 +322,23 @@ def moto_server() -> Any:
 # -- one run -------------------------------------------------------------------------------------
 
 
+def idle_shares(spans: list[list[tuple[float, float]]], started: float, ended: float) -> dict[str, float]:
+    """Where the samplers' idle time went, as shares of actors x wall (with utilisation they
+    sum to 1): `start-up` before an actor's first call began, `steady` between its calls,
+    `tail` after its last call ended (the last images' chunks, each waiting on a decision)."""
+    wall = max(1e-9, (ended - started) * len(spans))
+    startup = steady = tail = 0.0
+    for calls in spans:
+        calls = sorted((max(a, started), min(b, ended)) for a, b in calls if b > started and a < ended)
+        if not calls:
+            startup += ended - started
+            continue
+        startup += calls[0][0] - started
+        steady += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(calls, calls[1:]))
+        tail += ended - calls[-1][1]
+    return {"start-up": startup / wall, "steady": steady / wall, "tail": tail / wall}
+
+
 @dataclass
 class Result:
     actors: int
@@ -326,6 +353,7 @@ class Result:
     puts: int
     decided: int
     meter: Meter
+    idle: dict[str, float] = field(default_factory=dict)
 
     @property
     def utilisation(self) -> float:
@@ -412,15 +440,18 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
                 before_run(run)
             started, cpu = time.perf_counter(), time.process_time()
             run.run()
-            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            ended = time.perf_counter()
+            wall, cpu = ended - started, time.process_time() - cpu
             meter.round_trip_s = float(np.mean(sampler.round_trips)) if sampler.round_trips else 0.0
             meter.in_flight = float(np.mean(sampler.in_flight_seen)) if sampler.in_flight_seen else 0.0
             meter.slots = len(actors) * sampler.pool.per_actor
         busy = sum(ray.get([h.busy_s.remote() for h in hosts])) - busy_before
+        spans = [calls for host in ray.get([h.busy_spans.remote() for h in hosts]) for calls in host.values()]
         parts = len(VOTES.parts(output))
         objects = len(output.files(recursive=True))
     return Result(len(actors), args.images, wall, busy, cpu, meter.calls.get("take", 0), run.samples, parts,
-                  objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter)
+                  objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter,
+                  idle_shares(spans, started, ended))
 
 
 class _Quiet:
@@ -465,6 +496,8 @@ def report(args: argparse.Namespace, result: Result) -> str:
         ("lease PUTs", f"{m.calls.get('PUT lease', 0)}"),
         ("PUTs per 1,000 images", f"{1000 * result.puts / max(1, args.images):,.0f}"),
         ("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}"),
+        ("idle share: start-up | steady | tail", " | ".join(f"{100 * result.idle.get(k, 0.0):.1f}%"
+                                                           for k in ("start-up", "steady", "tail"))),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
