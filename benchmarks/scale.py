@@ -354,6 +354,7 @@ class Result:
     decided: int
     meter: Meter
     idle: dict[str, float] = field(default_factory=dict)
+    spans: list[list[tuple[float, float]]] = field(default_factory=list)  # per actor, (start, end) from the run's start
 
     @property
     def utilisation(self) -> float:
@@ -451,7 +452,7 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
         objects = len(output.files(recursive=True))
     return Result(len(actors), args.images, wall, busy, cpu, meter.calls.get("take", 0), run.samples, parts,
                   objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter,
-                  idle_shares(spans, started, ended))
+                  idle_shares(spans, started, ended), [[(a - started, b - started) for a, b in c] for c in spans])
 
 
 class _Quiet:

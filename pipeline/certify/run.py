@@ -320,7 +320,7 @@ class CertifyRun:
                 yield from self._submit(work if len(readable) == len(work.rows) else work.only(readable, ids))
 
     def _submit(self, work: Work) -> Iterator[Item]:
-        items, ready = self.sampler.submit(work, {self.context.image_ids[r]: self.pixels[r] for r in work.rows})
+        items, ready = self.sampler.submit(work, {self.context.records[r].image_id: self.pixels[r] for r in work.rows})
         for done in ready:
             self._accept(done)
         yield from items
