@@ -92,7 +92,7 @@ def _host_class() -> Any:
 
             self.rate, self.p = rate, p
             self.locks = {first + g: asyncio.Lock() for g in range(gpus)}
-            self.busy = 0.0
+            self.running: dict[int, float] = {}  # gpu -> start of its call now running
             self.spans: dict[int, list[tuple[float, float]]] = {first + g: [] for g in range(gpus)}
 
         async def describe(self, gpu: int) -> dict[str, Any]:
@@ -100,23 +100,21 @@ def _host_class() -> Any:
 
         async def count(self, gpu: int, requests: Any, images: Any, progress: Any = None, key: Any = None) -> tuple:
             async with self.locks[gpu]:
-                started = time.perf_counter()
+                started = self.running[gpu] = time.perf_counter()
                 counts = np.stack([simulated_counts(r, float(self.p[r.image_id]), r.image_id % NUM_CLASSES)
                                    for r in requests])
                 samples = sum(r.num_samples for r in requests)
                 await asyncio.sleep(max(0.0, samples / self.rate - (time.perf_counter() - started)))
                 ended = time.perf_counter()
-                seconds = ended - started
-                self.busy += seconds
+                del self.running[gpu]
                 self.spans[gpu].append((started, ended))  # perf_counter: the machine's monotonic clock
-            return counts, seconds, f"sim-{gpu}@{os.getpid()}"
-
-        async def busy_s(self) -> float:
-            return self.busy
+            return counts, ended - started, f"sim-{gpu}@{os.getpid()}"
 
         async def busy_spans(self) -> dict[int, list[tuple[float, float]]]:
             """Each GPU's (start, end) of every call, on the clock all processes of a machine share."""
-            return self.spans
+            now = time.perf_counter()  # and the calls running now, until now
+            return {gpu: calls + ([(self.running[gpu], now)] if gpu in self.running else [])
+                    for gpu, calls in self.spans.items()}
 
     return SimulatedGPUs
 
@@ -421,7 +419,6 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
         if schedule is None:
             raise SystemExit(f"{output} holds a finished run: give a new --output")
         sampler_type = sampler_class()
-        busy_before = sum(ray.get([h.busy_s.remote() for h in hosts]))
         with sampler_type(context, selected, actors, per_chunk=config.sequential) as sampler:
             if args.in_flight:
                 sampler.pool.per_actor = args.in_flight
@@ -446,8 +443,8 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
             meter.round_trip_s = float(np.mean(sampler.round_trips)) if sampler.round_trips else 0.0
             meter.in_flight = float(np.mean(sampler.in_flight_seen)) if sampler.in_flight_seen else 0.0
             meter.slots = len(actors) * sampler.pool.per_actor
-        busy = sum(ray.get([h.busy_s.remote() for h in hosts])) - busy_before
         spans = [calls for host in ray.get([h.busy_spans.remote() for h in hosts]) for calls in host.values()]
+        busy = sum(min(b, ended) - max(a, started) for calls in spans for a, b in calls if b > started and a < ended)
         parts = len(VOTES.parts(output))
         objects = len(output.files(recursive=True))
     return Result(len(actors), args.images, wall, busy, cpu, meter.calls.get("take", 0), run.samples, parts,

@@ -141,7 +141,8 @@ class Sampler(Protocol):
 
     def release(self, rows: list[int]) -> None: ...  # these images are done: drop what is held for them
 
-    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None: ...
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any,
+              settled: Callable[[], bool] | None = None) -> None: ...  # settled(): drop what is in flight
 
 
 class FixedSchedule:
@@ -178,6 +179,11 @@ class FixedSchedule:
 
     def hold(self, rows: Sequence[int]) -> None:
         """Nothing more is asked of a held image in a fixed run (its work is all out)."""
+
+    @property
+    def settled(self) -> bool:
+        """Every item in flight is still needed (its images' votes)."""
+        return False
 
 
 class SequentialSchedule:
@@ -251,6 +257,11 @@ class SequentialSchedule:
 
     def hold(self, rows: Sequence[int]) -> None:
         self.scheduler.hold(rows)
+
+    @property
+    def settled(self) -> bool:
+        """Every image decided: the chunks still in flight (drawn ahead) can change nothing."""
+        return self.scheduler.finished
 
 
 class Interrupted(KeyboardInterrupt):
@@ -422,7 +433,8 @@ class CertifyRun:
         """Drive the schedule to its end (or the sampler's stop); skipped images go to run.json
         whatever happens."""
         try:
-            self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+            self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick,
+                               settled=lambda: self.schedule.settled)
             self.write()
         except KeyboardInterrupt as stop:
             self._write_what_came_back()
