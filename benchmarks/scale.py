@@ -15,13 +15,17 @@ borderline (U(0.85, 0.95)) and hopeless (U(0.1, 0.6)) images.
 
 The simulated GPUs run in a few Ray actor processes (`--hosts`), at the driver's own
 priority (Ray starts workers at nice 19, where on a busy machine they would wait for the CPU
-and the figures would measure that wait, not the driver).
+and the figures would measure that wait, not the driver). Like a model actor, whose module
+imports torch and the request class before it answers its readiness ping, they load them in
+their constructor: the clock starts with every actor ready to count.
 
 An `s3://` output is served by moto on 127.0.0.1 (a server process of its own, so its CPU
 is not the driver's): every object a run writes is a PUT there.
 
 Figures (the table, then one line):
-  utilisation  time the samplers slept / (actors x wall)
+  utilisation  time the samplers were busy within the wall / (actors x wall)
+  idle share   where the rest went, per actor: before its first call (start-up), between
+               calls (steady), after its last call (tail: the last images' chains)
   driver CPU   this process's CPU time / wall (Ray's client threads and the writer included)
   parts        vote parts (Parquet files) the run wrote; `parts per image` = parts / images
   objects      everything written into the run directory (parts, manifests, run.json, lease)
