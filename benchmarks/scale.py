@@ -191,7 +191,10 @@ def sampler_class() -> Any:
             from actors.pool import Demand, WorkPool
             from actors.progress_counter import start_progress_counter
 
+            import ray
+
             self.counter = start_progress_counter()
+            ray.get(self.counter.totals.remote())  # up before the clock starts, as the actors
             self.demand = Demand(len(self.actors), 0.0, 0.0)
             self.pool = WorkPool(lambda index: self.actors[index], self.demand, wait_timeout_s=60)
             return self
