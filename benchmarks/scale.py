@@ -34,6 +34,7 @@ Figures (the table, then one line):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -188,10 +189,10 @@ def sampler_class() -> Any:
             self.in_flight_seen: list[int] = []  # calls out when a result came back
 
         def __enter__(self) -> Any:
+            import ray
+
             from actors.pool import Demand, WorkPool
             from actors.progress_counter import start_progress_counter
-
-            import ray
 
             self.counter = start_progress_counter()
             ray.get(self.counter.totals.remote())  # up before the clock starts, as the actors
@@ -339,7 +340,7 @@ def idle_shares(spans: list[list[tuple[float, float]]], started: float, ended: f
             startup += ended - started
             continue
         startup += calls[0][0] - started
-        steady += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(calls, calls[1:]))
+        steady += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in itertools.pairwise(calls))
         tail += ended - calls[-1][1]
     return {"start-up": startup / wall, "steady": steady / wall, "tail": tail / wall}
 
