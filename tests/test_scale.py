@@ -123,6 +123,23 @@ def test_sequential_items_are_sized_to_the_actors_measured_rate():
     assert 500 <= sum(q.num_samples for q in nxt.requests) < 2000 + 256  # the last chunk may overshoot
 
 
+def test_the_in_process_sampler_counts_nothing_after_the_run_is_settled():
+    """As the pool: once `settled()` (every image decided), the items still queued are dropped,
+    not counted."""
+    from pipeline.certify.inprocess import InProcessSampler
+    from pipeline.certify.run import Work
+
+    counted: list[int] = []
+    sampler = InProcessSampler(None, read=lambda row: None,
+                               count=lambda requests, images: counted.append(len(counted)) or np.zeros((0, 10)),
+                               rows=lambda *_: [], in_flight=3)
+    items = [item for row in range(3) for item in sampler.submit(Work((row,)), {})[0]]
+    taken: list[int] = []
+    sampler.drive(iter(items), lambda key, result: taken.append(key), lambda key: None, lambda: None,
+                  settled=lambda: bool(taken))
+    assert counted == [0] and taken == [items[0][0]]
+
+
 # ------------------------------------------------------------------------------ real Ray
 
 
