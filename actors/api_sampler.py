@@ -317,7 +317,9 @@ class ApiSampler:
             pass
         return 0, 0
 
-    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any,
+              settled: Any = None) -> None:
+        """`settled` is not used: a query sent is paid, its answer is kept (the journal)."""
         from actors.pool import drive
 
         error = drive(self.pool, items, on_result, tick=tick)

@@ -136,11 +136,12 @@ class ModelSampler:
                 self._in_flight = (0, 0)
         return self._in_flight
 
-    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any,
+              settled: Any = None) -> None:
         from actors.pool import drive
 
         self.pool.on_requeue = lambda key: self.counter.forget.remote(key)
-        raise_run_error(drive(self.pool, items, on_result, on_lost=on_lost, tick=tick))
+        raise_run_error(drive(self.pool, items, on_result, on_lost=on_lost, tick=tick, settled=settled))
 
 
 def demand(config: Any) -> Any:

@@ -218,6 +218,17 @@ class WorkPool:
     def busy(self) -> bool:
         return bool(self._refs or self._queue)
 
+    def abandon(self) -> int:
+        """Forget every item queued or in flight: their results are no longer wanted (a sequential
+        run whose images are all decided). The actors finish them unheard, until `shutdown`
+        (Ray's cancel does not stop a call queued on a sync actor). Returns how many were dropped."""
+        dropped = len(self._queue) + len(self._refs)
+        self._queue.clear()
+        for ref, index in self._refs.items():
+            self._slots[index].running.pop(ref, None)
+        self._refs.clear()
+        return dropped
+
     def _dispatch(self) -> None:
         while self._queue:
             free = [(len(s.running), i) for i, s in self._slots.items() if s.ready and len(s.running) < self.per_actor]
@@ -319,12 +330,15 @@ def drive(
     on_result: Callable[[Any, Any], bool | None],
     on_lost: Callable[[Any], None] | None = None,
     tick: Callable[[], None] | None = None,
+    settled: Callable[[], bool] | None = None,
 ) -> BaseException | None:
     """Feed `items` to the pool as it has room and hand each result to `on_result` (which may
     return False to stop feeding new items); an item of None means "nothing to send now":
     the next one is asked for after the next result; drain what is in flight, then return the first
     error (an item's own exception, or a failure to produce the next item), if any.
-    `tick()` runs about once a second (progress displays)."""
+    `tick()` runs about once a second (progress displays). `settled()` true after a result:
+    nothing in flight is needed any more (every image decided), so it is abandoned rather
+    than drained -- the run ends with its last decision, not with its actors' queues."""
     error: BaseException | None = None
     feeding = True
     wait_s = 1.0 if tick is not None else 5.0
@@ -360,6 +374,9 @@ def drive(
             continue
         if on_result(*outcome) is False:
             feeding = False
+        if settled is not None and settled():
+            pool.abandon()
+            return error
 
 
 def _cause(error: RayTaskError) -> BaseException:

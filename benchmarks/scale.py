@@ -15,13 +15,17 @@ borderline (U(0.85, 0.95)) and hopeless (U(0.1, 0.6)) images.
 
 The simulated GPUs run in a few Ray actor processes (`--hosts`), at the driver's own
 priority (Ray starts workers at nice 19, where on a busy machine they would wait for the CPU
-and the figures would measure that wait, not the driver).
+and the figures would measure that wait, not the driver). Like a model actor, whose module
+imports torch and the request class before it answers its readiness ping, they load them in
+their constructor: the clock starts with every actor ready to count.
 
 An `s3://` output is served by moto on 127.0.0.1 (a server process of its own, so its CPU
 is not the driver's): every object a run writes is a PUT there.
 
 Figures (the table, then one line):
-  utilisation  time the samplers slept / (actors x wall)
+  utilisation  time the samplers were busy within the wall / (actors x wall)
+  idle share   where the rest went, per actor: before its first call (start-up), between
+               calls (steady), after its last call (tail: the last images' chains)
   driver CPU   this process's CPU time / wall (Ray's client threads and the writer included)
   parts        vote parts (Parquet files) the run wrote; `parts per image` = parts / images
   objects      everything written into the run directory (parts, manifests, run.json, lease)
@@ -30,12 +34,13 @@ Figures (the table, then one line):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,26 +92,34 @@ def _host_class() -> Any:
                 os.setpriority(os.PRIO_PROCESS, 0, niceness)
             except OSError:
                 pass
+            import pipeline.sampling.noise  # noqa: F401 - as a model actor's module: torch and the request
+            # class loaded before the actor answers its ping, not inside the first call's wall
+
             self.rate, self.p = rate, p
             self.locks = {first + g: asyncio.Lock() for g in range(gpus)}
-            self.busy = 0.0
+            self.running: dict[int, float] = {}  # gpu -> start of its call now running
+            self.spans: dict[int, list[tuple[float, float]]] = {first + g: [] for g in range(gpus)}
 
         async def describe(self, gpu: int) -> dict[str, Any]:
             return {"worker": f"sim-{gpu}@{os.getpid()}"}
 
         async def count(self, gpu: int, requests: Any, images: Any, progress: Any = None, key: Any = None) -> tuple:
             async with self.locks[gpu]:
-                started = time.perf_counter()
+                started = self.running[gpu] = time.perf_counter()
                 counts = np.stack([simulated_counts(r, float(self.p[r.image_id]), r.image_id % NUM_CLASSES)
                                    for r in requests])
                 samples = sum(r.num_samples for r in requests)
                 await asyncio.sleep(max(0.0, samples / self.rate - (time.perf_counter() - started)))
-                seconds = time.perf_counter() - started
-                self.busy += seconds
-            return counts, seconds, f"sim-{gpu}@{os.getpid()}"
+                ended = time.perf_counter()
+                del self.running[gpu]
+                self.spans[gpu].append((started, ended))  # perf_counter: the machine's monotonic clock
+            return counts, ended - started, f"sim-{gpu}@{os.getpid()}"
 
-        async def busy_s(self) -> float:
-            return self.busy
+        async def busy_spans(self) -> dict[int, list[tuple[float, float]]]:
+            """Each GPU's (start, end) of every call, on the clock all processes of a machine share."""
+            now = time.perf_counter()  # and the calls running now, until now
+            return {gpu: calls + ([(self.running[gpu], now)] if gpu in self.running else [])
+                    for gpu, calls in self.spans.items()}
 
     return SimulatedGPUs
 
@@ -176,10 +189,13 @@ def sampler_class() -> Any:
             self.in_flight_seen: list[int] = []  # calls out when a result came back
 
         def __enter__(self) -> Any:
+            import ray
+
             from actors.pool import Demand, WorkPool
             from actors.driver_side import start_progress_counter
 
             self.counter = start_progress_counter()
+            ray.get(self.counter.totals.remote())  # up before the clock starts, as the actors
             self.demand = Demand(len(self.actors), 0.0, 0.0)
             self.pool = WorkPool(lambda index: self.actors[index], self.demand, wait_timeout_s=60)
             return self
@@ -312,6 +328,23 @@ def moto_server() -> Any:
 # -- one run -------------------------------------------------------------------------------------
 
 
+def idle_shares(spans: list[list[tuple[float, float]]], started: float, ended: float) -> dict[str, float]:
+    """Where the samplers' idle time went, as shares of actors x wall (with utilisation they
+    sum to 1): `start-up` before an actor's first call began, `steady` between its calls,
+    `tail` after its last call ended (the last images' chunks, each waiting on a decision)."""
+    wall = max(1e-9, (ended - started) * len(spans))
+    startup = steady = tail = 0.0
+    for calls in spans:
+        calls = sorted((max(a, started), min(b, ended)) for a, b in calls if b > started and a < ended)
+        if not calls:
+            startup += ended - started
+            continue
+        startup += calls[0][0] - started
+        steady += sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in itertools.pairwise(calls))
+        tail += ended - calls[-1][1]
+    return {"start-up": startup / wall, "steady": steady / wall, "tail": tail / wall}
+
+
 @dataclass
 class Result:
     actors: int
@@ -326,6 +359,8 @@ class Result:
     puts: int
     decided: int
     meter: Meter
+    idle: dict[str, float] = field(default_factory=dict)
+    spans: list[list[tuple[float, float]]] = field(default_factory=list)  # per actor, (start, end) from the run's start
 
     @property
     def utilisation(self) -> float:
@@ -392,7 +427,6 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
         if schedule is None:
             raise SystemExit(f"{output} holds a finished run: give a new --output")
         sampler_type = sampler_class()
-        busy_before = sum(ray.get([h.busy_s.remote() for h in hosts]))
         with sampler_type(context, selected, actors, per_chunk=config.sequential) as sampler:
             if args.in_flight:
                 sampler.pool.per_actor = args.in_flight
@@ -412,15 +446,18 @@ def _measure(args: argparse.Namespace, config: Any, selected: Selection, hosts: 
                 before_run(run)
             started, cpu = time.perf_counter(), time.process_time()
             run.run()
-            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            ended = time.perf_counter()
+            wall, cpu = ended - started, time.process_time() - cpu
             meter.round_trip_s = float(np.mean(sampler.round_trips)) if sampler.round_trips else 0.0
             meter.in_flight = float(np.mean(sampler.in_flight_seen)) if sampler.in_flight_seen else 0.0
             meter.slots = len(actors) * sampler.pool.per_actor
-        busy = sum(ray.get([h.busy_s.remote() for h in hosts])) - busy_before
+        spans = [calls for host in ray.get([h.busy_spans.remote() for h in hosts]) for calls in host.values()]
+        busy = sum(min(b, ended) - max(a, started) for calls in spans for a, b in calls if b > started and a < ended)
         parts = len(VOTES.parts(output))
         objects = len(output.files(recursive=True))
     return Result(len(actors), args.images, wall, busy, cpu, meter.calls.get("take", 0), run.samples, parts,
-                  objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter)
+                  objects, meter.calls.get("PUT object", 0) + meter.calls.get("PUT lease", 0), run.finished, meter,
+                  idle_shares(spans, started, ended), [[(a - started, b - started) for a, b in c] for c in spans])
 
 
 class _Quiet:
@@ -465,6 +502,8 @@ def report(args: argparse.Namespace, result: Result) -> str:
         ("lease PUTs", f"{m.calls.get('PUT lease', 0)}"),
         ("PUTs per 1,000 images", f"{1000 * result.puts / max(1, args.images):,.0f}"),
         ("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}"),
+        ("idle share: start-up | steady | tail", " | ".join(f"{100 * result.idle.get(k, 0.0):.1f}%"
+                                                           for k in ("start-up", "steady", "tail"))),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]

@@ -125,3 +125,41 @@ def test_a_pool_whose_actors_start_late_still_gets_every_item(tmp_path):
         assert run_all(pool, range(5)) == {x: x * x for x in range(5)}
     finally:
         pool.shutdown()
+
+
+@ray.remote
+class Recorder:
+    """One call at a time, as a GPU actor: each `work` call sleeps, and the calls that began are kept."""
+
+    def __init__(self) -> None:
+        self.began: list[str] = []
+
+    def describe(self) -> int:
+        return os.getpid()
+
+    def work(self, key: str, seconds: float) -> str:
+        self.began.append(key)
+        time.sleep(seconds)
+        return key
+
+    def calls(self) -> list[str]:
+        return self.began
+
+
+def test_a_settled_run_returns_at_once_without_draining_what_is_in_flight():
+    """`settled()` true after a result: drive returns at once, the calls still queued on the
+    actor forgotten (not waited for, not handed to `on_result`)."""
+    actor = Recorder.options(num_cpus=0).remote()
+    pool = WorkPool(lambda index: actor, Demand(1, 0, 0), per_actor=3)
+    taken: list[str] = []
+    items = iter([(key, lambda a, key=key, s=s: a.work.remote(key, s)) for key, s in (("a", 0.1), ("b", 3), ("c", 3))])
+    started = time.monotonic()
+    try:
+        error = drive(pool, items, lambda key, value: taken.append(key), settled=lambda: "a" in taken)
+        elapsed = time.monotonic() - started
+        assert error is None and taken == ["a"] and not pool.busy()
+        assert elapsed < 3.0, elapsed  # draining would take b's and c's 6 s
+        assert ray.get(actor.calls.remote(), timeout=60) == ["a", "b", "c"]  # the actor ran them, unheard
+        assert taken == ["a"]
+    finally:
+        pool.shutdown()

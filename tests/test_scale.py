@@ -123,6 +123,23 @@ def test_sequential_items_are_sized_to_the_actors_measured_rate():
     assert 500 <= sum(q.num_samples for q in nxt.requests) < 2000 + 256  # the last chunk may overshoot
 
 
+def test_the_in_process_sampler_counts_nothing_after_the_run_is_settled():
+    """As the pool: once `settled()` (every image decided), the items still queued are dropped,
+    not counted."""
+    from pipeline.certify.inprocess import InProcessSampler
+    from pipeline.certify.run import Work
+
+    counted: list[int] = []
+    sampler = InProcessSampler(None, read=lambda row: None,
+                               count=lambda requests, images: counted.append(len(counted)) or np.zeros((0, 10)),
+                               rows=lambda *_: [], in_flight=3)
+    items = [item for row in range(3) for item in sampler.submit(Work((row,)), {})[0]]
+    taken: list[int] = []
+    sampler.drive(iter(items), lambda key, result: taken.append(key), lambda key: None, lambda: None,
+                  settled=lambda: bool(taken))
+    assert counted == [0] and taken == [items[0][0]]
+
+
 # ------------------------------------------------------------------------------ real Ray
 
 
@@ -154,12 +171,34 @@ def test_fixed_run_on_s3_writes_few_objects(ray_local, tmp_path):
 
 def test_batched_parts_and_spread_items_keep_the_decisions(ray_local, tmp_path):
     """Batched parts and paced, spread items: the stored votes replay to the decisions of the
-    same chunk votes applied in order (no Ray, no schedule), in far fewer parts than calls."""
+    same chunk votes applied in order (no Ray, no schedule), in far fewer parts than calls.
+    The run ends with its last decision: no result is waited for after it (the chunks still
+    in flight then were drawn ahead for decided images; short items leave several in flight)."""
     args = scale.parse(["--actors", "3", "--samples-per-s", "20000", "--images", "24", "--sequential", "--n", "3000",
-                        "--output", str(tmp_path / "run")])
-    result = scale.run_once(args)
+                        "--item-seconds", "0.02", "--output", str(tmp_path / "run")])
+    after_the_last: list[bool] = []
+
+    def watch(run) -> None:
+        take = run.on_result
+
+        def on_result(key, result):
+            after_the_last.append(run.schedule.settled)
+            return take(key, result)
+
+        run.on_result = on_result
+
+    result = scale.run_once(args, before_run=watch)
     assert same(decisions_of(args), reference_decisions(args))
     assert result.calls > 4 * result.parts, (result.calls, result.parts)
+    assert after_the_last and not any(after_the_last)
+
+
+def test_idle_shares_split_the_time_not_busy():
+    """Per actor: before its first call (start-up), between calls (steady), after its last
+    (tail), over actors x wall; calls clamped to the wall, so with the busy share they sum to 1."""
+    spans = [[(1.0, 2.0), (2.5, 4.0)], [], [(-1.0, 9.0)]]  # an actor that never worked; one busy past the wall
+    shares = scale.idle_shares(spans, 0.0, 5.0)
+    assert shares == pytest.approx({"start-up": (1 + 5) / 15, "steady": 0.5 / 15, "tail": 1 / 15})
 
 
 def test_ctrl_c_writes_what_came_back_and_the_rerun_loses_nothing(ray_local, tmp_path):

@@ -69,7 +69,8 @@ class InProcessSampler:
     def release(self, rows: list[int]) -> None:
         """Pixels travel with each item: nothing is held per image."""
 
-    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None:
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any,
+              settled: Any = None) -> None:
         """As the actor pool drives (`actors.pool.drive`): on the first error -- an image that
         cannot be read, an item's own exception -- stop taking work, finish what was taken,
         then raise it (`raise_run_error`)."""
@@ -104,4 +105,7 @@ class InProcessSampler:
                 continue
             if on_result(key, (counts, time.perf_counter() - started)) is False:
                 feeding = False
+            if settled is not None and settled():  # what is queued can change no decision
+                raise_run_error(error)
+                return
             tick()

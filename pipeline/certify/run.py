@@ -41,11 +41,13 @@ MAX_UNSAVED_ROWS = 50_000  # a batched part is written at this many rows, whatev
 # Model runs (benchmarks/scale.py measured them; docs/guides/cluster-sizing.md): votes written
 # as at most one part per WRITE_EVERY_S seconds; a sequential item holds about
 # `item_seconds(actors)` of an actor's work. DRIVER_CALLS_PER_S: the actor calls a second one
-# driver is asked for at most, a fraction of what it can answer (a few hundred a second on a
-# core of its own), so that results never wait for it: items grow with the pool.
+# driver is asked for at most, about a third of what it can answer (4-6 ms of CPU a call), so
+# that results never wait for it: items grow with the pool. Not fewer: a sequential run's last
+# images advance one item per round trip, and longer items leave the other GPUs waiting
+# (64 simulated GPUs: 54 % busy at 30 calls/s, 82 % at 60).
 WRITE_EVERY_S = 5.0
 ITEM_SECONDS = 1.0
-DRIVER_CALLS_PER_S = 30
+DRIVER_CALLS_PER_S = 60
 
 
 def item_seconds(actors: int) -> tuple[float, float]:
@@ -249,7 +251,8 @@ class Sampler(Protocol):
 
     def release(self, rows: list[int]) -> None: ...  # these images are done: drop what is held for them
 
-    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any) -> None: ...
+    def drive(self, items: Iterator[Item | None], on_result: Any, on_lost: Any, tick: Any,
+              settled: Callable[[], bool] | None = None) -> None: ...  # settled(): drop what is in flight
 
 
 class FixedSchedule:
@@ -284,6 +287,11 @@ class FixedSchedule:
 
     def hold(self, rows: Sequence[int]) -> None:
         """Nothing more is asked of a held image in a fixed run (its work is all out)."""
+
+    @property
+    def settled(self) -> bool:
+        """Every item in flight is still needed (its images' votes)."""
+        return False
 
 
 class SequentialSchedule:
@@ -358,6 +366,11 @@ class SequentialSchedule:
     def hold(self, rows: Sequence[int]) -> None:
         self.scheduler.hold(rows)
 
+    @property
+    def settled(self) -> bool:
+        """Every image decided: the chunks still in flight (drawn ahead) can change nothing."""
+        return self.scheduler.finished
+
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run: says how many images this invocation saved (what the bar counted)."""
@@ -426,7 +439,7 @@ class CertifyRun:
                 yield from self._submit(work if len(readable) == len(work.rows) else work.only(readable, ids))
 
     def _submit(self, work: Work) -> Iterator[Item]:
-        items, ready = self.sampler.submit(work, {self.context.image_ids[r]: self.pixels[r] for r in work.rows})
+        items, ready = self.sampler.submit(work, {self.context.records[r].image_id: self.pixels[r] for r in work.rows})
         for done in ready:
             self._accept(done)
         yield from items
@@ -528,7 +541,8 @@ class CertifyRun:
         """Drive the schedule to its end (or the sampler's stop); skipped images go to run.json
         whatever happens."""
         try:
-            self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick)
+            self.sampler.drive(self.items(), self.on_result, self.on_lost, self.tick,
+                               settled=lambda: self.schedule.settled)
             self.write()
         except KeyboardInterrupt as stop:
             self._write_what_came_back()
