@@ -437,7 +437,9 @@ def _fixed_schedule(config, context, output, selected):
 
     def make(actors: int) -> FixedSchedule:
         shard_size = config.shard_size or default_shard_size(config.samples_per_image(), len(todo), actors)
-        schedule = FixedSchedule.of(context, todo, shard_size, requests_of(config))
+        # A --shard-size given is kept exactly; the default one tapers at the end of the run.
+        schedule = FixedSchedule.of(context, todo, shard_size, requests_of(config),
+                                    actors=0 if config.shard_size else actors)
         log.info("%d shards of <= %d images, %s samples per image", len(schedule.shards), shard_size,
                  f"{config.samples_per_image():,}")
         return schedule

@@ -301,6 +301,15 @@ def test_shards_and_rows():
     records = [ImageRecord(i * 20, f"img{i}", i % 10) for i in range(10)]
     shards = plan_shards(records, 4)
     assert [s.image_ids for s in shards] == [[0, 20, 40, 60], [80, 100, 120, 140], [160, 180]]
+    # For a pool that sizes its shards itself, they taper at the end: at most 1/(2 x actors) of
+    # what is left, down to one image, so no last round of full shards keeps most actors idle.
+    many = [ImageRecord(i, f"img{i}", 0) for i in range(200)]
+    tapered = [len(s.records) for s in plan_shards(many, 2, actors=16)]
+    assert tapered == [2] * 84 + [1] * 32 and [r.image_id for s in plan_shards(many, 2, 16) for r in s.records] == list(
+        range(200))
+    big = [len(s.records) for s in plan_shards(many, 64, actors=2)]
+    assert big[0] == 50 and big == sorted(big, reverse=True) and big[-1] == 1 and sum(big) == 200
+    assert [len(s.records) for s in plan_shards(many, 2)] == [2] * 100  # a given shard size is kept
     assert default_shard_size(100_100, pending=500, actors=4) == 1
     # Issue 22: the progress counts saved shards, so it moves image by image once an image takes
     # ~10,000 samples (the README's `certify`: n0 = 100, n = 10,000), not 19 images at a time.
