@@ -228,3 +228,26 @@ def test_ctrl_c_writes_what_came_back_and_the_rerun_loses_nothing(ray_local, tmp
     assert len(stored) == sum(taken) and len(VOTES.parts(cut.output)) == 2
     scale.run_once(cut)
     assert same(decisions_of(cut), reference_decisions(cut))
+
+
+class _Planned(Exception):
+    """Stops a benchmark run once its schedule is made (the test wants the plan, not the run)."""
+
+
+def test_a_fixed_run_sized_by_dsmooth_tapers_its_shards_at_the_end(ray_local, tmp_path):
+    """`certify`'s fixed-n schedule (the job's own, as the benchmark builds it) cuts shards of the
+    default size and tapers them at the end, down to single images, so the run does not end on
+    a round of full shards that keeps most actors idle; every image is in one shard, in order."""
+    shards: list[list[int]] = []
+
+    def plan(run):
+        shards.extend([r.image_id for r in shard.records] for shard in run.schedule.shards)
+        raise _Planned
+
+    args = scale.parse(["--actors", "2", "--samples-per-s", "20000", "--images", "200", "--n", "2000",
+                        "--output", str(tmp_path / "run")])
+    with pytest.raises(_Planned):
+        scale.run_once(args, before_run=plan)
+    sizes = [len(shard) for shard in shards]
+    assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-2:] == [1, 1]
+    assert [image for shard in shards for image in shard] == list(range(200))
