@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -231,13 +232,15 @@ class RunContext:
     def run_id(self) -> str:
         return self.record["run_id"]
 
-    @property
+    @cached_property
     def rows_of(self) -> dict[int, int]:
         """image id -> row of the selection."""
         return {image_id: row for row, image_id in enumerate(self.image_ids)}
 
-    @property
+    @cached_property
     def image_ids(self) -> list[int]:
+        """The selection's image ids, row by row (computed once: the records never change, and
+        both samplers look rows up by id per image)."""
         return [r.image_id for r in self.records]
 
 
@@ -448,7 +451,7 @@ class CertifyRun:
                 yield from self._submit(work if len(readable) == len(work.rows) else work.only(readable, ids))
 
     def _submit(self, work: Work) -> Iterator[Item]:
-        items, ready = self.sampler.submit(work, {self.context.records[r].image_id: self.pixels[r] for r in work.rows})
+        items, ready = self.sampler.submit(work, {self.context.image_ids[r]: self.pixels[r] for r in work.rows})
         for done in ready:
             self._accept(done)
         yield from items
