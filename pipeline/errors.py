@@ -40,9 +40,11 @@ def cli_flag(name: str) -> str:
 
 
 def _python_value(example: str | bool) -> str:
-    if isinstance(example, bool) or example == "":
-        return str(example) if isinstance(example, bool) else ""
+    if isinstance(example, bool):
+        return str(example)
     words = example.split()
+    if not words:
+        return ""
     if all(word.isupper() for word in words):  # placeholders stay bare: M M M -> (M, M, M)
         return words[0] if len(words) == 1 else f"({', '.join(words)})"
     return repr(example).replace("'", '"')

@@ -8,8 +8,9 @@ indices in sorted-wnid order), Kaggle's `LOC_val_solution.csv` (`ImageId,Predict
 the first wnid) or the devkit's `ILSVRC2012_validation_ground_truth.txt` (line i: the
 ILSVRC2012_ID of `ILSVRC2012_val_0000000i`; IDs count in the devkit's own class order, not
 the sorted-wnid order of torchvision and timm, so they are mapped to wnids by the devkit's
-`data/meta.mat`, beside the file or in `../data/`). Class names come from the model (Hugging Face `id2label`, timm's ImageNet
-wnids) or `--class-names FILE` (one per line, in class-index order).
+`data/meta.mat`, beside the file or in `../data/`). Class names come from the model (Hugging
+Face `id2label`, timm's ImageNet wnids) or `--class-names FILE` (one per line, in class-index
+order).
 
 A class-folder tree with fewer folders than the model has classes (three ImageNet wnid
 folders under a 1000-class model) maps each folder name to the model's class of that name
@@ -97,12 +98,17 @@ def _meta_places(file: Path) -> list[Path]:
     return [file.parent / "meta.mat", file.parent.parent / "data" / "meta.mat"]
 
 
+def _devkit_meta(file: Path) -> Path | None:
+    """The meta.mat of a devkit ground-truth file (the first of `_meta_places` that exists)."""
+    return next((place for place in _meta_places(file) if place.is_file()), None)
+
+
 def _devkit_labels(file: Path, ids: list[int]) -> dict[str, str]:
     """The devkit's ground truth: the i-th ID is image ILSVRC2012_val_<i, 8 digits>'s, mapped
     to its wnid by the devkit's meta.mat (refused without one: the IDs are no class indices)."""
-    places = _meta_places(file)
-    meta = next((place for place in places if place.is_file()), None)
+    meta = _devkit_meta(file)
     if meta is None:
+        places = _meta_places(file)
         raise DatasetError(f"labels file {file} holds ImageNet devkit ILSVRC2012_IDs (the devkit's own class "
                            f"order, not class indices): its data/meta.mat maps them to wnids, but there is none at "
                            f"{places[0]} or {places[1]}")
@@ -213,8 +219,7 @@ def labels_sha256(path: str | Path) -> str:
     data = file.read_bytes()
     digest = hashlib.sha256(data)
     lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
-    if lines and _is_devkit(lines):
-        meta = next((place for place in _meta_places(file) if place.is_file()), None)
-        if meta is not None:
-            digest.update(meta.read_bytes())
+    meta = _devkit_meta(file) if lines and _is_devkit(lines) else None
+    if meta is not None:
+        digest.update(meta.read_bytes())
     return digest.hexdigest()
